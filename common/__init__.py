@@ -1,0 +1,1 @@
+"""Code shared by the supervisor, the shards and the command line."""

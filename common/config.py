@@ -1,0 +1,155 @@
+"""Settings from the environment (SPEC §4), validated before anything is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from common.errors import ConfigError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+MAX_SHARDS = 256
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    database_url: str
+    migration_database_url: str
+    stream_key: str
+    consumer_group: str
+    dlq_key: str
+    instance_id: str
+    shards: int
+    batch_size: int
+    claim_threshold_ms: int
+    claim_interval_ms: int
+    max_failures: int
+    drain_timeout_s: float
+    device_cache_size: int
+    panic_dir: Path
+    log_level: str
+    http_port: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every setting; the first bad one raises ConfigError."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        database_url = reader.url("DATABASE_URL", "postgresql://localhost/processor", POSTGRES_SCHEMES)
+        stream_key = reader.name("STREAM_KEY", "telemetry:t")
+        return cls(
+            redis_url=reader.url("REDIS_URL", "redis://localhost:6379/0", REDIS_SCHEMES),
+            database_url=database_url,
+            migration_database_url=reader.url("MIGRATION_DATABASE_URL", database_url, POSTGRES_SCHEMES),
+            stream_key=stream_key,
+            consumer_group=reader.name("CONSUMER_GROUP", "processor"),
+            dlq_key=reader.name("DLQ_KEY", f"{stream_key}:dlq"),
+            instance_id=reader.name("INSTANCE_ID", socket.gethostname() or "processor"),
+            shards=reader.integer("SHARDS", os.cpu_count() or 1, 1, MAX_SHARDS),
+            batch_size=reader.integer("BATCH_SIZE", 500, 1, 100_000),
+            claim_threshold_ms=reader.integer("CLAIM_THRESHOLD_MS", 60_000, 1, 86_400_000),
+            claim_interval_ms=reader.integer("CLAIM_INTERVAL_MS", 15_000, 100, 86_400_000),
+            max_failures=reader.integer("MAX_FAILURES", 5, 1, 1_000),
+            drain_timeout_s=reader.number("DRAIN_TIMEOUT_S", 20.0, 0.0, 3_600.0),
+            device_cache_size=reader.integer("DEVICE_CACHE_SIZE", 100_000, 1, 100_000_000),
+            panic_dir=Path(reader.text("PANIC_DIR", "./panic")),
+            log_level=reader.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
+            http_port=reader.integer("HTTP_PORT", 8080, 0, 65_535),
+        )
+
+    def redacted(self) -> dict[str, object]:
+        """The settings with every password masked, for logs and panic dumps."""
+        values = dataclasses.asdict(self)
+        for name in ("redis_url", "database_url", "migration_database_url"):
+            values[name] = redact_url(values[name])
+        values["panic_dir"] = str(self.panic_dir)
+        return values
+
+
+def redact_url(url: str) -> str:
+    """Replace the password of a URL (and a `password=` query value) with `***`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{userinfo}@{host}"
+    query = "&".join(
+        f"{key}=***" if key.lower() == "password" else f"{key}={value}" if sep else key
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class _Reader:
+    """Parses one variable at a time; each error names the variable, never its secret."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str, default: str) -> str:
+        value = self.env.get(name)
+        if value is None:
+            return default
+        value = value.strip()
+        if not value:
+            raise ConfigError(f"{name} is set but empty")
+        return value
+
+    def name(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        if len(value) > 200 or any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise ConfigError(f"{name} must be 1-200 printable characters without spaces, got {value!r}")
+        return value
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.text(name, str(default))
+        try:
+            value = int(raw, 10)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        raw = self.text(name, str(default))
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not low <= value <= high:  # also rejects nan
+            raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {raw}")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default).upper()
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        value = self.text(name, default)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ConfigError(f"{name} is not a valid URL ({exc}): {redact_url(value)}") from None
+        if parts.scheme not in schemes:
+            raise ConfigError(
+                f"{name} must start with {' or '.join(s + '://' for s in schemes)}, got {redact_url(value)}"
+            )
+        if parts.scheme != "unix" and not parts.netloc and not parts.query:
+            raise ConfigError(f"{name} names no host: {redact_url(value)}")
+        return value

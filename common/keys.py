@@ -1,0 +1,23 @@
+"""Names of everything the Processor keeps in Redis and Postgres, in one place."""
+
+# Every entry carries its fix in this field (SPEC §2).
+DATA_FIELD = b"data"
+
+# Fields added to a dead letter (SPEC §5).
+DLQ_ERROR_FIELDS = (
+    "error",
+    "error_kind",
+    "source_id",
+    "source_stream",
+    "failures",
+    "consumer",
+    "failed_at",
+)
+
+# Postgres advisory-lock key for migrations: any constant shared by every instance.
+MIGRATION_LOCK_KEY = 0x50524F43  # "PROC"
+
+
+def consumer_name(instance_id: str, shard_index: int) -> str:
+    """Consumer name in the group, fixed by SPEC §4."""
+    return f"{instance_id}-{shard_index}"

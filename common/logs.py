@@ -1,0 +1,62 @@
+"""JSON-lines logging on stdout, configured again in every process after fork."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+import orjson
+
+# A last line of defence: whatever a message or exception quotes, a URL's password never leaves.
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s\"']*):[^@\s/\"']*@", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+def scrub(text: str) -> str:
+    """Mask passwords in URLs and `password=` pairs."""
+    text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
+    return _KEYWORD_PASSWORD.sub(r"\g<head>***", text)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, process, message and any `extra` fields."""
+
+    def __init__(self, process_name: str) -> None:
+        super().__init__()
+        self.process_name = process_name
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "process": self.process_name,
+            "pid": record.process,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return scrub(orjson.dumps(entry, default=str).decode())
+
+
+def configure(level: str, process_name: str) -> None:
+    """Route every logger to stdout as JSON lines; replaces handlers inherited across fork."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter(process_name))
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Library chatter at INFO (connection pools, retries) is noise in a pipeline's logs.
+    for noisy in ("asyncio", "psycopg", "redis"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

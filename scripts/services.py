@@ -1,0 +1,363 @@
+"""Throwaway Redis and PostgreSQL servers for tests, the demo and the benchmark.
+
+There is no Docker here, so real server binaries are started on free ports in private
+temp dirs. We usually run as root, which Postgres refuses, so its tools run as the
+`postgres` OS user via runuser. The shared services on :6379 and :5432 are never touched.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import math
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Self
+
+import psycopg
+import redis
+
+_OPEN: set[_Throwaway] = set()  # strong refs on purpose: a dropped-but-open server must still die at exit
+_PG_ROOT = Path("/usr/lib/postgresql")
+
+
+def free_port() -> int:
+    """An unused local port, so throwaway servers never collide with the shared ones."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_reachable(url: str, timeout_s: float = 1.0) -> bool:
+    """True if Redis at `url` answers PING; errors are swallowed so no URL or secret gets echoed."""
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s) as r:
+            return bool(r.ping())
+    except Exception:
+        return False
+
+
+def postgres_reachable(url: str, timeout_s: float = 2.0) -> bool:
+    """True if Postgres at `url` accepts a connection and runs a query; errors are swallowed likewise."""
+    try:
+        # libpq's connect_timeout is whole seconds
+        with psycopg.connect(url, connect_timeout=max(1, math.ceil(timeout_s))) as conn:
+            conn.execute("select 1")
+        return True
+    except Exception:
+        return False
+
+
+def _pg_tools() -> tuple[str, str] | None:
+    """(initdb, pg_ctl) from the newest /usr/lib/postgresql/<v>/bin, else from PATH."""
+    def version(d: Path) -> tuple[int, ...]:
+        return tuple(int(x) if x.isdigit() else -1 for x in d.parent.name.split("."))
+
+    dirs = [d for d in _PG_ROOT.glob("*/bin") if (d / "initdb").is_file() and (d / "pg_ctl").is_file()]
+    if dirs:
+        newest = max(dirs, key=version)
+        return str(newest / "initdb"), str(newest / "pg_ctl")
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    return (initdb, pg_ctl) if initdb and pg_ctl else None
+
+
+def _runuser() -> str | None:
+    return shutil.which("runuser", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def missing_binaries() -> list[str]:
+    """Advice lines for whatever prevents starting the servers; empty when all is present."""
+    advice = []
+    if not shutil.which("redis-server"):
+        advice.append("redis-server not found: install it (Debian: apt-get install redis-server)")
+    if _pg_tools() is None:
+        advice.append(f"PostgreSQL initdb/pg_ctl not found in {_PG_ROOT}/<version>/bin or on PATH: "
+                      "install them (Debian: apt-get install postgresql)")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            advice.append("running as root but there is no 'postgres' OS user to run PostgreSQL as "
+                          "(Debian: apt-get install postgresql creates it)")
+        if not _runuser():
+            advice.append("running as root but runuser not found (Debian: apt-get install util-linux)")
+    return advice
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"(no log: {e})"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields after the command name in /proc/<pid>/stat: [state, ppid, ...]."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    # Zombies count as dead: PID 1 on this machine reaps orphans only every second or so.
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def _children(pid: int) -> set[int]:
+    pids = (int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit())
+    return {p for p in pids if (_proc_stat(p) or ["", ""])[1] == str(pid)}
+
+
+@atexit.register
+def _close_open() -> None:
+    for server in list(_OPEN):
+        with contextlib.suppress(Exception):
+            server.close()
+
+
+class _Throwaway:
+    """Lifecycle shared by both servers: a private port and temp dir that survive stop()/start()."""
+
+    def __init__(self) -> None:
+        self.port: int | None = None
+        self.dir: Path | None = None
+        self._closed = False
+
+    def _workdir(self, prefix: str) -> Path:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} already closed")
+        if self.dir is None:
+            self.dir, self.port = Path(tempfile.mkdtemp(prefix=prefix)), free_port()
+            _OPEN.add(self)
+        return self.dir
+
+    def _require_port(self) -> int:
+        if self.port is None:
+            raise RuntimeError(f"{type(self).__name__} not started")
+        return self.port
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def _shutdown(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the server and delete its temp dir; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN.discard(self)
+        try:
+            self._shutdown()
+        finally:
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ThrowawayRedis(_Throwaway):
+    """A private redis-server; stop()/start() keep port and dir so restarts with persistence can be tested."""
+
+    def __init__(self, *, appendonly: bool = False) -> None:
+        super().__init__()
+        self.appendonly = appendonly
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self._require_port()}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> Self:
+        """Start (or restart on the same port and dir) and wait until it answers PING."""
+        if self.running:
+            return self
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(missing_binaries()[0])
+        fresh = self.dir is None
+        try:
+            d = self._workdir("throwaway-redis-")
+            log = d / "redis.log"
+            cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
+                   "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no"]
+            with open(log, "ab") as out:
+                # own session: a Ctrl-C aimed at the test run must not kill it mid-test
+                proc = self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                                     stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + 10
+            while not self._ready(proc.pid):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} not ready "
+                                       f"(exit code {proc.poll()}); log tail:\n{_tail(log)}")
+                time.sleep(0.05)
+        except BaseException:
+            self.kill()
+            if fresh:
+                self.close()
+            raise
+        return self
+
+    def _ready(self, pid: int) -> bool:
+        # compare pids: a bare PING could be answered by another server already on this port
+        try:
+            with redis.Redis(port=self._require_port(), socket_connect_timeout=0.5, socket_timeout=0.5) as r:
+                return bool(r.ping()) and r.info("server").get("process_id") == pid
+        except Exception:
+            return False
+
+    def _signal(self, sig: int) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            # the whole group on SIGKILL so an AOF-rewrite child cannot outlive the server
+            os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop(self) -> None:
+        """Graceful SIGTERM (flushes the AOF); port and dir are kept for start()."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL, to simulate a crash."""
+        self._signal(signal.SIGKILL)
+
+    _shutdown = stop
+
+
+class ThrowawayPostgres(_Throwaway):
+    """A private PostgreSQL cluster; stop()/start() keep port and data so restarts and crashes can be tested."""
+
+    def __init__(self, *, fsync: bool = True) -> None:
+        super().__init__()
+        self.fsync = fsync
+        self._tools: tuple[str, str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self._require_port()}/postgres"
+
+    @property
+    def data_dir(self) -> Path:
+        if self.dir is None:
+            raise RuntimeError("ThrowawayPostgres not started")
+        return self.dir / "data"
+
+    @property
+    def running(self) -> bool:
+        return self._postmaster_pid() is not None
+
+    def _postmaster_pid(self) -> int | None:
+        """Pid of our live postmaster, or None; checks comm so a recycled pid is never signalled."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (OSError, ValueError, RuntimeError):
+            return None
+        return pid if comm == "postgres" and _alive(pid) else None
+
+    def _run(self, *cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        if os.geteuid() == 0:  # Postgres refuses to run as root
+            cmd = (_runuser() or "runuser", "-u", "postgres", "--", *cmd)
+        # cwd in our dir: the postgres user cannot enter root's cwd and initdb would complain
+        return subprocess.run(cmd, cwd=self.dir, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
+    def start(self) -> Self:
+        """initdb on first use, then start (or restart on the same port and data) and wait for a connection."""
+        if self.running:
+            return self
+        self._tools = self._tools or _pg_tools()
+        if self._tools is None:
+            raise RuntimeError("; ".join(missing_binaries()))
+        initdb, pg_ctl = self._tools
+        fresh = self.dir is None
+        try:
+            d = self._workdir("throwaway-pg-")
+            data, log = self.data_dir, d / "log"
+            if fresh:
+                os.chmod(d, 0o755)  # the postgres user must reach it
+                if os.geteuid() == 0:
+                    pw = pwd.getpwnam("postgres")
+                    os.chown(d, pw.pw_uid, pw.pw_gid)  # it holds data dir, log and socket
+                r = self._run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                              "--no-instructions", timeout=120)
+                if r.returncode:
+                    raise RuntimeError(f"initdb failed (exit {r.returncode}):\n{r.stdout}{r.stderr}")
+            # after kill() the lock files name a dead (maybe still zombie) postmaster: postgres would refuse
+            (data / "postmaster.pid").unlink(missing_ok=True)
+            (d / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
+            opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {shlex.quote(str(d))} "
+                    f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200 -c shared_buffers=256MB")
+            r = self._run(pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "30", "-o", opts, "start",
+                          timeout=60)
+            if r.returncode:
+                raise RuntimeError(f"pg_ctl start failed (exit {r.returncode}): {r.stderr.strip()}\n"
+                                   f"log tail:\n{_tail(log)}")
+            deadline = time.monotonic() + 30
+            while not postgres_reachable(self.url, 2.0):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"postgres on port {self.port} not accepting connections; "
+                                       f"log tail:\n{_tail(log)}")
+                time.sleep(0.1)
+        except BaseException:
+            self.kill()
+            if fresh:
+                self.close()
+            raise
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """pg_ctl stop (smart|fast|immediate), falling back to kill(); port and data are kept for start()."""
+        if not self.running or self._tools is None:
+            return
+        try:
+            r = self._run(self._tools[1], "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60", "stop",
+                          timeout=90)
+            failed = r.returncode != 0
+        except subprocess.TimeoutExpired:
+            failed = True
+        if failed:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and its children, to simulate a crash."""
+        pid = self._postmaster_pid()
+        if pid is None:
+            return
+        # Backends too, not only the postmaster: each postgres child setsid()s (so killpg misses
+        # them), and an orphan still attached to the old shared memory would block the restart.
+        victims = {pid} | _children(pid)
+        for victim in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(map(_alive, victims)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _shutdown(self) -> None:
+        self.stop("immediate")

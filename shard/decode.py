@@ -1,0 +1,138 @@
+"""Decoding and validation of one stream entry (SPEC §2): a fix, or InvalidEntry."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Any, NamedTuple
+
+import orjson
+
+from common.errors import InvalidEntry
+from common.keys import DATA_FIELD
+
+# An entry this large is refused before it is parsed, so a runaway producer cannot stall a shard.
+MAX_DATA_BYTES = 1 << 20
+MAX_DEVICE_ID_CHARS = 64
+MAX_TS_TEXT_CHARS = 64
+# The largest epoch-ms a Python datetime holds (9999-12-31T23:59:59.999Z).
+MAX_TS_MS = 253_402_300_799_999
+# Largest finite float4: `alt`, `speed` and `heading` are `real` columns.
+MAX_REAL = 3.4028234663852886e38
+MAX_SMALLINT = 32_767
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class Fix(NamedTuple):
+    """One position fix, in the column order of `positions` (and of the COPY into staging)."""
+
+    device_id: str
+    ts: datetime
+    lat: float
+    lon: float
+    alt: float | None
+    speed: float | None
+    heading: float | None
+    sats: int | None
+    attributes: dict[str, Any] | None
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> Fix:
+    """The fix carried by an entry's `data` field; raises InvalidEntry for poison."""
+    raw = fields.get(DATA_FIELD)
+    if raw is None:
+        raise InvalidEntry("decode", "entry has no 'data' field")
+    if len(raw) > MAX_DATA_BYTES:
+        raise InvalidEntry("validate", f"data is {len(raw)} bytes, over the limit of {MAX_DATA_BYTES}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEntry("decode", f"data is not valid UTF-8 JSON: {exc}") from None
+    if type(obj) is not dict:
+        raise InvalidEntry("validate", f"data must be a JSON object, got {_json_type(obj)}")
+    return validate(obj)
+
+
+def validate(obj: dict[str, Any]) -> Fix:
+    """Check every rule of SPEC §2 and convert to column types."""
+    device_id = obj.get("device_id")
+    if type(device_id) is not str:
+        raise _invalid("device_id", "is required and must be a string", device_id)
+    if not 1 <= len(device_id) <= MAX_DEVICE_ID_CHARS:
+        raise _invalid("device_id", f"must be 1-{MAX_DEVICE_ID_CHARS} characters, got {len(device_id)}")
+    if _CONTROL.search(device_id):
+        raise _invalid("device_id", "must not contain control characters", device_id)
+
+    lat = _number(obj, "lat", -90.0, 90.0, required=True)
+    lon = _number(obj, "lon", -180.0, 180.0, required=True)
+    alt = _number(obj, "alt", -MAX_REAL, MAX_REAL)
+    speed = _number(obj, "speed", 0.0, MAX_REAL)
+    heading = _number(obj, "heading", 0.0, 360.0)
+
+    sats = obj.get("sats")
+    if sats is not None and (type(sats) is not int or not 0 <= sats <= MAX_SMALLINT):
+        raise _invalid("sats", f"must be a whole number from 0 to {MAX_SMALLINT}", sats)
+
+    attributes = obj.get("io")
+    if attributes is not None:
+        if type(attributes) is not dict:
+            raise _invalid("io", f"must be a JSON object, got {_json_type(attributes)}")
+        if b"\\u0000" in orjson.dumps(attributes):
+            raise _invalid("io", "contains a NUL character, which Postgres jsonb cannot store")
+
+    return Fix(device_id, _timestamp(obj.get("ts")), lat, lon, alt, speed, heading, sats, attributes)
+
+
+def _timestamp(ts: object) -> datetime:
+    if type(ts) is int:
+        if not 0 <= ts <= MAX_TS_MS:
+            raise _invalid("ts", f"epoch milliseconds must be between 0 and {MAX_TS_MS}", ts)
+        return _EPOCH + timedelta(milliseconds=ts)
+    if type(ts) is str:
+        if len(ts) > MAX_TS_TEXT_CHARS:
+            raise _invalid("ts", f"is longer than {MAX_TS_TEXT_CHARS} characters")
+        try:
+            parsed = datetime.fromisoformat(ts)
+        except ValueError:
+            raise _invalid("ts", "is not an ISO-8601 timestamp", ts) from None
+        if parsed.tzinfo is None:
+            raise _invalid("ts", "ISO-8601 timestamp must carry an offset (Z or +hh:mm)", ts)
+        if parsed < _EPOCH:
+            raise _invalid("ts", "must not be before 1970-01-01", ts)
+        return parsed
+    if ts is None:
+        raise _invalid("ts", "is required")
+    raise _invalid("ts", "must be integer epoch milliseconds or an ISO-8601 string", ts)
+
+
+def _number(obj: dict[str, Any], name: str, low: float, high: float, *, required: bool = False) -> float | None:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise _invalid(name, "is required")
+        return None
+    kind = type(value)
+    if kind is not float and kind is not int:
+        raise _invalid(name, "must be a number", value)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise _invalid(name, f"must be a finite number from {low:g} to {high:g}", value)
+    return float(value)
+
+
+def _invalid(member: str, rule: str, value: object = ...) -> InvalidEntry:
+    shown = "" if value is ... else f", got {_preview(value)}"
+    return InvalidEntry("validate", f"{member} {rule}{shown}")
+
+
+def _preview(value: object) -> str:
+    text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode() if value is not ... else ""
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _json_type(value: object) -> str:
+    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )

@@ -1,0 +1,39 @@
+"""Error classification, in one visible place: transient, permanent, or a bug.
+
+Transient errors (a server unreachable, restarting, a timeout, a deadlock victim) pause
+the shard with backoff and dead-letter nothing. Permanent errors belong to one entry
+(it cannot be decoded, is invalid, or Postgres rejects its row) and dead-letter that
+entry only. Anything else is a bug: it reaches the panic handler.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import redis.exceptions
+
+REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,  # includes BusyLoadingError while Redis loads its data set
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+
+POSTGRES_TRANSIENT: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,  # connection lost, admin shutdown, deadlock victim, serialization failure
+    psycopg.InterfaceError,  # the connection was already closed
+)
+
+# Errors that one row causes: the batch is split so that the other rows commit.
+POSTGRES_ROW_REJECTED: tuple[type[BaseException], ...] = (
+    psycopg.DataError,
+    psycopg.IntegrityError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, REDIS_TRANSIENT + POSTGRES_TRANSIENT)
+
+
+def redis_readonly_or_loading(exc: BaseException) -> bool:
+    """A replica promoted mid-write or a server still loading its data set: retry later."""
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(("READONLY", "LOADING", "MASTERDOWN"))

@@ -1,0 +1,106 @@
+"""The shard's side of Redis: the consumer group, reads, ACKs and dead letters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from common.config import Settings
+
+# Entries as redis-py returns them; `fields` is None when the entry was deleted or trimmed
+# while it sat in the pending list.
+Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+READ_BLOCK_MS = 2_000
+SOCKET_TIMEOUT_S = 10.0
+
+# XACK decides: only the call that removes the entry from the PEL writes its dead letter,
+# so a slow consumer and the one that claimed its entry never both dead-letter it.
+_DEAD_LETTER = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    entry_id: bytes
+    fields: dict[bytes, bytes]
+    error: str
+    error_kind: str
+    failures: int
+
+
+class ConsumerStream:
+    """One consumer of the group: everything a shard says to Redis."""
+
+    def __init__(self, settings: Settings, consumer: str) -> None:
+        self.stream = settings.stream_key
+        self.group = settings.consumer_group
+        self.dlq = settings.dlq_key
+        self.consumer = consumer
+        self.redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=False,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+            client_name=consumer,
+        )
+        self._dead_letter = self.redis.register_script(_DEAD_LETTER)
+
+    async def ensure_group(self) -> None:
+        """Create the group (and the stream) from id 0 unless another shard already did."""
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(self, after: bytes | str, count: int) -> list[Entry]:
+        """Own pending entries after `after` (an id), or new ones when `after` is '>'."""
+        block = READ_BLOCK_MS if after == ">" else None
+        reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: after}, count=count, block=block)
+        if not reply:
+            return []
+        return reply[0][1]
+
+    async def settle(self, acked: Sequence[bytes], dead: Sequence[DeadLetter]) -> int:
+        """ACK what was committed and dead-letter the poison, in one round trip; returns letters written."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if acked:
+                pipe.xack(self.stream, self.group, *acked)
+            failed_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds").encode()
+            for letter in dead:
+                await self._dead_letter(
+                    keys=[self.stream, self.dlq],
+                    args=[self.group, letter.entry_id, *_letter_fields(self, letter, failed_at)],
+                    client=pipe,
+                )
+            results = await pipe.execute()
+        return sum(results[1:] if acked else results)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def _letter_fields(stream: ConsumerStream, letter: DeadLetter, failed_at: bytes) -> list[bytes | str | int]:
+    fields: dict[bytes, bytes | str | int] = dict(letter.fields)
+    fields.update(
+        {
+            b"error": letter.error,
+            b"error_kind": letter.error_kind,
+            b"source_id": letter.entry_id,
+            b"source_stream": stream.stream,
+            b"failures": letter.failures,
+            b"consumer": stream.consumer,
+            b"failed_at": failed_at,
+        }
+    )
+    return [item for pair in fields.items() for item in pair]

@@ -1,0 +1,275 @@
+"""The shard process: read → decode → write → ACK, on one uvloop event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import uvloop
+from setproctitle import setproctitle
+
+from common import logs
+from common.backoff import Backoff
+from common.config import Settings
+from common.errors import ExitCode, InvalidEntry
+from common.keys import consumer_name
+from common.status import ShardStatus, StatusBoard
+from shard.decode import Fix, decode_entry
+from shard.faults import POSTGRES_TRANSIENT, REDIS_TRANSIENT
+from shard.stream import ConsumerStream, DeadLetter, Entry
+from shard.writer import PositionWriter
+
+log = logging.getLogger("processor.shard")
+T = TypeVar("T")
+
+HEARTBEAT_INTERVAL_S = 1.0
+SUMMARY_INTERVAL_S = 15.0
+SETTLE_GRACE_S = 2.0  # how long close() waits for an ACK already on its way
+OWN_PENDING = b"0"
+NEW_ENTRIES = b">"
+
+
+class Shard:
+    """One consumer of the group. Created before fork; `run()` is the child's whole life."""
+
+    def __init__(self, settings: Settings, index: int, board: StatusBoard) -> None:
+        self.settings = settings
+        self.index = index
+        self.board = board
+        self.consumer = consumer_name(settings.instance_id, index)
+        self.processed = self.dead_lettered = self.batches = 0
+        self.redis_ok = self.postgres_ok = False
+        self.in_flight: list[bytes] = []
+        self.base = ShardStatus(0.0, 0, False, False, 0, 0, 0, 0)
+
+    def run(self) -> int:
+        """Post-fork set-up, then the event loop until the shard stops; returns the exit status."""
+        for signum in (signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        # Ctrl-C reaches the whole process group; the supervisor turns it into one SIGTERM.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.set_wakeup_fd(-1)
+        faulthandler.enable()  # SIGABRT from the supervisor prints where a hung loop is stuck
+        self.parent_pid = os.getppid()
+        setproctitle(f"processor: shard {self.index} [{self.settings.instance_id}]")
+        logs.configure(self.settings.log_level, f"shard-{self.index}")
+        self.base = self.board.read(self.index)
+        try:
+            uvloop.run(self.main())
+        except Exception:
+            log.critical("shard crashed", exc_info=True, extra={"consumer": self.consumer})
+            return ExitCode.SOFTWARE
+        return ExitCode.OK
+
+    async def main(self) -> None:
+        self.stopping = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.read_task: asyncio.Task[list[Entry]] | None = None
+        self.settle_task: asyncio.Task[int] | None = None
+        self.stream = ConsumerStream(self.settings, self.consumer)
+        self.writer = PositionWriter(self.settings, f"processor {self.consumer}")
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.handle_stop)
+        log.info("shard starting", extra={"consumer": self.consumer, "pid": os.getpid()})
+        beat = asyncio.create_task(self.beat())
+        consumer = asyncio.create_task(self.consume())
+        stop = asyncio.create_task(self.stopping.wait())
+        try:
+            await asyncio.wait({consumer, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not consumer.done():
+                await self.drain(consumer)
+            if not consumer.cancelled():
+                consumer.result()  # a bug inside consume() surfaces here
+        finally:
+            stop.cancel()
+            beat.cancel()
+            await self.close()
+
+    def handle_stop(self) -> None:
+        """First SIGTERM: stop reading and drain. Second: cut the drain short."""
+        (self.hurry if self.stopping.is_set() else self.stopping).set()
+        if self.read_task is not None:
+            self.read_task.cancel()
+
+    async def drain(self, consumer: asyncio.Task[None]) -> None:
+        """Let the in-flight batch commit and ACK within DRAIN_TIMEOUT_S (less after a second signal)."""
+        started = time.monotonic()
+        in_flight = len(self.in_flight)
+        processed_before = self.processed
+        hurry = asyncio.create_task(self.hurry.wait())
+        await asyncio.wait({consumer, hurry}, timeout=self.settings.drain_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        if not consumer.done():
+            consumer.cancel()
+            await asyncio.wait({consumer})
+        log.info(
+            "shard drained",
+            extra={
+                "consumer": self.consumer,
+                "in_flight": in_flight,
+                "committed_and_acked": self.processed - processed_before,
+                "left_pending": len(self.in_flight),
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+
+    async def consume(self) -> None:
+        """Finish our own pending entries first, then read new ones, until asked to stop."""
+        await self.retry("redis", self.stream.ensure_group)
+        after = OWN_PENDING
+        while not self.stopping.is_set():
+            self.read_task = asyncio.create_task(self.retry("redis", self.stream.read, after, self.settings.batch_size))
+            try:
+                entries = await self.read_task
+            except asyncio.CancelledError:
+                if self.stopping.is_set():
+                    break  # the stop signal interrupted a blocking read: nothing was in flight
+                raise
+            finally:
+                self.read_task = None
+            if after != NEW_ENTRIES:
+                if not entries:
+                    log.info("own pending entries finished", extra={"consumer": self.consumer})
+                    after = NEW_ENTRIES
+                    continue
+                after = entries[-1][0]
+            if entries:
+                await self.process(entries)
+
+    async def process(self, entries: list[Entry]) -> None:
+        """Decode, write in one transaction, then ACK and dead-letter in one round trip."""
+        started = time.monotonic()
+        self.in_flight = [entry_id for entry_id, _ in entries]
+        fixes: list[Fix] = []
+        fix_ids: list[bytes] = []
+        dead: list[DeadLetter] = []
+        gone: list[bytes] = []
+        for entry_id, fields in entries:
+            if not fields:
+                gone.append(entry_id)  # deleted or trimmed while pending: nothing left to store
+                continue
+            try:
+                fixes.append(decode_entry(fields))
+                fix_ids.append(entry_id)
+            except InvalidEntry as exc:
+                dead.append(DeadLetter(entry_id, fields, str(exc), exc.kind, self.settings.max_failures))
+        if fixes:
+            rejected = await self.retry("postgres", self.writer.write_isolating, fixes, self.settings.max_failures)
+            for position, error in sorted(rejected.items(), reverse=True):
+                entry_id = fix_ids.pop(position)
+                dead.append(DeadLetter(entry_id, _fields_of(entries, entry_id), error, "write", self.settings.max_failures))
+        if gone:
+            log.warning("pending entries no longer in the stream were acknowledged", extra={"ids": _ids(gone)})
+        # Once committed, the ACK must go out even if a shutdown cancels us now.
+        self.settle_task = asyncio.create_task(self.retry("redis", self.stream.settle, fix_ids + gone, dead))
+        written = await asyncio.shield(self.settle_task)
+        self.in_flight = []
+        self.processed += len(fix_ids)
+        self.dead_lettered += written
+        self.batches += 1
+        self.publish_status()
+        if dead:
+            for letter in dead:
+                log.warning(
+                    "entry dead-lettered",
+                    extra={"source_id": letter.entry_id.decode(), "error_kind": letter.error_kind, "error": letter.error},
+                )
+        log.debug(
+            "batch committed",
+            extra={
+                "entries": len(entries),
+                "stored": len(fix_ids),
+                "dead_lettered": written,
+                "seconds": round(time.monotonic() - started, 4),
+            },
+        )
+
+    async def retry(self, server: str, operation: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run `operation` until it succeeds; an outage pauses with backoff and is logged once."""
+        transient = REDIS_TRANSIENT if server == "redis" else POSTGRES_TRANSIENT
+        backoff = Backoff(base_s=0.1, cap_s=5.0)
+        while True:
+            try:
+                result = await operation(*args)
+            except transient as exc:
+                if backoff.failures == 0:
+                    log.warning(f"{server} unavailable, pausing", extra={"consumer": self.consumer, "error": str(exc)})
+                    self.set_health(server, False)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            if backoff.failures:
+                log.warning(f"{server} reachable again", extra={"consumer": self.consumer, "attempts": backoff.failures})
+            self.set_health(server, True)
+            return result
+
+    def set_health(self, server: str, ok: bool) -> None:
+        changed = getattr(self, f"{server}_ok") != ok
+        setattr(self, f"{server}_ok", ok)
+        if changed:
+            self.publish_status()
+
+    def publish_status(self) -> None:
+        """Heartbeat, health and counters into our slot; counters continue those of earlier lives."""
+        base = self.base
+        self.board.write(
+            self.index,
+            ShardStatus(
+                time.monotonic(),
+                os.getpid(),
+                self.redis_ok,
+                self.postgres_ok,
+                base.processed + self.processed,
+                base.dead_lettered + self.dead_lettered,
+                base.claimed,
+                base.batches + self.batches,
+            ),
+        )
+
+    async def beat(self) -> None:
+        """Heartbeat from inside the loop, so a blocked loop stops beating; a summary now and then."""
+        last_summary = time.monotonic()
+        last_processed = self.processed
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            self.publish_status()
+            if os.getppid() != self.parent_pid and not self.stopping.is_set():
+                log.error("supervisor is gone; stopping", extra={"consumer": self.consumer})
+                self.handle_stop()
+            now = time.monotonic()
+            if now - last_summary >= SUMMARY_INTERVAL_S:
+                rate = (self.processed - last_processed) / (now - last_summary)
+                log.info(
+                    "shard summary",
+                    extra={
+                        "consumer": self.consumer,
+                        "processed": self.processed,
+                        "dead_lettered": self.dead_lettered,
+                        "batches": self.batches,
+                        "rate_per_s": round(rate, 1),
+                    },
+                )
+                last_summary, last_processed = now, self.processed
+
+    async def close(self) -> None:
+        if self.settle_task is not None and not self.settle_task.done():
+            await asyncio.wait({self.settle_task}, timeout=SETTLE_GRACE_S)
+        await self.writer.close()
+        await self.stream.close()
+        log.info(
+            "shard stopped",
+            extra={"consumer": self.consumer, "processed": self.processed, "dead_lettered": self.dead_lettered},
+        )
+
+
+def _fields_of(entries: list[Entry], entry_id: bytes) -> dict[bytes, bytes]:
+    return next(fields for eid, fields in entries if eid == entry_id) or {}
+
+
+def _ids(ids: list[bytes]) -> list[str]:
+    return [i.decode() for i in ids[:20]]

@@ -1,0 +1,1 @@
+"""The parent process: owns signals, runs migrations, forks and watches the shards."""

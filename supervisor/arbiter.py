@@ -1,0 +1,307 @@
+"""The supervisor: start-up checks, migrations, then forking and watching the shards."""
+
+from __future__ import annotations
+
+import collections
+import faulthandler
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import psycopg
+import redis
+from setproctitle import setproctitle
+
+from common.backoff import Backoff
+from common.config import Settings
+from common.errors import ExitCode, ProcessorError
+from common.status import StatusBoard
+from shard.worker import Shard
+from supervisor.migrations import apply_migrations
+from supervisor.restarts import RestartPolicy
+
+log = logging.getLogger("processor.supervisor")
+
+LOOP_TIMEOUT_S = 0.5
+STARTUP_TIMEOUT_S = 60.0
+HEARTBEAT_TIMEOUT_S = 15.0
+ABORT_GRACE_S = 5.0  # between SIGABRT (traceback on stderr) and SIGKILL of a hung shard
+STOP_MARGIN_S = 2.0  # on top of DRAIN_TIMEOUT_S, for connections to close
+QUICK_STOP_S = 2.0  # after a second signal
+REAP_INTERVAL_S = 0.1
+# Postgres says the credentials or the database are wrong: retrying cannot help.
+FATAL_SQLSTATES = {"28000", "28P01", "3D000"}
+FATAL_MESSAGES = ("password authentication failed", "no pg_hba.conf entry", "does not exist")
+
+
+class Halt(BaseException):
+    """Raised only by Supervisor.halt; carries the exit status to the command line."""
+
+    def __init__(self, reason: str, exit_status: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_status = exit_status
+
+
+@dataclass
+class ShardHandle:
+    slot: int
+    started_at: float
+    aborted_at: float | None = None
+
+
+class Supervisor:
+    """Reads top to bottom in run(): start-up steps, fork, then the watch loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.shards: dict[int, ShardHandle] = {}
+        self.restart_at: dict[int, float] = {}  # slot → monotonic time its replacement is due
+        self.restarts = RestartPolicy()
+        self.restart_count = 0
+        self.signals: collections.deque[int] = collections.deque()
+        self.stopping = False
+        self.quick = False
+        self.board = StatusBoard(settings.shards)
+
+    def run(self) -> int:
+        setproctitle(f"processor: supervisor [{self.settings.instance_id}]")
+        faulthandler.enable()
+        self.install_signal_handlers()
+        log.info("supervisor starting", extra={"config": self.settings.redacted()})
+        self.check_redis()
+        self.migrate()
+        if self.signals:
+            self.dispatch_signals()
+        if self.stopping:
+            return ExitCode.OK
+        for slot in range(self.settings.shards):
+            self.spawn_shard(slot)
+        while not self.stopping:
+            self.wait_for_signal(LOOP_TIMEOUT_S)
+            self.dispatch_signals()
+            self.reap_shards()
+            if self.stopping:
+                break
+            self.check_heartbeats()
+            self.maintain_shards()
+        return self.stop()
+
+    # --- start-up ------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wakeup_w)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, self._queue_signal)
+
+    def _queue_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    def check_redis(self) -> None:
+        """Redis must answer before we fork; wrong credentials halt at once."""
+        client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+        try:
+            self._until_reachable("redis", client.ping)
+        except redis.exceptions.AuthenticationError as exc:
+            self.halt(f"Redis refused our credentials: {exc}", ExitCode.CONFIG)
+        finally:
+            client.close()
+
+    def migrate(self) -> None:
+        """Apply migrations under the advisory lock, waiting a bounded time for Postgres."""
+        try:
+            applied = self._until_reachable("postgres", apply_migrations, self.settings.migration_database_url)
+        except ProcessorError as exc:
+            self.halt(str(exc), exc.exit_code)
+        except psycopg.OperationalError as exc:
+            self.halt(f"Postgres refused the connection: {exc}", ExitCode.CONFIG)
+        log.info("schema up to date", extra={"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
+
+    def _until_reachable(self, server: str, operation, *args):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        backoff = Backoff(base_s=0.2, cap_s=5.0)
+        while True:
+            try:
+                return operation(*args)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, psycopg.OperationalError) as exc:
+                if isinstance(exc, redis.exceptions.AuthenticationError) or _fatal_postgres(exc):
+                    raise
+                self.dispatch_signals()
+                if self.stopping:
+                    raise Halt("stopped by a signal during start-up", ExitCode.OK) from None
+                if time.monotonic() >= deadline:
+                    self.halt(f"{server} unreachable after {STARTUP_TIMEOUT_S:.0f}s: {exc}", ExitCode.FAILED)
+                if backoff.failures == 0:
+                    log.warning(f"{server} unreachable, waiting", extra={"error": str(exc)})
+                time.sleep(backoff.next_delay())
+
+    # --- the watch loop ------------------------------------------------------------------
+
+    def spawn_shard(self, slot: int) -> None:
+        self.board.reset_liveness(slot, 0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            status = ExitCode.SOFTWARE
+            try:
+                os.close(self.wakeup_r)
+                os.close(self.wakeup_w)
+                status = Shard(self.settings, slot, self.board).run()
+            finally:
+                os._exit(status)  # never return into the supervisor's code
+        self.shards[pid] = ShardHandle(slot, time.monotonic())
+        self.restart_at.pop(slot, None)
+        log.info("shard spawned", extra={"slot": slot, "child_pid": pid})
+
+    def wait_for_signal(self, timeout_s: float) -> None:
+        if not self.signals:
+            select.select([self.wakeup_r], [], [], timeout_s)
+        try:
+            while os.read(self.wakeup_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def dispatch_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            handler = getattr(self, f"handle_{signal.Signals(signum).name.lower()}", None)
+            if handler is not None:
+                handler()
+
+    def handle_sigterm(self) -> None:
+        """Graceful stop: shards finish in-flight batches within DRAIN_TIMEOUT_S; a second signal hurries them."""
+        if self.stopping:
+            self.quick = True
+        self.stopping = True
+
+    def handle_sigint(self) -> None:
+        """Same as SIGTERM (Ctrl-C in a terminal)."""
+        self.handle_sigterm()
+
+    def handle_sigchld(self) -> None:
+        """A shard exited: reaped in the loop right after."""
+
+    def reap_shards(self) -> None:
+        """Collect every exited child; decide on restart or halt."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            handle = self.shards.pop(pid, None)
+            if handle is None:
+                continue
+            self.on_shard_exit(pid, handle, status)
+
+    def on_shard_exit(self, pid: int, handle: ShardHandle, status: int) -> None:
+        now = time.monotonic()
+        extra = {"slot": handle.slot, "child_pid": pid, "ran_s": round(now - handle.started_at, 1)}
+        if os.WIFSIGNALED(status):
+            signum = os.WTERMSIG(status)
+            extra["signal"] = signal.Signals(signum).name
+            reason = "killed by SIGKILL (probably out of memory)" if signum == signal.SIGKILL else "killed by a signal"
+        else:
+            extra["exit_status"] = code = os.WEXITSTATUS(status)
+            if code == ExitCode.CONFIG:
+                self.halt(f"shard {handle.slot} reports a configuration or schema error", ExitCode.CONFIG)
+            reason = "exited"
+        if self.stopping:
+            log.info(f"shard {reason}", extra=extra)
+            return
+        due = self.restarts.record_crash(handle.slot, handle.started_at, now)
+        self.restart_at[handle.slot] = due
+        extra["restart_in_s"] = round(due - now, 2)
+        log.warning(f"shard {reason}; restarting", extra=extra)
+        if self.restarts.crash_looping(now):
+            self.halt(
+                f"shards crashed {self.restarts.crash_loop_crashes} times within {self.restarts.crash_loop_window_s:.0f}s",
+                ExitCode.SOFTWARE,
+            )
+
+    def check_heartbeats(self) -> None:
+        """A shard whose loop stopped beating is hung: SIGABRT (traceback), then SIGKILL."""
+        now = time.monotonic()
+        for pid, handle in self.shards.items():
+            beat = max(self.board.read(handle.slot).heartbeat, handle.started_at)
+            if handle.aborted_at is None and now - beat > HEARTBEAT_TIMEOUT_S:
+                log.error("shard stopped beating; aborting it", extra={"slot": handle.slot, "child_pid": pid})
+                handle.aborted_at = now
+                _kill(pid, signal.SIGABRT)
+            elif handle.aborted_at is not None and now - handle.aborted_at > ABORT_GRACE_S:
+                log.error("hung shard ignored SIGABRT; killing it", extra={"slot": handle.slot, "child_pid": pid})
+                _kill(pid, signal.SIGKILL)
+
+    def maintain_shards(self) -> None:
+        """Restore the shard count: respawn each empty slot once its backoff has passed."""
+        now = time.monotonic()
+        for slot, due in list(self.restart_at.items()):
+            if now >= due:
+                self.restart_count += 1
+                self.spawn_shard(slot)
+
+    # --- the end -------------------------------------------------------------------------
+
+    def stop(self) -> int:
+        """SIGTERM to every shard, reap until one monotonic deadline, then SIGKILL what is left."""
+        budget = self.settings.drain_timeout_s + STOP_MARGIN_S
+        log.info("stopping shards", extra={"shards": len(self.shards), "budget_s": budget})
+        deadline = time.monotonic() + (QUICK_STOP_S if self.quick else budget)
+        self.signal_shards(signal.SIGTERM)
+        hurried = self.quick
+        if hurried:
+            self.signal_shards(signal.SIGTERM)
+        while self.shards and time.monotonic() < deadline:
+            self.wait_for_signal(REAP_INTERVAL_S)
+            self.dispatch_signals()
+            if self.quick and not hurried:
+                hurried = True
+                self.signal_shards(signal.SIGTERM)  # a shard's second SIGTERM cuts its drain short
+                deadline = min(deadline, time.monotonic() + QUICK_STOP_S)
+            self.reap_shards()
+        if self.shards:
+            log.error("shards did not stop in time; killing them", extra={"slots": self.slots()})
+            self.signal_shards(signal.SIGKILL)
+            while self.shards:
+                pid, status = os.waitpid(-1, 0)
+                self.shards.pop(pid, None)
+        log.info("supervisor stopped", extra={"restarts": self.restart_count})
+        return ExitCode.OK
+
+    def halt(self, reason: str, exit_status: int) -> None:
+        """Everything fatal ends here: stop what runs, log why, exit non-zero."""
+        if self.shards:
+            self.stopping = True
+            self.stop()
+        log.critical("supervisor halted", extra={"reason": reason, "exit_status": int(exit_status)})
+        raise Halt(reason, exit_status)
+
+    def signal_shards(self, signum: int) -> None:
+        for pid in self.shards:
+            _kill(pid, signum)
+
+    def slots(self) -> list[int]:
+        return sorted(handle.slot for handle in self.shards.values())
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass  # exited already; the next reap collects it
+
+
+def _fatal_postgres(exc: BaseException) -> bool:
+    if not isinstance(exc, psycopg.Error):
+        return False
+    # A failed connection often carries no SQLSTATE, only the server's message.
+    message = str(exc)
+    return exc.sqlstate in FATAL_SQLSTATES or any(text in message for text in FATAL_MESSAGES)

@@ -1,0 +1,145 @@
+"""The migration runner: plain SQL files applied in order under a Postgres advisory lock."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+
+from common.errors import MigrationError
+from common.keys import MIGRATION_LOCK_KEY
+
+log = logging.getLogger("processor.migrations")
+
+LOCK_WAIT_S = 120.0
+LOCK_POLL_S = 0.2
+CONNECT_TIMEOUT_S = 10
+_FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
+
+_CREATE_LEDGER = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    """The migration files in version order; a misnamed or duplicate file is an error."""
+    folder = directory or Path(str(resources.files("migrations")))
+    found: dict[int, Migration] = {}
+    for path in sorted(folder.glob("*.sql")):
+        match = _FILE_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"migration file {path.name} is not named NNNN_name.sql")
+        version = int(match["version"])
+        if version in found:
+            raise MigrationError(f"two migration files have version {version}")
+        found[version] = Migration(version, match["name"], path.read_text(encoding="utf-8"))
+    return [found[v] for v in sorted(found)]
+
+
+def apply_migrations(url: str, migrations: list[Migration] | None = None) -> list[Migration]:
+    """Apply what is missing, each file in its own transaction; returns what was applied.
+
+    Every instance may call this at once: the advisory lock lets one apply and the
+    others find nothing left to do. Migrations must go over a direct connection, since
+    a transaction-pooling PgBouncer does not keep a session lock.
+    """
+    migrations = load_migrations() if migrations is None else migrations
+    with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        _acquire_lock(conn)
+        try:
+            conn.execute(_CREATE_LEDGER)
+            applied = {row[0]: row[1:] for row in conn.execute("SELECT version, name, checksum FROM schema_migrations")}
+            _check_applied(migrations, applied)
+            done = [m for m in migrations if m.version not in applied]
+            for migration in done:
+                _apply_one(conn, migration)
+            return done
+        finally:
+            _release_lock(conn)
+
+
+def _acquire_lock(conn: psycopg.Connection) -> None:
+    deadline = time.monotonic() + LOCK_WAIT_S
+    announced = False
+    while not conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK_KEY,)).fetchone()[0]:
+        if time.monotonic() >= deadline:
+            raise MigrationError(
+                f"migration lock {MIGRATION_LOCK_KEY} still held by {_lock_holder(conn)} after {LOCK_WAIT_S:.0f}s; "
+                "see OPERATIONS.md, 'A migration lock that seems stuck'"
+            )
+        if not announced:
+            log.info("waiting for the migration lock", extra={"holder": _lock_holder(conn)})
+            announced = True
+        time.sleep(LOCK_POLL_S)
+
+
+def _release_lock(conn: psycopg.Connection) -> None:
+    if conn.closed:
+        return  # the session ended, and with it the lock
+    released = conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,)).fetchone()[0]
+    if not released:
+        log.error("migration lock was not held at release", extra={"lock_key": MIGRATION_LOCK_KEY})
+
+
+def _lock_holder(conn: psycopg.Connection) -> str:
+    row = conn.execute(
+        "SELECT l.pid, a.application_name, a.client_addr FROM pg_locks l "
+        "LEFT JOIN pg_stat_activity a USING (pid) "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objid = %s",
+        (MIGRATION_LOCK_KEY & 0xFFFFFFFF,),
+    ).fetchone()
+    return f"backend pid {row[0]} ({row[1] or 'no name'}, {row[2] or 'local'})" if row else "a session that ended"
+
+
+def _check_applied(migrations: list[Migration], applied: dict[int, tuple[str, str]]) -> None:
+    known = {m.version: m for m in migrations}
+    for version, (name, checksum) in sorted(applied.items()):
+        migration = known.get(version)
+        if migration is None:
+            # A newer release migrated this database; old code keeps running during a rolling deploy.
+            log.warning("database has a migration this release does not know", extra={"version": version, "migration": name})
+        elif migration.checksum != checksum:
+            raise MigrationError(
+                f"migration {version:04d}_{migration.name}.sql was changed after it was applied "
+                f"(checksum {checksum[:12]} in the database, {migration.checksum[:12]} on disk); "
+                "restore the file and add a new migration instead"
+            )
+
+
+def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:
+    started = time.monotonic()
+    try:
+        with conn.transaction():
+            conn.execute(migration.sql.encode())
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                (migration.version, migration.name, migration.checksum),
+            )
+    except psycopg.errors.Error as exc:
+        raise MigrationError(f"migration {migration.version:04d}_{migration.name}.sql failed: {exc}") from exc
+    log.info(
+        "migration applied",
+        extra={"version": migration.version, "migration": migration.name, "seconds": round(time.monotonic() - started, 3)},
+    )
