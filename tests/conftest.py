@@ -1,0 +1,90 @@
+"""Fixtures: real Redis and Postgres, a fresh database and fresh stream keys per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import psycopg
+import pytest
+import redis
+
+from common.config import Settings
+from tests.services import provide_postgres, provide_redis, with_database
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with ExitStack() as stack:
+        yield provide_redis(stack)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    with ExitStack() as stack:
+        yield provide_postgres(stack)
+
+
+@pytest.fixture
+def database_url(pg_admin_url: str) -> Iterator[str]:
+    """A new, empty database for this test, dropped afterwards."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield with_database(pg_admin_url, name)
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def stream_key(redis_url: str) -> Iterator[str]:
+    """A stream key of this test's own; it and its DLQ are deleted afterwards."""
+    key = f"test:{uuid.uuid4().hex[:12]}:telemetry"
+    yield key
+    with redis.Redis.from_url(redis_url) as client:
+        client.delete(key, f"{key}:dlq")
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    with redis.Redis.from_url(redis_url) as client:
+        yield client
+
+
+@pytest.fixture
+def env(redis_url: str, database_url: str, stream_key: str, tmp_path) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Environment for a processor under test: its own stream, database and panic dir."""
+    return {
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "STREAM_KEY": stream_key,
+        "INSTANCE_ID": f"t{uuid.uuid4().hex[:6]}",
+        "SHARDS": "2",
+        "HTTP_PORT": "0",
+        "PANIC_DIR": str(tmp_path / "panic"),
+        "DRAIN_TIMEOUT_S": "10",
+        "LOG_LEVEL": "INFO",
+    }
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    return Settings.from_env(env)
+
+
+@pytest.fixture
+def start_processor(tmp_path):  # type: ignore[no-untyped-def]
+    """Factory: start `processor <args>` with an env; every process is killed at teardown."""
+    from tests.e2e.processes import ProcessorProcess
+
+    started: list[ProcessorProcess] = []
+
+    def start(env: dict[str, str], *args: str, name: str = "processor") -> ProcessorProcess:
+        process = ProcessorProcess(env, tmp_path / f"{name}-{len(started)}.log", *args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()

@@ -1,0 +1,95 @@
+"""Real `processor` processes for end-to-end tests, and polling with a deadline."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import orjson
+
+T = TypeVar("T")
+PROCESSOR = [sys.executable, "-m", "common.cli"]
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "") -> T:
+    """Poll until `condition()` is truthy; fail with `what` when the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or condition}")
+        time.sleep(interval_s)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (the shards of a supervisor)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+class ProcessorProcess:
+    """`processor <args>` in its own session, logging JSON lines to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.log_path = log_path
+        self.log_file = open(log_path, "ab")  # noqa: SIM115 - closed in close()
+        full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(Path(__file__).parents[2]), **env}
+        self.proc = subprocess.Popen(
+            [*PROCESSOR, *(args or ("run",))],
+            env=full_env,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def shard_pids(self) -> list[int]:
+        return children(self.pid)
+
+    def wait_for_shards(self, count: int, timeout_s: float = 30.0) -> list[int]:
+        return wait_for(lambda: len(p := self.shard_pids()) == count and p, timeout_s, what=f"{count} shards")
+
+    def logs(self) -> list[dict]:
+        lines = self.log_path.read_bytes().splitlines()
+        return [orjson.loads(line) for line in lines if line.startswith(b"{")]
+
+    def log_messages(self) -> list[str]:
+        return [entry["msg"] for entry in self.logs()]
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+    def close(self) -> None:
+        """Kill the whole process group, whatever state the test left it in."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log_file.close()

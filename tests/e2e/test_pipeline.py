@@ -1,0 +1,83 @@
+"""`processor run` as a real process: backlogs, poison, SIGKILL of a shard, SIGTERM and restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from scripts.simulate import backlog, steady
+from tests.e2e.processes import wait_for
+from tests.e2e.verify import assert_exact, entries_by_outcome, settled, stored_count
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_settled(redis_client, database_url, stream_key, timeout_s=90.0):  # type: ignore[no-untyped-def]
+    valid, poison = entries_by_outcome(redis_client, stream_key)
+    wait_for(
+        lambda: settled(redis_client, database_url, stream_key, len({(f.device_id, f.ts) for f in valid.values()}), len(poison)),
+        timeout_s,
+        interval_s=0.1,
+        what="every entry stored or dead-lettered, nothing pending",
+    )
+
+
+def test_backlog_is_stored_exactly(redis_client, database_url, stream_key, env, start_processor):
+    """A backlog of 10,000 fixes ends with exactly the right positions and last_position, nothing pending."""
+    backlog(redis_client, stream_key, 10_000, devices=100, seed=11)
+    processor = start_processor(env)
+    wait_settled(redis_client, database_url, stream_key)
+    assert_exact(redis_client, database_url, stream_key)
+    processor.signal(signal.SIGTERM)
+    assert processor.wait(30) == 0
+
+
+def test_poison_goes_to_the_dlq_and_nowhere_else(redis_client, database_url, stream_key, env, start_processor):
+    """Malformed entries end in the DLQ with their fields verbatim; the entries around them are stored."""
+    counts = backlog(redis_client, stream_key, 5_000, devices=50, seed=12, malformed_fraction=0.05)
+    assert counts.malformed > 100
+    start_processor(env)
+    wait_settled(redis_client, database_url, stream_key)
+    assert_exact(redis_client, database_url, stream_key)
+    letters = redis_client.xrange(f"{stream_key}:dlq")
+    assert len(letters) == counts.malformed
+    for _, fields in letters:
+        assert fields[b"error_kind"] in (b"decode", b"validate")
+        assert fields[b"error"] and fields[b"source_stream"] == stream_key.encode()
+        assert fields[b"consumer"].startswith(env["INSTANCE_ID"].encode())
+        assert int(fields[b"failures"]) >= 1 and fields[b"failed_at"]
+
+
+def test_sigkill_of_a_shard_loses_nothing(redis_client, database_url, stream_key, env, start_processor):
+    """A shard SIGKILLed mid-stream is restarted in its slot, and the counts stay exact."""
+    producer = threading.Thread(target=steady, args=(redis_client, stream_key, 3_000, 4.0), kwargs={"devices": 200, "seed": 13})
+    processor = start_processor({**env, "BATCH_SIZE": "100"})
+    before = processor.wait_for_shards(2)
+    producer.start()
+    wait_for(lambda: stored_count(database_url) > 1_000, what="the first rows")
+    victim = before[0]
+    processor_pids = set(before)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(set(processor.shard_pids()) - processor_pids) == 1, what="a replacement shard")
+    producer.join()
+    wait_settled(redis_client, database_url, stream_key)
+    assert_exact(redis_client, database_url, stream_key)
+    assert any(e["msg"].startswith("shard killed") for e in processor.logs())
+
+
+def test_sigterm_exits_zero_and_a_restart_completes_the_rest(redis_client, database_url, stream_key, env, start_processor):
+    """SIGTERM under load drains and exits 0; a second run stores the rest, each fix once."""
+    backlog(redis_client, stream_key, 60_000, devices=300, seed=14)
+    first = start_processor({**env, "BATCH_SIZE": "200"})
+    wait_for(lambda: stored_count(database_url) > 2_000, what="the first rows")
+    first.signal(signal.SIGTERM)
+    assert first.wait(30) == 0
+    assert "supervisor stopped" in first.log_messages()
+    second = start_processor({**env, "BATCH_SIZE": "200"})
+    wait_settled(redis_client, database_url, stream_key)
+    assert_exact(redis_client, database_url, stream_key)
+    second.signal(signal.SIGINT)
+    assert second.wait(30) == 0

@@ -1,0 +1,81 @@
+"""Exact end-state checks: every entry once in `positions` or once in the DLQ, nothing pending."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+import redis
+
+from shard.decode import decode_entry
+
+
+def entries_by_outcome(client: redis.Redis, stream: str) -> tuple[dict[bytes, Any], dict[bytes, dict]]:
+    """Every entry of the stream, split into (valid fixes by id, poison fields by id)."""
+    valid: dict[bytes, Any] = {}
+    poison: dict[bytes, dict] = {}
+    for entry_id, fields in client.xrange(stream):
+        try:
+            valid[entry_id] = decode_entry(fields)
+        except ValueError:
+            poison[entry_id] = fields
+    return valid, poison
+
+
+def stored_count(database_url: str) -> int:
+    """Rows in `positions`; 0 while migrations have not created it yet."""
+    with psycopg.connect(database_url) as conn:
+        try:
+            return conn.execute("SELECT count(*) FROM positions").fetchone()[0]
+        except psycopg.errors.UndefinedTable:
+            return 0
+
+
+def pending_count(client: redis.Redis, stream: str, group: str = "processor") -> int:
+    try:
+        return client.xpending(stream, group)["pending"]
+    except redis.ResponseError:
+        return 0
+
+
+def settled(client: redis.Redis, database_url: str, stream: str, expected_rows: int, expected_dead: int) -> bool:
+    """True once every row and dead letter is there and nothing is pending or unread."""
+    groups = {g["name"]: g for g in client.xinfo_groups(stream)} if client.exists(stream) else {}
+    group = groups.get(b"processor")
+    return (
+        group is not None
+        and group["pending"] == 0
+        and group["last-delivered-id"] == (client.xinfo_stream(stream)["last-generated-id"])
+        and stored_count(database_url) == expected_rows
+        and client.xlen(f"{stream}:dlq") == expected_dead
+    )
+
+
+def assert_exact(client: redis.Redis, database_url: str, stream: str) -> None:
+    """The database and the DLQ hold exactly what the stream says they should."""
+    valid, poison = entries_by_outcome(client, stream)
+    expected = {(fix.device_id, fix.ts) for fix in valid.values()}
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT device_id, ts FROM positions").fetchall()
+        last = dict(conn.execute("SELECT device_id, ts FROM last_position").fetchall())
+    assert len(rows) == len(set(rows)) == len(expected)
+    assert set(rows) == expected
+    assert last == _newest_per_device(valid.values())
+
+    letters = client.xrange(f"{stream}:dlq")
+    sources = [fields[b"source_id"] for _, fields in letters]
+    assert len(sources) == len(set(sources)), "an entry was dead-lettered twice"
+    assert set(sources) == set(poison)
+    for _, fields in letters:
+        original = poison[fields[b"source_id"]]
+        assert {k: fields[k] for k in original} == original, "dead letter must keep the original fields verbatim"
+    assert pending_count(client, stream) == 0
+
+
+def _newest_per_device(fixes: Iterable[Any]) -> dict[str, Any]:
+    newest: dict[str, Any] = {}
+    for fix in fixes:
+        if fix.device_id not in newest or fix.ts > newest[fix.device_id]:
+            newest[fix.device_id] = fix.ts
+    return newest
