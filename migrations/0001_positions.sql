@@ -1,6 +1,6 @@
 -- Every fix, stored once per device and fix time; redeliveries collapse on the primary key.
 CREATE TABLE positions (
-    device_id   text             NOT NULL,
+    device_id   text COLLATE "C" NOT NULL,
     ts          timestamptz      NOT NULL,
     lat         double precision NOT NULL,
     lon         double precision NOT NULL,
@@ -15,7 +15,7 @@ CREATE TABLE positions (
 
 -- The fix with the greatest ts per device; the upsert never lets an older fix win.
 CREATE TABLE last_position (
-    device_id   text PRIMARY KEY,
+    device_id   text COLLATE "C" PRIMARY KEY,
     ts          timestamptz      NOT NULL,
     lat         double precision NOT NULL,
     lon         double precision NOT NULL,

@@ -17,12 +17,12 @@ from setproctitle import setproctitle
 from common import logs
 from common.backoff import Backoff
 from common.config import Settings
-from common.errors import ExitCode, InvalidEntry
+from common.errors import ExitCode
 from common.keys import consumer_name
 from common.status import ShardStatus, StatusBoard
-from shard.decode import Fix, decode_entry
+from shard.batch import Batch, decode_batch
 from shard.faults import POSTGRES_TRANSIENT, REDIS_TRANSIENT
-from shard.stream import ConsumerStream, DeadLetter, Entry
+from shard.stream import ConsumerStream, Entry
 from shard.writer import PositionWriter
 
 log = logging.getLogger("processor.shard")
@@ -45,7 +45,7 @@ class Shard:
         self.consumer = consumer_name(settings.instance_id, index)
         self.processed = self.dead_lettered = self.batches = 0
         self.redis_ok = self.postgres_ok = False
-        self.in_flight: list[bytes] = []
+        self.in_flight: set[bytes] = set()  # read, not yet settled
         self.base = ShardStatus(0.0, 0, False, False, 0, 0, 0, 0)
 
     def run(self) -> int:
@@ -120,8 +120,19 @@ class Shard:
         )
 
     async def consume(self) -> None:
-        """Finish our own pending entries first, then read new ones, until asked to stop."""
+        """Read and decode the next batch while the previous one is being written."""
         await self.retry("redis", self.stream.ensure_group)
+        batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
+        reader = asyncio.create_task(self.read_batches(batches))
+        try:
+            while (batch := await batches.get()) is not None:
+                await self.process(batch)
+        finally:
+            reader.cancel()
+        reader.result()
+
+    async def read_batches(self, batches: asyncio.Queue[Batch | None]) -> None:
+        """Finish our own pending entries first, then read new ones, until asked to stop."""
         after = OWN_PENDING
         while not self.stopping.is_set():
             self.read_task = asyncio.create_task(self.retry("redis", self.stream.read, after, self.settings.batch_size))
@@ -140,51 +151,35 @@ class Shard:
                     continue
                 after = entries[-1][0]
             if entries:
-                await self.process(entries)
+                self.in_flight.update(entry_id for entry_id, _ in entries)
+                await batches.put(decode_batch(entries, self.settings.max_failures))
+        await batches.put(None)
 
-    async def process(self, entries: list[Entry]) -> None:
-        """Decode, write in one transaction, then ACK and dead-letter in one round trip."""
+    async def process(self, batch: Batch) -> None:
+        """Write in one transaction, then ACK and dead-letter in one round trip."""
         started = time.monotonic()
-        self.in_flight = [entry_id for entry_id, _ in entries]
-        fixes: list[Fix] = []
-        fix_ids: list[bytes] = []
-        dead: list[DeadLetter] = []
-        gone: list[bytes] = []
-        for entry_id, fields in entries:
-            if not fields:
-                gone.append(entry_id)  # deleted or trimmed while pending: nothing left to store
-                continue
-            try:
-                fixes.append(decode_entry(fields))
-                fix_ids.append(entry_id)
-            except InvalidEntry as exc:
-                dead.append(DeadLetter(entry_id, fields, str(exc), exc.kind, self.settings.max_failures))
-        if fixes:
-            rejected = await self.retry("postgres", self.writer.write_isolating, fixes, self.settings.max_failures)
-            for position, error in sorted(rejected.items(), reverse=True):
-                entry_id = fix_ids.pop(position)
-                dead.append(DeadLetter(entry_id, _fields_of(entries, entry_id), error, "write", self.settings.max_failures))
-        if gone:
-            log.warning("pending entries no longer in the stream were acknowledged", extra={"ids": _ids(gone)})
+        if batch.fixes:
+            rejected = await self.retry("postgres", self.writer.write_isolating, batch.fixes, self.settings.max_failures)
+            batch.reject(rejected, self.settings.max_failures)
+        if batch.gone:
+            log.warning("pending entries no longer in the stream were acknowledged", extra={"ids": _ids(batch.gone)})
         # Once committed, the ACK must go out even if a shutdown cancels us now.
-        self.settle_task = asyncio.create_task(self.retry("redis", self.stream.settle, fix_ids + gone, dead))
+        self.settle_task = asyncio.create_task(self.retry("redis", self.stream.settle, batch.acked, batch.dead))
         written = await asyncio.shield(self.settle_task)
-        self.in_flight = []
-        self.processed += len(fix_ids)
+        self.in_flight.difference_update(batch.ids)
+        self.processed += len(batch.fix_ids)
         self.dead_lettered += written
         self.batches += 1
-        self.publish_status()
-        if dead:
-            for letter in dead:
-                log.warning(
-                    "entry dead-lettered",
-                    extra={"source_id": letter.entry_id.decode(), "error_kind": letter.error_kind, "error": letter.error},
-                )
+        for letter in batch.dead:
+            log.warning(
+                "entry dead-lettered",
+                extra={"source_id": letter.entry_id.decode(), "error_kind": letter.error_kind, "error": letter.error},
+            )
         log.debug(
             "batch committed",
             extra={
-                "entries": len(entries),
-                "stored": len(fix_ids),
+                "entries": len(batch.ids),
+                "stored": len(batch.fix_ids),
                 "dead_lettered": written,
                 "seconds": round(time.monotonic() - started, 4),
             },
@@ -265,10 +260,6 @@ class Shard:
             "shard stopped",
             extra={"consumer": self.consumer, "processed": self.processed, "dead_lettered": self.dead_lettered},
         )
-
-
-def _fields_of(entries: list[Entry], entry_id: bytes) -> dict[bytes, bytes]:
-    return next(fields for eid, fields in entries if eid == entry_id) or {}
 
 
 def _ids(ids: list[bytes]) -> list[str]:
