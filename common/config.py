@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from common.errors import ConfigError
 
@@ -75,21 +76,16 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """Replace the password of a URL (and a `password=` query value) with `***`."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{userinfo}@{host}"
-    query = "&".join(
-        f"{key}=***" if key.lower() == "password" else f"{key}={value}" if sep else key
-        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """Replace the password of a URL (and a `password=` query value) with `***`.
+
+    Works on the raw text, so a password with an unencoded `/`, `#` or `?` is masked too.
+    """
+    url = _USERINFO_PASSWORD.sub(r"\g<head>***@", url, count=1)
+    return _QUERY_PASSWORD.sub(r"\g<head>***", url)
+
+
+_USERINFO_PASSWORD = re.compile(r"^(?P<head>[a-z][a-z0-9+.-]*://[^:/@?#]*:).*@", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)[^&#]*", re.IGNORECASE)
 
 
 class _Reader:
@@ -144,8 +140,8 @@ class _Reader:
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            raise ConfigError(f"{name} is not a valid URL ({exc}): {redact_url(value)}") from None
+        except ValueError:
+            raise ConfigError(f"{name} is not a valid URL (bad host or port): {redact_url(value)}") from None
         if parts.scheme not in schemes:
             raise ConfigError(
                 f"{name} must start with {' or '.join(s + '://' for s in schemes)}, got {redact_url(value)}"

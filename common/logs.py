@@ -12,7 +12,7 @@ import orjson
 
 # A last line of defence: whatever a message or exception quotes, a URL's password never leaves.
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s\"']*):[^@\s/\"']*@", re.IGNORECASE)
-_KEYWORD_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('[^']*'|[^\s\"',;&]+)", re.IGNORECASE)
 
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -21,6 +21,17 @@ def scrub(text: str) -> str:
     """Mask passwords in URLs and `password=` pairs."""
     text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
     return _KEYWORD_PASSWORD.sub(r"\g<head>***", text)
+
+
+def _scrubbed(value: Any) -> Any:
+    """Scrub every string inside a log field, leaving the JSON structure intact."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {key: _scrubbed(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(item) for item in value]
+    return value
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,14 +49,14 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "process": self.process_name,
             "pid": record.process,
-            "msg": record.getMessage(),
+            "msg": scrub(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value
+                entry[key] = _scrubbed(value)
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return scrub(orjson.dumps(entry, default=str).decode())
+            entry["exc"] = scrub(self.formatException(record.exc_info))
+        return orjson.dumps(entry, default=lambda v: scrub(str(v))).decode()
 
 
 def configure(level: str, process_name: str) -> None:

@@ -85,7 +85,7 @@ def validate(obj: dict[str, Any], raw: bytes = b"\\u0000") -> Fix:
         if type(attributes) is not dict:
             raise _invalid("io", f"must be a JSON object, got {_json_type(attributes)}")
         # JSON can only carry NUL escaped, so a raw document without the escape has none.
-        if b"\\u0000" in raw and b"\\u0000" in orjson.dumps(attributes):
+        if b"\\u0000" in raw and _has_nul(attributes):
             raise _invalid("io", "contains a NUL character, which Postgres jsonb cannot store")
 
     return Fix(
@@ -133,6 +133,16 @@ def _number(name: str, value: object, low: float, high: float) -> float | None:
     if kind is not float and kind is not int:
         raise _invalid(name, "must be a number", value)
     raise _invalid(name, f"must be a finite number from {low:g} to {high:g}", value)
+
+
+def _has_nul(value: object) -> bool:
+    if type(value) is str:
+        return "\x00" in value
+    if type(value) is dict:
+        return any("\x00" in key or _has_nul(item) for key, item in value.items())
+    if type(value) is list:
+        return any(_has_nul(item) for item in value)
+    return False
 
 
 def _invalid(member: str, rule: str, value: object = ...) -> InvalidEntry:

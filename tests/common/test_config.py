@@ -1,0 +1,199 @@
+"""Settings.from_env (SPEC §4): defaults, one clear error per bad value, secrets never shown."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.config import Settings, redact_url
+from common.errors import ConfigError, ExitCode
+
+ROOT = Path(__file__).parents[2]
+SECRET = "s3cret"
+
+
+def test_defaults() -> None:
+    """An empty environment gives every default of the SPEC §4 table."""
+    s = Settings.from_env({})
+    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.database_url == "postgresql://localhost/processor"
+    assert s.migration_database_url == s.database_url
+    assert (s.stream_key, s.consumer_group, s.dlq_key) == ("telemetry:t", "processor", "telemetry:t:dlq")
+    assert s.instance_id == (socket.gethostname() or "processor")
+    assert s.shards == (os.cpu_count() or 1)
+    assert (s.batch_size, s.claim_threshold_ms, s.claim_interval_ms) == (500, 60_000, 15_000)
+    assert (s.max_failures, s.drain_timeout_s, s.device_cache_size) == (5, 20.0, 100_000)
+    assert (s.panic_dir, s.log_level, s.http_port) == (Path("./panic"), "INFO", 8080)
+
+
+def test_derived_defaults_follow_their_source() -> None:
+    """DLQ_KEY defaults to <STREAM_KEY>:dlq and MIGRATION_DATABASE_URL to DATABASE_URL."""
+    s = Settings.from_env({"STREAM_KEY": "gps:in", "DATABASE_URL": "postgresql://app@db:6432/gps"})
+    assert s.dlq_key == "gps:in:dlq"
+    assert s.migration_database_url == "postgresql://app@db:6432/gps"
+    explicit = Settings.from_env({"STREAM_KEY": "gps:in", "DLQ_KEY": "dead", "MIGRATION_DATABASE_URL": "postgres://m@db/gps"})
+    assert (explicit.dlq_key, explicit.migration_database_url) == ("dead", "postgres://m@db/gps")
+
+
+def test_explicit_values_are_parsed() -> None:
+    """Every variable set to a valid value is read with its type."""
+    s = Settings.from_env({
+        "REDIS_URL": "rediss://:pw@cache:6380/2", "SHARDS": "3", "BATCH_SIZE": "50",
+        "CLAIM_THRESHOLD_MS": "1000", "CLAIM_INTERVAL_MS": "200", "MAX_FAILURES": "2",
+        "DRAIN_TIMEOUT_S": "1.5", "DEVICE_CACHE_SIZE": "10", "PANIC_DIR": "/tmp/p",
+        "LOG_LEVEL": "debug", "HTTP_PORT": "0", "INSTANCE_ID": "edge-a", "CONSUMER_GROUP": "g",
+    })
+    assert (s.redis_url, s.shards, s.batch_size, s.claim_threshold_ms) == ("rediss://:pw@cache:6380/2", 3, 50, 1000)
+    assert (s.claim_interval_ms, s.max_failures, s.drain_timeout_s, s.device_cache_size) == (200, 2, 1.5, 10)
+    assert (s.panic_dir, s.log_level, s.http_port, s.instance_id, s.consumer_group) == (
+        Path("/tmp/p"), "DEBUG", 0, "edge-a", "g")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SHARDS", "abc"), ("SHARDS", "0"), ("SHARDS", "-2"), ("SHARDS", "2.5"), ("SHARDS", ""), ("SHARDS", "  "),
+        ("BATCH_SIZE", "0"), ("BATCH_SIZE", "lots"), ("CLAIM_THRESHOLD_MS", "-1"), ("CLAIM_INTERVAL_MS", "1e3"),
+        ("MAX_FAILURES", "0"), ("DEVICE_CACHE_SIZE", "x"), ("HTTP_PORT", "70000"), ("HTTP_PORT", "-1"),
+        ("DRAIN_TIMEOUT_S", "soon"), ("DRAIN_TIMEOUT_S", "-1"), ("DRAIN_TIMEOUT_S", "nan"), ("DRAIN_TIMEOUT_S", "inf"),
+        ("LOG_LEVEL", "LOUD"), ("STREAM_KEY", "two words"), ("CONSUMER_GROUP", "tab\tgroup"),
+        ("DLQ_KEY", "x" * 201), ("INSTANCE_ID", "bell\x07"), ("PANIC_DIR", ""),
+        ("REDIS_URL", "http://x"), ("REDIS_URL", "localhost:6379"), ("REDIS_URL", "redis://"),
+        ("DATABASE_URL", "mysql://u@h/db"), ("DATABASE_URL", "postgresql://h:port/db"),
+        ("MIGRATION_DATABASE_URL", "redis://h/0"),
+    ],
+)
+def test_malformed_value_names_the_variable(name: str, value: str) -> None:
+    """Each malformed value raises ConfigError naming the variable, on one line."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: value})
+    message = str(info.value)
+    assert name in message
+    assert "\n" not in message
+    assert info.value.exit_code == ExitCode.CONFIG == 78
+
+
+@pytest.mark.parametrize("name", ["DATABASE_URL", "MIGRATION_DATABASE_URL", "REDIS_URL"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{scheme}://u:s3cret@nohost:99999/db",  # port out of range
+        "{scheme}://u:s3cret@nohost:xyz/db",  # port not a number
+        "{scheme}://u:s3cret@[::1/db",  # broken IPv6 literal
+        "http://u:s3cret@nohost/db",  # wrong scheme
+        "mysql://u@host/db?password=s3cret",  # wrong scheme, password in the query
+        "{scheme}://u:s3/cret@host:5432/db",  # unencoded '/' in the password
+        "{scheme}://u:s3#cret@host:5432/db",  # unencoded '#' in the password
+    ],
+    ids=["bad-port", "port-nan", "ipv6", "scheme", "query", "slash-in-password", "hash-in-password"],
+)
+def test_url_errors_never_contain_the_password(name: str, template: str) -> None:
+    """A URL that is rejected or accepted never has its password in an error message."""
+    scheme = "redis" if name == "REDIS_URL" else "postgresql"
+    url = template.format(scheme=scheme)
+    try:
+        Settings.from_env({name: url})
+    except ConfigError as exc:
+        assert name in str(exc)
+        for part in ("s3cret", "s3/", "s3#", "cret@"):
+            assert part not in str(exc)
+
+
+def test_redacted_masks_every_password() -> None:
+    """Settings.redacted() masks the passwords of all three URLs and keeps the rest."""
+    s = Settings.from_env({
+        "REDIS_URL": "redis://:r3dis@cache:6379/0",
+        "DATABASE_URL": "postgresql://app:s3cret@db:5432/gps?sslmode=require",
+        "MIGRATION_DATABASE_URL": "postgresql://owner:m1grate@db:5432/gps?password=q3ry",
+        "PANIC_DIR": "/var/panic",
+    })
+    values = s.redacted()
+    assert values["redis_url"] == "redis://:***@cache:6379/0"
+    assert values["database_url"] == "postgresql://app:***@db:5432/gps?sslmode=require"
+    assert values["migration_database_url"] == "postgresql://owner:***@db:5432/gps?password=***"
+    assert values["panic_dir"] == "/var/panic" and values["shards"] == s.shards
+    assert not any(secret in repr(values) for secret in ("r3dis", "s3cret", "m1grate", "q3ry"))
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("postgresql://u:pw@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("postgresql://h:5432/db?sslmode=require&password=pw", "postgresql://h:5432/db?sslmode=require&password=***"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    """redact_url masks a userinfo password and a password= query value, nothing else."""
+    assert redact_url(url) == expected
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A listening TCP socket nobody should connect to: a connection attempt would queue on it."""
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as server:
+        server.setblocking(False)
+        yield server
+
+
+def contacted(server: socket.socket) -> bool:
+    try:
+        conn, _ = server.accept()
+    except BlockingIOError:
+        return False
+    conn.close()
+    return True
+
+
+def run_cli(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "common.cli", *args],
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("bad", "name"),
+    [
+        ({"SHARDS": "abc"}, "SHARDS"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"DATABASE_URL": f"postgresql://u:{SECRET}@nohost:99999/db"}, "DATABASE_URL"),
+    ],
+)
+def test_cli_config_error_exits_78_with_one_line(listener: socket.socket, bad: dict[str, str], name: str) -> None:
+    """`processor run` with a bad setting exits 78 fast, one stderr line naming it, no secret, no connection."""
+    port = listener.getsockname()[1]
+    env = {
+        "REDIS_URL": f"redis://:{SECRET}@127.0.0.1:{port}/0",
+        "DATABASE_URL": f"postgresql://u:{SECRET}@127.0.0.1:{port}/db",
+        "HTTP_PORT": "0",
+        **bad,
+    }
+    result, elapsed_s = run_cli(env, "run")
+    assert result.returncode == 78, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert name in lines[0]
+    assert SECRET not in result.stderr + result.stdout
+    assert elapsed_s < 10
+    assert not contacted(listener)
+
+
+def test_cli_unknown_command_exits_2() -> None:
+    """`processor bogus` is a usage error: exit 2."""
+    result, _ = run_cli({}, "bogus")
+    assert result.returncode == 2
+    assert "bogus" in result.stderr

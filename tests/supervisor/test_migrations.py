@@ -1,0 +1,161 @@
+"""The migration runner against a real, empty Postgres database per test."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from common.errors import MigrationError
+from supervisor.migrations import apply_migrations, load_migrations
+
+ROOT = Path(__file__).parents[2]
+
+
+def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def columns(url: str, table: str) -> dict[str, str]:
+    rows = query(url, "SELECT column_name, data_type FROM information_schema.columns "
+                      "WHERE table_schema = 'public' AND table_name = %s", (table,))
+    return dict(rows)
+
+
+def primary_key(url: str, table: str) -> list[str]:
+    rows = query(url, "SELECT a.attname FROM pg_index i "
+                      "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+                      "WHERE i.indrelid = %s::regclass AND i.indisprimary "
+                      "ORDER BY array_position(i.indkey, a.attnum)", (table,))
+    return [r[0] for r in rows]
+
+
+def advisory_locks(url: str) -> int:
+    return query(url, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                      "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")[0][0]
+
+
+def table_exists(url: str, table: str) -> bool:
+    return query(url, "SELECT to_regclass(%s) IS NOT NULL", (table,))[0][0]
+
+
+def write(folder: Path, name: str, sql: str) -> Path:
+    path = folder / name
+    path.write_text(sql, encoding="utf-8")
+    return path
+
+
+def test_project_migrations_create_the_spec_schema(database_url: str) -> None:
+    """On an empty database the project's migrations create positions, last_position, schema_migrations per SPEC §3."""
+    applied = apply_migrations(database_url)
+    assert [m.version for m in applied] == [m.version for m in load_migrations()]
+    assert columns(database_url, "positions") == {
+        "device_id": "text", "ts": "timestamp with time zone", "lat": "double precision",
+        "lon": "double precision", "alt": "real", "speed": "real", "heading": "real", "sats": "smallint",
+        "attributes": "jsonb", "received_at": "timestamp with time zone",
+    }
+    assert primary_key(database_url, "positions") == ["device_id", "ts"]
+    last = columns(database_url, "last_position")
+    assert set(last) >= {"device_id", "ts", "lat", "lon", "alt", "speed", "heading", "sats", "attributes",
+                         "odometer_m", "updated_at"}
+    assert (last["device_id"], last["odometer_m"], last["attributes"]) == ("text", "double precision", "jsonb")
+    assert primary_key(database_url, "last_position") == ["device_id"]
+    assert set(columns(database_url, "schema_migrations")) >= {"version", "name", "checksum", "applied_at"}
+    assert primary_key(database_url, "schema_migrations") == ["version"]
+    assert advisory_locks(database_url) == 0
+
+
+def test_second_run_applies_nothing(database_url: str) -> None:
+    """Applying again finds every file applied, changes nothing and releases the lock."""
+    first = apply_migrations(database_url)
+    ledger = query(database_url, "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY 1")
+    assert len(ledger) == len(first) > 0
+    assert apply_migrations(database_url) == []
+    assert query(database_url, "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY 1") == ledger
+    assert advisory_locks(database_url) == 0
+
+
+def test_own_migrations_apply_in_version_order(database_url: str, tmp_path: Path) -> None:
+    """Files are loaded in version order, non-SQL files are ignored, and the ledger records each."""
+    write(tmp_path, "0002_add_b.sql", "ALTER TABLE a ADD COLUMN b int;")
+    write(tmp_path, "0001_create_a.sql", "CREATE TABLE a (x int); INSERT INTO a VALUES (1);")
+    write(tmp_path, "README.md", "not a migration")
+    migrations = load_migrations(tmp_path)
+    assert [(m.version, m.name) for m in migrations] == [(1, "create_a"), (2, "add_b")]
+    assert apply_migrations(database_url, migrations) == migrations
+    assert query(database_url, "SELECT version, name, checksum FROM schema_migrations ORDER BY 1") == [
+        (m.version, m.name, m.checksum) for m in migrations]
+    assert query(database_url, "SELECT x, b FROM a") == [(1, None)]
+
+
+def test_changed_checksum_is_a_clear_error(database_url: str, tmp_path: Path) -> None:
+    """Editing an applied file raises MigrationError naming the file; nothing more is applied."""
+    path = write(tmp_path, "0001_create_a.sql", "CREATE TABLE a (x int);")
+    apply_migrations(database_url, load_migrations(tmp_path))
+    path.write_text("CREATE TABLE a (x bigint);", encoding="utf-8")
+    write(tmp_path, "0002_create_b.sql", "CREATE TABLE b (y int);")
+    with pytest.raises(MigrationError, match=r"0001_create_a\.sql.*changed"):
+        apply_migrations(database_url, load_migrations(tmp_path))
+    assert not table_exists(database_url, "b")
+    assert query(database_url, "SELECT version FROM schema_migrations") == [(1,)]
+    assert advisory_locks(database_url) == 0
+
+
+def test_failing_migration_applies_nothing_of_itself(database_url: str, tmp_path: Path) -> None:
+    """A failing file is rolled back entirely and raises; the files before it stay applied."""
+    write(tmp_path, "0001_ok.sql", "CREATE TABLE ok (x int);")
+    write(tmp_path, "0002_broken.sql", "CREATE TABLE half (x int); INSERT INTO half VALUES (1); SELECT 1/0;")
+    write(tmp_path, "0003_after.sql", "CREATE TABLE after_broken (x int);")
+    with pytest.raises(MigrationError, match=r"0002_broken\.sql"):
+        apply_migrations(database_url, load_migrations(tmp_path))
+    assert table_exists(database_url, "ok")
+    assert not table_exists(database_url, "half")
+    assert not table_exists(database_url, "after_broken")
+    assert query(database_url, "SELECT version FROM schema_migrations") == [(1,)]
+    assert advisory_locks(database_url) == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["1_short.sql", "0001-dash.sql", "0001_Upper.sql", "0001_.sql", "00001_five.sql", "create.sql"]
+)
+def test_misnamed_file_is_rejected(tmp_path: Path, name: str) -> None:
+    """A .sql file not named NNNN_name.sql raises MigrationError naming it."""
+    write(tmp_path, "0001_fine.sql", "SELECT 1;")
+    write(tmp_path, name, "SELECT 1;")
+    with pytest.raises(MigrationError, match=re.escape(name)):
+        load_migrations(tmp_path)
+
+
+def test_duplicate_version_is_rejected(tmp_path: Path) -> None:
+    """Two files with the same version raise MigrationError."""
+    write(tmp_path, "0001_a.sql", "SELECT 1;")
+    write(tmp_path, "0001_b.sql", "SELECT 1;")
+    with pytest.raises(MigrationError, match="version 1"):
+        load_migrations(tmp_path)
+
+
+def test_parallel_migrate_commands(database_url: str) -> None:
+    """Four `processor migrate` started at once on one empty database all exit 0; each version is applied once."""
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "DATABASE_URL": database_url, "HTTP_PORT": "0"}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "common.cli", "migrate"], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(4)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=60)[0].decode() for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], outputs
+    versions = query(database_url, "SELECT version, count(*) FROM schema_migrations GROUP BY version ORDER BY 1")
+    assert versions == [(m.version, 1) for m in load_migrations()]
+    assert sum("migrations applied" in out for out in outputs) == 1, outputs
+    assert advisory_locks(database_url) == 0
