@@ -65,7 +65,7 @@ class ConsumerStream:
 
     async def read(self, after: bytes | str, count: int) -> list[Entry]:
         """Own pending entries after `after` (an id), or new ones when `after` is '>'."""
-        block = READ_BLOCK_MS if after == ">" else None
+        block = READ_BLOCK_MS if after in (">", b">") else None
         reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: after}, count=count, block=block)
         if not reply:
             return []

@@ -31,8 +31,8 @@ T = TypeVar("T")
 HEARTBEAT_INTERVAL_S = 1.0
 SUMMARY_INTERVAL_S = 15.0
 SETTLE_GRACE_S = 2.0  # how long close() waits for an ACK already on its way
-OWN_PENDING = b"0"
-NEW_ENTRIES = b">"
+OWN_PENDING = "0"
+NEW_ENTRIES = ">"  # str: the stream module compares against it
 
 
 class Shard:
