@@ -21,3 +21,13 @@ MIGRATION_LOCK_KEY = 0x50524F43  # "PROC"
 def consumer_name(instance_id: str, shard_index: int) -> str:
     """Consumer name in the group, fixed by SPEC §4."""
     return f"{instance_id}-{shard_index}"
+
+
+def rehydrate_channel(stream_key: str) -> str:
+    """Pub/sub channel on which `processor rehydrate` tells every shard to drop a device."""
+    return f"{stream_key}:rehydrate"
+
+
+def liveness_key(stream_key: str, consumer: str) -> str:
+    """Key each running shard keeps alive with a short TTL, so claimers know it is not dead."""
+    return f"{stream_key}:alive:{consumer}"

@@ -18,10 +18,11 @@ from common import logs
 from common.backoff import Backoff
 from common.config import Settings
 from common.errors import ExitCode
-from common.keys import consumer_name
+from common.keys import consumer_name, rehydrate_channel
 from common.status import ShardStatus, StatusBoard
 from shard.batch import Batch, decode_batch
 from shard.faults import POSTGRES_TRANSIENT, REDIS_TRANSIENT
+from shard.geofences import GeofenceSource
 from shard.stream import ConsumerStream, Entry
 from shard.writer import PositionWriter
 
@@ -30,7 +31,8 @@ T = TypeVar("T")
 
 HEARTBEAT_INTERVAL_S = 1.0
 SUMMARY_INTERVAL_S = 15.0
-SETTLE_GRACE_S = 2.0  # how long close() waits for an ACK already on its way
+SETTLE_GRACE_S = 2.0
+GEOFENCE_POLL_S = 2.0  # how long close() waits for an ACK already on its way
 OWN_PENDING = "0"
 NEW_ENTRIES = ">"  # str: the stream module compares against it
 
@@ -73,11 +75,13 @@ class Shard:
         self.read_task: asyncio.Task[list[Entry]] | None = None
         self.settle_task: asyncio.Task[int] | None = None
         self.stream = ConsumerStream(self.settings, self.consumer)
-        self.writer = PositionWriter(self.settings, f"processor {self.consumer}")
+        self.geofences = GeofenceSource(self.settings.database_url, f"processor {self.consumer} geofences")
+        self.writer = PositionWriter(self.settings, f"processor {self.consumer}", self.geofences)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.handle_stop)
         log.info("shard starting", extra={"consumer": self.consumer, "pid": os.getpid()})
         beat = asyncio.create_task(self.beat())
+        helpers = [asyncio.create_task(self.watch_geofences()), asyncio.create_task(self.listen_rehydrate())]
         consumer = asyncio.create_task(self.consume())
         stop = asyncio.create_task(self.stopping.wait())
         try:
@@ -87,8 +91,8 @@ class Shard:
             if not consumer.cancelled():
                 consumer.result()  # a bug inside consume() surfaces here
         finally:
-            stop.cancel()
-            beat.cancel()
+            for task in (stop, beat, *helpers):
+                task.cancel()
             await self.close()
 
     def handle_stop(self) -> None:
@@ -122,6 +126,7 @@ class Shard:
     async def consume(self) -> None:
         """Read and decode the next batch while the previous one is being written."""
         await self.retry("redis", self.stream.ensure_group)
+        await self.retry("postgres", self.geofences.refresh)
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
         reader = asyncio.create_task(self.read_batches(batches))
         try:
@@ -251,10 +256,39 @@ class Shard:
                 )
                 last_summary, last_processed = now, self.processed
 
+    async def watch_geofences(self) -> None:
+        """Pick up inserted, changed and deactivated geofences without a restart."""
+        while True:
+            await asyncio.sleep(GEOFENCE_POLL_S)
+            try:
+                await self.geofences.refresh()
+            except POSTGRES_TRANSIENT as exc:
+                log.debug("geofence refresh failed", extra={"error": str(exc)})  # the write path reports outages
+
+    async def listen_rehydrate(self) -> None:
+        """Drop a device's cached state when `processor rehydrate` asks (the row version is bumped too)."""
+        backoff = Backoff(base_s=0.5, cap_s=10.0)
+        while True:
+            pubsub = self.stream.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(rehydrate_channel(self.settings.stream_key))
+                backoff.reset()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        device_id = message["data"].decode(errors="replace")
+                        self.writer.cache.drop([device_id])
+                        log.info("device state dropped on request", extra={"device_id": device_id})
+            except REDIS_TRANSIENT:
+                await asyncio.sleep(backoff.next_delay())
+            finally:
+                await pubsub.aclose()
+
     async def close(self) -> None:
         if self.settle_task is not None and not self.settle_task.done():
             await asyncio.wait({self.settle_task}, timeout=SETTLE_GRACE_S)
         await self.writer.close()
+        await self.geofences.close()
         await self.stream.close()
         log.info(
             "shard stopped",

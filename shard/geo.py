@@ -1,0 +1,183 @@
+"""Geofence geometry: great-circle distance, membership through a spatial index, crossings.
+
+Coordinates are GeoJSON's: longitude first, degrees, planar for polygons. Circles are
+measured on the sphere, so one across the antimeridian or near a pole works as well.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, box, shape
+from shapely.geometry.base import BaseGeometry
+
+EARTH_RADIUS_M = 6_371_008.8
+BISECTION_STEPS = 40  # 2⁻⁴⁰ of a segment: far below a microsecond for any fix interval
+_BOX_MARGIN = 1.001  # circle bounding boxes are widened a little against rounding
+
+
+class GeometryError(ValueError):
+    """A geofence's geometry is not one the Processor can use."""
+
+
+def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance in metres (SPEC §3)."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
+
+
+def _haversine_np(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    dp, dl = p2 - p1, np.radians(lon2 - lon1)
+    h = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_M * np.arcsin(np.minimum(1.0, np.sqrt(h)))
+
+
+@dataclass(frozen=True)
+class Geofence:
+    """A polygonal area, or a circle of `radius_m` around `center` (lat, lon)."""
+
+    id: int
+    name: str
+    area: BaseGeometry | None = None
+    center: tuple[float, float] | None = None
+    radius_m: float | None = None
+
+    def covers(self, lat: float, lon: float) -> bool:
+        """Inside, boundary included."""
+        if self.area is not None:
+            return bool(self.area.covers(shapely.Point(lon, lat)))
+        assert self.center is not None and self.radius_m is not None
+        return haversine_m(lat, lon, *self.center) <= self.radius_m
+
+
+def parse_geofence(geofence_id: int, name: str, geometry: object, radius_m: float | None) -> Geofence:
+    """Build a Geofence from GeoJSON; raises GeometryError with the reason."""
+    if not isinstance(geometry, dict):
+        raise GeometryError("geometry must be a GeoJSON object")
+    kind = geometry.get("type")
+    if kind == "Point":
+        coordinates = geometry.get("coordinates")
+        if not (isinstance(coordinates, list) and len(coordinates) >= 2 and all(_is_number(c) for c in coordinates[:2])):
+            raise GeometryError("a Point needs coordinates [lon, lat]")
+        lon, lat = float(coordinates[0]), float(coordinates[1])
+        if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+            raise GeometryError(f"Point [{lon}, {lat}] is outside lon -180..180, lat -90..90")
+        if not (_is_number(radius_m) and math.isfinite(radius_m) and radius_m > 0):  # type: ignore[arg-type]
+            raise GeometryError("a Point geofence needs a positive radius_m (a circle)")
+        return Geofence(geofence_id, name, center=(lat, lon), radius_m=float(radius_m))  # type: ignore[arg-type]
+    if kind not in ("Polygon", "MultiPolygon"):
+        raise GeometryError(f"geometry type must be Polygon, MultiPolygon or Point, got {kind!r}")
+    try:
+        area = shape(geometry)
+    except (ValueError, TypeError, AttributeError, IndexError, shapely.errors.ShapelyError) as exc:
+        raise GeometryError(f"malformed {kind}: {exc}") from None
+    if not isinstance(area, (Polygon, MultiPolygon)) or area.is_empty:
+        raise GeometryError(f"{kind} is empty")
+    if not area.is_valid:
+        raise GeometryError(f"{kind} is not valid: {shapely.is_valid_reason(area)}")
+    shapely.prepare(area)
+    return Geofence(geofence_id, name, area=area)
+
+
+def _is_number(value: object) -> bool:
+    return type(value) in (int, float)
+
+
+class GeofenceIndex:
+    """Which geofences cover which points, through an STRtree over areas and circle boxes."""
+
+    def __init__(self, geofences: Iterable[Geofence], revision: int = 0) -> None:
+        self.revision = revision
+        self.by_id = {g.id: g for g in geofences}
+        entries: list[BaseGeometry] = []
+        owners: list[Geofence] = []
+        for geofence in self.by_id.values():
+            boxes = [geofence.area] if geofence.area is not None else _circle_boxes(geofence)
+            entries.extend(boxes)  # type: ignore[arg-type]
+            owners.extend([geofence] * len(boxes))
+        self._owners = owners
+        self._tree = shapely.STRtree(entries) if entries else None
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def inside(self, lats: Sequence[float], lons: Sequence[float]) -> list[frozenset[int]]:
+        """For each point, the ids of the geofences that cover it."""
+        found: list[set[int]] = [set() for _ in lats]
+        if self._tree is None or not found:
+            return [frozenset()] * len(found)
+        lat_arr, lon_arr = np.asarray(lats, dtype=float), np.asarray(lons, dtype=float)
+        points = shapely.points(lon_arr, lat_arr)
+        point_idx, entry_idx = self._tree.query(points)
+        areas = [(p, self._owners[e]) for p, e in zip(point_idx.tolist(), entry_idx.tolist())]
+        polygon_pairs = [(p, g) for p, g in areas if g.area is not None]
+        circle_pairs = [(p, g) for p, g in areas if g.area is None]
+        if polygon_pairs:
+            covered = shapely.covers([g.area for _, g in polygon_pairs], points[[p for p, _ in polygon_pairs]])
+            for (p, g), hit in zip(polygon_pairs, covered.tolist()):
+                if hit:
+                    found[p].add(g.id)
+        if circle_pairs:
+            idx = np.array([p for p, _ in circle_pairs])
+            centers = np.array([g.center for _, g in circle_pairs])
+            radii = np.array([g.radius_m for _, g in circle_pairs])
+            distances = _haversine_np(lat_arr[idx], lon_arr[idx], centers[:, 0], centers[:, 1])
+            for (p, g), hit in zip(circle_pairs, (distances <= radii).tolist()):
+                if hit:
+                    found[p].add(g.id)
+        return [frozenset(ids) for ids in found]
+
+    def crossing_at(
+        self, geofence_id: int, a: tuple[datetime, float, float], b: tuple[datetime, float, float]
+    ) -> datetime | None:
+        """When the track from fix `a` to fix `b` (ts, lat, lon) crosses the geofence's boundary.
+
+        Position is interpolated linearly between the fixes (the short way round in
+        longitude) and the crossing found by bisection; None if the geofence is gone or
+        both fixes are on the same side.
+        """
+        geofence = self.by_id.get(geofence_id)
+        if geofence is None:
+            return None
+        (t0, lat0, lon0), (t1, lat1, lon1) = a, b
+        start_inside = geofence.covers(lat0, lon0)
+        if start_inside == geofence.covers(lat1, lon1):
+            return None  # no boundary between them (a geofence created around a device)
+        dlon = (lon1 - lon0 + 180.0) % 360.0 - 180.0
+        low, high = 0.0, 1.0
+        for _ in range(BISECTION_STEPS):
+            middle = (low + high) / 2
+            lon = (lon0 + middle * dlon + 180.0) % 360.0 - 180.0
+            if geofence.covers(lat0 + middle * (lat1 - lat0), lon) == start_inside:
+                low = middle
+            else:
+                high = middle
+        fraction = (low + high) / 2
+        return t0 + timedelta(microseconds=round((t1 - t0) / timedelta(microseconds=1) * fraction))
+
+
+def _circle_boxes(geofence: Geofence) -> list[BaseGeometry]:
+    """Bounding boxes of a spherical cap in lon/lat: two where it wraps the antimeridian."""
+    assert geofence.center is not None and geofence.radius_m is not None
+    lat, lon = geofence.center
+    angle = geofence.radius_m / EARTH_RADIUS_M * _BOX_MARGIN
+    dlat = math.degrees(angle)
+    south, north = lat - dlat, lat + dlat
+    ratio = math.sin(angle) / max(math.cos(math.radians(lat)), 1e-12)
+    if south <= -90 or north >= 90 or angle >= math.pi / 2 or ratio >= 1:
+        return [box(-180, max(south, -90), 180, min(north, 90))]
+    dlon = math.degrees(math.asin(ratio))
+    west, east = lon - dlon, lon + dlon
+    if west < -180:
+        return [box(west + 360, south, 180, north), box(-180, south, east, north)]
+    if east > 180:
+        return [box(west, south, 180, north), box(-180, south, east - 360, north)]
+    return [box(west, south, east, north)]

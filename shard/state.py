@@ -1,0 +1,106 @@
+"""Per-shard cache of device state, checked against Postgres (the truth) on every batch."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from datetime import datetime
+
+import orjson
+import psycopg
+
+from shard.track import DeviceState, TrackFix, Visit
+
+# Every device of the batch gets its row version back; the open visits only for those whose
+# cached copy is missing or differs (the cached version came in with the staged fixes).
+# One query per batch.
+_LOAD = """
+SELECT lp.device_id, lp.state_version,
+       CASE WHEN lp.state_version IS DISTINCT FROM c.version THEN json_build_array(
+           lp.ts, lp.lat, lp.lon, lp.speed, lp.odometer_m,
+           (SELECT coalesce(json_agg(json_build_array(
+                       tr.geofence_id, tr.entered_at, tr.entry_crossing_at,
+                       tr.distance_m, tr.max_speed, tr.samples) ORDER BY tr.entered_at), '[]')
+            FROM timing_records tr WHERE tr.device_id = lp.device_id AND tr.exited_at IS NULL))
+       END
+FROM (SELECT DISTINCT ON (device_id) device_id, cached_version AS version FROM staging_positions) AS c
+JOIN last_position lp ON lp.device_id = c.device_id
+"""
+
+
+class DeviceCache:
+    """An LRU of DeviceState; a hit is only used when its version matches the database's."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._states: OrderedDict[str, DeviceState] = OrderedDict()
+        self._dropped_in_batch: set[str] = set()
+        self.loads = 0  # states read from Postgres, for metrics and tests
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def begin_batch(self) -> None:
+        self._dropped_in_batch.clear()
+
+    def put(self, state: DeviceState) -> None:
+        """Keep a state that was just committed, unless it was dropped while its batch ran."""
+        if state.device_id in self._dropped_in_batch:
+            return
+        self._states[state.device_id] = state
+        self._states.move_to_end(state.device_id)
+        while len(self._states) > self.capacity:
+            self._states.popitem(last=False)
+
+    def drop(self, device_ids: Iterable[str]) -> None:
+        for device_id in device_ids:
+            self._states.pop(device_id, None)
+            self._dropped_in_batch.add(device_id)
+
+    def snapshot(self, limit: int = 1000) -> dict[str, object]:
+        """Part of the cache in plain JSON terms, for panic dumps."""
+        return {device_id: _describe(state) for device_id, state in list(self._states.items())[-limit:]}
+
+    def version_of(self, device_id: str) -> int | None:
+        state = self._states.get(device_id)
+        return state.version if state is not None else None
+
+    async def load(self, cur: psycopg.AsyncCursor, device_ids: list[str]) -> dict[str, DeviceState]:
+        """The current state of each device, from the cache where it is fresh, else from Postgres.
+
+        The cached versions travel in the staging table. Must run after the devices are
+        locked, so that nobody changes them before commit.
+        """
+        await cur.execute(_LOAD)
+        found: dict[str, DeviceState] = {}
+        for device_id, version, stored in await cur.fetchall():
+            state = self._states.get(device_id)
+            if stored is not None or state is None:
+                self.loads += 1
+                ts, lat, lon, speed, odometer_m, visits = stored
+                last = TrackFix(_time(ts), lat, lon, speed)
+                state = DeviceState(device_id, version, last, odometer_m, _open_visits(visits))
+            found[device_id] = state
+        return {d: found.get(d) or DeviceState(d) for d in device_ids}
+
+
+def _open_visits(rows: list[list[object]] | None) -> dict[int, Visit]:
+    visits: dict[int, Visit] = {}
+    for geofence_id, entered_at, entry_crossing_at, distance_m, max_speed, samples in rows or []:
+        visits[int(geofence_id)] = Visit(  # type: ignore[call-overload]
+            int(geofence_id),  # type: ignore[call-overload]
+            _time(entered_at),  # type: ignore[arg-type]
+            _time(entry_crossing_at) if entry_crossing_at else None,  # type: ignore[arg-type]
+            distance_m=float(distance_m),  # type: ignore[arg-type]
+            max_speed=float(max_speed) if max_speed is not None else None,  # type: ignore[arg-type]
+            samples=int(samples),  # type: ignore[call-overload]
+        )
+    return visits
+
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _describe(state: DeviceState) -> dict[str, object]:
+    return orjson.loads(orjson.dumps(state, default=lambda v: v.__dict__ if hasattr(v, "__dict__") else str(v)))

@@ -1,0 +1,83 @@
+"""A device's derived state, advanced one fix at a time in `ts` order (SPEC §3).
+
+The same `advance` serves the live path and the replay after late data, which is what
+makes the result equal to a serial, in-order replay of the device's fixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from shard.geo import GeofenceIndex, haversine_m
+
+
+@dataclass
+class Visit:
+    """One row of timing_records, identified by (device_id, geofence_id, entered_at)."""
+
+    geofence_id: int
+    entered_at: datetime
+    entry_crossing_at: datetime | None
+    exited_at: datetime | None = None
+    exit_crossing_at: datetime | None = None
+    distance_m: float = 0.0
+    max_speed: float | None = None
+    samples: int = 0
+
+
+@dataclass(frozen=True)
+class TrackFix:
+    """What the derived state needs of a fix."""
+
+    ts: datetime
+    lat: float
+    lon: float
+    speed: float | None = None
+
+
+@dataclass
+class DeviceState:
+    """Derived state after the device's newest processed fix; `version` is its row version."""
+
+    device_id: str
+    version: int = 0
+    last: TrackFix | None = None
+    odometer_m: float = 0.0
+    open: dict[int, Visit] = field(default_factory=dict)
+
+
+def advance(state: DeviceState, fix: TrackFix, inside: frozenset[int], index: GeofenceIndex) -> list[Visit]:
+    """Apply the next fix (newer than state.last); returns the visits it changed."""
+    prev = state.last
+    step = haversine_m(prev.lat, prev.lon, fix.lat, fix.lon) if prev is not None else 0.0
+    state.odometer_m += step
+    changed: list[Visit] = []
+    for geofence_id, visit in list(state.open.items()):
+        if geofence_id in inside:
+            visit.samples += 1
+            visit.distance_m += step
+            visit.max_speed = _max(visit.max_speed, fix.speed)
+        else:
+            assert prev is not None  # an open visit implies an earlier fix
+            visit.exited_at = fix.ts
+            visit.exit_crossing_at = index.crossing_at(geofence_id, _point(prev), _point(fix))
+            del state.open[geofence_id]
+        changed.append(visit)
+    for geofence_id in sorted(inside - state.open.keys()):
+        entry = index.crossing_at(geofence_id, _point(prev), _point(fix)) if prev is not None else None
+        visit = Visit(geofence_id, fix.ts, entry, samples=1, max_speed=fix.speed)
+        state.open[geofence_id] = visit
+        changed.append(visit)
+    state.last = fix
+    return changed
+
+
+def _point(fix: TrackFix) -> tuple[datetime, float, float]:
+    return fix.ts, fix.lat, fix.lon
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None or a >= b else b
