@@ -59,6 +59,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -631,11 +632,37 @@ class Result:
     error: str | None = None
 
 
+GEOFENCES = 1_000
+
+
+def import_geofences(box: Sandbox) -> None:
+    """1,000 geofences over the simulated fleet's area: circles of 100-600 m and squares, some with holes."""
+    rng = random.Random(SEED)
+    center_lat, center_lon = 52.37, 4.90
+    rows = []
+    for n in range(GEOFENCES):
+        lat = center_lat + (rng.random() * 2 - 1) * 0.45
+        lon = center_lon + (rng.random() * 2 - 1) * 0.45
+        if n % 2:
+            rows.append((f"bench-{n}", orjson.dumps({"type": "Point", "coordinates": [lon, lat]}).decode(),
+                         100 + rng.random() * 500))
+            continue
+        d = 0.002 + rng.random() * 0.004
+        ring = [[lon - d, lat - d], [lon + d, lat - d], [lon + d, lat + d], [lon - d, lat + d], [lon - d, lat - d]]
+        h = d / 3
+        hole = [[lon - h, lat - h], [lon - h, lat + h], [lon + h, lat + h], [lon + h, lat - h], [lon - h, lat - h]]
+        polygon = {"type": "Polygon", "coordinates": [ring, hole] if n % 4 == 0 else [ring]}
+        rows.append((f"bench-{n}", orjson.dumps(polygon).decode(), None))
+    with psycopg.connect(box.database_url) as db:
+        with db.cursor() as cur:
+            cur.executemany("INSERT INTO geofences (name, geometry, radius_m) VALUES (%s, %s::jsonb, %s)", rows)
+
+
 def drain_scenarios(args: argparse.Namespace) -> list[DrainScenario]:
     scenarios = [DrainScenario(f"drain, SHARDS={n}", n, target=TARGET_DRAIN.get(n)) for n in args.shards]
-    # A later issue adds (needs geofence support in the processor):
-    # scenarios.append(DrainScenario("drain, SHARDS=2, 1,000 geofences", 2, setup=import_geofences,
-    #                                target=TARGET_DRAIN[2]))
+    if 2 in args.shards and not args.no_geofences:
+        # Issue 3: with 1,000 active geofences, within 25% of the figure without them.
+        scenarios.append(DrainScenario(f"drain, SHARDS=2, {GEOFENCES:,} geofences", 2, setup=import_geofences))
     return scenarios
 
 
@@ -1045,6 +1072,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--database-url", help="use this Postgres server instead of a throwaway one "
                    "(creates and drops its own databases bench_<random>)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--no-geofences", action="store_true", help="skip the drain row with 1,000 geofences")
     p.add_argument("--quick", action="store_true", help="smoke test: backlog 20,000 and latency 5 s unless given")
     args = p.parse_args(argv)
     try:

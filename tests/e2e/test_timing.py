@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
+import orjson
+import psycopg
 import pytest
 import redis
 
@@ -51,8 +54,54 @@ def test_two_instances_with_a_killed_shard_equal_serial_replay(
     start_processor({**env, "SHARDS": "2", "BATCH_SIZE": "40", "INSTANCE_ID": "beta"}, name="beta")
     victim = first.wait_for_shards(2)[0]
     wait_for(lambda: stored_count(database_url) > 2_000, what="the first rows")
-    import os
-
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: settled(redis_client, database_url, stream_key, distinct_fixes(scenario), 0), 120, 0.2)
     assert_same_result(stored_result(database_url), serial_replay(scenario))
+
+
+def test_restart_while_devices_are_inside_geofences(redis_client, database_url, stream_key, env, start_processor):
+    """SIGTERM while visits are open, then a fresh start: no duplicate visit, and they close as in a replay."""
+    scenario = build_scenario(late_devices=0, seed=9)
+    apply_migrations(database_url)
+    insert_geofences(database_url, scenario.geofences)
+    half = len(scenario.entries) // 2
+    produce(redis_client, stream_key, scenario.entries[:half])
+    first = start_processor({**env, "SHARDS": "2", "BATCH_SIZE": "100"}, name="first")
+    first_half = len({(f["device_id"], f["ts"]) for f in map(orjson.loads, scenario.entries[:half])})
+    wait_for(lambda: settled(redis_client, database_url, stream_key, first_half, 0), 60, 0.2)
+    with psycopg.connect(database_url) as conn:
+        open_visits = conn.execute("SELECT count(*) FROM timing_records WHERE exited_at IS NULL").fetchone()[0]
+    assert open_visits > 0, "the scenario should leave devices inside geofences at the stop"
+    first.signal(signal.SIGTERM)
+    assert first.wait(30) == 0
+    produce(redis_client, stream_key, scenario.entries[half:])
+    start_processor({**env, "SHARDS": "2", "BATCH_SIZE": "100"}, name="second")
+    wait_for(lambda: settled(redis_client, database_url, stream_key, distinct_fixes(scenario), 0), 60, 0.2)
+    assert_same_result(stored_result(database_url), serial_replay(scenario))
+
+
+def test_running_shards_pick_up_geofence_changes(redis_client, database_url, stream_key, env, start_processor):
+    """Inserted and deactivated geofences reach every running shard within 5 seconds, without a restart."""
+    apply_migrations(database_url)
+    processor = start_processor({**env, "SHARDS": "2"})
+    processor.wait_for_shards(2)
+
+    def loaded(active: int) -> bool:
+        entries = [e for e in processor.logs() if e["msg"] == "geofences loaded" and e["active"] == active]
+        return len({e["pid"] for e in entries}) >= 2
+
+    wait_for(lambda: loaded(0), 30, what="the initial (empty) geofence load")
+    square = {"type": "Polygon", "coordinates": [[[4.0, 52.0], [4.1, 52.0], [4.1, 52.1], [4.0, 52.1], [4.0, 52.0]]]}
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO geofences (name, geometry) VALUES ('depot', %s)", (orjson.dumps(square).decode(),))
+    wait_for(lambda: loaded(1), 5.0, what="both shards loading the new geofence")
+    fixes = [{"device_id": "truck", "ts": 1_767_225_600_000 + n * 1000, "lat": 52.05, "lon": 3.99 + n * 0.03} for n in range(5)]
+    produce(redis_client, stream_key, [orjson.dumps(f) for f in fixes])
+    wait_for(lambda: settled(redis_client, database_url, stream_key, 5, 0), 30, 0.1)
+    rows, _ = stored_result(database_url)
+    assert [(r[0], r[1], r[8]) for r in rows] == [("truck", "depot", 3)]
+    assert rows[0][3] is not None, "the fifth fix at lon 4.11 is outside: the visit is closed"
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE geofences SET active = false WHERE name = 'depot'")
+    wait_for(lambda: loaded(0) and sum(1 for e in processor.logs() if e["msg"] == "geofences loaded") >= 6, 5.0,
+             what="both shards dropping the deactivated geofence")
