@@ -52,3 +52,6 @@ CREATE INDEX timing_records_open ON timing_records (device_id) WHERE exited_at I
 -- Bumped by every transaction that changes a device's derived state, so a shard can tell
 -- whether its cached copy is still the truth.
 ALTER TABLE last_position ADD COLUMN state_version bigint NOT NULL DEFAULT 0;
+
+-- last_position is rewritten with every batch: room on each page keeps the updates HOT.
+ALTER TABLE last_position SET (fillfactor = 50);
