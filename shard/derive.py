@@ -7,7 +7,7 @@ from datetime import datetime
 
 from shard.decode import Fix
 from shard.geo import GeofenceIndex
-from shard.track import DeviceState, TrackFix, Visit, advance
+from shard.track import DeviceState, Visit, advance
 
 
 @dataclass
@@ -63,7 +63,9 @@ def derive(
     for position, fix in enumerate(forward):
         state = states[fix.device_id]
         covering = inside[position] if inside is not None else frozenset()
-        derived.add_visits(fix.device_id, advance(state, TrackFix(fix.ts, fix.lat, fix.lon, fix.speed), covering, index))
+        visits = advance(state, fix, covering, index)  # type: ignore[arg-type]
+        if visits:
+            derived.add_visits(fix.device_id, visits)
         derived.touched[fix.device_id] = state
     for device_id in derived.late:
         derived.touched[device_id] = states[device_id]

@@ -18,26 +18,22 @@ from shapely.geometry.base import BaseGeometry
 
 EARTH_RADIUS_M = 6_371_008.8
 BISECTION_STEPS = 40  # 2⁻⁴⁰ of a segment: far below a microsecond for any fix interval
-_BOX_MARGIN = 1.001  # circle bounding boxes are widened a little against rounding
+_BOX_MARGIN = 1.001
+_RADIANS = math.pi / 180.0
+_TWO_R = 2 * EARTH_RADIUS_M  # circle bounding boxes are widened a little against rounding
 
 
 class GeometryError(ValueError):
     """A geofence's geometry is not one the Processor can use."""
 
 
-def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float, _sin=math.sin, _cos=math.cos) -> float:
     """Great-circle distance in metres (SPEC §3)."""
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    dp, dl = p2 - p1, math.radians(lon2 - lon1)
-    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
-
-
-def _haversine_np(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
-    p1, p2 = np.radians(lat1), np.radians(lat2)
-    dp, dl = p2 - p1, np.radians(lon2 - lon1)
-    h = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_M * np.arcsin(np.minimum(1.0, np.sqrt(h)))
+    p1, p2 = lat1 * _RADIANS, lat2 * _RADIANS
+    a = _sin((p2 - p1) * 0.5)
+    b = _sin((lon2 - lon1) * _RADIANS * 0.5)
+    h = a * a + _cos(p1) * _cos(p2) * b * b
+    return _TWO_R * math.asin(math.sqrt(h) if h < 1.0 else 1.0)
 
 
 @dataclass(frozen=True)
@@ -64,17 +60,13 @@ def parse_geofence(geofence_id: int, name: str, geometry: object, radius_m: floa
         raise GeometryError("geometry must be a GeoJSON object")
     kind = geometry.get("type")
     if kind == "Point":
-        coordinates = geometry.get("coordinates")
-        if not (isinstance(coordinates, list) and len(coordinates) >= 2 and all(_is_number(c) for c in coordinates[:2])):
-            raise GeometryError("a Point needs coordinates [lon, lat]")
-        lon, lat = float(coordinates[0]), float(coordinates[1])
-        if not (-180 <= lon <= 180 and -90 <= lat <= 90):
-            raise GeometryError(f"Point [{lon}, {lat}] is outside lon -180..180, lat -90..90")
+        lon, lat = _position(geometry.get("coordinates"), "the Point")
         if not (_is_number(radius_m) and math.isfinite(radius_m) and radius_m > 0):  # type: ignore[arg-type]
             raise GeometryError("a Point geofence needs a positive radius_m (a circle)")
         return Geofence(geofence_id, name, center=(lat, lon), radius_m=float(radius_m))  # type: ignore[arg-type]
     if kind not in ("Polygon", "MultiPolygon"):
         raise GeometryError(f"geometry type must be Polygon, MultiPolygon or Point, got {kind!r}")
+    _check_polygon_coordinates(kind, geometry.get("coordinates"))
     try:
         area = shape(geometry)
     except (ValueError, TypeError, AttributeError, IndexError, shapely.errors.ShapelyError) as exc:
@@ -89,6 +81,34 @@ def parse_geofence(geofence_id: int, name: str, geometry: object, radius_m: floa
 
 def _is_number(value: object) -> bool:
     return type(value) in (int, float)
+
+
+def _position(value: object, where: str) -> tuple[float, float]:
+    """A GeoJSON position [lon, lat, ...] within range; returns (lon, lat)."""
+    if not (isinstance(value, list) and len(value) >= 2 and all(_is_number(c) and math.isfinite(c) for c in value)):
+        raise GeometryError(f"{where} needs a position [lon, lat] of finite numbers, got {str(value)[:60]}")
+    lon, lat = float(value[0]), float(value[1])
+    if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+        raise GeometryError(f"{where} has position [{lon:g}, {lat:g}] outside lon -180..180, lat -90..90")
+    return lon, lat
+
+
+def _check_polygon_coordinates(kind: str, coordinates: object) -> None:
+    """GeoJSON's rules shapely does not check: closed rings of 4+ positions, coordinates in range."""
+    if not (isinstance(coordinates, list) and coordinates):
+        raise GeometryError(f"{kind} has no coordinates")
+    polygons = coordinates if kind == "MultiPolygon" else [coordinates]
+    for p, rings in enumerate(polygons):
+        prefix = f"polygon {p}, " if kind == "MultiPolygon" else ""
+        if not (isinstance(rings, list) and rings):
+            raise GeometryError(f"{kind} {prefix}has no rings")
+        for r, ring in enumerate(rings):
+            where = prefix + ("exterior ring" if r == 0 else f"hole {r}")
+            if not (isinstance(ring, list) and len(ring) >= 4):
+                raise GeometryError(f"{kind} {where} needs at least 4 positions (first = last)")
+            positions = [_position(position, f"{kind} {where}") for position in ring]
+            if positions[0] != positions[-1]:
+                raise GeometryError(f"{kind} {where} is not closed: its first and last positions differ")
 
 
 class GeofenceIndex:
@@ -125,14 +145,12 @@ class GeofenceIndex:
             for (p, g), hit in zip(polygon_pairs, covered.tolist()):
                 if hit:
                     found[p].add(g.id)
-        if circle_pairs:
-            idx = np.array([p for p, _ in circle_pairs])
-            centers = np.array([g.center for _, g in circle_pairs])
-            radii = np.array([g.radius_m for _, g in circle_pairs])
-            distances = _haversine_np(lat_arr[idx], lon_arr[idx], centers[:, 0], centers[:, 1])
-            for (p, g), hit in zip(circle_pairs, (distances <= radii).tolist()):
-                if hit:
-                    found[p].add(g.id)
+        # Circles through the scalar haversine_m, like Geofence.covers: numpy's vectorised
+        # sin/cos can differ from libm's in the last bit, which flips a fix on the rim.
+        lat_list, lon_list = lat_arr.tolist(), lon_arr.tolist()
+        for p, g in circle_pairs:
+            if g.covers(lat_list[p], lon_list[p]):
+                found[p].add(g.id)
         return [frozenset(ids) for ids in found]
 
     def crossing_at(

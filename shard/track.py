@@ -48,10 +48,16 @@ class DeviceState:
 
 
 def advance(state: DeviceState, fix: TrackFix, inside: frozenset[int], index: GeofenceIndex) -> list[Visit]:
-    """Apply the next fix (newer than state.last); returns the visits it changed."""
+    """Apply the next fix (newer than state.last); returns the visits it changed.
+
+    `fix` may be any object with ts, lat, lon and speed (a decoded Fix is one).
+    """
     prev = state.last
     step = haversine_m(prev.lat, prev.lon, fix.lat, fix.lon) if prev is not None else 0.0
     state.odometer_m += step
+    if not inside and not state.open:  # the common case: nothing to time
+        state.last = fix
+        return []
     changed: list[Visit] = []
     for geofence_id, visit in list(state.open.items()):
         if geofence_id in inside:
