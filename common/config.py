@@ -38,6 +38,7 @@ class Settings:
     panic_dir: Path
     log_level: str
     http_port: int
+    heartbeat_timeout_s: float = 15.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -64,6 +65,7 @@ class Settings:
             panic_dir=Path(reader.text("PANIC_DIR", "./panic")),
             log_level=reader.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
             http_port=reader.integer("HTTP_PORT", 8080, 0, 65_535),
+            heartbeat_timeout_s=reader.number("HEARTBEAT_TIMEOUT_S", 15.0, 1.0, 3_600.0),
         )
 
     def redacted(self) -> dict[str, object]:

@@ -19,6 +19,7 @@ from common.backoff import Backoff
 from common.config import Settings
 from common.errors import ExitCode
 from common.keys import consumer_name, rehydrate_channel
+from common.panic import Panic, maybe_crash
 from common.status import ShardStatus, StatusBoard
 from shard.batch import Batch, decode_batch
 from shard.faults import POSTGRES_TRANSIENT, REDIS_TRANSIENT
@@ -62,12 +63,25 @@ class Shard:
         setproctitle(f"processor: shard {self.index} [{self.settings.instance_id}]")
         logs.configure(self.settings.log_level, f"shard-{self.index}")
         self.base = self.board.read(self.index)
+        self.panic = Panic(self.settings, f"shard-{self.index}", self.panic_state)
+        self.panic.install()
         try:
             uvloop.run(self.main())
-        except Exception:
-            log.critical("shard crashed", exc_info=True, extra={"consumer": self.consumer})
-            return ExitCode.SOFTWARE
+        except Exception as exc:
+            self.panic.crash(type(exc), exc, exc.__traceback__, where="shard main task")
         return ExitCode.OK
+
+    def panic_state(self) -> dict[str, object]:
+        """What a panic dump shows of this shard."""
+        writer = getattr(self, "writer", None)
+        return {
+            "consumer": self.consumer,
+            "in_flight": sorted(entry_id.decode() for entry_id in self.in_flight),
+            "processed": self.processed,
+            "dead_lettered": self.dead_lettered,
+            "device_cache": writer.cache.snapshot() if writer is not None else {},
+            "geofences": len(writer.geofences.index) if writer is not None else 0,
+        }
 
     async def main(self) -> None:
         self.stopping = asyncio.Event()
@@ -78,6 +92,7 @@ class Shard:
         self.geofences = GeofenceSource(self.settings.database_url, f"processor {self.consumer} geofences")
         self.writer = PositionWriter(self.settings, f"processor {self.consumer}", self.geofences)
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self.panic.loop_exception_handler)
         loop.add_signal_handler(signal.SIGTERM, self.handle_stop)
         log.info("shard starting", extra={"consumer": self.consumer, "pid": os.getpid()})
         beat = asyncio.create_task(self.beat())
@@ -163,6 +178,8 @@ class Shard:
     async def process(self, batch: Batch) -> None:
         """Write in one transaction, then ACK and dead-letter in one round trip."""
         started = time.monotonic()
+        for place in ("shard-uncaught", "shard-task", "shard-thread", "shard-hang"):
+            maybe_crash(place, self.settings.panic_dir)
         if batch.fixes:
             rejected = await self.retry("postgres", self.writer.write_isolating, batch.fixes, self.settings.max_failures)
             batch.reject(rejected, self.settings.max_failures)

@@ -19,6 +19,7 @@ from setproctitle import setproctitle
 from common.backoff import Backoff
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
+from common.panic import Panic, maybe_crash
 from common.status import StatusBoard
 from shard.worker import Shard
 from supervisor.migrations import apply_migrations
@@ -28,7 +29,6 @@ log = logging.getLogger("processor.supervisor")
 
 LOOP_TIMEOUT_S = 0.5
 STARTUP_TIMEOUT_S = 60.0
-HEARTBEAT_TIMEOUT_S = 15.0
 ABORT_GRACE_S = 5.0  # between SIGABRT (traceback on stderr) and SIGKILL of a hung shard
 STOP_MARGIN_S = 2.0  # on top of DRAIN_TIMEOUT_S, for connections to close
 QUICK_STOP_S = 2.0  # after a second signal
@@ -71,6 +71,7 @@ class Supervisor:
     def run(self) -> int:
         setproctitle(f"processor: supervisor [{self.settings.instance_id}]")
         faulthandler.enable()
+        Panic(self.settings, "supervisor", self.panic_state).install()
         self.install_signal_handlers()
         log.info("supervisor starting", extra={"config": self.settings.redacted()})
         self.check_redis()
@@ -89,7 +90,17 @@ class Supervisor:
                 break
             self.check_heartbeats()
             self.maintain_shards()
+            maybe_crash("supervisor-uncaught", self.settings.panic_dir)
         return self.stop()
+
+    def panic_state(self) -> dict[str, object]:
+        """What a panic dump shows of the supervisor."""
+        return {
+            "shards": {str(pid): {"slot": h.slot, "started_at": h.started_at} for pid, h in self.shards.items()},
+            "restart_at": self.restart_at,
+            "restarts": self.restart_count,
+            "stopping": self.stopping,
+        }
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -232,7 +243,7 @@ class Supervisor:
         now = time.monotonic()
         for pid, handle in self.shards.items():
             beat = max(self.board.read(handle.slot).heartbeat, handle.started_at)
-            if handle.aborted_at is None and now - beat > HEARTBEAT_TIMEOUT_S:
+            if handle.aborted_at is None and now - beat > self.settings.heartbeat_timeout_s:
                 log.error("shard stopped beating; aborting it", extra={"slot": handle.slot, "child_pid": pid})
                 handle.aborted_at = now
                 _kill(pid, signal.SIGABRT)

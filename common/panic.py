@@ -1,0 +1,129 @@
+"""Panic handling: an uncaught error is logged, dumped to PANIC_DIR as JSON, and exits 70.
+
+Installed in the supervisor and again in every shard after fork. The dump holds what an
+operator needs to see what the process was doing: its in-memory state (device cache,
+in-flight entry ids), the redacted configuration and the traceback. Never a password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+from common.config import Settings
+from common.errors import ExitCode
+from common.logs import scrub
+
+log = logging.getLogger("processor.panic")
+
+# Test-only: set to "<where>" to make the process crash there (see maybe_crash); unset in production.
+TEST_CRASH_ENV = "PROCESSOR_TEST_CRASH"
+
+StateProvider = Callable[[], dict[str, Any]]
+
+
+class Panic:
+    """One per process: knows where to dump and how to describe the process's state."""
+
+    def __init__(self, settings: Settings, process_name: str, state: StateProvider | None = None) -> None:
+        self.settings = settings
+        self.process_name = process_name
+        self.state = state or (lambda: {})
+
+    def install(self) -> None:
+        sys.excepthook = self.excepthook
+        threading.excepthook = self.thread_excepthook
+
+    def loop_exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An exception nobody retrieved from a task or callback: the asyncio 'unhandled rejection'."""
+        exc = context.get("exception")
+        if exc is None:  # a warning from asyncio itself, not an error
+            loop.default_exception_handler(context)
+            return
+        self.crash(type(exc), exc, exc.__traceback__, where=str(context.get("message", "event loop")))
+
+    def excepthook(self, kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        self.crash(kind, exc, tb, where="main thread")
+
+    def thread_excepthook(self, args: threading.ExceptHookArgs) -> None:
+        self.crash(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback, where=f"thread {args.thread}")
+
+    def crash(self, kind: type[BaseException], exc: BaseException, tb: TracebackType | None, where: str) -> None:
+        """Log, dump, exit 70. Never returns."""
+        text = scrub("".join(traceback.format_exception(kind, exc, tb)))
+        path = self.dump(text, where)
+        log.critical(
+            "panic: uncaught exception",
+            extra={"where": where, "error": scrub(f"{kind.__name__}: {exc}"), "dump": str(path) if path else None},
+        )
+        logging.shutdown()
+        os._exit(ExitCode.SOFTWARE)
+
+    def dump(self, text: str, where: str) -> Path | None:
+        try:
+            state = self.state()
+        except Exception as exc:  # a broken provider must not hide the original error
+            state = {"state_unavailable": repr(exc)}
+        document = {
+            "process": self.process_name,
+            "pid": os.getpid(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "where": where,
+            "traceback": text,
+            "config": self.settings.redacted(),
+            "state": state,
+        }
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        path = self.settings.panic_dir / f"panic-{self.process_name}-{os.getpid()}-{stamp}.json"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(scrub(orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2).decode()).encode())
+        except OSError as exc:
+            log.error("panic dump could not be written", extra={"path": str(path), "error": str(exc)})
+            return None
+        return path
+
+
+def maybe_crash(where: str, panic_dir: Path) -> None:
+    """Test-only fault injection: fail here once when PROCESSOR_TEST_CRASH names this place.
+
+    Places: `shard-uncaught` (an exception out of the shard's main task), `shard-task`
+    (an exception in a task nobody awaits), `shard-thread` (in a thread), `shard-hang`
+    (the event loop blocks), `supervisor-uncaught`. A marker file in PANIC_DIR makes it
+    happen once per test, so the restarted process runs normally.
+    """
+    if os.environ.get(TEST_CRASH_ENV) != where:
+        return
+    marker = panic_dir / f".test-crash-{where}"
+    try:
+        panic_dir.mkdir(parents=True, exist_ok=True)
+        marker.touch(exist_ok=False)
+    except FileExistsError:
+        return
+    if where == "shard-hang":
+        time.sleep(3600)
+    elif where == "shard-task":
+        asyncio.get_running_loop().create_task(_raise(where))  # reference dropped on purpose
+    elif where == "shard-thread":
+        threading.Thread(target=_raise_now, args=(where,), name="test-crash").start()
+    else:
+        _raise_now(where)
+
+
+async def _raise(where: str) -> None:
+    _raise_now(where)
+
+
+def _raise_now(where: str) -> None:
+    raise RuntimeError(f"test crash requested at {where}")
