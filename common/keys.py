@@ -31,3 +31,8 @@ def rehydrate_channel(stream_key: str) -> str:
 def liveness_key(stream_key: str, consumer: str) -> str:
     """Key each running shard keeps alive with a short TTL, so claimers know it is not dead."""
     return f"{stream_key}:alive:{consumer}"
+
+
+# The first key of the two-key advisory lock every transaction that changes a device's
+# state holds (second key: hashtext(device_id)): the writer and `processor rehydrate`.
+DEVICE_LOCK_CLASS = 0x50524F44  # "PROD"

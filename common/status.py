@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 
 # heartbeat (CLOCK_MONOTONIC is system-wide on Linux, so parent and child compare it),
-# pid, redis_ok, postgres_ok, processed, dead_lettered, claimed, batches.
-_SLOT = struct.Struct("<d i B B 2x Q Q Q Q")
+# pid, redis_ok, postgres_ok, processed, dead_lettered, claimed, batches, in_flight.
+_SLOT = struct.Struct("<d i B B 2x Q Q Q Q Q")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class ShardStatus:
     dead_lettered: int
     claimed: int
     batches: int
+    in_flight: int = 0  # entries read and not yet settled
 
 
 class StatusBoard:
@@ -51,6 +52,7 @@ class StatusBoard:
             status.dead_lettered,
             status.claimed,
             status.batches,
+            status.in_flight,
         )
 
     def reset_liveness(self, slot: int, pid: int) -> None:
@@ -58,5 +60,7 @@ class StatusBoard:
         old = self.read(slot)
         self.write(
             slot,
-            ShardStatus(time.monotonic(), pid, False, False, old.processed, old.dead_lettered, old.claimed, old.batches),
+            ShardStatus(
+                time.monotonic(), pid, False, False, old.processed, old.dead_lettered, old.claimed, old.batches, 0
+            ),
         )

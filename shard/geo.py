@@ -18,9 +18,9 @@ from shapely.geometry.base import BaseGeometry
 
 EARTH_RADIUS_M = 6_371_008.8
 BISECTION_STEPS = 40  # 2⁻⁴⁰ of a segment: far below a microsecond for any fix interval
-_BOX_MARGIN = 1.001
+_BOX_MARGIN = 1.001  # circle bounding boxes are widened a little against rounding
 _RADIANS = math.pi / 180.0
-_TWO_R = 2 * EARTH_RADIUS_M  # circle bounding boxes are widened a little against rounding
+_TWO_R = 2 * EARTH_RADIUS_M
 
 
 class GeometryError(ValueError):

@@ -22,6 +22,7 @@ from common.keys import consumer_name, rehydrate_channel
 from common.panic import Panic, maybe_crash
 from common.status import ShardStatus, StatusBoard
 from shard.batch import Batch, decode_batch
+from shard.claim import LIVENESS_CHECK_S, Claimer
 from shard.faults import POSTGRES_TRANSIENT, REDIS_TRANSIENT
 from shard.geofences import GeofenceSource
 from shard.stream import ConsumerStream, Entry
@@ -46,10 +47,10 @@ class Shard:
         self.index = index
         self.board = board
         self.consumer = consumer_name(settings.instance_id, index)
-        self.processed = self.dead_lettered = self.batches = 0
+        self.processed = self.dead_lettered = self.batches = self.claimed = 0
         self.redis_ok = self.postgres_ok = False
         self.in_flight: set[bytes] = set()  # read, not yet settled
-        self.base = ShardStatus(0.0, 0, False, False, 0, 0, 0, 0)
+        self.base = ShardStatus(0.0, 0, False, False, 0, 0, 0, 0, 0)
 
     def run(self) -> int:
         """Post-fork set-up, then the event loop until the shard stops; returns the exit status."""
@@ -89,6 +90,8 @@ class Shard:
         self.read_task: asyncio.Task[list[Entry]] | None = None
         self.settle_task: asyncio.Task[int] | None = None
         self.stream = ConsumerStream(self.settings, self.consumer)
+        self.claimer = Claimer(self.settings, self.stream)
+        self.own_pending_done = asyncio.Event()
         self.geofences = GeofenceSource(self.settings.database_url, f"processor {self.consumer} geofences")
         self.writer = PositionWriter(self.settings, f"processor {self.consumer}", self.geofences)
         loop = asyncio.get_running_loop()
@@ -96,7 +99,11 @@ class Shard:
         loop.add_signal_handler(signal.SIGTERM, self.handle_stop)
         log.info("shard starting", extra={"consumer": self.consumer, "pid": os.getpid()})
         beat = asyncio.create_task(self.beat())
-        helpers = [asyncio.create_task(self.watch_geofences()), asyncio.create_task(self.listen_rehydrate())]
+        helpers = [
+            asyncio.create_task(self.watch_geofences()),
+            asyncio.create_task(self.listen_rehydrate()),
+            asyncio.create_task(self.keep_alive()),
+        ]
         consumer = asyncio.create_task(self.consume())
         stop = asyncio.create_task(self.stopping.wait())
         try:
@@ -141,14 +148,19 @@ class Shard:
     async def consume(self) -> None:
         """Read and decode the next batch while the previous one is being written."""
         await self.retry("redis", self.stream.ensure_group)
+        await self.retry("redis", self.claimer.keep_alive)  # before the first read: we are not dead
         await self.retry("postgres", self.geofences.refresh)
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
         reader = asyncio.create_task(self.read_batches(batches))
+        # One claimer per instance: shard 0's.
+        claimer = asyncio.create_task(self.claim_loop(batches)) if self.index == 0 else None
         try:
             while (batch := await batches.get()) is not None:
                 await self.process(batch)
         finally:
             reader.cancel()
+            if claimer is not None:
+                claimer.cancel()
         reader.result()
 
     async def read_batches(self, batches: asyncio.Queue[Batch | None]) -> None:
@@ -167,13 +179,49 @@ class Shard:
             if after != NEW_ENTRIES:
                 if not entries:
                     log.info("own pending entries finished", extra={"consumer": self.consumer})
+                    self.own_pending_done.set()
                     after = NEW_ENTRIES
                     continue
                 after = entries[-1][0]
             if entries:
-                self.in_flight.update(entry_id for entry_id, _ in entries)
-                await batches.put(decode_batch(entries, self.settings.max_failures))
+                await self.enqueue(entries, batches)
         await batches.put(None)
+
+    async def enqueue(self, entries: list[Entry], batches: asyncio.Queue[Batch | None]) -> None:
+        self.in_flight.update(entry_id for entry_id, _ in entries)
+        self.publish_status()
+        await batches.put(decode_batch(entries, self.settings.max_failures))
+
+    async def claim_loop(self, batches: asyncio.Queue[Batch | None]) -> None:
+        """Dead consumers' entries every LIVENESS_CHECK_S; idle ones every CLAIM_INTERVAL_MS."""
+        await self.own_pending_done.wait()  # a restarted shard first finishes its own
+        next_threshold_pass = 0.0
+        while not self.stopping.is_set():
+            try:
+                async for entries in self.claimer.from_dead():
+                    await self.enqueue_claimed(entries, batches)
+                if time.monotonic() >= next_threshold_pass:
+                    next_threshold_pass = time.monotonic() + self.settings.claim_interval_ms / 1000
+                    async for entries in self.claimer.idle_entries():
+                        await self.enqueue_claimed(entries, batches)
+                    await self.claimer.forget_idle_consumers()
+            except REDIS_TRANSIENT as exc:
+                log.debug("claim pass interrupted", extra={"error": str(exc)})  # the reader reports outages
+            await asyncio.sleep(LIVENESS_CHECK_S)
+
+    async def enqueue_claimed(self, entries: list[Entry], batches: asyncio.Queue[Batch | None]) -> None:
+        self.claimed += len(entries)
+        log.info("entries claimed", extra={"consumer": self.consumer, "entries": len(entries)})
+        await self.enqueue(entries, batches)
+
+    async def keep_alive(self) -> None:
+        """Refresh the liveness key every second from the event loop; a hung loop lets it expire."""
+        while True:
+            try:
+                await self.claimer.keep_alive()
+            except REDIS_TRANSIENT:
+                pass  # the reader reports outages; the key is set again when Redis is back
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def process(self, batch: Batch) -> None:
         """Write in one transaction, then ACK and dead-letter in one round trip."""
@@ -243,8 +291,9 @@ class Shard:
                 self.postgres_ok,
                 base.processed + self.processed,
                 base.dead_lettered + self.dead_lettered,
-                base.claimed,
+                base.claimed + self.claimed,
                 base.batches + self.batches,
+                len(self.in_flight),
             ),
         )
 
@@ -304,9 +353,14 @@ class Shard:
     async def close(self) -> None:
         if self.settle_task is not None and not self.settle_task.done():
             await asyncio.wait({self.settle_task}, timeout=SETTLE_GRACE_S)
+        try:
+            await asyncio.wait_for(self.claimer.retire(), SETTLE_GRACE_S)
+        except (*REDIS_TRANSIENT, asyncio.TimeoutError):
+            pass  # the key expires by itself within LIVENESS_TTL_S
         await self.writer.close()
         await self.geofences.close()
         await self.stream.close()
+        self.publish_status()  # the supervisor's drain report reads in_flight (left pending) from here
         log.info(
             "shard stopped",
             extra={"consumer": self.consumer, "processed": self.processed, "dead_lettered": self.dead_lettered},

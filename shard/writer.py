@@ -16,6 +16,7 @@ import psycopg
 from psycopg.types.json import set_json_dumps, set_json_loads
 
 from common.config import Settings
+from common.keys import DEVICE_LOCK_CLASS
 from shard.decode import Fix
 from shard.derive import Derived, derive, older_than_state
 from shard.geofences import GeofenceSource
@@ -53,7 +54,6 @@ _LOCK_DEVICES = """
 SELECT count(pg_advisory_xact_lock(%s, h))
 FROM (SELECT DISTINCT hashtext(device_id) AS h FROM staging_positions ORDER BY 1) AS devices
 """
-DEVICE_LOCK_CLASS = 0x50524F44  # the first key of the two-key advisory lock space: "PROD"
 
 # A fix already stored (redelivered or resent) is skipped; of two with the same key in
 # one batch the first entry wins. Key order keeps lock order stable between shards.

@@ -1,0 +1,130 @@
+"""Claiming: entries stuck in other consumers' pending lists come to us and are processed.
+
+Two rules. A consumer whose liveness key has expired is dead: its entries are claimed at
+once (checked every LIVENESS_CHECK_S). Any consumer's entry idle longer than
+CLAIM_THRESHOLD_MS is claimed at the pass every CLAIM_INTERVAL_MS (XAUTOCLAIM), so a
+live but slow consumer is never robbed before the threshold. XCLAIM and XAUTOCLAIM reset
+an entry's idle time atomically, so instances claiming at once never take the same entry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from common.config import Settings
+from common.keys import liveness_key
+from shard.stream import ConsumerStream, Entry
+
+log = logging.getLogger("processor.claim")
+
+LIVENESS_TTL_S = 5
+LIVENESS_CHECK_S = 2.0
+# A dead consumer's entry must be idle this long, so two claimers racing for it cannot
+# both win (the first claim resets the idle time to zero).
+DEAD_CLAIM_MIN_IDLE_MS = 1_000
+# A consumer idle this many claim thresholds, dead and holding nothing, leaves the group.
+FORGET_AFTER_THRESHOLDS = 10
+
+# Atomic: only a consumer that is dead (no liveness key) and holds nothing is deleted, so
+# no pending entry is ever dropped with it.
+_FORGET_CONSUMER = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+class Claimer:
+    """Claims for one consumer (ours) and yields the claimed entries in pages."""
+
+    def __init__(self, settings: Settings, stream: ConsumerStream) -> None:
+        self.settings = settings
+        self.stream = stream
+        self.redis = stream.redis
+        self.page = settings.batch_size
+        self.gone = 0  # claimed ids whose entries had been deleted or trimmed
+        self._forget = self.redis.register_script(_FORGET_CONSUMER)
+
+    async def keep_alive(self) -> None:
+        """Refresh our liveness key; called from the event loop, so a hung shard stops refreshing."""
+        await self.redis.set(self._alive(self.stream.consumer), b"1", ex=LIVENESS_TTL_S)
+
+    async def retire(self) -> None:
+        """On a clean stop: what we leave pending may be claimed at once."""
+        await self.redis.delete(self._alive(self.stream.consumer))
+
+    async def from_dead(self) -> AsyncIterator[list[Entry]]:
+        """Every pending entry of consumers whose liveness key expired."""
+        for consumer in await self.redis.xinfo_consumers(self.stream.stream, self.stream.group):
+            name = _text(consumer["name"])
+            if name == self.stream.consumer or not consumer["pending"]:
+                continue
+            if await self.redis.exists(self._alive(name)):
+                continue
+            log.warning("consumer is dead; claiming its entries", extra={"dead_consumer": name, "pending": consumer["pending"]})
+            while True:
+                pending = await self.redis.xpending_range(
+                    self.stream.stream, self.stream.group, "-", "+", self.page, consumername=name, idle=DEAD_CLAIM_MIN_IDLE_MS
+                )
+                if not pending:
+                    break
+                ids = [p["message_id"] for p in pending]
+                entries = await self.redis.xclaim(
+                    self.stream.stream, self.stream.group, self.stream.consumer, DEAD_CLAIM_MIN_IDLE_MS, ids
+                )
+                self._count_gone(ids, entries)
+                if entries:
+                    yield entries
+
+    async def idle_entries(self) -> AsyncIterator[list[Entry]]:
+        """Entries idle past CLAIM_THRESHOLD_MS in any consumer's pending list, page by page."""
+        cursor: bytes | str = "0-0"
+        while True:
+            cursor, entries, deleted = await self.redis.xautoclaim(
+                self.stream.stream,
+                self.stream.group,
+                self.stream.consumer,
+                self.settings.claim_threshold_ms,
+                start_id=cursor,
+                count=self.page,
+            )
+            if deleted:
+                # Redis already dropped these from the pending list; nothing is left to store.
+                self.gone += len(deleted)
+                log.warning("claimed entries no longer in the stream", extra={"ids": [_text(i) for i in deleted[:20]]})
+            if entries:
+                yield entries
+            if _text(cursor) == "0-0":  # a page can be empty while the cursor still moves on
+                return
+
+    async def forget_idle_consumers(self) -> list[str]:
+        """Remove long-idle, dead consumers that hold nothing; never one with pending entries."""
+        limit_ms = self.settings.claim_threshold_ms * FORGET_AFTER_THRESHOLDS
+        forgotten = []
+        for consumer in await self.redis.xinfo_consumers(self.stream.stream, self.stream.group):
+            name = _text(consumer["name"])
+            if name == self.stream.consumer or consumer["pending"] or consumer["idle"] < limit_ms:
+                continue
+            keys = [self.stream.stream, self._alive(name)]
+            if await self._forget(keys=keys, args=[self.stream.group, name]):
+                forgotten.append(name)
+        if forgotten:
+            log.info("idle consumers removed from the group", extra={"consumers": forgotten})
+        return forgotten
+
+    def _alive(self, consumer: str) -> str:
+        return liveness_key(self.stream.stream, consumer)
+
+    def _count_gone(self, ids: list[bytes], entries: list[Entry]) -> None:
+        claimed = {entry_id for entry_id, _ in entries}
+        missing = [i for i in ids if i not in claimed]
+        if missing:
+            # XCLAIM drops ids whose entries were deleted or trimmed from the pending list.
+            self.gone += len(missing)
+            log.warning("claimed entries no longer in the stream", extra={"ids": [_text(i) for i in missing[:20]]})
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
