@@ -1,0 +1,109 @@
+"""The claimer against a real Redis: dead consumers, idle entries, deleted entries, forgetting."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import redis
+
+from common.config import Settings
+from common.keys import liveness_key
+from shard.claim import Claimer
+from shard.stream import ConsumerStream
+
+
+def setup_pending(client: redis.Redis, stream: str, consumer: str, n: int) -> list[bytes]:
+    client.xgroup_create(stream, "processor", id="0", mkstream=True)
+    ids = [client.xadd(stream, {"data": b"{}"}) for _ in range(n)]
+    client.xreadgroup("processor", consumer, {stream: ">"}, count=n)
+    return ids
+
+
+async def collect(pages: AsyncIterator[list]) -> list[bytes]:
+    return [entry_id async for page in pages for entry_id, _ in page]
+
+
+def run_claimer(settings: Settings, action: str) -> tuple[list[bytes], int]:
+    async def go() -> tuple[list[bytes], int]:
+        stream = ConsumerStream(settings, "survivor-0")
+        claimer = Claimer(settings, stream)
+        try:
+            claimed = await collect(getattr(claimer, action)())
+            return claimed, claimer.gone
+        finally:
+            await stream.close()
+
+    return asyncio.run(go())
+
+
+def age_entries(client: redis.Redis, stream: str, consumer: str, idle_ms: int) -> None:
+    """Make pending entries look idle for `idle_ms` (XCLAIM back to the owner with IDLE)."""
+    ids = [p["message_id"] for p in client.xpending_range(stream, "processor", "-", "+", 1000, consumername=consumer)]
+    client.xclaim(stream, "processor", consumer, 0, ids, idle=idle_ms, justid=True)
+
+
+def test_live_consumer_is_not_robbed(redis_client, stream_key, settings):
+    """A consumer whose liveness key exists keeps its entries, even when they are idle (below the threshold)."""
+    setup_pending(redis_client, stream_key, "slow-0", 5)
+    redis_client.set(liveness_key(stream_key, "slow-0"), b"1", ex=30)
+    age_entries(redis_client, stream_key, "slow-0", 5_000)
+    assert run_claimer(settings, "from_dead") == ([], 0)
+    assert run_claimer(settings, "idle_entries") == ([], 0)  # threshold is 60 s
+    assert redis_client.xpending(stream_key, "processor")["consumers"] == [{"name": b"slow-0", "pending": 5}]
+
+
+def test_dead_consumer_entries_are_claimed_at_once(redis_client, stream_key, settings):
+    """Without a liveness key, a consumer's entries move to us without waiting for the threshold."""
+    ids = setup_pending(redis_client, stream_key, "dead-0", 7)
+    age_entries(redis_client, stream_key, "dead-0", 2_000)
+    claimed, gone = run_claimer(settings, "from_dead")
+    assert sorted(claimed) == sorted(ids) and gone == 0
+    assert redis_client.xpending(stream_key, "processor")["consumers"] == [{"name": b"survivor-0", "pending": 7}]
+
+
+def test_idle_entries_past_the_threshold_are_claimed_page_by_page(redis_client, stream_key, env):
+    """XAUTOCLAIM pages through the whole pending list, whatever the page size."""
+    settings = Settings.from_env({**env, "CLAIM_THRESHOLD_MS": "1000", "BATCH_SIZE": "3"})
+    ids = setup_pending(redis_client, stream_key, "slow-0", 10)
+    redis_client.set(liveness_key(stream_key, "slow-0"), b"1", ex=30)
+    age_entries(redis_client, stream_key, "slow-0", 1_500)
+    claimed, _ = run_claimer(settings, "idle_entries")
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_deleted_entries_are_counted_and_leave_the_pending_list(redis_client, stream_key, settings):
+    """Entries deleted while pending are not returned; they are counted and no longer pending."""
+    ids = setup_pending(redis_client, stream_key, "dead-0", 4)
+    age_entries(redis_client, stream_key, "dead-0", 2_000)
+    redis_client.xdel(stream_key, ids[0], ids[1])
+    claimed, gone = run_claimer(settings, "from_dead")
+    assert sorted(claimed) == sorted(ids[2:]) and gone == 2
+    assert redis_client.xpending(stream_key, "processor")["pending"] == 2
+
+
+def test_only_dead_idle_consumers_without_pending_are_forgotten(redis_client, stream_key, env):
+    """forget_idle_consumers removes dead, empty, long-idle consumers and never one holding entries."""
+    settings = Settings.from_env({**env, "CLAIM_THRESHOLD_MS": "1"})
+    setup_pending(redis_client, stream_key, "holding-0", 2)
+    redis_client.xgroup_createconsumer(stream_key, "processor", "empty-0")
+    redis_client.xgroup_createconsumer(stream_key, "processor", "alive-0")
+    redis_client.set(liveness_key(stream_key, "alive-0"), b"1", ex=30)
+
+    def idle_past_limit() -> bool:
+        return all(c["idle"] >= 10 for c in redis_client.xinfo_consumers(stream_key, "processor"))
+
+    from tests.e2e.processes import wait_for
+
+    wait_for(idle_past_limit, 5, what="consumers idle past 10 thresholds")
+
+    async def go() -> list[str]:
+        stream = ConsumerStream(settings, "survivor-0")
+        try:
+            return await Claimer(settings, stream).forget_idle_consumers()
+        finally:
+            await stream.close()
+
+    assert asyncio.run(go()) == ["empty-0"]
+    names = {c["name"] for c in redis_client.xinfo_consumers(stream_key, "processor")}
+    assert names == {b"holding-0", b"alive-0"}
