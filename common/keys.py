@@ -23,6 +23,11 @@ def consumer_name(instance_id: str, shard_index: int) -> str:
     return f"{instance_id}-{shard_index}"
 
 
+def failures_key(stream_key: str) -> str:
+    """Hash of entry id → how often Postgres rejected that entry; survives shard restarts."""
+    return f"{stream_key}:failures"
+
+
 def rehydrate_channel(stream_key: str) -> str:
     """Pub/sub channel on which `processor rehydrate` tells every shard to drop a device."""
     return f"{stream_key}:rehydrate"

@@ -20,9 +20,11 @@ class Batch:
     dead: list[DeadLetter] = field(default_factory=list)
     gone: list[bytes] = field(default_factory=list)
 
-    def reject(self, rejected: dict[int, str], failures: int) -> None:
-        """Move rows that Postgres refused from the fixes to the dead letters."""
-        for position, error in sorted(rejected.items(), reverse=True):
+    recovered: list[bytes] = field(default_factory=list)  # failed before, stored now
+
+    def reject(self, rejected: dict[int, tuple[str, int]]) -> None:
+        """Move rows that Postgres refused for good from the fixes to the dead letters."""
+        for position, (error, failures) in sorted(rejected.items(), reverse=True):
             entry_id = self.fix_ids.pop(position)
             self.fixes.pop(position)
             self.dead.append(DeadLetter(entry_id, self.fields[entry_id], error, "write", failures))

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common.config import Settings
+from common.keys import failures_key
 
 # Entries as redis-py returns them; `fields` is None when the entry was deleted or trimmed
 # while it sat in the pending list.
@@ -21,12 +22,16 @@ SOCKET_TIMEOUT_S = 10.0
 # XACK decides: only the call that removes the entry from the PEL writes its dead letter,
 # so a slow consumer and the one that claimed its entry never both dead-letter it.
 _DEAD_LETTER = """
+redis.call('HDEL', KEYS[3], ARGV[2])
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
   return 1
 end
 return 0
 """
+# Failure counts expire eventually, so an entry that failed, crashed its shard and then
+# succeeded leaves no counter behind for ever.
+FAILURES_TTL_S = 7 * 86_400
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class ConsumerStream:
         self.stream = settings.stream_key
         self.group = settings.consumer_group
         self.dlq = settings.dlq_key
+        self.failures = failures_key(settings.stream_key)
         self.consumer = consumer
         self.redis = aioredis.Redis.from_url(
             settings.redis_url,
@@ -71,20 +77,36 @@ class ConsumerStream:
             return []
         return reply[0][1]
 
-    async def settle(self, acked: Sequence[bytes], dead: Sequence[DeadLetter]) -> int:
-        """ACK what was committed and dead-letter the poison, in one round trip; returns letters written."""
+    async def count_failures(self, entry_ids: Sequence[bytes]) -> list[int]:
+        """Record one more failure of each entry; returns each entry's count so far."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.hincrby(self.failures, entry_id, 1)
+            pipe.expire(self.failures, FAILURES_TTL_S)
+            results = await pipe.execute()
+        return results[:-1]
+
+    async def settle(
+        self, acked: Sequence[bytes], dead: Sequence[DeadLetter], recovered: Sequence[bytes] = ()
+    ) -> int:
+        """ACK what was committed and dead-letter the poison, in one round trip; returns letters written.
+
+        `recovered` are acked entries that had failed before: their failure counts go.
+        """
         async with self.redis.pipeline(transaction=False) as pipe:
             if acked:
                 pipe.xack(self.stream, self.group, *acked)
+            if recovered:
+                pipe.hdel(self.failures, *recovered)
             failed_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds").encode()
             for letter in dead:
                 await self._dead_letter(
-                    keys=[self.stream, self.dlq],
+                    keys=[self.stream, self.dlq, self.failures],
                     args=[self.group, letter.entry_id, *_letter_fields(self, letter, failed_at)],
                     client=pipe,
                 )
             results = await pipe.execute()
-        return sum(results[1:] if acked else results)
+        return sum(results[int(bool(acked)) + int(bool(recovered)) :])
 
     async def close(self) -> None:
         await self.redis.aclose()

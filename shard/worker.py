@@ -229,12 +229,15 @@ class Shard:
         for place in ("shard-uncaught", "shard-task", "shard-thread", "shard-hang"):
             maybe_crash(place, self.settings.panic_dir)
         if batch.fixes:
-            rejected = await self.retry("postgres", self.writer.write_isolating, batch.fixes, self.settings.max_failures)
-            batch.reject(rejected, self.settings.max_failures)
+            rejected = await self.retry("postgres", self.writer.write_isolating, batch.fixes)
+            if rejected:
+                await self.retry_rejected(batch, rejected)
         if batch.gone:
             log.warning("pending entries no longer in the stream were acknowledged", extra={"ids": _ids(batch.gone)})
         # Once committed, the ACK must go out even if a shutdown cancels us now.
-        self.settle_task = asyncio.create_task(self.retry("redis", self.stream.settle, batch.acked, batch.dead))
+        self.settle_task = asyncio.create_task(
+            self.retry("redis", self.stream.settle, batch.acked, batch.dead, batch.recovered)
+        )
         written = await asyncio.shield(self.settle_task)
         self.in_flight.difference_update(batch.ids)
         self.processed += len(batch.fix_ids)
@@ -254,6 +257,26 @@ class Shard:
                 "seconds": round(time.monotonic() - started, 4),
             },
         )
+
+    async def retry_rejected(self, batch: Batch, rejected: dict[int, str]) -> None:
+        """Rows Postgres refused: count each failure (in Redis, so counts survive restarts) and
+        retry at once, since a rejection is deterministic; dead-letter at MAX_FAILURES."""
+        dead: dict[int, tuple[str, int]] = {}
+        while rejected:
+            positions = list(rejected)
+            counts = await self.retry("redis", self.stream.count_failures, [batch.fix_ids[p] for p in positions])
+            again = []
+            for position, count in zip(positions, counts):
+                if count >= self.settings.max_failures:
+                    dead[position] = (rejected[position], count)
+                else:
+                    again.append(position)
+            if not again:
+                break
+            retried = await self.retry("postgres", self.writer.write_isolating, [batch.fixes[p] for p in again])
+            rejected = {again[i]: error for i, error in retried.items()}
+            batch.recovered.extend(batch.fix_ids[p] for p in again if p not in rejected)
+        batch.reject(dead)
 
     async def retry(self, server: str, operation: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run `operation` until it succeeds; an outage pauses with backoff and is logged once."""

@@ -126,31 +126,21 @@ class PositionWriter:
         await conn.execute(_STAGING)
         self.conn = conn
 
-    async def write_isolating(self, fixes: Sequence[Fix], attempts: int) -> dict[int, str]:
+    async def write_isolating(self, fixes: Sequence[Fix]) -> dict[int, str]:
         """Store a batch; rows Postgres rejects are isolated so that every other row commits.
 
-        Returns {position in `fixes`: error} for rows rejected `attempts` times in a row.
-        A rejection is deterministic, so the retries happen at once, not on redelivery.
+        Returns {position in `fixes`: error} for the rows that were rejected on their own.
         """
         try:
             await self.write(fixes)
             return {}
         except POSTGRES_ROW_REJECTED as exc:
             if len(fixes) == 1:
-                return await self._retry_one(fixes[0], attempts - 1, exc)
+                return {0: f"{type(exc).__name__}: {exc}".strip()}
         middle = len(fixes) // 2
-        left = await self.write_isolating(fixes[:middle], attempts)
-        right = await self.write_isolating(fixes[middle:], attempts)
+        left = await self.write_isolating(fixes[:middle])
+        right = await self.write_isolating(fixes[middle:])
         return left | {middle + position: error for position, error in right.items()}
-
-    async def _retry_one(self, fix: Fix, attempts: int, error: Exception) -> dict[int, str]:
-        for _ in range(attempts):
-            try:
-                await self.write([fix])
-                return {}
-            except POSTGRES_ROW_REJECTED as exc:
-                error = exc
-        return {0: f"{type(error).__name__}: {error}".strip()}
 
     async def write(self, fixes: Sequence[Fix]) -> int:
         """Store a batch in one transaction; returns how many positions were new."""

@@ -1,0 +1,64 @@
+"""Dead letters: rows Postgres rejects are isolated, counted, retried and dead-lettered alone."""
+
+from __future__ import annotations
+
+import orjson
+import psycopg
+import pytest
+
+from common.keys import failures_key
+from scripts.simulate import Fleet, produce
+from supervisor.migrations import apply_migrations
+from tests.e2e.processes import wait_for
+from tests.e2e.verify import stored_count
+
+pytestmark = pytest.mark.e2e
+
+
+def reject_device(database_url: str, device_id: str) -> None:
+    """A rule only Postgres knows: its rows pass decoding and validation but fail the write."""
+    apply_migrations(database_url)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(f"ALTER TABLE positions ADD CONSTRAINT no_{device_id.replace('-', '_')} CHECK (device_id <> '{device_id}')")
+
+
+def test_rejected_rows_are_dead_lettered_and_the_rest_commits(redis_client, database_url, stream_key, env, start_processor):
+    """Each rejected row fails MAX_FAILURES times and is dead-lettered as `write`; every other row is stored."""
+    reject_device(database_url, "reject-me")
+    fixes = list(Fleet(40, seed=31).fixes(4_000))
+    for n in range(0, 4_000, 400):
+        fixes[n] = {**fixes[n], "device_id": "reject-me"}
+    produce(redis_client, stream_key, fixes)
+    start_processor({**env, "MAX_FAILURES": "3"})
+    wait_for(lambda: redis_client.xlen(f"{stream_key}:dlq") == 10 and stored_count(database_url) == 3_990, 60)
+    letters = [fields for _, fields in redis_client.xrange(f"{stream_key}:dlq")]
+    assert {f[b"error_kind"] for f in letters} == {b"write"}
+    assert {f[b"failures"] for f in letters} == {b"3"}
+    assert all(b"no_reject_me" in f[b"error"] for f in letters)
+    assert all(orjson.loads(f[b"data"])["device_id"] == "reject-me" for f in letters)
+    wait_for(lambda: redis_client.xpending(stream_key, "processor")["pending"] == 0, 10)
+    assert not redis_client.exists(failures_key(stream_key)), "counts of dead-lettered entries are removed"
+
+
+def test_failure_counts_survive_a_restart(redis_client, database_url, stream_key, env, start_processor):
+    """A count left by an earlier life is continued, not restarted: the entry dies at its next failure."""
+    reject_device(database_url, "reject-me")
+    [entry_id] = [redis_client.xadd(stream_key, {"data": orjson.dumps({"device_id": "reject-me", "ts": 1, "lat": 1, "lon": 1})})]
+    redis_client.hset(failures_key(stream_key), entry_id, 7)
+    start_processor({**env, "MAX_FAILURES": "5"})
+    wait_for(lambda: redis_client.xlen(f"{stream_key}:dlq") == 1, 30)
+    [(_, fields)] = redis_client.xrange(f"{stream_key}:dlq")
+    assert fields[b"failures"] == b"8" and fields[b"source_id"] == entry_id
+
+
+def test_oversized_entry_is_dead_lettered_without_decoding(redis_client, database_url, stream_key, env, start_processor):
+    """An entry over 1 MiB is dead-lettered as `validate`, verbatim, and the entries around it are stored."""
+    produce(redis_client, stream_key, list(Fleet(5, seed=32).fixes(50)))
+    huge = b'{"device_id":"big","ts":1,"lat":1,"lon":1,"io":{"blob":"' + b"x" * (1 << 20) + b'"}}'
+    big_id = redis_client.xadd(stream_key, {"data": huge, "extra": b"kept"})
+    produce(redis_client, stream_key, list(Fleet(5, seed=33, start_ms=1_800_000_000_000).fixes(50)))
+    start_processor(env)
+    wait_for(lambda: redis_client.xlen(f"{stream_key}:dlq") == 1 and stored_count(database_url) == 100, 30)
+    [(_, fields)] = redis_client.xrange(f"{stream_key}:dlq")
+    assert fields[b"error_kind"] == b"validate" and fields[b"source_id"] == big_id
+    assert fields[b"data"] == huge and fields[b"extra"] == b"kept"
