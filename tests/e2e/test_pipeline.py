@@ -81,3 +81,42 @@ def test_sigterm_exits_zero_and_a_restart_completes_the_rest(redis_client, datab
     assert_exact(redis_client, database_url, stream_key)
     second.signal(signal.SIGINT)
     assert second.wait(30) == 0
+
+
+def test_sigterm_under_sustained_load_then_restart(redis_client, database_url, stream_key, env, start_processor):
+    """SIGTERM while a producer keeps writing: exit 0 within the drain budget, report logged, restart completes exactly."""
+    producer = threading.Thread(target=steady, args=(redis_client, stream_key, 3_000, 5.0), kwargs={"devices": 300, "seed": 15})
+    first = start_processor({**env, "DRAIN_TIMEOUT_S": "5"})
+    first.wait_for_shards(2)
+    producer.start()
+    wait_for(lambda: stored_count(database_url) > 3_000, what="the first rows")
+    first.signal(signal.SIGTERM)
+    assert first.wait(5 + 3) == 0
+    report = [e for e in first.logs() if e["msg"] == "drain report"]
+    assert len(report) == 1 and set(report[0]["shards"]) == {"0", "1"}
+    producer.join()
+    second = start_processor(env)
+    wait_settled(redis_client, database_url, stream_key)
+    assert_exact(redis_client, database_url, stream_key)
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0
+
+
+def test_second_signal_cuts_the_drain_short(redis_client, database_url, stream_key, env, start_processor):
+    """A second SIGTERM makes the stop quick even when Postgres holds the shards' batches; nothing is lost."""
+    backlog(redis_client, stream_key, 20_000, devices=100, seed=16)
+    processor = start_processor({**env, "DRAIN_TIMEOUT_S": "60"})
+    wait_for(lambda: stored_count(database_url) > 1_000, what="the first rows")
+    import psycopg
+
+    with psycopg.connect(database_url) as blocker:
+        blocker.execute("LOCK TABLE positions IN ACCESS EXCLUSIVE MODE")  # every batch now waits
+        processor.signal(signal.SIGTERM)
+        wait_for(lambda: "stopping shards" in processor.log_messages(), 10)
+        processor.signal(signal.SIGTERM)
+        assert processor.wait(10) == 0
+    again = start_processor(env)
+    wait_settled(redis_client, database_url, stream_key)
+    assert_exact(redis_client, database_url, stream_key)
+    again.signal(signal.SIGTERM)
+    assert again.wait(30) == 0
