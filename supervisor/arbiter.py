@@ -20,7 +20,7 @@ from common.backoff import Backoff
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
 from common.panic import Panic, maybe_crash
-from common.status import StatusBoard
+from common.status import ShardStatus, StatusBoard
 from shard.worker import Shard
 from supervisor.migrations import apply_migrations
 from supervisor.restarts import RestartPolicy
@@ -265,6 +265,7 @@ class Supervisor:
         """SIGTERM to every shard, reap until one monotonic deadline, then SIGKILL what is left."""
         budget = self.settings.drain_timeout_s + STOP_MARGIN_S
         log.info("stopping shards", extra={"shards": len(self.shards), "budget_s": budget})
+        before = {h.slot: self.board.read(h.slot) for h in self.shards.values()}
         deadline = time.monotonic() + (QUICK_STOP_S if self.quick else budget)
         self.signal_shards(signal.SIGTERM)
         hurried = self.quick
@@ -284,8 +285,22 @@ class Supervisor:
             while self.shards:
                 pid, status = os.waitpid(-1, 0)
                 self.shards.pop(pid, None)
+        self.log_drain_report(before)
         log.info("supervisor stopped", extra={"restarts": self.restart_count})
         return ExitCode.OK
+
+    def log_drain_report(self, before: dict[int, ShardStatus]) -> None:
+        """Per shard: entries in flight at the signal, committed and ACKed since, left pending."""
+        report = {}
+        for slot, start in sorted(before.items()):
+            end = self.board.read(slot)
+            report[str(slot)] = {
+                "in_flight": start.in_flight,
+                "committed_and_acked": end.processed - start.processed,
+                "dead_lettered": end.dead_lettered - start.dead_lettered,
+                "left_pending": end.in_flight,
+            }
+        log.info("drain report", extra={"shards": report})
 
     def halt(self, reason: str, exit_status: int) -> None:
         """Everything fatal ends here: stop what runs, log why, exit non-zero."""
