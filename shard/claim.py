@@ -64,29 +64,33 @@ class Claimer:
             if await self.redis.exists(self._alive(name)):
                 continue
             log.warning("consumer is dead; claiming its entries", extra={"dead_consumer": name, "pending": consumer["pending"]})
-            while True:
-                pending = await self.redis.xpending_range(
-                    self.stream.stream, self.stream.group, "-", "+", self.page, consumername=name, idle=DEAD_CLAIM_MIN_IDLE_MS
-                )
-                if not pending:
-                    break
-                ids = [p["message_id"] for p in pending]
-                entries = await self.redis.xclaim(
-                    self.stream.stream, self.stream.group, self.stream.consumer, DEAD_CLAIM_MIN_IDLE_MS, ids
-                )
-                self._count_gone(ids, entries)
-                if entries:
-                    yield entries
+            async for entries in self.pending_of(name, DEAD_CLAIM_MIN_IDLE_MS):
+                yield entries
 
-    async def idle_entries(self) -> AsyncIterator[list[Entry]]:
-        """Entries idle past CLAIM_THRESHOLD_MS in any consumer's pending list, page by page."""
+    async def pending_of(self, consumer: str, min_idle_ms: int) -> AsyncIterator[list[Entry]]:
+        """One consumer's pending entries idle at least `min_idle_ms`, claimed page by page."""
+        while True:
+            pending = await self.redis.xpending_range(
+                self.stream.stream, self.stream.group, "-", "+", self.page, consumername=consumer, idle=min_idle_ms
+            )
+            if not pending:
+                return
+            ids = [p["message_id"] for p in pending]
+            entries = await self.redis.xclaim(self.stream.stream, self.stream.group, self.stream.consumer, min_idle_ms, ids)
+            self._count_gone(ids, entries)
+            if entries:  # an empty page still made progress: those ids left the consumer's list
+                yield entries
+
+    async def idle_entries(self, min_idle_ms: int | None = None) -> AsyncIterator[list[Entry]]:
+        """Entries idle past CLAIM_THRESHOLD_MS (or `min_idle_ms`) in any pending list, page by page."""
         cursor: bytes | str = "0-0"
+        threshold = self.settings.claim_threshold_ms if min_idle_ms is None else min_idle_ms
         while True:
             cursor, entries, deleted = await self.redis.xautoclaim(
                 self.stream.stream,
                 self.stream.group,
                 self.stream.consumer,
-                self.settings.claim_threshold_ms,
+                threshold,
                 start_id=cursor,
                 count=self.page,
             )

@@ -84,7 +84,8 @@ class Shard:
             "geofences": len(writer.geofences.index) if writer is not None else 0,
         }
 
-    async def main(self) -> None:
+    def open(self) -> None:
+        """Create the clients (they connect lazily); inside the running event loop."""
         self.stopping = asyncio.Event()
         self.hurry = asyncio.Event()
         self.read_task: asyncio.Task[list[Entry]] | None = None
@@ -94,6 +95,9 @@ class Shard:
         self.own_pending_done = asyncio.Event()
         self.geofences = GeofenceSource(self.settings.database_url, f"processor {self.consumer} geofences")
         self.writer = PositionWriter(self.settings, f"processor {self.consumer}", self.geofences)
+
+    async def main(self) -> None:
+        self.open()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self.panic.loop_exception_handler)
         loop.add_signal_handler(signal.SIGTERM, self.handle_stop)
