@@ -20,7 +20,7 @@ from common.config import Settings
 from common.errors import ExitCode
 from common.keys import consumer_name, rehydrate_channel
 from common.panic import Panic, maybe_crash
-from common.status import ShardStatus, StatusBoard
+from common.status import BATCH_BUCKETS_S, ShardStatus, StatusBoard, bucket_of
 from shard.batch import Batch, decode_batch
 from shard.claim import LIVENESS_CHECK_S, Claimer
 from shard.faults import POSTGRES_TRANSIENT, REDIS_TRANSIENT
@@ -48,9 +48,11 @@ class Shard:
         self.board = board
         self.consumer = consumer_name(settings.instance_id, index)
         self.processed = self.dead_lettered = self.batches = self.claimed = 0
+        self.batch_seconds_sum = 0.0
+        self.batch_buckets = [0] * (len(BATCH_BUCKETS_S) + 1)
         self.redis_ok = self.postgres_ok = False
         self.in_flight: set[bytes] = set()  # read, not yet settled
-        self.base = ShardStatus(0.0, 0, False, False, 0, 0, 0, 0, 0)
+        self.base = ShardStatus()
 
     def run(self) -> int:
         """Post-fork set-up, then the event loop until the shard stops; returns the exit status."""
@@ -223,8 +225,9 @@ class Shard:
         while True:
             try:
                 await self.claimer.keep_alive()
+                self.set_health("redis", True)
             except REDIS_TRANSIENT:
-                pass  # the reader reports outages; the key is set again when Redis is back
+                self.set_health("redis", False)  # the reader logs the outage; the key is set again later
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def process(self, batch: Batch) -> None:
@@ -247,6 +250,10 @@ class Shard:
         self.processed += len(batch.fix_ids)
         self.dead_lettered += written
         self.batches += 1
+        elapsed = time.monotonic() - started
+        self.batch_seconds_sum += elapsed
+        self.batch_buckets[bucket_of(elapsed)] += 1
+        self.publish_status()
         for letter in batch.dead:
             log.warning(
                 "entry dead-lettered",
@@ -321,6 +328,8 @@ class Shard:
                 base.claimed + self.claimed,
                 base.batches + self.batches,
                 len(self.in_flight),
+                base.batch_seconds_sum + self.batch_seconds_sum,
+                tuple(a + b for a, b in zip(base.batch_buckets, self.batch_buckets)),
             ),
         )
 
@@ -355,8 +364,11 @@ class Shard:
             await asyncio.sleep(GEOFENCE_POLL_S)
             try:
                 await self.geofences.refresh()
+                self.set_health("postgres", True)
             except POSTGRES_TRANSIENT as exc:
-                log.debug("geofence refresh failed", extra={"error": str(exc)})  # the write path reports outages
+                # An idle shard learns of a Postgres outage here first; the write path logs it.
+                log.debug("geofence refresh failed", extra={"error": str(exc)})
+                self.set_health("postgres", False)
 
     async def listen_rehydrate(self) -> None:
         """Drop a device's cached state when `processor rehydrate` asks (the row version is bumped too)."""

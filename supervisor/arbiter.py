@@ -23,6 +23,7 @@ from common.panic import Panic, maybe_crash
 from common.status import ShardStatus, StatusBoard
 from shard.worker import Shard
 from supervisor.migrations import apply_migrations
+from supervisor.http import HealthServer, Observer, ShardView
 from supervisor.restarts import RestartPolicy
 
 log = logging.getLogger("processor.supervisor")
@@ -33,6 +34,7 @@ ABORT_GRACE_S = 5.0  # between SIGABRT (traceback on stderr) and SIGKILL of a hu
 STOP_MARGIN_S = 2.0  # on top of DRAIN_TIMEOUT_S, for connections to close
 QUICK_STOP_S = 2.0  # after a second signal
 REAP_INTERVAL_S = 0.1
+HEALTHY_BEAT_S = 5.0  # /healthz calls a shard unhealthy when its loop has not beaten for this long
 # Postgres says the credentials or the database are wrong: retrying cannot help.
 FATAL_SQLSTATES = {"28000", "28P01", "3D000"}
 FATAL_MESSAGES = ("password authentication failed", "no pg_hba.conf entry", "does not exist")
@@ -67,6 +69,8 @@ class Supervisor:
         self.stopping = False
         self.quick = False
         self.board = StatusBoard(settings.shards)
+        self.slot_restarts: dict[int, int] = {}
+        self.http: HealthServer | None = None
 
     def run(self) -> int:
         setproctitle(f"processor: supervisor [{self.settings.instance_id}]")
@@ -80,6 +84,7 @@ class Supervisor:
             self.dispatch_signals()
         if self.stopping:
             return ExitCode.OK
+        self.serve_http()
         for slot in range(self.settings.shards):
             self.spawn_shard(slot)
         while not self.stopping:
@@ -151,6 +156,27 @@ class Supervisor:
                     log.warning(f"{server} unreachable, waiting", extra={"error": str(exc)})
                 time.sleep(backoff.next_delay())
 
+    def serve_http(self) -> None:
+        """/healthz and /metrics on HTTP_PORT (0 disables), answered from the main loop."""
+        if not self.settings.http_port:
+            return
+        try:
+            self.http = HealthServer(self.settings.http_port, Observer(self.settings, self.shard_views))
+        except OSError as exc:
+            self.halt(f"cannot listen on HTTP_PORT {self.settings.http_port}: {exc}", ExitCode.CONFIG)
+        log.info("serving /healthz and /metrics", extra={"port": self.settings.http_port})
+
+    def shard_views(self) -> list[ShardView]:
+        now = time.monotonic()
+        running = {handle.slot: handle for handle in self.shards.values()}
+        views = []
+        for slot in range(self.settings.shards):
+            status = self.board.read(slot)
+            handle = running.get(slot)
+            beating = handle is not None and now - max(status.heartbeat, handle.started_at) <= HEALTHY_BEAT_S
+            views.append(ShardView(slot, handle is not None, beating, status, self.slot_restarts.get(slot, 0)))
+        return views
+
     # --- the watch loop ------------------------------------------------------------------
 
     def spawn_shard(self, slot: int) -> None:
@@ -163,6 +189,8 @@ class Supervisor:
             try:
                 os.close(self.wakeup_r)
                 os.close(self.wakeup_w)
+                if self.http is not None:
+                    self.http.close()
                 status = Shard(self.settings, slot, self.board).run()
             finally:
                 os._exit(status)  # never return into the supervisor's code
@@ -171,8 +199,11 @@ class Supervisor:
         log.info("shard spawned", extra={"slot": slot, "child_pid": pid})
 
     def wait_for_signal(self, timeout_s: float) -> None:
-        if not self.signals:
-            select.select([self.wakeup_r], [], [], timeout_s)
+        """Sleep until a signal, an HTTP request or the timeout; answer the request."""
+        watched = [self.wakeup_r] + ([self.http] if self.http is not None else [])
+        readable = select.select(watched, [], [], timeout_s)[0] if not self.signals else []
+        if self.http is not None and self.http in readable:
+            self.http.handle()
         try:
             while os.read(self.wakeup_r, 512):
                 pass
@@ -257,6 +288,7 @@ class Supervisor:
         for slot, due in list(self.restart_at.items()):
             if now >= due:
                 self.restart_count += 1
+                self.slot_restarts[slot] = self.slot_restarts.get(slot, 0) + 1
                 self.spawn_shard(slot)
 
     # --- the end -------------------------------------------------------------------------
@@ -286,6 +318,8 @@ class Supervisor:
                 pid, status = os.waitpid(-1, 0)
                 self.shards.pop(pid, None)
         self.log_drain_report(before)
+        if self.http is not None:
+            self.http.close()
         log.info("supervisor stopped", extra={"restarts": self.restart_count})
         return ExitCode.OK
 
