@@ -37,3 +37,9 @@ class InvalidEntry(ValueError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind  # "decode" or "validate", as written to the DLQ
+
+
+class ConnectionRefusedForGood(ProcessorError):
+    """Redis or Postgres refused our credentials or database: a configuration error."""
+
+    exit_code = ExitCode.CONFIG

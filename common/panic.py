@@ -87,8 +87,13 @@ class Panic:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         path = self.settings.panic_dir / f"panic-{self.process_name}-{os.getpid()}-{stamp}.json"
         try:
+            text = orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+        except (TypeError, ValueError) as exc:  # the dump must never stop the exit
+            document["state"] = {"state_unavailable": repr(exc)}
+            text = orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2)
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(scrub(orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2).decode()).encode())
+            path.write_bytes(scrub(text.decode()).encode())
         except OSError as exc:
             log.error("panic dump could not be written", extra={"path": str(path), "error": str(exc)})
             return None

@@ -37,3 +37,19 @@ def is_transient(exc: BaseException) -> bool:
 def redis_readonly_or_loading(exc: BaseException) -> bool:
     """A replica promoted mid-write or a server still loading its data set: retry later."""
     return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(("READONLY", "LOADING", "MASTERDOWN"))
+
+
+# Postgres says the credentials or the database are wrong; Redis refuses our password.
+# These look like outages (connection errors) but waiting cannot fix them.
+FATAL_SQLSTATES = frozenset({"28000", "28P01", "3D000"})
+FATAL_MESSAGES = ("password authentication failed", "no pg_hba.conf entry", "does not exist")
+
+
+def is_configuration_error(exc: BaseException) -> bool:
+    """A connection refused for good: wrong credentials, database or permissions."""
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    # A failed connection often carries no SQLSTATE, only the server's message.
+    return exc.sqlstate in FATAL_SQLSTATES or (exc.sqlstate is None and any(t in str(exc) for t in FATAL_MESSAGES))

@@ -17,13 +17,13 @@ from setproctitle import setproctitle
 from common import logs
 from common.backoff import Backoff
 from common.config import Settings
-from common.errors import ExitCode
+from common.errors import ConnectionRefusedForGood, ExitCode
 from common.keys import consumer_name, rehydrate_channel
 from common.panic import Panic, maybe_crash
 from common.status import BATCH_BUCKETS_S, ShardStatus, StatusBoard, bucket_of
 from shard.batch import Batch, decode_batch
 from shard.claim import LIVENESS_CHECK_S, Claimer
-from shard.faults import POSTGRES_TRANSIENT, REDIS_TRANSIENT
+from shard.faults import POSTGRES_TRANSIENT, REDIS_TRANSIENT, is_configuration_error
 from shard.geofences import GeofenceSource
 from shard.stream import ConsumerStream, Entry
 from shard.writer import PositionWriter
@@ -70,6 +70,9 @@ class Shard:
         self.panic.install()
         try:
             uvloop.run(self.main())
+        except ConnectionRefusedForGood as exc:
+            log.critical("shard cannot work with this configuration", extra={"error": str(exc)})
+            return ExitCode.CONFIG
         except Exception as exc:
             self.panic.crash(type(exc), exc, exc.__traceback__, where="shard main task")
         return ExitCode.OK
@@ -297,6 +300,8 @@ class Shard:
             try:
                 result = await operation(*args)
             except transient as exc:
+                if is_configuration_error(exc):
+                    raise ConnectionRefusedForGood(f"{server} refused the connection: {exc}") from exc
                 if backoff.failures == 0:
                     log.warning(f"{server} unavailable, pausing", extra={"consumer": self.consumer, "error": str(exc)})
                     self.set_health(server, False)

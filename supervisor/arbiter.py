@@ -21,6 +21,7 @@ from common.config import Settings
 from common.errors import ExitCode, ProcessorError
 from common.panic import Panic, maybe_crash
 from common.status import ShardStatus, StatusBoard
+from shard.faults import is_configuration_error
 from shard.worker import Shard
 from supervisor.migrations import apply_migrations
 from supervisor.http import HealthServer, Observer, ShardView
@@ -35,9 +36,6 @@ STOP_MARGIN_S = 2.0  # on top of DRAIN_TIMEOUT_S, for connections to close
 QUICK_STOP_S = 2.0  # after a second signal
 REAP_INTERVAL_S = 0.1
 HEALTHY_BEAT_S = 5.0  # /healthz calls a shard unhealthy when its loop has not beaten for this long
-# Postgres says the credentials or the database are wrong: retrying cannot help.
-FATAL_SQLSTATES = {"28000", "28P01", "3D000"}
-FATAL_MESSAGES = ("password authentication failed", "no pg_hba.conf entry", "does not exist")
 
 
 class Halt(BaseException):
@@ -102,7 +100,7 @@ class Supervisor:
         """What a panic dump shows of the supervisor."""
         return {
             "shards": {str(pid): {"slot": h.slot, "started_at": h.started_at} for pid, h in self.shards.items()},
-            "restart_at": self.restart_at,
+            "restart_at": {str(slot): due for slot, due in self.restart_at.items()},
             "restarts": self.restart_count,
             "stopping": self.stopping,
         }
@@ -137,6 +135,11 @@ class Supervisor:
         except psycopg.OperationalError as exc:
             self.halt(f"Postgres refused the connection: {exc}", ExitCode.CONFIG)
         log.info("schema up to date", extra={"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
+        if self.settings.database_url != self.settings.migration_database_url:
+            try:
+                self._until_reachable("postgres", _probe_postgres, self.settings.database_url)
+            except psycopg.OperationalError as exc:
+                self.halt(f"Postgres refused DATABASE_URL: {exc}", ExitCode.CONFIG)
 
     def _until_reachable(self, server: str, operation, *args):  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -145,7 +148,7 @@ class Supervisor:
             try:
                 return operation(*args)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, psycopg.OperationalError) as exc:
-                if isinstance(exc, redis.exceptions.AuthenticationError) or _fatal_postgres(exc):
+                if is_configuration_error(exc):
                     raise
                 self.dispatch_signals()
                 if self.stopping:
@@ -359,9 +362,6 @@ def _kill(pid: int, signum: int) -> None:
         pass  # exited already; the next reap collects it
 
 
-def _fatal_postgres(exc: BaseException) -> bool:
-    if not isinstance(exc, psycopg.Error):
-        return False
-    # A failed connection often carries no SQLSTATE, only the server's message.
-    message = str(exc)
-    return exc.sqlstate in FATAL_SQLSTATES or any(text in message for text in FATAL_MESSAGES)
+def _probe_postgres(url: str) -> None:
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        conn.execute("SELECT 1")

@@ -1,0 +1,405 @@
+"""`processor lag` and `processor dlq list|show|replay|purge` against real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from common import stream_admin
+from common.cli import build_parser
+from common.config import Settings
+from common.errors import ExitCode, ProcessorError
+from common.keys import DLQ_ERROR_FIELDS
+from common.stream_admin import Declined, Lag, UnknownLetters, group_lag, lag_report
+
+ROOT = Path(__file__).parents[2]
+SECRET = "s3cret-pw"
+GROUP = "processor"
+
+
+@pytest.fixture
+def redis_env(redis_url: str, stream_key: str) -> dict[str, str]:
+    """Environment for the stream commands: Redis and this test's stream (no Postgres needed)."""
+    return {"REDIS_URL": redis_url, "STREAM_KEY": stream_key, "CONSUMER_GROUP": GROUP, "LOG_LEVEL": "INFO"}
+
+
+@pytest.fixture
+def stream_settings(redis_env: dict[str, str]) -> Settings:
+    return Settings.from_env(redis_env)
+
+
+def run_cli(env: dict[str, str], *args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
+    """The real `processor` command line in a child process."""
+    full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "common.cli", *args],
+        env=full_env, stdin=stdin, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def fix(device_id: str, **more: object) -> bytes:
+    return orjson.dumps({"device_id": device_id, "ts": 1_718_000_000_000, "lat": 50.0, "lon": 10.0, **more})
+
+
+def add_letter(client: redis.Redis, stream_key: str, original: dict[bytes, bytes], *, source_id: str = "1-1",
+               source_stream: str | None = None, error: str = "lat out of range", kind: str = "validate") -> str:
+    """A dead letter as SPEC §5 describes it: the original fields, then the error fields."""
+    fields: dict[bytes, bytes | str] = dict(original)
+    fields.update({
+        b"error": error, b"error_kind": kind, b"source_id": source_id,
+        b"source_stream": source_stream or stream_key, b"failures": "5", b"consumer": "host-0",
+        b"failed_at": "2026-03-01T10:00:00.000Z",
+    })
+    return client.xadd(f"{stream_key}:dlq", fields).decode()  # type: ignore[arg-type]
+
+
+def redis_now_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
+
+
+# --- lag ---------------------------------------------------------------------------------
+
+
+def test_lag_is_counted_when_redis_reports_nil(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
+    """After an XDEL beyond last-delivered-id Redis 7 reports lag nil; the report counts it exactly."""
+    redis_client.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
+    ids = [redis_client.xadd(stream_key, {"data": fix(f"d{i}")}) for i in range(10)]
+    redis_client.xreadgroup(GROUP, "c1", {stream_key: ">"}, count=4)
+    redis_client.xdel(stream_key, ids[7])
+    (group,) = redis_client.xinfo_groups(stream_key)
+    assert group["lag"] is None  # what this Redis does; the reason for the fallback
+    report = lag_report(stream_settings)
+    assert report.lag == Lag(5, True, "counted")
+    assert (report.length, report.pending, report.last_delivered_id) == (9, 4, ids[3].decode())
+
+
+@pytest.mark.parametrize(
+    ("delivered", "deleted", "limit", "expected"),
+    [
+        (20, 22, 1000, Lag(4, True, "counted")),  # the forward count ends first
+        (3, 10, 1000, Lag(21, True, "counted")),  # the backward count ends first: XLEN - delivered
+        (0, 10, 1000, Lag(24, True, "counted")),  # nothing delivered yet
+        (25, 3, 1000, Lag(0, True, "redis")),  # deleted before last-delivered-id: Redis knows
+        (10, 15, 4, Lag(2, False, "counted")),  # the limit reached: a lower bound
+    ],
+)
+def test_group_lag_counts_from_both_ends(
+    redis_client: redis.Redis, stream_key: str, delivered: int, deleted: int, limit: int, expected: Lag
+) -> None:
+    """The fallback pages from both ends of last-delivered-id and stops at the shorter side or the limit."""
+    redis_client.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
+    ids = [redis_client.xadd(stream_key, {"n": i}) for i in range(25)]
+    if delivered:
+        redis_client.xreadgroup(GROUP, "c1", {stream_key: ">"}, count=delivered)
+    redis_client.xdel(stream_key, ids[deleted])
+    (group,) = redis_client.xinfo_groups(stream_key)
+    assert group_lag(redis_client, stream_key, group, limit=limit, page_size=2) == expected
+
+
+def test_lag_from_redis(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
+    """Without deletions the lag is Redis' own figure; consumers with nothing pending are listed too."""
+    redis_client.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
+    for i in range(3):
+        redis_client.xadd(stream_key, {"data": fix(f"d{i}")})
+    redis_client.xreadgroup(GROUP, "c1", {stream_key: ">"}, count=1)
+    redis_client.xack(stream_key, GROUP, *[p["message_id"] for p in redis_client.xpending_range(stream_key, GROUP, "-", "+", 10)])
+    report = lag_report(stream_settings)
+    assert (report.lag, report.pending, report.oldest_pending) == (Lag(2, True, "redis"), 0, None)
+    assert [(c.name, c.pending) for c in report.consumers] == [("c1", 0)]
+
+
+def test_lag_without_stream_or_group(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
+    """No stream, or a stream without the group: reported as such, every entry counted as lag."""
+    missing = lag_report(stream_settings)
+    assert (missing.stream_exists, missing.group_exists, missing.length, missing.lag.count) == (False, False, 0, 0)
+    assert "does not exist yet" in "\n".join(stream_admin.format_lag(missing))
+    redis_client.xadd(stream_key, {"data": fix("d1")})
+    redis_client.xadd(f"{stream_key}:dlq", {"data": b"x"})
+    no_group = lag_report(stream_settings)
+    assert (no_group.stream_exists, no_group.group_exists) == (True, False)
+    assert (no_group.lag, no_group.dlq_length, no_group.consumers) == (Lag(1, True, "no-group"), 1, [])
+    assert "not created yet" in "\n".join(stream_admin.format_lag(no_group))
+
+
+def test_pending_per_consumer_and_oldest(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
+    """Per-consumer pending and idle, and the oldest pending entry's age (from its id) and idle time."""
+    now_ms = redis_now_ms(redis_client)
+    redis_client.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
+    oldest = redis_client.xadd(stream_key, {"data": fix("d1")}, id=f"{now_ms - 60_000}-0")
+    redis_client.xadd(stream_key, {"data": fix("d2")}, id=f"{now_ms - 30_000}-0")
+    redis_client.xadd(stream_key, {"data": fix("d3")})
+    redis_client.xadd(stream_key, {"data": fix("d4")})
+    redis_client.xreadgroup(GROUP, "c1", {stream_key: ">"}, count=2)
+    redis_client.xreadgroup(GROUP, "c2", {stream_key: ">"}, count=1)
+    redis_client.xclaim(stream_key, GROUP, "c1", 0, [oldest], idle=45_000)  # sets its idle time
+    report = lag_report(stream_settings)
+    assert (report.pending, report.lag) == (3, Lag(1, True, "redis"))
+    assert report.oldest_pending is not None
+    assert (report.oldest_pending.id, report.oldest_pending.consumer) == (oldest.decode(), "c1")
+    assert 60_000 <= report.oldest_pending.age_ms < 70_000
+    assert 45_000 <= report.oldest_pending.idle_ms < 55_000
+    assert report.oldest_pending.deliveries == 2  # read once, claimed once
+    assert {c.name: c.pending for c in report.consumers} == {"c1": 2, "c2": 1}
+    assert all(0 <= c.idle_ms < 10_000 for c in report.consumers)
+
+
+def test_cli_lag_human_and_json(redis_client: redis.Redis, stream_key: str, redis_env: dict[str, str]) -> None:
+    """`processor lag` prints a table of consumers; --json parses and matches it."""
+    redis_client.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
+    ids = [redis_client.xadd(stream_key, {"data": fix(f"d{i}")}) for i in range(4)]
+    redis_client.xreadgroup(GROUP, "shard-0", {stream_key: ">"}, count=1)
+    redis_client.xdel(stream_key, ids[2])
+    human = run_cli(redis_env, "lag")
+    assert human.returncode == 0, human.stderr
+    assert f"group         {GROUP}: lag 2 (counted" in human.stdout
+    assert "CONSUMER  PENDING  IDLE" in human.stdout and "shard-0   1" in human.stdout
+    as_json = run_cli(redis_env, "lag", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    report = orjson.loads(as_json.stdout)
+    assert (report["length"], report["lag"], report["lag_source"], report["pending"]) == (3, 2, "counted", 1)
+    assert report["oldest_pending"]["id"] == ids[0].decode()
+    assert [c["name"] for c in report["consumers"]] == ["shard-0"]
+
+
+# --- dlq list / show ---------------------------------------------------------------------
+
+
+def test_list_oldest_first_with_paging(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
+    """`dlq list` gives letters oldest first, device_id when data parses, and a cursor for the next page."""
+    first = add_letter(redis_client, stream_key, {b"data": fix("dev-1")}, source_id="5-0")
+    second = add_letter(redis_client, stream_key, {b"data": b"{not json"}, kind="decode", error="bad JSON")
+    third = add_letter(redis_client, stream_key, {b"data": fix("dev-3")})
+    page = stream_admin.list_letters(stream_settings, 2)
+    assert [letter.id for letter in page.letters] == [first, second] and page.more and page.length == 3
+    summary = page.as_json()["letters"]
+    assert summary[0] == {  # type: ignore[index]
+        "id": first, "failed_at": "2026-03-01T10:00:00.000Z", "error_kind": "validate", "source_id": "5-0",
+        "source_stream": stream_key, "failures": 5, "consumer": "host-0", "device_id": "dev-1",
+        "error": "lat out of range",
+    }
+    assert summary[1]["device_id"] is None  # type: ignore[index]
+    rest = stream_admin.list_letters(stream_settings, 2, after=page.as_json()["next_after"])  # type: ignore[arg-type]
+    assert [letter.id for letter in rest.letters] == [third] and not rest.more
+    lines = stream_admin.format_letter_page(page)
+    assert lines[0].split() == ["ID", "FAILED_AT", "KIND", "SOURCE_ID", "DEVICE_ID", "ERROR"]
+    assert lines[2].split()[:5] == [second, "2026-03-01T10:00:00.000Z", "decode", "1-1", "-"]
+    assert lines[-1] == f"(2 of 3 dead letters in {stream_key}:dlq, oldest first; next page: --after {second})"
+
+
+def test_show_escapes_and_pretty_prints(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
+    """`dlq show`: JSON data indented, control characters and non-UTF-8 bytes escaped, exact bytes in --json."""
+    letter_id = add_letter(
+        redis_client, stream_key,
+        {b"data": fix("dev-\x1b[2J", io={"din1": 1}), b"raw": b"\xff\xfe\x1b[31m", b"note": "Zürich".encode()},
+        error="row rejected:\nline two",
+    )
+    letter = stream_admin.show_letter(stream_settings, letter_id)
+    text = "\n".join(stream_admin.format_letter(letter))
+    assert "\x1b" not in text and "\nline two" not in text
+    assert "  error          row rejected:\\nline two" in text
+    assert '      "device_id": "dev-\\u001b[2J",' in text and '      "io": {' in text
+    assert "  raw            \\xff\\xfe\\x1b[31m" in text and "  note           Zürich" in text
+    as_json = orjson.loads(orjson.dumps(letter.as_json()))
+    assert as_json["fields"]["raw"] == "\\xff\\xfe\x1b[31m"
+    assert as_json["fields_base64"] == {"raw": "//4bWzMxbQ=="}
+    assert as_json["data"]["io"] == {"din1": 1}
+
+
+def test_cli_show_and_list_json(redis_client: redis.Redis, stream_key: str, redis_env: dict[str, str]) -> None:
+    """`dlq show --json` and `dlq list --json` parse; an unknown id exits 1, a malformed one 2."""
+    letter_id = add_letter(redis_client, stream_key, {b"data": fix("dev-1"), b"extra": b"x"})
+    shown = run_cli(redis_env, "dlq", "show", letter_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert orjson.loads(shown.stdout)["fields"]["extra"] == "x"
+    listed = run_cli(redis_env, "dlq", "list", "--json", "--limit", "5")
+    assert listed.returncode == 0, listed.stderr
+    assert [letter["id"] for letter in orjson.loads(listed.stdout)["letters"]] == [letter_id]
+    unknown = run_cli(redis_env, "dlq", "show", "1-1")
+    assert (unknown.returncode, unknown.stderr) == (1, f"processor: no dead letter with id 1-1 in {stream_key}:dlq; nothing was shown\n")
+    malformed = run_cli(redis_env, "dlq", "show", "12")
+    assert malformed.returncode == ExitCode.USAGE and "not a stream entry id" in malformed.stderr
+    assert run_cli(redis_env, "dlq", "list", "--limit", "0").returncode == ExitCode.USAGE
+
+
+# --- dlq replay --------------------------------------------------------------------------
+
+
+def test_replay_restores_exactly_the_original_fields(
+    redis_client: redis.Redis, stream_key: str, stream_settings: Settings
+) -> None:
+    """A replayed letter is a new input entry with exactly its original fields, and the letter is gone."""
+    original = {b"data": fix("dev-1"), b"extra": b"\xff binary", b"received_at": b"1718000000123"}
+    letter_id = add_letter(redis_client, stream_key, original)
+    keep = add_letter(redis_client, stream_key, {b"data": fix("dev-2")})
+    result = stream_admin.replay(stream_settings, [letter_id, letter_id])  # a repeated id counts once
+    ((replayed_letter, entry_id),) = result.replayed
+    assert replayed_letter == letter_id
+    ((stored_id, fields),) = redis_client.xrange(stream_key)
+    assert (stored_id.decode(), fields) == (entry_id, original)
+    assert [i.decode() for i, _ in redis_client.xrange(f"{stream_key}:dlq")] == [keep]
+
+
+def test_replay_of_a_letter_the_shard_wrote(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
+    """A letter written by the shard's own dead-letter script replays to the entry as it was first added."""
+    from shard.stream import ConsumerStream, DeadLetter
+
+    original = {b"data": b'{"device_id": "dev-1", "lat": 999}', b"source": b"tcp-ingestion"}
+
+    async def dead_letter_one() -> bytes:
+        stream = ConsumerStream(stream_settings, "host-0")
+        try:
+            await stream.ensure_group()
+            source_id = await stream.redis.xadd(stream_key, original)
+            ((entry_id, fields),) = await stream.read(">", 10)
+            await stream.settle([], [DeadLetter(entry_id, fields, "lat out of range", "validate", 5)])
+            return source_id
+        finally:
+            await stream.close()
+
+    source_id = asyncio.run(dead_letter_one())
+    ((letter_id, letter),) = redis_client.xrange(f"{stream_key}:dlq")
+    assert letter[b"source_id"] == source_id and set(letter) == set(original) | {k.encode() for k in DLQ_ERROR_FIELDS}
+    result = stream_admin.replay(stream_settings, [letter_id.decode()])
+    ((_, entry_id),) = result.replayed
+    assert redis_client.xrange(stream_key, min=entry_id, max=entry_id)[0][1] == original
+    assert redis_client.xlen(f"{stream_key}:dlq") == 0
+
+
+def test_replay_is_all_or_nothing(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
+    """One unknown id, or a letter of another stream, and nothing at all is replayed."""
+    good = add_letter(redis_client, stream_key, {b"data": fix("dev-1")})
+    foreign = add_letter(redis_client, stream_key, {b"data": fix("dev-2")}, source_stream="other:stream")
+    with pytest.raises(UnknownLetters, match=r"no dead letter with id 9-9 in .*; nothing was replayed") as caught:
+        stream_admin.replay(stream_settings, [good, "9-9"])
+    assert caught.value.ids == ["9-9"]
+    with pytest.raises(ProcessorError, match=rf"{foreign} came from stream 'other:stream'.*nothing was replayed"):
+        stream_admin.replay(stream_settings, [good, foreign])
+    assert redis_client.xlen(stream_key) == 0
+    assert redis_client.xlen(f"{stream_key}:dlq") == 2
+
+
+def test_replay_all_leaves_other_streams_letters(
+    redis_client: redis.Redis, stream_key: str, stream_settings: Settings
+) -> None:
+    """`replay --all` replays every letter of STREAM_KEY, oldest first, and leaves the others with a reason."""
+    ids = [add_letter(redis_client, stream_key, {b"data": fix(f"dev-{i}")}) for i in range(3)]
+    foreign = add_letter(redis_client, stream_key, {b"data": fix("dev-x")}, source_stream="other:stream")
+    result = stream_admin.replay_all(stream_settings)
+    assert [letter for letter, _ in result.replayed] == ids
+    assert [fields[b"data"] for _, fields in redis_client.xrange(stream_key)] == [fix(f"dev-{i}") for i in range(3)]
+    assert result.other_stream == [(foreign, "other:stream")]
+    assert "1 dead letter not replayable" in (result.problem() or "")
+    assert [i.decode() for i, _ in redis_client.xrange(f"{stream_key}:dlq")] == [foreign]
+
+
+def test_cli_replay(redis_client: redis.Redis, stream_key: str, redis_env: dict[str, str]) -> None:
+    """`dlq replay ID --json` prints the new entry id; an unknown id exits 1 and changes nothing; no ids exit 2."""
+    letter_id = add_letter(redis_client, stream_key, {b"data": fix("dev-1")})
+    unknown = run_cli(redis_env, "dlq", "replay", letter_id, "7-7")
+    assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1 and "7-7" in unknown.stderr
+    assert redis_client.xlen(f"{stream_key}:dlq") == 1
+    done = run_cli(redis_env, "dlq", "replay", letter_id, "--json")
+    assert done.returncode == 0, done.stderr
+    ((entry_id, _),) = redis_client.xrange(stream_key)
+    assert orjson.loads(done.stdout)["replayed"] == [{"letter_id": letter_id, "entry_id": entry_id.decode()}]
+    assert run_cli(redis_env, "dlq", "replay").returncode == ExitCode.USAGE
+    assert run_cli(redis_env, "dlq", "replay", "--all", letter_id).returncode == ExitCode.USAGE
+    empty = run_cli(redis_env, "dlq", "replay", "--all")
+    assert (empty.returncode, empty.stdout) == (0, f"replayed 0 dead letters into {stream_key}\n")
+
+
+# --- dlq purge ---------------------------------------------------------------------------
+
+
+def test_purge_is_all_or_nothing(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
+    """Purging named letters deletes them; one unknown id deletes nothing; a declined question deletes nothing."""
+    a, b, c = (add_letter(redis_client, stream_key, {b"data": fix(f"dev-{i}")}) for i in range(3))
+    with pytest.raises(UnknownLetters, match="nothing was deleted"):
+        stream_admin.purge(stream_settings, [a, "3-3"], lambda _q: True)
+    with pytest.raises(Declined):
+        stream_admin.purge(stream_settings, [a], lambda _q: False)
+    assert redis_client.xlen(f"{stream_key}:dlq") == 3
+    asked: list[str] = []
+    result = stream_admin.purge(stream_settings, [a, c], lambda q: asked.append(q) or True)
+    assert (result.purged, result.ids) == (2, [a, c])
+    assert asked == [f"Delete 2 dead letters from {stream_key}:dlq?"]
+    assert [i.decode() for i, _ in redis_client.xrange(f"{stream_key}:dlq")] == [b]
+
+
+def test_purge_all_keeps_the_stream_key(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
+    """`purge --all` empties the DLQ up to its newest letter; the key (and a group on it) stays."""
+    for i in range(3):
+        add_letter(redis_client, stream_key, {b"data": fix(f"dev-{i}")})
+    redis_client.xgroup_create(f"{stream_key}:dlq", "alerts", id="0")
+    with pytest.raises(Declined):
+        stream_admin.purge_all(stream_settings, lambda _q: False)
+    assert stream_admin.purge_all(stream_settings, lambda _q: True).purged == 3
+    assert redis_client.xlen(f"{stream_key}:dlq") == 0
+    assert [g["name"] for g in redis_client.xinfo_groups(f"{stream_key}:dlq")] == [b"alerts"]
+    assert stream_admin.purge_all(stream_settings, lambda _q: pytest.fail("asked about nothing")).purged == 0
+
+
+def test_cli_purge_needs_yes_without_a_terminal(redis_client: redis.Redis, stream_key: str, redis_env: dict[str, str]) -> None:
+    """Without a terminal `dlq purge` refuses with exit 2 unless --yes; with --yes --json it deletes."""
+    letter_id = add_letter(redis_client, stream_key, {b"data": fix("dev-1")})
+    refused = run_cli(redis_env, "dlq", "purge", letter_id)
+    assert (refused.returncode, refused.stderr) == (
+        ExitCode.USAGE, "processor: refusing to delete without confirmation: stdin is not a terminal; pass --yes\n"
+    )
+    assert redis_client.xlen(f"{stream_key}:dlq") == 1
+    done = run_cli(redis_env, "dlq", "purge", "--all", "--yes", "--json")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == {"dlq": f"{stream_key}:dlq", "purged": 1, "ids": None}
+
+
+@pytest.mark.parametrize(("answer", "exit_code", "left"), [(b"y\n", 0, 0), (b"n\n", 1, 1)])
+def test_cli_purge_asks_on_a_terminal(
+    redis_client: redis.Redis, stream_key: str, redis_env: dict[str, str], answer: bytes, exit_code: int, left: int
+) -> None:
+    """On a terminal `dlq purge` asks first; yes deletes, no exits 1 and keeps the letter."""
+    letter_id = add_letter(redis_client, stream_key, {b"data": fix("dev-1")})
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, answer)  # typed ahead; the terminal keeps it until read
+        done = run_cli(redis_env, "dlq", "purge", letter_id, stdin=terminal)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert done.returncode == exit_code, done.stderr
+    assert done.stderr.startswith(f"Delete 1 dead letter from {stream_key}:dlq? [y/N] ")
+    assert redis_client.xlen(f"{stream_key}:dlq") == left
+
+
+# --- errors and claim --------------------------------------------------------------------
+
+
+def test_cli_errors_never_show_passwords(redis_env: dict[str, str]) -> None:
+    """Unreachable Redis exits 1 with one line and no password; a bad setting exits 78."""
+    unreachable = run_cli({**redis_env, "REDIS_URL": f"redis://:{SECRET}@127.0.0.1:1/0"}, "dlq", "list")
+    assert unreachable.returncode == ExitCode.FAILED
+    assert unreachable.stderr.startswith("processor: cannot reach Redis at redis://:***@127.0.0.1:1/0")
+    assert len(unreachable.stderr.splitlines()) == 1
+    assert SECRET not in unreachable.stdout + unreachable.stderr
+    bad_config = run_cli({**redis_env, "REDIS_URL": f"ftp://u:{SECRET}@x"}, "lag")
+    assert bad_config.returncode == ExitCode.CONFIG and "REDIS_URL" in bad_config.stderr
+    assert SECRET not in bad_config.stdout + bad_config.stderr
+
+
+def test_claim_arguments() -> None:
+    """`processor claim` parses --min-idle-ms and --from, and rejects a negative idle time."""
+    args = build_parser().parse_args(["claim", "--min-idle-ms", "5000", "--from", "host-3", "--json"])
+    assert (args.min_idle_ms, args.from_consumer, args.json) == (5000, "host-3", True)
+    defaults = build_parser().parse_args(["claim"])
+    assert (defaults.min_idle_ms, defaults.from_consumer) == (None, None)
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["claim", "--min-idle-ms", "-1"])
+    assert caught.value.code == ExitCode.USAGE

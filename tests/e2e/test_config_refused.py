@@ -1,0 +1,38 @@
+"""Wrong credentials or databases are configuration errors (exit 78), not outages to wait out."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from common.config import Settings
+from common.errors import ExitCode
+from common.status import StatusBoard
+from shard.worker import Shard
+from tests.e2e.processes import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def missing_database(url: str) -> str:
+    return url.rsplit("/", 1)[0] + "/no_such_database_here"
+
+
+def test_supervisor_halts_78_when_database_url_names_no_database(env, database_url, start_processor):
+    """A valid MIGRATION_DATABASE_URL but a DATABASE_URL without a database: halt 78 before any shard starts."""
+    processor = start_processor({**env, "DATABASE_URL": missing_database(database_url), "MIGRATION_DATABASE_URL": database_url})
+    assert processor.wait(30) == ExitCode.CONFIG
+    assert "shard spawned" not in processor.log_messages()
+    halted = [e for e in processor.logs() if e["msg"] == "supervisor halted"]
+    assert halted and "DATABASE_URL" in halted[0]["reason"]
+
+
+def test_shard_exits_78_when_postgres_refuses_its_database(env, database_url, tmp_path):
+    """A shard told to use a database that does not exist stops with 78 instead of retrying for ever."""
+    settings = Settings.from_env({**env, "DATABASE_URL": missing_database(database_url), "SHARDS": "1"})
+    pid = os.fork()
+    if pid == 0:  # the shard's run() changes signal handlers and logging: keep it out of pytest
+        os._exit(Shard(settings, 0, StatusBoard(1)).run())
+    _, status = wait_for(lambda: (reaped := os.waitpid(pid, os.WNOHANG))[0] == pid and reaped, 30)
+    assert os.waitstatus_to_exitcode(status) == ExitCode.CONFIG
