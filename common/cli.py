@@ -16,6 +16,9 @@ from common.errors import ExitCode, ProcessorError
 log = logging.getLogger("processor.cli")
 
 
+SERVICE_COMMANDS = ("run", "migrate")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
@@ -24,11 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     except ProcessorError as exc:
         print(f"processor: configuration error: {exc}", file=sys.stderr)
         return exc.exit_code
-    logs.configure(settings.log_level, args.command)
+    service = args.command in SERVICE_COMMANDS
+    # Operator commands keep stdout for their output (and --json); their logs go to stderr.
+    logs.configure(settings.log_level, args.command, sys.stdout if service else sys.stderr)
     try:
         return int(args.func(settings, args))
     except ProcessorError as exc:
-        log.error(str(exc))
+        if service:
+            log.error(str(exc))
         print(f"processor: {exc}", file=sys.stderr)
         return exc.exit_code
 

@@ -6,7 +6,7 @@ import logging
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -59,12 +59,12 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=lambda v: scrub(str(v))).decode()
 
 
-def configure(level: str, process_name: str) -> None:
-    """Route every logger to stdout as JSON lines; replaces handlers inherited across fork."""
+def configure(level: str, process_name: str, stream: TextIO | None = None) -> None:
+    """Route every logger to stdout (or `stream`) as JSON lines; replaces handlers inherited across fork."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter(process_name))
     root.addHandler(handler)
     root.setLevel(level)

@@ -40,6 +40,7 @@ async def _claim(shard: Shard, min_idle_ms: int | None, from_consumer: str | Non
             shard.claimed += len(entries)
             shard.in_flight.update(entry_id for entry_id, _ in entries)
             await shard.process(decode_batch(entries, shard.settings.max_failures))
+        await shard.flush()
     finally:
         await shard.close()
     return {

@@ -94,7 +94,7 @@ class Shard:
         self.stopping = asyncio.Event()
         self.hurry = asyncio.Event()
         self.read_task: asyncio.Task[list[Entry]] | None = None
-        self.settle_task: asyncio.Task[int] | None = None
+        self.settle_task: asyncio.Task[None] | None = None
         self.stream = ConsumerStream(self.settings, self.consumer)
         self.claimer = Claimer(self.settings, self.stream)
         self.own_pending_done = asyncio.Event()
@@ -166,6 +166,7 @@ class Shard:
         try:
             while (batch := await batches.get()) is not None:
                 await self.process(batch)
+            await self.flush()
         finally:
             reader.cancel()
             if claimer is not None:
@@ -234,7 +235,7 @@ class Shard:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def process(self, batch: Batch) -> None:
-        """Write in one transaction, then ACK and dead-letter in one round trip."""
+        """Write in one transaction; then ACK and dead-letter in one round trip, while the next batch writes."""
         started = time.monotonic()
         for place in ("shard-uncaught", "shard-task", "shard-thread", "shard-hang"):
             maybe_crash(place, self.settings.panic_dir)
@@ -244,11 +245,17 @@ class Shard:
                 await self.retry_rejected(batch, rejected)
         if batch.gone:
             log.warning("pending entries no longer in the stream were acknowledged", extra={"ids": _ids(batch.gone)})
-        # Once committed, the ACK must go out even if a shutdown cancels us now.
-        self.settle_task = asyncio.create_task(
-            self.retry("redis", self.stream.settle, batch.acked, batch.dead, batch.recovered)
-        )
-        written = await asyncio.shield(self.settle_task)
+        await self.flush()  # at most one ACK in flight
+        # Once committed, the ACK must go out even if a shutdown cancels us now: a task, shielded.
+        self.settle_task = asyncio.create_task(self.settle(batch, started))
+
+    async def flush(self) -> None:
+        """Wait for the ACK of the previous batch."""
+        if self.settle_task is not None:
+            await asyncio.shield(self.settle_task)
+
+    async def settle(self, batch: Batch, started: float) -> None:
+        written = await self.retry("redis", self.stream.settle, batch.acked, batch.dead, batch.recovered)
         self.in_flight.difference_update(batch.ids)
         self.processed += len(batch.fix_ids)
         self.dead_lettered += written
@@ -264,12 +271,7 @@ class Shard:
             )
         log.debug(
             "batch committed",
-            extra={
-                "entries": len(batch.ids),
-                "stored": len(batch.fix_ids),
-                "dead_lettered": written,
-                "seconds": round(time.monotonic() - started, 4),
-            },
+            extra={"entries": len(batch.ids), "stored": len(batch.fix_ids), "dead_lettered": written, "seconds": round(elapsed, 4)},
         )
 
     async def retry_rejected(self, batch: Batch, rejected: dict[int, str]) -> None:

@@ -88,6 +88,8 @@ ON CONFLICT (device_id) DO UPDATE SET
     updated_at = EXCLUDED.updated_at
 """
 
+_INSERT_POSITIONS_AND_UPSERT_LAST = f"WITH stored AS ({_INSERT_POSITIONS}) {_UPSERT_LAST}"
+
 # A visit is keyed by (device, geofence, entered_at), so writing it again is harmless.
 # A geofence deleted since the index was loaded has no visits written.
 _UPSERT_VISITS = """
@@ -142,15 +144,15 @@ class PositionWriter:
         right = await self.write_isolating(fixes[middle:])
         return left | {middle + position: error for position, error in right.items()}
 
-    async def write(self, fixes: Sequence[Fix]) -> int:
-        """Store a batch in one transaction; returns how many positions were new."""
+    async def write(self, fixes: Sequence[Fix]) -> None:
+        """Store a batch and its derived state in one transaction."""
         try:
-            return await self._write(fixes)
+            await self._write(fixes)
         except POSTGRES_TRANSIENT:
             await self.close()  # the next attempt starts from a fresh connection
             raise
 
-    async def _write(self, fixes: Sequence[Fix]) -> int:
+    async def _write(self, fixes: Sequence[Fix]) -> None:
         await self.connect()
         conn = self.conn
         assert conn is not None
@@ -170,27 +172,23 @@ class PositionWriter:
                     states = await self.cache.load(cur, devices)
                     inserted: set[tuple[str, datetime]] | None = None
                     if older_than_state(ordered, states):
+                        # Only the insert can tell a late fix (new) from a duplicate (stored).
                         await cur.execute(_INSERT_POSITIONS + _RETURNING_KEYS)
                         inserted = {(device_id, ts) for device_id, ts in await cur.fetchall()}
-                        stored = len(inserted)
-                    else:
-                        await cur.execute(_INSERT_POSITIONS)
-                        stored = cur.rowcount
                     derived = derive(ordered, states, index, inserted)
                     for device_id, new_ts in derived.late.items():
                         derived.add_visits(device_id, await recompute(cur, states[device_id], new_ts, index))
                     for state in derived.touched.values():
                         state.version += 1
-                    await self._write_derived(cur, derived)
+                    await self._write_derived(cur, derived, positions_inserted=inserted is not None)
         except BaseException:
             self.cache.drop(devices)  # states were changed in place for a transaction that did not commit
             raise
         for state in states.values():
             self.cache.put(state)
         self.late_devices += len(derived.late)
-        return stored
 
-    async def _write_derived(self, cur: psycopg.AsyncCursor, derived: Derived) -> None:
+    async def _write_derived(self, cur: psycopg.AsyncCursor, derived: Derived, positions_inserted: bool) -> None:
         if derived.visits:
             async with cur.copy(_COPY_VISITS) as copy:
                 copy.set_types(_VISIT_TYPES)
@@ -213,7 +211,8 @@ class PositionWriter:
             copy.set_types(_DEVICE_TYPES)
             for state in derived.touched.values():
                 await copy.write_row((state.device_id, state.odometer_m, state.version))
-        await cur.execute(_UPSERT_LAST)
+        # Usually the positions go in with the same statement: one round trip fewer.
+        await cur.execute(_UPSERT_LAST if positions_inserted else _INSERT_POSITIONS_AND_UPSERT_LAST)
 
     async def close(self) -> None:
         conn, self.conn = self.conn, None

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from common.config import Settings
 from common.status import BATCH_BUCKETS_S, ShardStatus
+from common.stream_admin import group_lag
 
 log = logging.getLogger("processor.http")
 
@@ -113,7 +114,7 @@ class Observer:
             return []
         if group is None:
             return [dlq]
-        lag.add_metric([], group_lag(self.redis, self.settings.stream_key, group))
+        lag.add_metric([], group_lag(self.redis, self.settings.stream_key, group).count)
         pending.add_metric([], group["pending"])
         oldest_id = summary["min"] if summary else None
         age = time.time() - int(oldest_id.split(b"-")[0]) / 1000 if oldest_id else 0.0
@@ -127,25 +128,6 @@ class Observer:
             return None  # no stream yet
         wanted = self.settings.consumer_group.encode()
         return next((g for g in groups if g["name"] == wanted), None)
-
-
-def group_lag(client: redis.Redis, stream: str, group: dict[str, Any]) -> int:
-    """The group's lag; Redis reports nil after deletions, then count what follows last-delivered-id."""
-    if group.get("lag") is not None:
-        return int(group["lag"])
-    last = group["last-delivered-id"]
-    if isinstance(last, bytes):
-        last = last.decode()
-    major, minor = (int(part) for part in last.split("-"))
-    start = f"{major}-{minor + 1}"
-    count = 0
-    while True:
-        page = client.xrange(stream, min=start, count=10_000)
-        count += len(page)
-        if len(page) < 10_000:
-            return count
-        major, minor = (int(part) for part in page[-1][0].decode().split("-"))
-        start = f"{major}-{minor + 1}"
 
 
 class HealthServer:

@@ -403,3 +403,23 @@ def test_claim_arguments() -> None:
     with pytest.raises(SystemExit) as caught:
         build_parser().parse_args(["claim", "--min-idle-ms", "-1"])
     assert caught.value.code == ExitCode.USAGE
+
+
+def test_cli_claim_processes_stuck_entries(redis_client: redis.Redis, stream_key: str, env: dict[str, str]) -> None:
+    """`processor claim --from C --min-idle-ms 0 --json` claims C's pending entries and stores or dead-letters them."""
+    from supervisor.migrations import apply_migrations
+
+    apply_migrations(env["DATABASE_URL"])
+    redis_client.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
+    redis_client.xadd(stream_key, {"data": fix("dev-1")})
+    redis_client.xadd(stream_key, {"data": fix("dev-2")})
+    redis_client.xadd(stream_key, {"data": b"{not json"})
+    redis_client.xreadgroup(GROUP, "gone-0", {stream_key: ">"}, count=10)
+    done = run_cli(env, "claim", "--from", "gone-0", "--min-idle-ms", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == {"claimed": 3, "stored": 2, "dead_lettered": 1, "gone": 0}
+    assert '"msg":"entry dead-lettered"' in done.stderr  # the shard's logs go to stderr, not into the JSON
+    assert redis_client.xpending(stream_key, GROUP)["pending"] == 0
+    assert redis_client.xlen(f"{stream_key}:dlq") == 1
+    human = run_cli(env, "claim")
+    assert (human.returncode, human.stdout) == (0, "claimed 0, stored 0, dead lettered 0, gone 0\n")
