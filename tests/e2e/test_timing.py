@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import orjson
 import psycopg
@@ -105,3 +107,28 @@ def test_running_shards_pick_up_geofence_changes(redis_client, database_url, str
         conn.execute("UPDATE geofences SET active = false WHERE name = 'depot'")
     wait_for(lambda: loaded(0) and sum(1 for e in processor.logs() if e["msg"] == "geofences loaded") >= 6, 5.0,
              what="both shards dropping the deactivated geofence")
+
+
+def test_rehydrate_makes_running_shards_honour_a_sql_correction(redis_client, database_url, stream_key, env, start_processor):
+    """After an operator's SQL fix and `processor rehydrate`, every shard drops the device within a second."""
+    apply_migrations(database_url)
+    processor = start_processor({**env, "SHARDS": "2"})
+    processor.wait_for_shards(2)
+    fixes = [{"device_id": "van", "ts": 1_767_225_600_000 + n * 1000, "lat": 52.0, "lon": 4.0 + n * 0.001} for n in range(20)]
+    produce(redis_client, stream_key, [orjson.dumps(f) for f in fixes])
+    wait_for(lambda: settled(redis_client, database_url, stream_key, 20, 0), 30, 0.1)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE last_position SET odometer_m = 1000000 WHERE device_id = 'van'")  # the correction
+    result = subprocess.run(
+        [sys.executable, "-m", "common.cli", "rehydrate", "van", "--json"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    dropped = lambda: [e for e in processor.logs() if e["msg"] == "device state dropped on request"]  # noqa: E731
+    wait_for(lambda: len({e["pid"] for e in dropped()}) == 2, 1.0, 0.02, what="both shards dropping the device")
+    step = {"device_id": "van", "ts": 1_767_225_600_000 + 20_000, "lat": 52.0, "lon": 4.0 + 20 * 0.001}
+    produce(redis_client, stream_key, [orjson.dumps(step)])
+    wait_for(lambda: settled(redis_client, database_url, stream_key, 21, 0), 30, 0.1)
+    with psycopg.connect(database_url) as conn:
+        (odometer,) = conn.execute("SELECT odometer_m FROM last_position WHERE device_id = 'van'").fetchone()
+    assert 1_000_000 < odometer < 1_000_100, "the next fix builds on the corrected odometer"
