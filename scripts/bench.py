@@ -658,6 +658,35 @@ def import_geofences(box: Sandbox) -> None:
             cur.executemany("INSERT INTO geofences (name, geometry, radius_m) VALUES (%s, %s::jsonb, %s)", rows)
 
 
+def run_membership(result: Result, counts: tuple[int, ...] = (10, 1_000, 10_000), points: int = 50_000) -> None:
+    """Cost of the geofence test per fix (STRtree + exact check) for few and for many geofences."""
+    from shard.geo import GeofenceIndex, parse_geofence
+
+    rng = random.Random(SEED)
+    lats = [52.37 + (rng.random() * 2 - 1) * 0.45 for _ in range(points)]
+    lons = [4.90 + (rng.random() * 2 - 1) * 0.45 for _ in range(points)]
+    for count in counts:
+        fences = []
+        for n in range(count):
+            lat, lon = 52.37 + (rng.random() * 2 - 1) * 0.45, 4.90 + (rng.random() * 2 - 1) * 0.45
+            if n % 2:
+                fences.append(parse_geofence(n, f"c{n}", {"type": "Point", "coordinates": [lon, lat]}, 100 + rng.random() * 500))
+            else:
+                d = 0.002 + rng.random() * 0.004
+                ring = [[lon - d, lat - d], [lon + d, lat - d], [lon + d, lat + d], [lon - d, lat + d], [lon - d, lat - d]]
+                fences.append(parse_geofence(n, f"p{n}", {"type": "Polygon", "coordinates": [ring]}, None))
+        index = GeofenceIndex(fences)
+        best = math.inf
+        for _ in range(3):
+            t = time.perf_counter()
+            inside = sum(len(ids) for i in range(0, points, 500) for ids in index.inside(lats[i:i + 500], lons[i:i + 500]))
+            best = min(best, time.perf_counter() - t)
+        result.values[f"us_per_fix_{count}"] = best / points * 1e6
+        result.values[f"inside_share_{count}"] = inside / points
+        say(f"  membership with {count:,} geofences: {best / points * 1e6:.2f} µs per fix "
+            f"({inside / points:.1%} of fixes inside one)")
+
+
 def drain_scenarios(args: argparse.Namespace) -> list[DrainScenario]:
     scenarios = [DrainScenario(f"drain, SHARDS={n}", n, target=TARGET_DRAIN.get(n)) for n in args.shards]
     if 2 in args.shards and not args.no_geofences:
@@ -1014,6 +1043,13 @@ def render_table(cores: int, model: str, results: list[Result]) -> str:
                  f"≤ {TARGET_RSS_MB:.0f} MB", _met(rss <= TARGET_RSS_MB)),
                 (f"{r.label}: exit after SIGTERM", str(v["exit_code"]), "0", _met(v["exit_code"] == 0)),
             ]
+        elif r.kind == "membership":
+            rows += [
+                (f"{r.label}: {n} geofences", f"{v[key]:.2f} µs per fix "
+                 f"({v[key.replace('us_per_fix', 'inside_share')]:.0%} of fixes inside one)", "", "")
+                for key in sorted((k for k in v if k.startswith("us_per_fix_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+                for n in [f"{int(key.rsplit('_', 1)[1]):,}"]
+            ]
         if r.error:
             rows.append((f"{r.label}: FAILED", r.error.splitlines()[0][:160].replace("|", "/"), "", "**NO**"))
     head = f"{cores} cores, {model}"
@@ -1060,7 +1096,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench.py", description="Benchmark the Processor: drain throughput and end-to-end latency.",
     )
-    p.add_argument("--only", choices=("drain", "latency"), help="run one phase only (default: both)")
+    p.add_argument("--only", choices=("drain", "latency", "membership"), help="run one phase only (default: both)")
     p.add_argument("--shards", default="1,2", help="SHARDS values of the drain runs, comma-separated (default 1,2)")
     p.add_argument("--backlog", type=int, default=None, help="fixes in the drain backlog (default 200000; --quick 20000)")
     p.add_argument("--devices", type=int, default=2000, help="simulated devices (default 2000)")
@@ -1122,6 +1158,8 @@ def main(argv: list[str] | None = None) -> int:
                 for scenario in drain_scenarios(args):
                     phases.append((Result("drain", scenario.label),
                                    lambda r, s=scenario: run_drain(bench, r, s, args.backlog, args.devices)))
+            if args.only in (None, "membership"):
+                phases.append((Result("membership", "geofence membership test"), run_membership))
             if args.only in (None, "latency"):
                 label = f"latency, SHARDS={args.latency_shards}, {fmt_int(args.rate)}/s x {args.latency_seconds:g}s"
                 phases.append((Result("latency", label),
