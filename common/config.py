@@ -9,9 +9,13 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from common.errors import ConfigError
+from common.logs import add_secret
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -150,4 +154,15 @@ class _Reader:
             )
         if parts.scheme != "unix" and not parts.netloc and not parts.query:
             raise ConfigError(f"{name} names no host: {redact_url(value)}")
+        if parts.scheme in POSTGRES_SCHEMES:
+            try:
+                conninfo_to_dict(value)
+            except psycopg.ProgrammingError:
+                # libpq's own message may quote the password: say what is wrong without it.
+                raise ConfigError(
+                    f"{name} is not a valid libpq URL (check the percent-encoding of the password): "
+                    f"{redact_url(value)}"
+                ) from None
+        for secret in (parts.password, unquote(parts.password or "")):
+            add_secret(secret)
         return value

@@ -17,10 +17,25 @@ _KEYWORD_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('[^']*'|[^\s\"',;&]+)
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
+# Passwords read from the configuration, masked wherever they appear (a driver's error
+# message may quote one outside any URL).
+_SECRETS: set[str] = set()
+MIN_SECRET_CHARS = 4  # shorter values would mask ordinary words
+
+
+def add_secret(value: str | None) -> None:
+    if value and len(value) >= MIN_SECRET_CHARS:
+        _SECRETS.add(value)
+
+
 def scrub(text: str) -> str:
-    """Mask passwords in URLs and `password=` pairs."""
+    """Mask passwords in URLs and `password=` pairs, and every configured password."""
     text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
-    return _KEYWORD_PASSWORD.sub(r"\g<head>***", text)
+    text = _KEYWORD_PASSWORD.sub(r"\g<head>***", text)
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _scrubbed(value: Any) -> Any:

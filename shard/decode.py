@@ -15,13 +15,15 @@ from common.keys import DATA_FIELD
 MAX_DATA_BYTES = 1 << 20
 MAX_DEVICE_ID_CHARS = 64
 MAX_TS_TEXT_CHARS = 64
-# The largest epoch-ms a Python datetime holds (9999-12-31T23:59:59.999Z).
-MAX_TS_MS = 253_402_300_799_999
+# 9999-12-30T23:59:59.999Z: a day short of Python's last datetime, so that rendering a
+# stored time in any time zone (Postgres JSON, logs) cannot overflow.
+MAX_TS_MS = 253_402_214_399_999
 # Largest finite float4: `alt`, `speed` and `heading` are `real` columns.
 MAX_REAL = 3.4028234663852886e38
 MAX_SMALLINT = 32_767
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MAX_TS = _EPOCH + timedelta(milliseconds=MAX_TS_MS)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -115,9 +117,13 @@ def _timestamp(ts: object) -> datetime:
             raise _invalid("ts", "is not an ISO-8601 timestamp", ts) from None
         if parsed.tzinfo is None:
             raise _invalid("ts", "ISO-8601 timestamp must carry an offset (Z or +hh:mm)", ts)
-        if parsed < _EPOCH:
-            raise _invalid("ts", "must not be before 1970-01-01", ts)
-        return parsed
+        try:
+            utc = parsed.astimezone(timezone.utc)
+        except OverflowError:
+            utc = _MAX_TS + timedelta(days=1)  # beyond what a datetime holds: out of range below
+        if not _EPOCH <= utc <= _MAX_TS:
+            raise _invalid("ts", "must be between 1970-01-01 and 9999-12-30 UTC", ts)
+        return utc
     if ts is None:
         raise _invalid("ts", "is required")
     raise _invalid("ts", "must be integer epoch milliseconds or an ISO-8601 string", ts)

@@ -19,8 +19,9 @@ REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 POSTGRES_TRANSIENT: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,  # connection lost, admin shutdown, deadlock victim, serialization failure
+    psycopg.OperationalError,  # connection lost, admin shutdown, deadlock victim, lock timeout
     psycopg.InterfaceError,  # the connection was already closed
+    psycopg.errors.ReadOnlySqlTransaction,  # a failover left us on a standby for a moment
 )
 
 # Errors that one row causes: the batch is split so that the other rows commit.
@@ -30,8 +31,11 @@ POSTGRES_ROW_REJECTED: tuple[type[BaseException], ...] = (
 )
 
 
-def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, REDIS_TRANSIENT + POSTGRES_TRANSIENT)
+def is_transient(server: str, exc: BaseException) -> bool:
+    """An outage of `server` ("redis" or "postgres"): wait and retry, dead-letter nothing."""
+    if server == "redis":
+        return isinstance(exc, REDIS_TRANSIENT) or redis_readonly_or_loading(exc)
+    return isinstance(exc, POSTGRES_TRANSIENT)
 
 
 def redis_readonly_or_loading(exc: BaseException) -> bool:

@@ -33,6 +33,7 @@ def claim_now(settings: Settings, min_idle_ms: int | None, from_consumer: str | 
 
 async def _claim(shard: Shard, min_idle_ms: int | None, from_consumer: str | None) -> dict[str, int]:
     shard.open()
+    alive = asyncio.create_task(shard.keep_alive())  # or shard 0 of an instance would claim from us
     try:
         await shard.retry("redis", shard.stream.ensure_group)
         await shard.retry("postgres", shard.geofences.refresh)
@@ -42,6 +43,7 @@ async def _claim(shard: Shard, min_idle_ms: int | None, from_consumer: str | Non
             await shard.process(decode_batch(entries, shard.settings.max_failures))
         await shard.flush()
     finally:
+        alive.cancel()
         await shard.close()
     return {
         "claimed": shard.claimed,

@@ -69,7 +69,9 @@ async def recompute(
     await cur.execute(_DELETE_VISITS, (state.device_id, active, lower, upper))
     state.odometer_m += replay.odometer_m - old_distance
     if stop is None:  # replayed to the newest fix: the replay's end state is the state
-        state.last, state.open = replay.last, replay.open
+        # Visits of geofences no longer active were not replayed; they close at the next fix, as live.
+        inactive = {gid: visit for gid, visit in state.open.items() if gid not in index.by_id}
+        state.last, state.open = replay.last, {**inactive, **replay.open}
     return list(visits.values())
 
 

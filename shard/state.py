@@ -61,12 +61,12 @@ class DeviceCache:
         """Part of the cache in plain JSON terms, for panic dumps."""
         return {device_id: _describe(state) for device_id, state in list(self._states.items())[-limit:]}
 
-    def version_of(self, device_id: str) -> int | None:
-        state = self._states.get(device_id)
-        return state.version if state is not None else None
+    def pick(self, device_ids: list[str]) -> dict[str, DeviceState | None]:
+        """The cached states a batch starts from; a drop while the batch runs does not change them."""
+        return {device_id: self._states.get(device_id) for device_id in device_ids}
 
-    async def load(self, cur: psycopg.AsyncCursor, device_ids: list[str]) -> dict[str, DeviceState]:
-        """The current state of each device, from the cache where it is fresh, else from Postgres.
+    async def load(self, cur: psycopg.AsyncCursor, cached: dict[str, DeviceState | None]) -> dict[str, DeviceState]:
+        """The current state of each device, from `cached` where it is fresh, else from Postgres.
 
         The cached versions travel in the staging table. Must run after the devices are
         locked, so that nobody changes them before commit.
@@ -74,14 +74,14 @@ class DeviceCache:
         await cur.execute(_LOAD)
         found: dict[str, DeviceState] = {}
         for device_id, version, stored in await cur.fetchall():
-            state = self._states.get(device_id)
+            state = cached.get(device_id)
             if stored is not None or state is None:
                 self.loads += 1
                 ts, lat, lon, speed, odometer_m, visits = stored
                 last = TrackFix(_time(ts), lat, lon, speed)
                 state = DeviceState(device_id, version, last, odometer_m, _open_visits(visits))
             found[device_id] = state
-        return {d: found.get(d) or DeviceState(d) for d in device_ids}
+        return {d: found.get(d) or DeviceState(d) for d in cached}
 
 
 def _open_visits(rows: list[list[object]] | None) -> dict[int, Visit]:

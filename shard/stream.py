@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,6 +16,8 @@ from common.keys import failures_key
 # Entries as redis-py returns them; `fields` is None when the entry was deleted or trimmed
 # while it sat in the pending list.
 Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+log = logging.getLogger("processor.stream")
 
 READ_BLOCK_MS = 2_000
 SOCKET_TIMEOUT_S = 10.0
@@ -72,7 +75,15 @@ class ConsumerStream:
     async def read(self, after: bytes | str, count: int) -> list[Entry]:
         """Own pending entries after `after` (an id), or new ones when `after` is '>'."""
         block = READ_BLOCK_MS if after in (">", b">") else None
-        reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: after}, count=count, block=block)
+        try:
+            reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: after}, count=count, block=block)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOGROUP"):
+                raise
+            # The stream or the group was deleted (or Redis lost its data): start over from id 0.
+            log.warning("consumer group missing; creating it again", extra={"stream": self.stream, "group": self.group})
+            await self.ensure_group()
+            return []
         if not reply:
             return []
         return reply[0][1]

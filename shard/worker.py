@@ -23,7 +23,7 @@ from common.panic import Panic, maybe_crash
 from common.status import BATCH_BUCKETS_S, ShardStatus, StatusBoard, bucket_of
 from shard.batch import Batch, decode_batch
 from shard.claim import LIVENESS_CHECK_S, Claimer
-from shard.faults import POSTGRES_TRANSIENT, REDIS_TRANSIENT, is_configuration_error
+from shard.faults import POSTGRES_TRANSIENT, REDIS_TRANSIENT, is_configuration_error, is_transient
 from shard.geofences import GeofenceSource
 from shard.stream import ConsumerStream, Entry
 from shard.writer import PositionWriter
@@ -34,6 +34,7 @@ T = TypeVar("T")
 HEARTBEAT_INTERVAL_S = 1.0
 SUMMARY_INTERVAL_S = 15.0
 SETTLE_GRACE_S = 2.0
+CLOSE_BUDGET_S = 3.0  # close() as a whole; the supervisor allows DRAIN_TIMEOUT_S + STOP_MARGIN_S
 GEOFENCE_POLL_S = 2.0  # how long close() waits for an ACK already on its way
 OWN_PENDING = "0"
 NEW_ENTRIES = ">"  # str: the stream module compares against it
@@ -49,6 +50,7 @@ class Shard:
         self.consumer = consumer_name(settings.instance_id, index)
         self.processed = self.dead_lettered = self.batches = self.claimed = 0
         self.batch_seconds_sum = 0.0
+        self.redis_outages = 0  # failed Redis calls so far; a read that saw one re-reads its pending list
         self.batch_buckets = [0] * (len(BATCH_BUCKETS_S) + 1)
         self.redis_ok = self.postgres_ok = False
         self.in_flight: set[bytes] = set()  # read, not yet settled
@@ -109,9 +111,9 @@ class Shard:
         log.info("shard starting", extra={"consumer": self.consumer, "pid": os.getpid()})
         beat = asyncio.create_task(self.beat())
         helpers = [
-            asyncio.create_task(self.watch_geofences()),
-            asyncio.create_task(self.listen_rehydrate()),
-            asyncio.create_task(self.keep_alive()),
+            self.watched(self.watch_geofences()),
+            self.watched(self.listen_rehydrate()),
+            self.watched(self.keep_alive()),
         ]
         consumer = asyncio.create_task(self.consume())
         stop = asyncio.create_task(self.stopping.wait())
@@ -125,6 +127,23 @@ class Shard:
             for task in (stop, beat, *helpers):
                 task.cancel()
             await self.close()
+
+    def watched(self, coroutine: Awaitable[None]) -> asyncio.Task[None]:
+        """A background task whose failure is a panic, not a silent death (a zombie shard)."""
+        task = asyncio.ensure_future(coroutine)
+        task.add_done_callback(self._check_background)
+        return task
+
+    def _check_background(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        if isinstance(exc, ConnectionRefusedForGood):
+            log.critical("shard cannot work with this configuration", extra={"error": str(exc)})
+            logging.shutdown()
+            os._exit(ExitCode.CONFIG)
+        self.panic.crash(type(exc), exc, exc.__traceback__, where=f"background task {task.get_coro().__qualname__}")
 
     def handle_stop(self) -> None:
         """First SIGTERM: stop reading and drain. Second: cut the drain short."""
@@ -160,9 +179,9 @@ class Shard:
         await self.retry("redis", self.claimer.keep_alive)  # before the first read: we are not dead
         await self.retry("postgres", self.geofences.refresh)
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
-        reader = asyncio.create_task(self.read_batches(batches))
+        reader = self.watched(self.read_batches(batches))
         # One claimer per instance: shard 0's.
-        claimer = asyncio.create_task(self.claim_loop(batches)) if self.index == 0 else None
+        claimer = self.watched(self.claim_loop(batches)) if self.index == 0 else None
         try:
             while (batch := await batches.get()) is not None:
                 await self.process(batch)
@@ -177,6 +196,7 @@ class Shard:
         """Finish our own pending entries first, then read new ones, until asked to stop."""
         after = OWN_PENDING
         while not self.stopping.is_set():
+            outages = self.redis_outages
             self.read_task = asyncio.create_task(self.retry("redis", self.stream.read, after, self.settings.batch_size))
             try:
                 entries = await self.read_task
@@ -186,9 +206,16 @@ class Shard:
                 raise
             finally:
                 self.read_task = None
+            if self.redis_outages != outages and after == NEW_ENTRIES:
+                # A read whose reply was lost still delivered its entries to us: they sit in our
+                # pending list, and nobody else would look at them before CLAIM_THRESHOLD_MS.
+                log.info("re-reading own pending entries after a Redis outage", extra={"consumer": self.consumer})
+                after = OWN_PENDING
             if after != NEW_ENTRIES:
+                entries = [entry for entry in entries if entry[0] not in self.in_flight]
                 if not entries:
-                    log.info("own pending entries finished", extra={"consumer": self.consumer})
+                    if not self.own_pending_done.is_set():
+                        log.info("own pending entries finished", extra={"consumer": self.consumer})
                     self.own_pending_done.set()
                     after = NEW_ENTRIES
                     continue
@@ -215,11 +242,16 @@ class Shard:
                     async for entries in self.claimer.idle_entries():
                         await self.enqueue_claimed(entries, batches)
                     await self.claimer.forget_idle_consumers()
-            except REDIS_TRANSIENT as exc:
+            except Exception as exc:
+                if not is_transient("redis", exc):
+                    raise
                 log.debug("claim pass interrupted", extra={"error": str(exc)})  # the reader reports outages
             await asyncio.sleep(LIVENESS_CHECK_S)
 
     async def enqueue_claimed(self, entries: list[Entry], batches: asyncio.Queue[Batch | None]) -> None:
+        entries = [entry for entry in entries if entry[0] not in self.in_flight]  # ours already, being written
+        if not entries:
+            return
         self.claimed += len(entries)
         log.info("entries claimed", extra={"consumer": self.consumer, "entries": len(entries)})
         await self.enqueue(entries, batches)
@@ -230,7 +262,9 @@ class Shard:
             try:
                 await self.claimer.keep_alive()
                 self.set_health("redis", True)
-            except REDIS_TRANSIENT:
+            except Exception as exc:
+                if not is_transient("redis", exc):
+                    raise
                 self.set_health("redis", False)  # the reader logs the outage; the key is set again later
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
@@ -245,16 +279,20 @@ class Shard:
                 await self.retry_rejected(batch, rejected)
         if batch.gone:
             log.warning("pending entries no longer in the stream were acknowledged", extra={"ids": _ids(batch.gone)})
-        await self.flush()  # at most one ACK in flight
-        # Once committed, the ACK must go out even if a shutdown cancels us now: a task, shielded.
-        self.settle_task = asyncio.create_task(self.settle(batch, started))
+        # Once committed, the ACK must go out even if a shutdown cancels us now: a task of its
+        # own, created before anything else is awaited.
+        previous, self.settle_task = self.settle_task, asyncio.create_task(self.settle(batch, started, self.settle_task))
+        if previous is not None:
+            await asyncio.shield(previous)  # at most two ACKs in flight
 
     async def flush(self) -> None:
-        """Wait for the ACK of the previous batch."""
+        """Wait for the ACKs of the batches written so far."""
         if self.settle_task is not None:
             await asyncio.shield(self.settle_task)
 
-    async def settle(self, batch: Batch, started: float) -> None:
+    async def settle(self, batch: Batch, started: float, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await previous  # ACKs (and counters) in batch order
         written = await self.retry("redis", self.stream.settle, batch.acked, batch.dead, batch.recovered)
         self.in_flight.difference_update(batch.ids)
         self.processed += len(batch.fix_ids)
@@ -296,14 +334,17 @@ class Shard:
 
     async def retry(self, server: str, operation: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run `operation` until it succeeds; an outage pauses with backoff and is logged once."""
-        transient = REDIS_TRANSIENT if server == "redis" else POSTGRES_TRANSIENT
         backoff = Backoff(base_s=0.1, cap_s=5.0)
         while True:
             try:
                 result = await operation(*args)
-            except transient as exc:
+            except Exception as exc:
+                if not is_transient(server, exc):
+                    raise
                 if is_configuration_error(exc):
                     raise ConnectionRefusedForGood(f"{server} refused the connection: {exc}") from exc
+                if server == "redis":
+                    self.redis_outages += 1
                 if backoff.failures == 0:
                     log.warning(f"{server} unavailable, pausing", extra={"consumer": self.consumer, "error": str(exc)})
                     self.set_health(server, False)
@@ -391,21 +432,28 @@ class Shard:
                         device_id = message["data"].decode(errors="replace")
                         self.writer.cache.drop([device_id])
                         log.info("device state dropped on request", extra={"device_id": device_id})
-            except REDIS_TRANSIENT:
+            except Exception as exc:
+                if not is_transient("redis", exc):
+                    raise
                 await asyncio.sleep(backoff.next_delay())
             finally:
                 await pubsub.aclose()
 
     async def close(self) -> None:
+        """Bounded by CLOSE_BUDGET_S altogether, so the supervisor's stop deadline holds."""
+        deadline = time.monotonic() + CLOSE_BUDGET_S
         if self.settle_task is not None and not self.settle_task.done():
             await asyncio.wait({self.settle_task}, timeout=SETTLE_GRACE_S)
         try:
-            await asyncio.wait_for(self.claimer.retire(), SETTLE_GRACE_S)
-        except (*REDIS_TRANSIENT, asyncio.TimeoutError):
-            pass  # the key expires by itself within LIVENESS_TTL_S
-        await self.writer.close()
-        await self.geofences.close()
-        await self.stream.close()
+            await asyncio.wait_for(self.claimer.retire(), max(0.1, deadline - time.monotonic()))
+        except Exception as exc:  # the key expires by itself within LIVENESS_TTL_S
+            if not (is_transient("redis", exc) or isinstance(exc, asyncio.TimeoutError)):
+                raise
+        for closing in (self.writer.close, self.geofences.close, self.stream.close):
+            try:
+                await asyncio.wait_for(closing(), max(0.1, deadline - time.monotonic()))
+            except (asyncio.TimeoutError, OSError):
+                pass  # a connection that does not close politely is dropped with the process
         self.publish_status()  # the supervisor's drain report reads in_flight (left pending) from here
         log.info(
             "shard stopped",

@@ -25,6 +25,8 @@ from shard.state import DeviceCache
 from shard.faults import POSTGRES_ROW_REJECTED, POSTGRES_TRANSIENT
 
 CONNECT_TIMEOUT_S = 10
+# A server that vanished without closing the connection is noticed within ~30 s.
+TCP_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS staging_positions (
@@ -40,6 +42,15 @@ CREATE TEMP TABLE IF NOT EXISTS staging_visits (
     entry_crossing_at timestamptz, exit_crossing_at timestamptz, distance_m double precision,
     max_speed real, samples integer
 ) ON COMMIT DELETE ROWS
+"""
+# Every transaction starts with this: behind a transaction-pooling PgBouncer a batch may
+# land on a server connection that has not seen our temporary tables or settings yet.
+# A partitioned client's locks are released after a minute; a lock waited for a minute
+# fails the batch as an outage (retried), rather than stalling the shard.
+_PROLOGUE = _STAGING + """;
+SET LOCAL TimeZone = 'UTC';
+SET LOCAL lock_timeout = '60s';
+SET LOCAL idle_in_transaction_session_timeout = '60s'
 """
 _COPY_POSITIONS = "COPY staging_positions FROM STDIN (FORMAT BINARY)"
 _POSITION_TYPES = ("int4", "int8", "text", "timestamptz", "float8", "float8", "float4", "float4", "float4", "int2", "jsonb")
@@ -121,11 +132,14 @@ class PositionWriter:
         if self.conn is not None and not self.conn.closed:
             return
         conn = await psycopg.AsyncConnection.connect(
-            self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name=self.application_name
+            self.url,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            application_name=self.application_name,
+            **TCP_KEEPALIVES,
         )
         set_json_dumps(orjson.dumps, context=conn)
         set_json_loads(orjson.loads, context=conn)
-        await conn.execute(_STAGING)
         self.conn = conn
 
     async def write_isolating(self, fixes: Sequence[Fix]) -> dict[int, str]:
@@ -161,15 +175,18 @@ class PositionWriter:
         ordered = sorted(fixes, key=lambda fix: (fix.device_id, fix.ts))
         devices = sorted({fix.device_id for fix in fixes})
         self.cache.begin_batch()
+        cached = self.cache.pick(devices)
         try:
             async with conn.transaction():
                 async with conn.cursor() as cur:
+                    await cur.execute(_PROLOGUE)
+                    versions = {d: (state.version if state is not None else None) for d, state in cached.items()}
                     async with cur.copy(_COPY_POSITIONS) as copy:
                         copy.set_types(_POSITION_TYPES)
                         for seq, fix in enumerate(fixes):
-                            await copy.write_row((seq, self.cache.version_of(fix.device_id), *fix))
+                            await copy.write_row((seq, versions[fix.device_id], *fix))
                     await cur.execute(_LOCK_DEVICES, (DEVICE_LOCK_CLASS,))
-                    states = await self.cache.load(cur, devices)
+                    states = await self.cache.load(cur, cached)
                     inserted: set[tuple[str, datetime]] | None = None
                     if older_than_state(ordered, states):
                         # Only the insert can tell a late fix (new) from a duplicate (stored).

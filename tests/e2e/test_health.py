@@ -74,10 +74,12 @@ def test_health_follows_postgres(redis_client, stream_key, env, start_processor)
 
 def test_metrics_count_what_two_instances_share(redis_client, database_url, stream_key, env, start_processor):
     """Two instances drain one backlog: their metrics add up to it, each did 35-65% of it, lag ends at 0."""
-    backlog(redis_client, stream_key, 20_000, devices=500, seed=41)
     ports = [free_port(), free_port()]
     for name, port in zip(("alpha", "beta"), ports):
         start_processor({**env, "INSTANCE_ID": name, "HTTP_PORT": str(port), "BATCH_SIZE": "100"}, name=name)
+    # Both instances must have joined before the backlog appears, or the first would take it all.
+    wait_for(lambda: redis_client.exists(stream_key) and len(redis_client.xinfo_consumers(stream_key, "processor")) == 4, 30)
+    backlog(redis_client, stream_key, 20_000, devices=500, seed=41)
     valid, poison = entries_by_outcome(redis_client, stream_key)
     wait_for(lambda: settled(redis_client, database_url, stream_key, len(valid), len(poison)), 60, 0.1)
     assert_exact(redis_client, database_url, stream_key)

@@ -91,7 +91,10 @@ def test_sigterm_under_sustained_load_then_restart(redis_client, database_url, s
     producer.start()
     wait_for(lambda: stored_count(database_url) > 3_000, what="the first rows")
     first.signal(signal.SIGTERM)
-    assert first.wait(5 + 3) == 0
+    assert first.wait(5 + 5) == 0
+    exits = [e for e in first.logs() if e["msg"].startswith("shard exited")]
+    assert len(exits) == 2 and all(e["exit_status"] == 0 for e in exits), "shards stop cleanly too"
+    assert not [e for e in first.logs() if e["msg"].startswith("panic")]
     report = [e for e in first.logs() if e["msg"] == "drain report"]
     assert len(report) == 1 and set(report[0]["shards"]) == {"0", "1"}
     producer.join()
