@@ -21,6 +21,7 @@ log = logging.getLogger("processor.stream")
 
 READ_BLOCK_MS = 2_000
 SOCKET_TIMEOUT_S = 10.0
+HEALTH_CHECK_S = 5
 
 # XACK decides: only the call that removes the entry from the PEL writes its dead letter,
 # so a slow consumer and the one that claimed its entry never both dead-letter it.
@@ -60,6 +61,7 @@ class ConsumerStream:
             decode_responses=False,
             socket_timeout=SOCKET_TIMEOUT_S,
             socket_connect_timeout=SOCKET_TIMEOUT_S,
+            health_check_interval=HEALTH_CHECK_S,  # a pooled connection from before a restart is checked, not trusted
             client_name=consumer,
         )
         self._dead_letter = self.redis.register_script(_DEAD_LETTER)

@@ -51,6 +51,7 @@ class Shard:
         self.processed = self.dead_lettered = self.batches = self.claimed = 0
         self.batch_seconds_sum = 0.0
         self.redis_outages = 0  # failed Redis calls so far; a read that saw one re-reads its pending list
+        self.outage_logged = {"redis": False, "postgres": False}
         self.batch_buckets = [0] * (len(BATCH_BUCKETS_S) + 1)
         self.redis_ok = self.postgres_ok = False
         self.in_flight: set[bytes] = set()  # read, not yet settled
@@ -211,15 +212,18 @@ class Shard:
                 # pending list, and nobody else would look at them before CLAIM_THRESHOLD_MS.
                 log.info("re-reading own pending entries after a Redis outage", extra={"consumer": self.consumer})
                 after = OWN_PENDING
+                if entries:
+                    await self.enqueue(entries, batches)
+                continue
             if after != NEW_ENTRIES:
-                entries = [entry for entry in entries if entry[0] not in self.in_flight]
                 if not entries:
                     if not self.own_pending_done.is_set():
                         log.info("own pending entries finished", extra={"consumer": self.consumer})
                     self.own_pending_done.set()
                     after = NEW_ENTRIES
                     continue
-                after = entries[-1][0]
+                after = entries[-1][0]  # past the whole page, including entries already in flight
+                entries = [entry for entry in entries if entry[0] not in self.in_flight]
             if entries:
                 await self.enqueue(entries, batches)
         await batches.put(None)
@@ -345,13 +349,16 @@ class Shard:
                     raise ConnectionRefusedForGood(f"{server} refused the connection: {exc}") from exc
                 if server == "redis":
                     self.redis_outages += 1
-                if backoff.failures == 0:
+                if getattr(self, f"{server}_ok") or not self.outage_logged[server]:
+                    # Once per outage, not per caller: the read and the ACK fail at the same moment.
                     log.warning(f"{server} unavailable, pausing", extra={"consumer": self.consumer, "error": str(exc)})
-                    self.set_health(server, False)
+                    self.outage_logged[server] = True
+                self.set_health(server, False)
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            if backoff.failures:
+            if backoff.failures and self.outage_logged[server]:
                 log.warning(f"{server} reachable again", extra={"consumer": self.consumer, "attempts": backoff.failures})
+                self.outage_logged[server] = False
             self.set_health(server, True)
             return result
 

@@ -35,6 +35,7 @@ ABORT_GRACE_S = 5.0  # between SIGABRT (traceback on stderr) and SIGKILL of a hu
 STOP_MARGIN_S = 4.0  # on top of DRAIN_TIMEOUT_S: a shard's close() takes at most 3 s
 QUICK_STOP_S = 2.0  # after a second signal
 REAP_INTERVAL_S = 0.1
+STALE_CONFIRM_S = 1.0
 HEALTHY_BEAT_S = 5.0  # /healthz calls a shard unhealthy when its loop has not beaten for this long
 
 
@@ -52,6 +53,7 @@ class ShardHandle:
     slot: int
     started_at: float
     aborted_at: float | None = None
+    stale_since: float | None = None
 
 
 class Supervisor:
@@ -277,7 +279,10 @@ class Supervisor:
         now = time.monotonic()
         for pid, handle in self.shards.items():
             beat = max(self.board.read(handle.slot).heartbeat, handle.started_at)
-            if handle.aborted_at is None and now - beat > self.settings.heartbeat_timeout_s:
+            stale = now - beat > self.settings.heartbeat_timeout_s
+            # Two readings a second apart: one odd read of shared memory must not kill a shard.
+            handle.stale_since = (handle.stale_since or now) if stale else None
+            if handle.aborted_at is None and stale and now - handle.stale_since >= STALE_CONFIRM_S:
                 log.error("shard stopped beating; aborting it", extra={"slot": handle.slot, "child_pid": pid})
                 handle.aborted_at = now
                 _kill(pid, signal.SIGABRT)

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -17,11 +17,11 @@ import pytest
 import redis
 
 from scripts.services import ThrowawayPostgres, ThrowawayRedis, missing_binaries
-from scripts.simulate import Fleet, steady
+from scripts.simulate import Fleet, produce, steady
 from shard.decode import decode_entry
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import ProcessorProcess, wait_for
-from tests.e2e.verify import assert_exact, entries_by_outcome, settled, stored_count
+from tests.e2e.verify import assert_exact, entries_by_outcome, pending_count, settled, stored_count
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -31,10 +31,11 @@ DEVICES = 200
 POSTGRES_DOWN_S = 15.0
 REDIS_DOWN_S = 4.0
 CUT_DOWN_S = 3.0
-LOST_REPLIES_S = 0.5  # how long a cut swallows Redis' replies before the connections drop
+LOST_ENTRIES = 200
 SETTLE_TIMEOUT_S = 60.0
-# Entries stuck in a live shard's pending list are only claimed after CLAIM_THRESHOLD_MS
-# (60 s by default); after a Redis outage consumption must resume well before that.
+# Entries left in a live shard's pending list are claimed only after CLAIM_THRESHOLD_MS;
+# after a Redis outage consumption must resume well before that, without a claim.
+CLAIM_THRESHOLD_MS = 60_000
 RESUME_TIMEOUT_S = 20.0
 PRODUCER_GIVE_UP_S = 60.0  # a producer that cannot write for this long fails the test
 PRODUCER_RETRY_S = 0.05
@@ -121,11 +122,7 @@ class RetryingProducer(threading.Thread):
 
 
 class CuttableProxy:
-    """A TCP proxy in front of Redis whose `cut()` is a network failure: replies in flight are lost.
-
-    During a cut, commands still reach Redis (which runs them) but its replies are dropped;
-    then every connection is closed and new ones are closed at once until `heal()`.
-    """
+    """A TCP proxy in front of Redis that fails like a network: replies lost, then connections cut."""
 
     def __init__(self, upstream_url: str) -> None:
         parts = urlsplit(upstream_url)
@@ -137,9 +134,7 @@ class CuttableProxy:
         self.sockets: set[socket.socket] = set()
         self.losing = threading.Event()
         self.down = threading.Event()
-        self.lost_bytes = 0
-        self.threads = [threading.Thread(target=self._accept, name="proxy-accept", daemon=True)]
-        self.threads[0].start()
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
     @property
     def url(self) -> str:
@@ -171,10 +166,8 @@ class CuttableProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
         try:
             while data := source.recv(65_536):
-                if replies and self.losing.is_set():
-                    self.lost_bytes += len(data)
-                    continue
-                sink.sendall(data)
+                if not (replies and self.losing.is_set()):
+                    sink.sendall(data)
         except OSError:
             pass
         finally:
@@ -190,10 +183,12 @@ class CuttableProxy:
             pass
         sock.close()
 
-    def cut(self) -> None:
-        """Lose Redis' replies for LOST_REPLIES_S, then drop every connection and refuse new ones."""
+    def lose_replies(self) -> None:
+        """From now on commands still reach Redis, which runs them, but its replies vanish."""
         self.losing.set()
-        time.sleep(LOST_REPLIES_S)  # the failure itself: commands run, replies vanish
+
+    def cut(self) -> None:
+        """Drop every connection and refuse new ones until `heal()`."""
         self.down.set()
         with self.lock:
             victims = list(self.sockets)
@@ -202,6 +197,7 @@ class CuttableProxy:
         self.losing.clear()
 
     def heal(self) -> None:
+        """Accept connections again."""
         self.down.clear()
 
     def close(self) -> None:
@@ -222,6 +218,7 @@ def redis_proxy(redis_url: str) -> Iterator[CuttableProxy]:
 
 
 def wait_settled(client: redis.Redis, database_url: str, stream: str, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+    """Wait until every entry is stored or dead-lettered and nothing is pending; else say what is stuck where."""
     valid, poison = entries_by_outcome(client, stream)
     distinct = len({(fix.device_id, fix.ts) for fix in valid.values()})
     try:
@@ -232,11 +229,14 @@ def wait_settled(client: redis.Redis, database_url: str, stream: str, timeout_s:
             what="every entry stored or dead-lettered, nothing pending",
         )
     except AssertionError as exc:
-        pending = client.xpending_range(stream, "processor", "-", "+", 5)
         summary = client.xpending(stream, "processor")
+        examples = [
+            (p["message_id"], p["consumer"], f"idle {p['time_since_delivered']} ms", f"delivered {p['times_delivered']}x")
+            for p in client.xpending_range(stream, "processor", "-", "+", 5)
+        ]
         raise AssertionError(
-            f"{exc}; stored {stored_count(database_url)} of {distinct}; pending per consumer "
-            f"{summary['consumers']}, e.g. {[(p['message_id'], p['consumer'], p['time_since_delivered'], p['times_delivered']) for p in pending]}"
+            f"{exc}; stored {stored_count(database_url)} of {distinct}; "
+            f"pending per consumer {summary['consumers']}, e.g. {examples}"
         ) from None
 
 
@@ -246,6 +246,7 @@ def per_consumer(processor: ProcessorProcess, message: str) -> Counter[str]:
 
 
 def consumers(env: dict[str, str]) -> set[str]:
+    """The consumer names of the processor's shards."""
     return {f"{env['INSTANCE_ID']}-{index}" for index in range(int(env["SHARDS"]))}
 
 
@@ -258,12 +259,12 @@ def assert_nothing_exited(processor: ProcessorProcess, shard_pids: list[int], en
     assert not list(Path(env["PANIC_DIR"]).glob("*")), "a process panicked"
 
 
-def hold_down(stop, start, seconds: float, until_paused) -> None:  # type: ignore[no-untyped-def]
+def hold_down(stop: Callable[[], None], start: Callable[[], None], seconds: float, paused: Callable[[], bool]) -> None:
     """Stop a server, see every shard pause, keep it down for `seconds` in all, then start it."""
     down_at = time.monotonic()
     stop()
     try:
-        wait_for(until_paused, seconds, interval_s=0.1, what="every shard to log the pause")
+        wait_for(paused, seconds, interval_s=0.1, what="every shard to log the pause")
         time.sleep(max(0.0, down_at + seconds - time.monotonic()))  # the outage itself
     finally:
         start()
@@ -302,9 +303,9 @@ def test_postgres_outage_pauses_and_loses_nothing(redis_client, stream_key, env,
 
 
 def test_redis_restart_with_persistence_pauses_and_loses_nothing(database_url, env, private_redis, start_processor):
-    """Redis (AOF on) restarted under load: shards pause and resume, every fix is stored once, none dead-lettered."""
+    """Redis (AOF on) restarted under load: shards pause and resume; every fix stored once, none dead-lettered."""
     apply_migrations(database_url)
-    env = {**env, "REDIS_URL": private_redis.url, "MAX_FAILURES": "2"}
+    env = {**env, "REDIS_URL": private_redis.url, "MAX_FAILURES": "2", "CLAIM_THRESHOLD_MS": str(CLAIM_THRESHOLD_MS)}
     stream = env["STREAM_KEY"]
     processor = start_processor(env)
     shard_pids = processor.wait_for_shards(2)
@@ -342,28 +343,32 @@ def test_redis_restart_with_persistence_pauses_and_loses_nothing(database_url, e
     assert processor.wait(30) == 0
 
 
-def test_lost_replies_leave_nothing_stuck(redis_client, database_url, stream_key, env, redis_proxy, start_processor):
-    """A network cut that swallows Redis' replies (entries delivered, never seen) still ends with every fix stored soon."""
+def test_entries_delivered_into_a_network_cut_are_not_stuck(
+    redis_client, database_url, stream_key, env, redis_proxy, start_processor
+):
+    """Entries delivered into replies a network cut lost are processed once it heals, not a claim threshold later."""
     apply_migrations(database_url)
-    env = {**env, "REDIS_URL": redis_proxy.url, "MAX_FAILURES": "2"}
+    env = {**env, "REDIS_URL": redis_proxy.url, "MAX_FAILURES": "2", "CLAIM_THRESHOLD_MS": str(CLAIM_THRESHOLD_MS)}
     processor = start_processor(env)
     shard_pids = processor.wait_for_shards(2)
-    with ThreadPoolExecutor(1) as pool:
-        load: Future = pool.submit(steady, redis_client, stream_key, RATE_PER_S, 10.0, devices=DEVICES, seed=23)
-        wait_for(lambda: stored_count(database_url) > 1_000, what="the first rows")
-        hold_down(
-            redis_proxy.cut,
-            redis_proxy.heal,
-            CUT_DOWN_S,
-            lambda: set(per_consumer(processor, "redis unavailable, pausing")) == consumers(env),
-        )
-        counts = load.result(timeout=30)
-    assert redis_proxy.lost_bytes > 0, "the cut lost no replies"
+    fleet = Fleet(DEVICES, seed=23)  # consecutive chunks of its fixes are all distinct
+    produce(redis_client, stream_key, fleet.fixes(2_000))
+    wait_settled(redis_client, database_url, stream_key)  # the shards now wait in XREADGROUP ... BLOCK
+
+    redis_proxy.lose_replies()
+    produce(redis_client, stream_key, fleet.fixes(LOST_ENTRIES))
+    wait_for(lambda: pending_count(redis_client, stream_key) > 0, 10, what="Redis to deliver entries into lost replies")
+    hold_down(
+        redis_proxy.cut,
+        redis_proxy.heal,
+        CUT_DOWN_S,
+        lambda: set(per_consumer(processor, "redis unavailable, pausing")) == consumers(env),
+    )
+    produce(redis_client, stream_key, fleet.fixes(1_000))
     wait_settled(redis_client, database_url, stream_key, RESUME_TIMEOUT_S)
 
     assert redis_client.xlen(f"{stream_key}:dlq") == 0
     assert_exact(redis_client, database_url, stream_key)
-    assert stored_count(database_url) == counts.total
     assert_nothing_exited(processor, shard_pids, env)
     assert set(per_consumer(processor, "redis reachable again")) == consumers(env)
     processor.signal(signal.SIGTERM)
