@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`make demo`: a simulated fleet through a real `processor run`, then proof that nothing was lost.
+"""`make demo`: a simulated fleet, with geofences, through a real `processor run`; then proof that nothing was lost.
 
 Uses REDIS_URL / DATABASE_URL when they answer, else the usual local servers, else throwaway
 ones (scripts/services.py). On a reused server it touches only its own stream keys
@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import orjson  # noqa: E402
 import psycopg  # noqa: E402
 import redis  # noqa: E402
 
@@ -201,6 +202,11 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     if (code := subprocess.run([*PROCESSOR, "migrate"], **popen).returncode) != 0:
         say(f"processor migrate failed (exit {code}):", *tail(log_path), err=True)
         return 1
+    geojson = workdir / "geofences.geojson"
+    geojson.write_bytes(orjson.dumps(demo_geofences(args)))
+    if (code := subprocess.run([*PROCESSOR, "geofences", "import", str(geojson)], **popen).returncode) != 0:
+        say(f"processor geofences import failed (exit {code}):", *tail(log_path), err=True)
+        return 1
     proc = subprocess.Popen([*PROCESSOR, "run"], **popen)
     stack.callback(lambda: proc.returncode is None and say(f"processor stopped ({exit_status(stop_processor(proc))})"))
     r = stack.enter_context(redis.Redis.from_url(redis_url, socket_timeout=10))
@@ -255,6 +261,22 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
                    settled_at or ended_at, settled_at is not None, code)
 
 
+def demo_geofences(args: argparse.Namespace) -> dict:
+    """Circles and squares around where some simulated devices start, so visits open and close."""
+    starts = list(simulate.Fleet(args.devices, seed=args.seed).fixes(args.devices))[: max(1, args.devices // 5)]
+    features = []
+    for n, fix in enumerate(starts):
+        lat, lon = fix["lat"], fix["lon"]
+        if n % 2:
+            geometry, properties = {"type": "Point", "coordinates": [lon, lat]}, {"radius_m": 150 + 25 * (n % 9)}
+        else:
+            d = 0.002
+            ring = [[lon - d, lat - d], [lon + d, lat - d], [lon + d, lat + d], [lon - d, lat + d], [lon - d, lat - d]]
+            geometry, properties = {"type": "Polygon", "coordinates": [ring]}, {}
+        features.append({"type": "Feature", "geometry": geometry, "properties": {"name": f"demo-{n:03d}", **properties}})
+    return {"type": "FeatureCollection", "features": features}
+
+
 def summary(args, counts, s, r, db, dlq, t0, produced_at, end, settled, code) -> int:  # type: ignore[no-untyped-def]
     letters = [(f.get(b"error_kind", b"?").decode(errors="replace"), f.get(b"error", b"").decode(errors="replace"))
                for _id, f in r.xrange(dlq)]
@@ -262,14 +284,19 @@ def summary(args, counts, s, r, db, dlq, t0, produced_at, end, settled, code) ->
     distinct = list(dict.fromkeys(letters))  # (kind, error) in order of first appearance
     examples = [next(p for p in distinct if p[0] == kind) for kind in kinds][:2]  # different kinds first
     examples += [p for p in distinct if p not in examples][: 2 - len(examples)]
-    devices = db.execute("select count(*) from last_position").fetchone()[0]
+    devices, odometer_km = db.execute("select count(*), coalesce(sum(odometer_m), 0) / 1000 from last_position").fetchone()
+    visits, closed, crossed, inside, fences = db.execute(
+        "select count(*), count(exited_at), count(exit_crossing_at), count(*) - count(exited_at), "
+        "count(distinct geofence_id) from timing_records").fetchone()
     say("",
         f"fixes produced  {counts.total:,} ({counts.valid:,} valid, {counts.malformed:,} malformed) "
         f"from {args.devices} devices at {args.rate:,.0f}/s for {args.seconds:g}s",
         f"stored          {s['stored']:,} rows in positions",
         f"dead-lettered   {s['dead']:,} ({', '.join(f'{k} {n:,}' for k, n in kinds.most_common()) or 'none'})",
         *(f"  e.g. [{kind}] {error[:110]}" for kind, error in examples),
-        f"devices         {devices:,} in last_position",
+        f"devices         {devices:,} in last_position, {odometer_km:,.1f} km driven in all",
+        f"timing          {visits:,} visits to {fences} geofences: {closed:,} closed ({crossed:,} with an "
+        f"interpolated exit crossing), {inside:,} still inside",
         f"elapsed         {end - t0:.1f}s; throughput {(s['stored'] + s['dead']) / (end - t0):,.0f} fixes/s"
         + (f"; caught up within {max(end - produced_at, 0.1):.1f}s of the last fix sent" if settled else ""))
     problems = []
