@@ -8,6 +8,7 @@ them, commit. Only then is anything ACKed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -23,6 +24,8 @@ from shard.geofences import GeofenceSource
 from shard.recompute import recompute
 from shard.state import DeviceCache
 from shard.faults import POSTGRES_ROW_REJECTED, POSTGRES_TRANSIENT
+
+log = logging.getLogger("processor.writer")
 
 CONNECT_TIMEOUT_S = 10
 # A server that vanished without closing the connection is noticed within ~30 s.
@@ -75,6 +78,15 @@ FROM staging_positions ORDER BY device_id, ts, seq
 ON CONFLICT (device_id, ts) DO NOTHING
 """
 _RETURNING_KEYS = " RETURNING device_id, ts"
+# When every fix is newer than its device's last one, none can be stored yet (positions and
+# last_position change together, under the device lock): a plain insert, keeping the first
+# of a key repeated within the batch, skips the cost of ON CONFLICT. If that belief is
+# ever wrong (rows written by hand), the unique violation sends the batch down the safe path.
+_INSERT_NEW_POSITIONS = """
+INSERT INTO positions (device_id, ts, lat, lon, alt, speed, heading, sats, attributes)
+SELECT DISTINCT ON (device_id, ts) device_id, ts, lat, lon, alt, speed, heading, sats, attributes
+FROM staging_positions ORDER BY device_id, ts, seq
+"""
 
 # The batch's newest fix per device replaces the stored one only if newer; the derived
 # columns are written for every device the batch changed.
@@ -99,7 +111,7 @@ ON CONFLICT (device_id) DO UPDATE SET
     updated_at = EXCLUDED.updated_at
 """
 
-_INSERT_POSITIONS_AND_UPSERT_LAST = f"WITH stored AS ({_INSERT_POSITIONS}) {_UPSERT_LAST}"
+_INSERT_POSITIONS_AND_UPSERT_LAST = f"WITH stored AS ({_INSERT_NEW_POSITIONS}) {_UPSERT_LAST}"
 
 # A visit is keyed by (device, geofence, entered_at), so writing it again is harmless.
 # A geofence deleted since the index was loaded has no visits written.
@@ -161,12 +173,16 @@ class PositionWriter:
     async def write(self, fixes: Sequence[Fix]) -> None:
         """Store a batch and its derived state in one transaction."""
         try:
-            await self._write(fixes)
+            try:
+                await self._write(fixes, safe=False)
+            except psycopg.errors.UniqueViolation:
+                log.warning("positions held rows newer than their devices' state; batch written the safe way")
+                await self._write(fixes, safe=True)
         except POSTGRES_TRANSIENT:
             await self.close()  # the next attempt starts from a fresh connection
             raise
 
-    async def _write(self, fixes: Sequence[Fix]) -> None:
+    async def _write(self, fixes: Sequence[Fix], safe: bool) -> None:
         await self.connect()
         conn = self.conn
         assert conn is not None
@@ -188,7 +204,7 @@ class PositionWriter:
                     await cur.execute(_LOCK_DEVICES, (DEVICE_LOCK_CLASS,))
                     states = await self.cache.load(cur, cached)
                     inserted: set[tuple[str, datetime]] | None = None
-                    if older_than_state(ordered, states):
+                    if safe or older_than_state(ordered, states):
                         # Only the insert can tell a late fix (new) from a duplicate (stored).
                         await cur.execute(_INSERT_POSITIONS + _RETURNING_KEYS)
                         inserted = {(device_id, ts) for device_id, ts in await cur.fetchall()}

@@ -62,3 +62,20 @@ def test_oversized_entry_is_dead_lettered_without_decoding(redis_client, databas
     [(_, fields)] = redis_client.xrange(f"{stream_key}:dlq")
     assert fields[b"error_kind"] == b"validate" and fields[b"source_id"] == big_id
     assert fields[b"data"] == huge and fields[b"extra"] == b"kept"
+
+
+def test_rows_written_by_hand_do_not_turn_fixes_into_dead_letters(redis_client, database_url, stream_key, env, start_processor):
+    """A positions row nobody told last_position about makes the fast insert fail; the safe path stores the rest."""
+    apply_migrations(database_url)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO positions (device_id, ts, lat, lon) VALUES ('manual', to_timestamp(1767225601), 1, 1)")
+    fixes = [{"device_id": "manual", "ts": 1_767_225_600_000 + n * 1000, "lat": 2.0, "lon": 2.0} for n in range(3)]
+    produce(redis_client, stream_key, fixes)
+    processor = start_processor(env)
+    wait_for(lambda: stored_count(database_url) == 3 and redis_client.xpending(stream_key, "processor")["pending"] == 0, 30)
+    assert redis_client.xlen(f"{stream_key}:dlq") == 0
+    with psycopg.connect(database_url) as conn:
+        kept = conn.execute("SELECT lat FROM positions WHERE device_id = 'manual' AND ts = to_timestamp(1767225601)").fetchone()
+        last = conn.execute("SELECT extract(epoch FROM ts)::bigint FROM last_position WHERE device_id = 'manual'").fetchone()
+    assert kept == (1.0,) and last == (1_767_225_602,)
+    assert "positions held rows newer than their devices' state; batch written the safe way" in processor.log_messages()
