@@ -71,7 +71,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -90,6 +90,7 @@ from scripts.services import (  # noqa: E402
     missing_binaries,
     postgres_reachable,
     redis_reachable,
+    with_database,
 )
 
 PROCESSOR = [sys.executable, "-m", "common.cli"]
@@ -502,7 +503,7 @@ class Bench:
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         try:
-            database_url = _with_database(self.admin_url, name)
+            database_url = with_database(self.admin_url, name)
             env = self._processor_env(database_url, stream, shards, workdir)
             yield Sandbox(label, database_url, self.redis, stream, env, workdir)
         finally:
@@ -552,11 +553,6 @@ class Bench:
             raise BenchError("processor migrate did not finish within 120 s") from None
         if done.returncode != 0:
             raise BenchError(f"processor migrate exited {done.returncode}: {(done.stderr or done.stdout).strip()[-2000:]}")
-
-
-def _with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
 def _rmtree(path: Path) -> None:

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,7 +30,13 @@ import redis  # noqa: E402
 
 from common.config import redact_url  # noqa: E402
 from scripts import simulate  # noqa: E402
-from scripts.services import ThrowawayPostgres, ThrowawayRedis, missing_binaries, redis_reachable  # noqa: E402
+from scripts.services import (  # noqa: E402
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    missing_binaries,
+    redis_reachable,
+    with_database,
+)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/processor_demo"
@@ -40,11 +46,6 @@ PROCESSOR = [sys.executable, "-m", "common.cli"]
 
 class Stopped(Exception):  # raised in the producer's progress callback to end simulate.steady early
     pass
-
-
-def with_database(url: str, database: str) -> str:
-    p = urlsplit(url)
-    return urlunsplit((p.scheme, p.netloc, f"/{database}", p.query, p.fragment))
 
 
 def say(*lines: str, err: bool = False) -> None:

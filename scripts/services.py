@@ -20,12 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Self
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import redis
 
 _OPEN: set[_Throwaway] = set()  # strong refs on purpose: a dropped-but-open server must still die at exit
 _PG_ROOT = Path("/usr/lib/postgresql")
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL, naming another database."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
 
 
 def free_port() -> int:

@@ -35,7 +35,6 @@ class DeviceCache:
         self.capacity = capacity
         self._states: OrderedDict[str, DeviceState] = OrderedDict()
         self._dropped_in_batch: set[str] = set()
-        self.loads = 0  # states read from Postgres, for metrics and tests
 
     def __len__(self) -> int:
         return len(self._states)
@@ -76,7 +75,6 @@ class DeviceCache:
         for device_id, version, stored in await cur.fetchall():
             state = cached.get(device_id)
             if stored is not None or state is None:
-                self.loads += 1
                 ts, lat, lon, speed, odometer_m, visits = stored
                 last = TrackFix(_time(ts), lat, lon, speed)
                 state = DeviceState(device_id, version, last, odometer_m, _open_visits(visits))

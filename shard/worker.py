@@ -23,7 +23,7 @@ from common.panic import Panic, maybe_crash
 from common.status import BATCH_BUCKETS_S, ShardStatus, StatusBoard, bucket_of
 from shard.batch import Batch, decode_batch
 from shard.claim import LIVENESS_CHECK_S, Claimer
-from shard.faults import POSTGRES_TRANSIENT, REDIS_TRANSIENT, is_configuration_error, is_transient
+from shard.faults import POSTGRES_TRANSIENT, is_configuration_error, is_transient
 from shard.geofences import GeofenceSource
 from shard.stream import ConsumerStream, Entry
 from shard.writer import PositionWriter

@@ -138,7 +138,6 @@ class PositionWriter:
         self.conn: psycopg.AsyncConnection | None = None
         self.cache = DeviceCache(settings.device_cache_size)
         self.geofences = geofences
-        self.late_devices = 0  # devices whose history was replayed because of late fixes
 
     async def connect(self) -> None:
         if self.conn is not None and not self.conn.closed:
@@ -219,7 +218,6 @@ class PositionWriter:
             raise
         for state in states.values():
             self.cache.put(state)
-        self.late_devices += len(derived.late)
 
     async def _write_derived(self, cur: psycopg.AsyncCursor, derived: Derived, positions_inserted: bool) -> None:
         if derived.visits:

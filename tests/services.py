@@ -10,17 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import ExitStack
-from urllib.parse import urlsplit, urlunsplit
 
-from scripts.services import ThrowawayPostgres, ThrowawayRedis, postgres_reachable, redis_reachable
+from scripts.services import ThrowawayPostgres, ThrowawayRedis, postgres_reachable, redis_reachable, with_database
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
 
 
 def _docker_engine() -> bool:

@@ -11,7 +11,7 @@ import pytest
 
 from scripts.simulate import steady
 from tests.e2e.processes import wait_for
-from tests.e2e.verify import assert_exact, entries_by_outcome, settled, stored_count
+from tests.e2e.verify import assert_exact, stored_count, wait_settled
 
 pytestmark = pytest.mark.e2e
 
@@ -41,9 +41,7 @@ def test_survivor_finishes_the_work_of_a_killed_instance(
     os.killpg(alpha.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     producer.join()
-    valid, poison = entries_by_outcome(redis_client, stream_key)
-    wait_for(lambda: settled(redis_client, database_url, stream_key, len(valid), len(poison)), 45, 0.1,
-             what="the survivor to finish everything")
+    wait_settled(redis_client, database_url, stream_key, 45)  # the survivor finishes everything
     recovered_s = time.monotonic() - killed_at
     assert_exact(redis_client, database_url, stream_key)
     claims = [e for e in beta.logs() if e["msg"] == "consumer is dead; claiming its entries"]

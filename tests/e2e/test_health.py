@@ -14,7 +14,7 @@ from scripts.services import ThrowawayPostgres, free_port
 from scripts.simulate import backlog
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import wait_for
-from tests.e2e.verify import assert_exact, entries_by_outcome, settled
+from tests.e2e.verify import assert_exact, wait_settled
 from tests.services import with_database
 
 pytestmark = pytest.mark.e2e
@@ -80,8 +80,7 @@ def test_metrics_count_what_two_instances_share(redis_client, database_url, stre
     # Both instances must have joined before the backlog appears, or the first would take it all.
     wait_for(lambda: redis_client.exists(stream_key) and len(redis_client.xinfo_consumers(stream_key, "processor")) == 4, 30)
     backlog(redis_client, stream_key, 20_000, devices=500, seed=41)
-    valid, poison = entries_by_outcome(redis_client, stream_key)
-    wait_for(lambda: settled(redis_client, database_url, stream_key, len(valid), len(poison)), 60, 0.1)
+    wait_settled(redis_client, database_url, stream_key, 60)
     assert_exact(redis_client, database_url, stream_key)
     shares = [sum(metric(get(port, "/metrics")[1], "processor_entries_processed_total").values()) for port in ports]
     assert sum(shares) == 20_000

@@ -21,7 +21,7 @@ from scripts.simulate import Fleet, produce, steady
 from shard.decode import decode_entry
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import ProcessorProcess, wait_for
-from tests.e2e.verify import assert_exact, entries_by_outcome, pending_count, settled, stored_count
+from tests.e2e.verify import assert_exact, entries_by_outcome, pending_count, stored_count, wait_settled
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -217,29 +217,6 @@ def redis_proxy(redis_url: str) -> Iterator[CuttableProxy]:
     proxy.close()
 
 
-def wait_settled(client: redis.Redis, database_url: str, stream: str, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
-    """Wait until every entry is stored or dead-lettered and nothing is pending; else say what is stuck where."""
-    valid, poison = entries_by_outcome(client, stream)
-    distinct = len({(fix.device_id, fix.ts) for fix in valid.values()})
-    try:
-        wait_for(
-            lambda: settled(client, database_url, stream, distinct, len(poison)),
-            timeout_s,
-            interval_s=0.2,
-            what="every entry stored or dead-lettered, nothing pending",
-        )
-    except AssertionError as exc:
-        summary = client.xpending(stream, "processor")
-        examples = [
-            (p["message_id"], p["consumer"], f"idle {p['time_since_delivered']} ms", f"delivered {p['times_delivered']}x")
-            for p in client.xpending_range(stream, "processor", "-", "+", 5)
-        ]
-        raise AssertionError(
-            f"{exc}; stored {stored_count(database_url)} of {distinct}; "
-            f"pending per consumer {summary['consumers']}, e.g. {examples}"
-        ) from None
-
-
 def per_consumer(processor: ProcessorProcess, message: str) -> Counter[str]:
     """How often each shard logged `message`."""
     return Counter(entry.get("consumer", "?") for entry in processor.logs() if entry["msg"] == message)
@@ -289,7 +266,7 @@ def test_postgres_outage_pauses_and_loses_nothing(redis_client, stream_key, env,
         )
         counts = load.result(timeout=LOAD_S + 30)
     assert counts.total == round(RATE_PER_S * LOAD_S)
-    wait_settled(redis_client, database_url, stream_key)
+    wait_settled(redis_client, database_url, stream_key, SETTLE_TIMEOUT_S)
 
     assert redis_client.xlen(f"{stream_key}:dlq") == 0
     assert_exact(redis_client, database_url, stream_key)
@@ -353,7 +330,7 @@ def test_entries_delivered_into_a_network_cut_are_not_stuck(
     shard_pids = processor.wait_for_shards(2)
     fleet = Fleet(DEVICES, seed=23)  # consecutive chunks of its fixes are all distinct
     produce(redis_client, stream_key, fleet.fixes(2_000))
-    wait_settled(redis_client, database_url, stream_key)  # the shards now wait in XREADGROUP ... BLOCK
+    wait_settled(redis_client, database_url, stream_key, SETTLE_TIMEOUT_S)  # the shards now wait in XREADGROUP ... BLOCK
 
     redis_proxy.lose_replies()
     produce(redis_client, stream_key, fleet.fixes(LOST_ENTRIES))

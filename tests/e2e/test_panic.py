@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -16,24 +15,12 @@ import pytest
 from common.config import redact_url
 from scripts.simulate import backlog
 from tests.e2e.processes import ProcessorProcess, wait_for
-from tests.e2e.verify import assert_exact, entries_by_outcome, settled
+from tests.e2e.verify import assert_exact, wait_settled
 
 pytestmark = pytest.mark.e2e
 
 SHARD_DUMP = re.compile(r"panic-shard-0-(?P<pid>\d+)-\d{8}T\d{6}Z\.json")
 SUPERVISOR_DUMP = re.compile(r"panic-supervisor-(?P<pid>\d+)-\d{8}T\d{6}Z\.json")
-
-
-def wait_settled(redis_client, database_url, stream_key, timeout_s=30.0):  # type: ignore[no-untyped-def]
-    """Poll until every entry of the stream is stored or dead-lettered and nothing is pending."""
-    valid, poison = entries_by_outcome(redis_client, stream_key)
-    rows = len({(fix.device_id, fix.ts) for fix in valid.values()})
-    wait_for(
-        lambda: settled(redis_client, database_url, stream_key, rows, len(poison)),
-        timeout_s,
-        interval_s=0.1,
-        what="every entry stored or dead-lettered, nothing pending",
-    )
 
 
 def dumps(env: dict[str, str], pattern: re.Pattern[str]) -> list[tuple[Path, dict]]:
@@ -111,7 +98,7 @@ def test_shard_panic_dumps_state_exits_70_and_is_restarted(
     replacement = spawned[1]["child_pid"]
     assert replacement != crashed and processor.shard_pids() == [replacement]
 
-    wait_settled(redis_client, database_url, stream_key)
+    wait_settled(redis_client, database_url, stream_key, 30)
     assert_exact(redis_client, database_url, stream_key)
     assert processor.proc.poll() is None, "the supervisor survives a shard's panic"
     assert len(dumps(env, SHARD_DUMP)) == 1, "the crash was one-shot"
@@ -137,7 +124,7 @@ def test_hung_shard_is_aborted_with_a_traceback_and_replaced(
     assert "Fatal Python error: Aborted" in text and "in maybe_crash" in text, "faulthandler shows where it hung"
     wait_for(lambda: (pids := processor.shard_pids()) and hung not in pids, 15, what="a replacement shard")
 
-    wait_settled(redis_client, database_url, stream_key)
+    wait_settled(redis_client, database_url, stream_key, 30)
     assert_exact(redis_client, database_url, stream_key)
     assert not log_entries(processor, "hung shard ignored SIGABRT; killing it")
     processor.signal(signal.SIGTERM)
@@ -163,7 +150,7 @@ def test_supervisor_panic_exits_70_and_its_shards_stop_by_themselves(
 
     rerun = start_processor({**env, "SHARDS": "2", "BATCH_SIZE": "100"}, name="rerun")
     rerun.wait_for_shards(2)  # its signal handlers are installed: SIGTERM is graceful from here on
-    wait_settled(redis_client, database_url, stream_key)
+    wait_settled(redis_client, database_url, stream_key, 30)
     assert_exact(redis_client, database_url, stream_key)
     rerun.signal(signal.SIGTERM)
     assert rerun.wait(30) == 0
@@ -195,7 +182,7 @@ def test_crash_loop_halts_the_supervisor_with_70(redis_client, database_url, str
         conn.execute("ALTER TABLE positions_away RENAME TO positions")
     rerun = start_processor({**env, "SHARDS": "2", "BATCH_SIZE": "100"}, name="rerun")
     rerun.wait_for_shards(2)  # its signal handlers are installed: SIGTERM is graceful from here on
-    wait_settled(redis_client, database_url, stream_key)
+    wait_settled(redis_client, database_url, stream_key, 30)
     assert_exact(redis_client, database_url, stream_key)
     rerun.signal(signal.SIGTERM)
     assert rerun.wait(30) == 0

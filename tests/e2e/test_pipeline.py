@@ -10,26 +10,16 @@ import pytest
 
 from scripts.simulate import backlog, steady
 from tests.e2e.processes import wait_for
-from tests.e2e.verify import assert_exact, entries_by_outcome, settled, stored_count
+from tests.e2e.verify import assert_exact, stored_count, wait_settled
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_settled(redis_client, database_url, stream_key, timeout_s=90.0):  # type: ignore[no-untyped-def]
-    valid, poison = entries_by_outcome(redis_client, stream_key)
-    wait_for(
-        lambda: settled(redis_client, database_url, stream_key, len({(f.device_id, f.ts) for f in valid.values()}), len(poison)),
-        timeout_s,
-        interval_s=0.1,
-        what="every entry stored or dead-lettered, nothing pending",
-    )
 
 
 def test_backlog_is_stored_exactly(redis_client, database_url, stream_key, env, start_processor):
     """A backlog of 10,000 fixes ends with exactly the right positions and last_position, nothing pending."""
     backlog(redis_client, stream_key, 10_000, devices=100, seed=11)
     processor = start_processor(env)
-    wait_settled(redis_client, database_url, stream_key)
+    wait_settled(redis_client, database_url, stream_key, 90)
     assert_exact(redis_client, database_url, stream_key)
     processor.signal(signal.SIGTERM)
     assert processor.wait(30) == 0
@@ -40,7 +30,7 @@ def test_poison_goes_to_the_dlq_and_nowhere_else(redis_client, database_url, str
     counts = backlog(redis_client, stream_key, 5_000, devices=50, seed=12, malformed_fraction=0.05)
     assert counts.malformed > 100
     start_processor(env)
-    wait_settled(redis_client, database_url, stream_key)
+    wait_settled(redis_client, database_url, stream_key, 90)
     assert_exact(redis_client, database_url, stream_key)
     letters = redis_client.xrange(f"{stream_key}:dlq")
     assert len(letters) == counts.malformed
@@ -63,7 +53,7 @@ def test_sigkill_of_a_shard_loses_nothing(redis_client, database_url, stream_key
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: len(set(processor.shard_pids()) - processor_pids) == 1, what="a replacement shard")
     producer.join()
-    wait_settled(redis_client, database_url, stream_key)
+    wait_settled(redis_client, database_url, stream_key, 90)
     assert_exact(redis_client, database_url, stream_key)
     assert any(e["msg"].startswith("shard killed") for e in processor.logs())
 
@@ -77,7 +67,7 @@ def test_sigterm_exits_zero_and_a_restart_completes_the_rest(redis_client, datab
     assert first.wait(30) == 0
     assert "supervisor stopped" in first.log_messages()
     second = start_processor({**env, "BATCH_SIZE": "200"})
-    wait_settled(redis_client, database_url, stream_key)
+    wait_settled(redis_client, database_url, stream_key, 90)
     assert_exact(redis_client, database_url, stream_key)
     second.signal(signal.SIGINT)
     assert second.wait(30) == 0
@@ -99,7 +89,7 @@ def test_sigterm_under_sustained_load_then_restart(redis_client, database_url, s
     assert len(report) == 1 and set(report[0]["shards"]) == {"0", "1"}
     producer.join()
     second = start_processor(env)
-    wait_settled(redis_client, database_url, stream_key)
+    wait_settled(redis_client, database_url, stream_key, 90)
     assert_exact(redis_client, database_url, stream_key)
     second.signal(signal.SIGTERM)
     assert second.wait(30) == 0
@@ -119,7 +109,7 @@ def test_second_signal_cuts_the_drain_short(redis_client, database_url, stream_k
         processor.signal(signal.SIGTERM)
         assert processor.wait(10) == 0
     again = start_processor(env)
-    wait_settled(redis_client, database_url, stream_key)
+    wait_settled(redis_client, database_url, stream_key, 90)
     assert_exact(redis_client, database_url, stream_key)
     again.signal(signal.SIGTERM)
     assert again.wait(30) == 0

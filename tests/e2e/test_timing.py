@@ -15,7 +15,7 @@ import redis
 from supervisor.migrations import apply_migrations
 from tests.e2e.fleet import assert_same_result, build_scenario, insert_geofences, serial_replay, stored_result
 from tests.e2e.processes import wait_for
-from tests.e2e.verify import settled, stored_count
+from tests.e2e.verify import stored_count, wait_settled
 
 pytestmark = pytest.mark.e2e
 
@@ -27,10 +27,6 @@ def produce(client: redis.Redis, stream: str, entries: list[bytes]) -> None:
         pipe.execute()
 
 
-def distinct_fixes(scenario) -> int:  # type: ignore[no-untyped-def]
-    return len({(f["device_id"], f["ts"]) for f in scenario.fixes})
-
-
 def test_single_shard_with_late_uploads_equals_serial_replay(redis_client, database_url, stream_key, env, start_processor):
     """One shard, with buffered fixes arriving after newer ones, ends exactly as an in-order replay."""
     scenario = build_scenario()
@@ -38,7 +34,7 @@ def test_single_shard_with_late_uploads_equals_serial_replay(redis_client, datab
     insert_geofences(database_url, scenario.geofences)
     produce(redis_client, stream_key, scenario.entries)
     start_processor({**env, "SHARDS": "1", "BATCH_SIZE": "100"})
-    wait_for(lambda: settled(redis_client, database_url, stream_key, distinct_fixes(scenario), 0), 120, 0.2)
+    wait_settled(redis_client, database_url, stream_key, 120)
     expected = serial_replay(scenario)
     assert len(expected[0]) > 50, "the scenario should produce many visits"
     assert_same_result(stored_result(database_url), expected)
@@ -57,7 +53,7 @@ def test_two_instances_with_a_killed_shard_equal_serial_replay(
     victim = first.wait_for_shards(2)[0]
     wait_for(lambda: stored_count(database_url) > 2_000, what="the first rows")
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: settled(redis_client, database_url, stream_key, distinct_fixes(scenario), 0), 120, 0.2)
+    wait_settled(redis_client, database_url, stream_key, 120)
     assert_same_result(stored_result(database_url), serial_replay(scenario))
 
 
@@ -69,8 +65,7 @@ def test_restart_while_devices_are_inside_geofences(redis_client, database_url, 
     half = len(scenario.entries) // 2
     produce(redis_client, stream_key, scenario.entries[:half])
     first = start_processor({**env, "SHARDS": "2", "BATCH_SIZE": "100"}, name="first")
-    first_half = len({(f["device_id"], f["ts"]) for f in map(orjson.loads, scenario.entries[:half])})
-    wait_for(lambda: settled(redis_client, database_url, stream_key, first_half, 0), 60, 0.2)
+    wait_settled(redis_client, database_url, stream_key, 60)
     with psycopg.connect(database_url) as conn:
         open_visits = conn.execute("SELECT count(*) FROM timing_records WHERE exited_at IS NULL").fetchone()[0]
     assert open_visits > 0, "the scenario should leave devices inside geofences at the stop"
@@ -78,7 +73,7 @@ def test_restart_while_devices_are_inside_geofences(redis_client, database_url, 
     assert first.wait(30) == 0
     produce(redis_client, stream_key, scenario.entries[half:])
     start_processor({**env, "SHARDS": "2", "BATCH_SIZE": "100"}, name="second")
-    wait_for(lambda: settled(redis_client, database_url, stream_key, distinct_fixes(scenario), 0), 60, 0.2)
+    wait_settled(redis_client, database_url, stream_key, 60)
     assert_same_result(stored_result(database_url), serial_replay(scenario))
 
 
@@ -99,7 +94,7 @@ def test_running_shards_pick_up_geofence_changes(redis_client, database_url, str
     wait_for(lambda: loaded(1), 5.0, what="both shards loading the new geofence")
     fixes = [{"device_id": "truck", "ts": 1_767_225_600_000 + n * 1000, "lat": 52.05, "lon": 3.99 + n * 0.03} for n in range(5)]
     produce(redis_client, stream_key, [orjson.dumps(f) for f in fixes])
-    wait_for(lambda: settled(redis_client, database_url, stream_key, 5, 0), 30, 0.1)
+    wait_settled(redis_client, database_url, stream_key, 30)
     rows, _ = stored_result(database_url)
     assert [(r[0], r[1], r[8]) for r in rows] == [("truck", "depot", 3)]
     assert rows[0][3] is not None, "the fifth fix at lon 4.11 is outside: the visit is closed"
@@ -116,7 +111,7 @@ def test_rehydrate_makes_running_shards_honour_a_sql_correction(redis_client, da
     processor.wait_for_shards(2)
     fixes = [{"device_id": "van", "ts": 1_767_225_600_000 + n * 1000, "lat": 52.0, "lon": 4.0 + n * 0.001} for n in range(20)]
     produce(redis_client, stream_key, [orjson.dumps(f) for f in fixes])
-    wait_for(lambda: settled(redis_client, database_url, stream_key, 20, 0), 30, 0.1)
+    wait_settled(redis_client, database_url, stream_key, 30)
     with psycopg.connect(database_url) as conn:
         conn.execute("UPDATE last_position SET odometer_m = 1000000 WHERE device_id = 'van'")  # the correction
     result = subprocess.run(
@@ -128,7 +123,7 @@ def test_rehydrate_makes_running_shards_honour_a_sql_correction(redis_client, da
     wait_for(lambda: len({e["pid"] for e in dropped()}) == 2, 1.0, 0.02, what="both shards dropping the device")
     step = {"device_id": "van", "ts": 1_767_225_600_000 + 20_000, "lat": 52.0, "lon": 4.0 + 20 * 0.001}
     produce(redis_client, stream_key, [orjson.dumps(step)])
-    wait_for(lambda: settled(redis_client, database_url, stream_key, 21, 0), 30, 0.1)
+    wait_settled(redis_client, database_url, stream_key, 30)
     with psycopg.connect(database_url) as conn:
         (odometer,) = conn.execute("SELECT odometer_m FROM last_position WHERE device_id = 'van'").fetchone()
     assert 1_000_000 < odometer < 1_000_100, "the next fix builds on the corrected odometer"

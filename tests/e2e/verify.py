@@ -52,6 +52,32 @@ def settled(client: redis.Redis, database_url: str, stream: str, expected_rows: 
     )
 
 
+def wait_settled(client: redis.Redis, database_url: str, stream: str, timeout_s: float = 60.0) -> None:
+    """Wait until every entry of the stream is stored or dead-lettered and nothing is pending;
+    on timeout, say what is stuck where."""
+    from tests.e2e.processes import wait_for
+
+    valid, poison = entries_by_outcome(client, stream)
+    distinct = len({(fix.device_id, fix.ts) for fix in valid.values()})
+    try:
+        wait_for(
+            lambda: settled(client, database_url, stream, distinct, len(poison)),
+            timeout_s,
+            interval_s=0.1,
+            what="every entry stored or dead-lettered, nothing pending",
+        )
+    except AssertionError as exc:
+        summary = client.xpending(stream, "processor")
+        examples = [
+            (p["message_id"], p["consumer"], f"idle {p['time_since_delivered']} ms", f"delivered {p['times_delivered']}x")
+            for p in client.xpending_range(stream, "processor", "-", "+", 5)
+        ]
+        raise AssertionError(
+            f"{exc}; stored {stored_count(database_url)} of {distinct}; "
+            f"pending per consumer {summary['consumers']}, e.g. {examples}"
+        ) from None
+
+
 def assert_exact(client: redis.Redis, database_url: str, stream: str) -> None:
     """The database and the DLQ hold exactly what the stream says they should."""
     valid, poison = entries_by_outcome(client, stream)
