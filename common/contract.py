@@ -1,0 +1,21 @@
+"""Rules of the stream contract (SPEC §2) that more than one layer checks.
+
+The shard's decoder checks every entry against them; `processor rehydrate` checks the
+device id an operator types, so that it names a device the stream could carry.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_DEVICE_ID_CHARS = 64
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def device_id_problem(device_id: str) -> str | None:
+    """Why `device_id` breaks SPEC §2's rule, or None when it is fine."""
+    if not 0 < len(device_id) <= MAX_DEVICE_ID_CHARS:
+        return f"must be 1-{MAX_DEVICE_ID_CHARS} characters, got {len(device_id)}"
+    if CONTROL_CHARACTERS.search(device_id):
+        return "must not contain control characters"
+    return None

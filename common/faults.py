@@ -1,0 +1,148 @@
+"""The error boundary: every exception the Processor can meet, mapped to what happens next.
+
+One decision, made here and nowhere else. Callers catch broadly and ask `classify`:
+
+- OUTAGE: a server is unreachable, restarting, read-only or full. Pause with backoff and
+  retry; dead-letter nothing.
+- REFUSED: credentials, a missing privilege, a missing table or an unsupported server.
+  Waiting cannot fix it: exit 78, and the supervisor halts rather than crash-looping.
+- ROW_REJECTED: Postgres refused the data of one row. The batch is split so that every
+  other row commits; the row's failures are counted until it is dead-lettered.
+- POISON: the entry itself breaks the stream contract. Dead-letter it at once.
+- CANCELLED: shutdown. Let it propagate.
+- BUG: anything else. Panic: log, dump state, exit 70.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+
+import psycopg
+import psycopg.errors
+import redis.exceptions
+
+from common.errors import ExitCode, InvalidEntry, ProcessorError
+from common.logs import scrub
+
+
+class Outcome(enum.Enum):
+    OUTAGE = "outage"
+    REFUSED = "refused"
+    ROW_REJECTED = "row-rejected"
+    POISON = "poison"
+    CANCELLED = "cancelled"
+    BUG = "bug"
+
+
+# Redis replies (the first word of the error) that mean "not now": a replica promoted
+# mid-write, a server loading its data set, a script running too long, memory full.
+REDIS_NOT_NOW = ("READONLY", "LOADING", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "OOM")
+# Replies that mean "never, as configured": our ACL user lacks a command or key, the
+# password is wrong, the server is too old for a command, or a key holds another type.
+REDIS_REFUSED = ("NOPERM", "NOAUTH", "WRONGPASS", "WRONGTYPE", "ERR unknown command")
+
+# Credentials or database refused; a failed connection often carries only the message.
+POSTGRES_REFUSED_SQLSTATES = frozenset(
+    {
+        "28000",  # invalid authorization specification
+        "28P01",  # invalid password
+        "3D000",  # database does not exist
+        "3F000",  # schema does not exist
+        "42501",  # insufficient privilege
+        "42P01",  # table does not exist: not migrated
+        "42703",  # column does not exist: migrated by another release
+        "42883",  # function does not exist
+        "42704",  # object does not exist (a role, a type)
+    }
+)
+POSTGRES_REFUSED_MESSAGES = ("password authentication failed", "no pg_hba.conf entry", "does not exist")
+# One row's content exceeds what Postgres can hold or process (an over-long value, a
+# document nested too deep): the row is at fault, not the server.
+POSTGRES_ROW_SQLSTATES = frozenset({"54000", "54001"})
+
+OUTAGE_TYPES: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,  # includes BusyLoadingError and MaxConnectionsError
+    redis.exceptions.TimeoutError,
+    psycopg.OperationalError,  # connection lost, admin shutdown, deadlock victim, lock timeout
+    psycopg.InterfaceError,  # the connection was already closed
+    psycopg.errors.ReadOnlySqlTransaction,  # a failover left us on a standby for a moment
+    psycopg.errors.IdleInTransactionSessionTimeout,
+    ConnectionError,  # builtin: resets and refusals below either client
+    TimeoutError,  # includes asyncio.TimeoutError
+    socket.gaierror,  # a host name that does not resolve now may resolve later
+)
+
+
+def classify(exc: BaseException) -> Outcome:
+    """What to do about `exc`; see the module docstring."""
+    if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+        return Outcome.CANCELLED
+    if isinstance(exc, InvalidEntry):
+        return Outcome.POISON
+    if isinstance(exc, ProcessorError):
+        return Outcome.REFUSED if exc.exit_code == ExitCode.CONFIG else Outcome.BUG
+    if isinstance(exc, redis.exceptions.RedisError):
+        return _classify_redis(exc)
+    if isinstance(exc, psycopg.Error):
+        return _classify_postgres(exc)
+    if isinstance(exc, OUTAGE_TYPES):
+        return Outcome.OUTAGE
+    return Outcome.BUG
+
+
+def _classify_redis(exc: redis.exceptions.RedisError) -> Outcome:
+    if isinstance(
+        exc,
+        (
+            redis.exceptions.AuthenticationError,
+            redis.exceptions.AuthorizationError,
+            redis.exceptions.NoPermissionError,
+            redis.exceptions.AuthenticationWrongNumberOfArgsError,
+        ),
+    ):
+        return Outcome.REFUSED
+    if isinstance(exc, redis.exceptions.ResponseError):
+        message = str(exc)
+        if message.startswith(REDIS_REFUSED):
+            return Outcome.REFUSED
+        if isinstance(exc, redis.exceptions.ReadOnlyError) or message.startswith(REDIS_NOT_NOW):
+            return Outcome.OUTAGE
+        return Outcome.BUG
+    if isinstance(exc, OUTAGE_TYPES):
+        return Outcome.OUTAGE
+    return Outcome.BUG
+
+
+def _classify_postgres(exc: psycopg.Error) -> Outcome:
+    sqlstate = exc.sqlstate
+    if sqlstate in POSTGRES_REFUSED_SQLSTATES:
+        return Outcome.REFUSED
+    if sqlstate is None and isinstance(exc, psycopg.OperationalError):
+        if any(text in str(exc) for text in POSTGRES_REFUSED_MESSAGES):
+            return Outcome.REFUSED
+    if sqlstate in POSTGRES_ROW_SQLSTATES or isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
+        return Outcome.ROW_REJECTED
+    if isinstance(exc, OUTAGE_TYPES):
+        return Outcome.OUTAGE
+    return Outcome.BUG
+
+
+def server_of(exc: BaseException) -> str | None:
+    """Which server an error came from, when its type tells: "redis", "postgres" or None."""
+    if isinstance(exc, redis.exceptions.RedisError):
+        return "redis"
+    if isinstance(exc, psycopg.Error):
+        return "postgres"
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's own message on one line, passwords masked, for logs and command output.
+
+    For Postgres errors, the server's primary message without the SQL excerpt.
+    """
+    diag = getattr(exc, "diag", None)
+    text = (diag.message_primary if diag is not None else None) or str(exc)
+    return scrub(" ".join(text.split()) or type(exc).__name__)

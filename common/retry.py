@@ -1,0 +1,119 @@
+"""The one retry loop: an outage pauses with backoff, a refusal ends in exit 78, the rest propagates.
+
+Shards use `retry` (asyncio) around every call to Redis or Postgres; the supervisor uses
+`retry_blocking` for its start-up checks, with a deadline. Both ask `common.faults.classify`
+what an exception means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from common.backoff import Backoff
+from common.errors import ConnectionRefusedForGood, ProcessorError
+from common.faults import Outcome, classify, one_line
+
+T = TypeVar("T")
+SERVERS = ("redis", "postgres")
+RETRY_BASE_S = 0.1
+RETRY_CAP_S = 5.0
+
+log = logging.getLogger("processor.retry")
+
+
+class ServerUnreachable(ProcessorError):
+    """A server did not answer within the start-up deadline (exit 1: the container restarts)."""
+
+
+class Reachability:
+    """Whether each server answered the last call, with one log line per outage each way.
+
+    `outages[server]` counts failed calls; a reader compares it before and after a read to
+    learn that the read's reply may have been lost.
+    """
+
+    def __init__(self, name: str, on_change: Callable[[], None] = lambda: None) -> None:
+        self.name = name  # who is speaking in the logs, e.g. the consumer
+        self.on_change = on_change
+        self.ok = {server: False for server in SERVERS}
+        self.outages = {server: 0 for server in SERVERS}
+        self._logged = {server: False for server in SERVERS}
+
+    def failed(self, server: str, exc: BaseException) -> None:
+        self.outages[server] += 1
+        if not self._logged[server]:
+            # Once per outage, not per caller: the read and the ACK fail at the same moment.
+            log.warning(f"{server} unavailable, pausing", extra={"consumer": self.name, "error": one_line(exc)})
+            self._logged[server] = True
+        self.mark(server, False)
+
+    def recovered(self, server: str, attempts: int) -> None:
+        if self._logged[server]:
+            log.warning(f"{server} reachable again", extra={"consumer": self.name, "attempts": attempts})
+            self._logged[server] = False
+        self.mark(server, True)
+
+    def mark(self, server: str, ok: bool) -> None:
+        if self.ok[server] != ok:
+            self.ok[server] = ok
+            self.on_change()
+
+
+def refused(server: str, exc: BaseException) -> ProcessorError:
+    """The exception to raise for a REFUSED outcome: a one-line configuration error (exit 78)."""
+    if isinstance(exc, ProcessorError):
+        return exc
+    return ConnectionRefusedForGood(f"{server} refused: {one_line(exc)}")
+
+
+async def retry(
+    server: str, reach: Reachability, operation: Callable[..., Awaitable[T]], *args: object
+) -> T:
+    """Run `operation` until it succeeds; only an outage is retried."""
+    backoff = Backoff(base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S)
+    while True:
+        try:
+            result = await operation(*args)
+        except Exception as exc:
+            outcome = classify(exc)
+            if outcome is Outcome.REFUSED:
+                raise refused(server, exc) from exc
+            if outcome is not Outcome.OUTAGE:
+                raise
+            reach.failed(server, exc)
+            await asyncio.sleep(backoff.next_delay())
+            continue
+        reach.recovered(server, backoff.failures)
+        return result
+
+
+def retry_blocking(
+    server: str,
+    operation: Callable[..., T],
+    *args: object,
+    deadline_s: float,
+    between: Callable[[], None] = lambda: None,
+) -> T:
+    """Run `operation` until it succeeds or `deadline_s` passes; `between` runs before each wait
+    (the supervisor handles signals there, and may raise to give up)."""
+    deadline = time.monotonic() + deadline_s
+    backoff = Backoff(base_s=0.2, cap_s=RETRY_CAP_S)
+    while True:
+        try:
+            return operation(*args)
+        except Exception as exc:
+            outcome = classify(exc)
+            if outcome is Outcome.REFUSED:
+                raise refused(server, exc) from exc
+            if outcome is not Outcome.OUTAGE:
+                raise
+            between()
+            if time.monotonic() >= deadline:
+                raise ServerUnreachable(f"{server} unreachable after {deadline_s:.0f}s: {one_line(exc)}") from exc
+            if backoff.failures == 0:
+                log.warning(f"{server} unreachable, waiting", extra={"error": one_line(exc)})
+            time.sleep(backoff.next_delay())
