@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark of the Processor: drain throughput and end-to-end latency.
 
-    .venv/bin/python scripts/bench.py            # full run (a few minutes)
-    .venv/bin/python scripts/bench.py --quick    # smoke test (backlog 20,000, latency 5 s)
-    .venv/bin/python scripts/bench.py --only drain --shards 1,2,4 --json bench.json
+    .venv/bin/python -m scripts.bench            # full run (a few minutes); or `make bench`
+    .venv/bin/python -m scripts.bench --quick    # smoke test (backlog 20,000, latency 5 s)
+    .venv/bin/python -m scripts.bench --only drain --shards 1,2,4 --json bench.json
 
 What it measures
 ----------------
@@ -73,18 +73,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import orjson
+import psycopg
+import redis
+from psycopg import sql
 
-import orjson  # noqa: E402
-import psycopg  # noqa: E402
-import redis  # noqa: E402
-from psycopg import sql  # noqa: E402
-
-from common.config import redact_url  # noqa: E402
-from scripts import simulate  # noqa: E402
-from scripts.services import (  # noqa: E402
+from common.config import redact_url
+from scripts.toolkit import fleet as simulate_fleet
+from scripts.toolkit import writer as simulate
+from scripts.toolkit.processes import PROCESSOR, ROOT
+from scripts.toolkit.services import (
     ThrowawayPostgres,
     ThrowawayRedis,
     missing_binaries,
@@ -93,7 +91,6 @@ from scripts.services import (  # noqa: E402
     with_database,
 )
 
-PROCESSOR = [sys.executable, "-m", "common.cli"]
 POLL_S = 0.05
 PROGRESS_S = 1.0
 STALL_TIMEOUT_S = 90.0  # no progress for this long fails a phase
@@ -833,7 +830,7 @@ class CommitListener(threading.Thread):
         self.join(timeout=5)
 
 
-def paced_send(box: Sandbox, fleet: simulate.Fleet, rate: float, seconds: float, sent_at: list[float] | None,
+def paced_send(box: Sandbox, fleet: simulate_fleet.Fleet, rate: float, seconds: float, sent_at: list[float] | None,
                on_tick: Callable[[int], None]) -> tuple[int, float]:
     """Offer `rate` fixes/s for `seconds` s in 10 ms ticks (like simulate.steady).
 
@@ -905,7 +902,7 @@ def run_latency(bench: Bench, result: Result, shards: int, rate: float, seconds:
                 listener.check()
                 proc = ProcessorRun(box.env, box.workdir / "processor.log", shards)
                 _wait_for_consumers(box, proc, shards)
-                fleet = simulate.Fleet(devices, seed=SEED, start_ms=time.time_ns() // 1_000_000)
+                fleet = simulate_fleet.Fleet(devices, seed=SEED, start_ms=time.time_ns() // 1_000_000)
                 if warmup_s > 0:
                     warm, _ = paced_send(box, fleet, rate, warmup_s, None, lambda _n: proc.sample())
                     _wait_until(lambda: stored() >= warm, proc, f"the {warm} warm-up fixes to be stored")
@@ -1090,7 +1087,7 @@ def where_time_goes(results: list[Result]) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="bench.py", description="Benchmark the Processor: drain throughput and end-to-end latency.",
+        prog="python -m scripts.bench", description="Benchmark the Processor: drain throughput and end-to-end latency.",
     )
     p.add_argument("--only", choices=("drain", "latency", "membership"), help="run one phase only (default: both)")
     p.add_argument("--shards", default="1,2", help="SHARDS values of the drain runs, comma-separated (default 1,2)")

@@ -1,10 +1,12 @@
-#!/usr/bin/env python3
 """The multi-instance failover playbook: two instances, one SIGKILLed under load, exact proof.
 
 Starts (or uses) Redis and Postgres like `make demo`, runs two instances of two shards,
 offers a steady load, SIGKILLs one whole instance, prints the lag timeline second by
 second until the survivor has caught up, restarts the dead instance, and verifies that
 every fix was stored once (or dead-lettered once) and nothing is pending. Exit 0 only then.
+
+Run from the repository root: `scripts/failover_test.sh [--quick]`, which runs
+`.venv/bin/python -m scripts.failover`.
 """
 from __future__ import annotations
 
@@ -18,14 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import psycopg
+import redis
 
-import psycopg  # noqa: E402
-import redis  # noqa: E402
-
-from scripts.demo import GROUP, PROCESSOR, Producer, delete_keys, provide_services, say, stop_processor  # noqa: E402
-from shard.decode import decode_entry  # noqa: E402
+from scripts.toolkit.harness import GROUP, Producer, delete_keys, group_info, provide_services, say, stop_processor
+from scripts.toolkit.processes import PROCESSOR, ROOT
+from shard.decode import decode_entry
 
 CATCH_UP_DEADLINE_S = 120.0
 
@@ -39,7 +39,7 @@ def start_instance(env: dict[str, str], name: str, workdir: Path) -> subprocess.
 
 
 def state(r: redis.Redis, db: psycopg.Connection, stream: str, dead_instance: str) -> dict[str, int]:
-    group = next((g for g in r.xinfo_groups(stream) if g["name"] == GROUP.encode()), {})
+    group = group_info(r, stream) or {}
     summary = r.xpending(stream, GROUP)
     orphaned = sum(c["pending"] for c in summary["consumers"] if c["name"].decode().startswith(f"{dead_instance}-"))
     return {
@@ -52,10 +52,8 @@ def state(r: redis.Redis, db: psycopg.Connection, stream: str, dead_instance: st
 
 
 def _group_ready(r: redis.Redis, stream: str) -> bool:
-    try:
-        return any(g["name"] == GROUP.encode() and g["consumers"] >= 4 for g in r.xinfo_groups(stream))
-    except redis.ResponseError:
-        return False
+    group = group_info(r, stream)
+    return group is not None and group["consumers"] >= 4
 
 
 def verify(r: redis.Redis, db: psycopg.Connection, stream: str) -> list[str]:

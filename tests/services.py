@@ -11,7 +11,7 @@ import os
 import shutil
 from contextlib import ExitStack
 
-from scripts.services import ThrowawayPostgres, ThrowawayRedis, postgres_reachable, redis_reachable, with_database
+from scripts.toolkit.services import ThrowawayPostgres, ThrowawayRedis, postgres_reachable, redis_reachable, with_database
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

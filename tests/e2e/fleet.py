@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from scripts.simulate import Fleet
+from scripts.toolkit.fleet import Fleet
 from shard.decode import decode_entry
 from shard.geo import GeofenceIndex, parse_geofence
 from shard.track import DeviceState, TrackFix, advance

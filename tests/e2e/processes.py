@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +12,9 @@ from typing import TypeVar
 
 import orjson
 
+from scripts.toolkit.processes import PROCESSOR, ROOT, children
+
 T = TypeVar("T")
-PROCESSOR = [sys.executable, "-m", "common.cli"]
 
 
 def wait_for(condition: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "") -> T:
@@ -29,27 +29,13 @@ def wait_for(condition: Callable[[], T], timeout_s: float = 30.0, interval_s: fl
         time.sleep(interval_s)
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of `pid` (the shards of a supervisor)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return sorted(found)
-
-
 class ProcessorProcess:
     """`processor <args>` in its own session, logging JSON lines to a file."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
         self.log_path = log_path
         self.log_file = open(log_path, "ab")  # noqa: SIM115 - closed in close()
-        full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(Path(__file__).parents[2]), **env}
+        full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
         self.proc = subprocess.Popen(
             [*PROCESSOR, *(args or ("run",))],
             env=full_env,

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from scripts.simulate import steady
+from scripts.toolkit.writer import steady
 from tests.e2e.processes import wait_for
 from tests.e2e.verify import assert_exact, stored_count, wait_settled
 

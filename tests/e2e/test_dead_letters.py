@@ -7,7 +7,8 @@ import psycopg
 import pytest
 
 from common.keys import failures_key
-from scripts.simulate import Fleet, produce
+from scripts.toolkit.fleet import Fleet
+from scripts.toolkit.writer import produce
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import wait_for
 from tests.e2e.verify import stored_count

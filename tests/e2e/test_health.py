@@ -10,8 +10,8 @@ import urllib.request
 import orjson
 import pytest
 
-from scripts.services import ThrowawayPostgres, free_port
-from scripts.simulate import backlog
+from scripts.toolkit.services import ThrowawayPostgres, free_port
+from scripts.toolkit.writer import backlog
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import wait_for
 from tests.e2e.verify import assert_exact, wait_settled

@@ -16,8 +16,9 @@ import orjson
 import pytest
 import redis
 
-from scripts.services import ThrowawayPostgres, ThrowawayRedis, missing_binaries
-from scripts.simulate import Fleet, produce, steady
+from scripts.toolkit.fleet import Fleet
+from scripts.toolkit.services import ThrowawayPostgres, ThrowawayRedis, missing_binaries
+from scripts.toolkit.writer import produce, steady
 from shard.decode import decode_entry
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import ProcessorProcess, wait_for

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from common.config import redact_url
-from scripts.simulate import backlog
+from scripts.toolkit.writer import backlog
 from tests.e2e.processes import ProcessorProcess, wait_for
 from tests.e2e.verify import assert_exact, wait_settled
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from scripts.simulate import backlog, steady
+from scripts.toolkit.writer import backlog, steady
 from tests.e2e.processes import wait_for
 from tests.e2e.verify import assert_exact, stored_count, wait_settled
 

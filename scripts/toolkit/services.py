@@ -25,6 +25,9 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import redis
 
+from common.logs import add_secret
+from scripts.toolkit.processes import alive, children, tail
+
 _OPEN: set[_Throwaway] = set()  # strong refs on purpose: a dropped-but-open server must still die at exit
 _PG_ROOT = Path("/usr/lib/postgresql")
 
@@ -40,6 +43,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def add_url_secret(url: str | None) -> None:
+    """Have `common.logs.scrub` mask the password of `url` wherever it appears, not only inside URLs."""
+    with contextlib.suppress(ValueError):
+        add_secret(urlsplit(url).password if url else None)
 
 
 def redis_reachable(url: str, timeout_s: float = 1.0) -> bool:
@@ -99,29 +108,7 @@ def missing_binaries() -> list[str]:
 
 
 def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as e:
-        return f"(no log: {e})"
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields after the command name in /proc/<pid>/stat: [state, ppid, ...]."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    # Zombies count as dead: PID 1 on this machine reaps orphans only every second or so.
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
-
-
-def _children(pid: int) -> set[int]:
-    pids = (int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit())
-    return {p for p in pids if (_proc_stat(p) or ["", ""])[1] == str(pid)}
+    return "\n".join(tail(path, lines))
 
 
 @atexit.register
@@ -285,7 +272,7 @@ class ThrowawayPostgres(_Throwaway):
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
         except (OSError, ValueError, RuntimeError):
             return None
-        return pid if comm == "postgres" and _alive(pid) else None
+        return pid if comm == "postgres" and alive(pid) else None
 
     def _run(self, *cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
         if os.geteuid() == 0:  # Postgres refuses to run as root
@@ -358,12 +345,12 @@ class ThrowawayPostgres(_Throwaway):
             return
         # Backends too, not only the postmaster: each postgres child setsid()s (so killpg misses
         # them), and an orphan still attached to the old shared memory would block the restart.
-        victims = {pid} | _children(pid)
+        victims = {pid, *children(pid)}
         for victim in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while any(map(_alive, victims)) and time.monotonic() < deadline:
+        while any(map(alive, victims)) and time.monotonic() < deadline:
             time.sleep(0.02)
 
     def _shutdown(self) -> None:

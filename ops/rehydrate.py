@@ -1,0 +1,92 @@
+"""`processor rehydrate DEVICE_ID`: every shard of every instance drops its cached state of a device."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import orjson
+
+from common.config import Settings
+from common.contract import device_id_problem
+from common.errors import ExitCode
+from common.keys import DEVICE_LOCK_CLASS, rehydrate_channel
+from ops.errors import postgres, redis_client
+
+
+@dataclass(frozen=True)
+class RehydrateResult:
+    device_id: str
+    known: bool  # has a last_position row
+    state_version: int | None  # the new row version, when known
+    receivers: int  # subscribers (running shards) the request reached
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "device_id": self.device_id,
+            "known": self.known,
+            "state_version": self.state_version,
+            "shards_notified": self.receivers,
+        }
+
+
+# Under the device's lock, so it cannot land between a shard's read of the version and its
+# write of version + 1 (which would overwrite the bump with the same number).
+_LOCK_DEVICE = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+_BUMP_VERSION = """
+UPDATE last_position SET state_version = state_version + 1 WHERE device_id = %s RETURNING state_version
+"""
+
+
+def rehydrate(settings: Settings, device_id: str) -> RehydrateResult:
+    """Make every shard reload the device from Postgres.
+
+    First the row version is bumped, so any cached copy is stale even in a shard that
+    misses the message; then the id is published for running shards to drop it now.
+    """
+    with postgres(settings.database_url) as conn, conn.transaction():
+        conn.execute(_LOCK_DEVICE, (DEVICE_LOCK_CLASS, device_id))
+        row = conn.execute(_BUMP_VERSION, (device_id,)).fetchone()
+    state_version = int(row[0]) if row is not None else None
+    bumped = f"; its state_version is bumped to {state_version}, so shards reload it at its next fix" if row else ""
+    unreachable = f"cannot notify the shards about device {device_id!r} through"
+    with redis_client(settings.redis_url, unreachable=unreachable, note=bumped) as client:
+        receivers = int(client.publish(rehydrate_channel(settings.stream_key), device_id))
+    return RehydrateResult(device_id, row is not None, state_version, receivers)
+
+
+# --- the command ----------------------------------------------------------------------
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "rehydrate",
+        help="make every running shard reload a device's state from Postgres",
+        description="Bump the device's state_version in Postgres (so every cached copy is stale, even in a "
+        "shard that misses the message), then publish the id so that running shards of every instance "
+        "drop it now. The next fix of the device reloads its state. Exits 0 also for an unknown device.",
+    )
+    parser.add_argument("device_id", metavar="DEVICE_ID", type=_device_id, help="the device_id, as in the stream")
+    parser.add_argument("--json", action="store_true", help="print the outcome as a JSON object")
+    parser.set_defaults(func=cmd_rehydrate)
+
+
+def cmd_rehydrate(settings: Settings, args: argparse.Namespace) -> int:
+    result = rehydrate(settings, args.device_id)
+    if args.json:
+        print(orjson.dumps(result.as_json()).decode())
+    elif result.known:
+        print(f"device {result.device_id!r}: state_version bumped to {result.state_version}; "
+              f"{result.receivers} shard(s) received the request to drop it")
+    else:
+        print(f"device {result.device_id!r} is not known (no last_position row); "
+              f"{result.receivers} shard(s) received the request to drop it")
+    return ExitCode.OK
+
+
+def _device_id(value: str) -> str:
+    """SPEC §2's rule for device ids, as the shards' decoder applies it (a bad one: exit 2)."""
+    problem = device_id_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"a device id {problem}")
+    return value
