@@ -8,6 +8,7 @@ in-flight entry ids), the redacted configuration and the traceback. Never a pass
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ from common.logs import scrub
 
 log = logging.getLogger("processor.panic")
 
-# Test-only: set to "<where>" to make the process crash there (see maybe_crash); unset in production.
+# Test-only: set to "<where>" to make the process crash there (see crash_point); unset in production.
 TEST_CRASH_ENV = "PROCESSOR_TEST_CRASH"
 
 StateProvider = Callable[[], dict[str, Any]]
@@ -100,16 +101,22 @@ class Panic:
         return path
 
 
-def maybe_crash(where: str, panic_dir: Path) -> None:
-    """Test-only fault injection: fail here once when PROCESSOR_TEST_CRASH names this place.
+def crash_point(places: tuple[str, ...], panic_dir: Path) -> Callable[[], None] | None:
+    """Test-only fault injection, decided once at start-up: a function that crashes at the
+    place PROCESSOR_TEST_CRASH names when that is one of `places`, else None (production).
 
     Places: `shard-uncaught` (an exception out of the shard's main task), `shard-task`
     (an exception in a task nobody awaits), `shard-thread` (in a thread), `shard-hang`
     (the event loop blocks), `supervisor-uncaught`. A marker file in PANIC_DIR makes it
     happen once per test, so the restarted process runs normally.
     """
-    if os.environ.get(TEST_CRASH_ENV) != where:
-        return
+    where = os.environ.get(TEST_CRASH_ENV)
+    if where not in places:
+        return None
+    return functools.partial(injected_crash, where, panic_dir)
+
+
+def injected_crash(where: str, panic_dir: Path) -> None:
     marker = panic_dir / f".test-crash-{where}"
     try:
         panic_dir.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,8 @@ def retry_blocking(
     between: Callable[[], None] = lambda: None,
 ) -> T:
     """Run `operation` until it succeeds or `deadline_s` passes; `between` runs before each wait
-    (the supervisor handles signals there, and may raise to give up)."""
+    (the supervisor handles signals there, and may raise to give up). `server` names the
+    server in messages, e.g. "Postgres at DATABASE_URL"."""
     deadline = time.monotonic() + deadline_s
     backoff = Backoff(base_s=0.2, cap_s=RETRY_CAP_S)
     while True:
@@ -117,3 +118,21 @@ def retry_blocking(
             if backoff.failures == 0:
                 log.warning(f"{server} unreachable, waiting", extra={"error": one_line(exc)})
             time.sleep(backoff.next_delay())
+
+
+async def attempt(server: str, reach: Reachability, operation: Callable[..., Awaitable[object]], *args: object) -> bool:
+    """One call of a periodic duty: an outage marks the server down and returns False (the
+    duty tries again at its next tick); a refusal raises; anything else propagates."""
+    try:
+        await operation(*args)
+    except Exception as exc:
+        outcome = classify(exc)
+        if outcome is Outcome.REFUSED:
+            raise refused(server, exc) from exc
+        if outcome is not Outcome.OUTAGE:
+            raise
+        log.debug(f"{server} call failed; next tick tries again", extra={"consumer": reach.name, "error": one_line(exc)})
+        reach.mark(server, False)
+        return False
+    reach.mark(server, True)
+    return True

@@ -1,7 +1,11 @@
-"""A batch as it moves through a shard: entries read, decoded, then written and settled."""
+"""A batch as it moves through a shard: entries read, decoded, then written and settled.
+
+Everything about an entry is keyed by its stream id, so no two lists have to stay in step.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from common.errors import InvalidEntry
@@ -11,27 +15,25 @@ from shard.stream import DeadLetter, Entry
 
 @dataclass
 class Batch:
-    """What one read returned, sorted by what must happen to each entry."""
+    """What one read (or claim) returned, sorted by what must happen to each entry."""
 
-    ids: list[bytes]
-    fixes: list[Fix] = field(default_factory=list)
-    fix_ids: list[bytes] = field(default_factory=list)
-    fields: dict[bytes, dict[bytes, bytes]] = field(default_factory=dict)
+    ids: list[bytes]  # every entry, in stream order
+    fixes: dict[bytes, Fix] = field(default_factory=dict)  # to store, in stream order
+    fields: dict[bytes, dict[bytes, bytes]] = field(default_factory=dict)  # originals, for a dead letter
     dead: list[DeadLetter] = field(default_factory=list)
-    gone: list[bytes] = field(default_factory=list)
-
+    gone: list[bytes] = field(default_factory=list)  # deleted or trimmed while pending
     recovered: list[bytes] = field(default_factory=list)  # failed before, stored now
+    started: float = field(default_factory=time.monotonic)
 
-    def reject(self, rejected: dict[int, tuple[str, int]]) -> None:
-        """Move rows that Postgres refused for good from the fixes to the dead letters."""
-        for position, (error, failures) in sorted(rejected.items(), reverse=True):
-            entry_id = self.fix_ids.pop(position)
-            self.fixes.pop(position)
-            self.dead.append(DeadLetter(entry_id, self.fields[entry_id], error, "write", failures))
+    def reject(self, entry_id: bytes, error: str, failures: int) -> None:
+        """A row Postgres refused for good: the entry becomes a dead letter instead of a fix."""
+        del self.fixes[entry_id]
+        self.dead.append(DeadLetter(entry_id, self.fields[entry_id], error, "write", failures))
 
     @property
     def acked(self) -> list[bytes]:
-        return self.fix_ids + self.gone
+        """Entries whose effects are committed (or that have nothing left to store)."""
+        return [*self.fixes, *self.gone]
 
 
 def decode_batch(entries: list[Entry], max_failures: int) -> Batch:
@@ -39,13 +41,13 @@ def decode_batch(entries: list[Entry], max_failures: int) -> Batch:
     batch = Batch([entry_id for entry_id, _ in entries])
     for entry_id, fields in entries:
         if not fields:
-            batch.gone.append(entry_id)  # deleted or trimmed while pending: nothing left to store
+            batch.gone.append(entry_id)
             continue
         try:
-            batch.fixes.append(decode_entry(fields))
+            fix = decode_entry(fields)
         except InvalidEntry as exc:
             batch.dead.append(DeadLetter(entry_id, fields, str(exc), exc.kind, max_failures))
             continue
-        batch.fix_ids.append(entry_id)
+        batch.fixes[entry_id] = fix
         batch.fields[entry_id] = fields
     return batch

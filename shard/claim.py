@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator
 
 from common.config import Settings
 from common.keys import liveness_key
+from common.timing import LIVENESS_TTL_S
 from shard.stream import ConsumerStream, Entry
 
 log = logging.getLogger("processor.claim")
 
-LIVENESS_TTL_S = 5
-LIVENESS_CHECK_S = 2.0
 # A dead consumer's entry must be idle this long, so two claimers racing for it cannot
 # both win (the first claim resets the idle time to zero).
 DEAD_CLAIM_MIN_IDLE_MS = 1_000

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 import orjson
 
+from common.contract import device_id_problem
 from common.errors import InvalidEntry
 from common.keys import DATA_FIELD
 
 # An entry this large is refused before it is parsed, so a runaway producer cannot stall a shard.
 MAX_DATA_BYTES = 1 << 20
-MAX_DEVICE_ID_CHARS = 64
 MAX_TS_TEXT_CHARS = 64
 # 9999-12-30T23:59:59.999Z: a day short of Python's last datetime, so that rendering a
 # stored time in any time zone (Postgres JSON, logs) cannot overflow.
@@ -24,7 +23,6 @@ MAX_SMALLINT = 32_767
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MAX_TS = _EPOCH + timedelta(milliseconds=MAX_TS_MS)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class Fix(NamedTuple):
@@ -66,10 +64,9 @@ def validate(obj: dict[str, Any], raw: bytes = b"\\u0000") -> Fix:
     device_id = get("device_id")
     if type(device_id) is not str:
         raise _invalid("device_id", "is required and must be a string", device_id)
-    if not 0 < len(device_id) <= MAX_DEVICE_ID_CHARS:
-        raise _invalid("device_id", f"must be 1-{MAX_DEVICE_ID_CHARS} characters, got {len(device_id)}")
-    if _CONTROL.search(device_id):
-        raise _invalid("device_id", "must not contain control characters", device_id)
+    problem = device_id_problem(device_id)
+    if problem is not None:
+        raise _invalid("device_id", problem)
     ts = _timestamp(get("ts"))
     lat = get("lat")
     if lat is None:

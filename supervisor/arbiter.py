@@ -16,13 +16,13 @@ import psycopg
 import redis
 from setproctitle import setproctitle
 
-from common.backoff import Backoff
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
-from common.panic import Panic, maybe_crash
+from common.panic import Panic, crash_point
+from common.retry import retry_blocking
 from common.status import ShardStatus, StatusBoard
-from shard.faults import is_configuration_error
-from shard.worker import Shard
+from common.timing import HEALTHY_BEAT_S, QUICK_STOP_S, STOP_MARGIN_S
+from shard.lifecycle import Shard
 from supervisor.migrations import apply_migrations
 from supervisor.http import HealthServer, Observer, ShardView
 from supervisor.restarts import RestartPolicy
@@ -32,11 +32,8 @@ log = logging.getLogger("processor.supervisor")
 LOOP_TIMEOUT_S = 0.5
 STARTUP_TIMEOUT_S = 60.0
 ABORT_GRACE_S = 5.0  # between SIGABRT (traceback on stderr) and SIGKILL of a hung shard
-STOP_MARGIN_S = 4.0  # on top of DRAIN_TIMEOUT_S: a shard's close() takes at most 3 s
-QUICK_STOP_S = 2.0  # after a second signal
 REAP_INTERVAL_S = 0.1
 STALE_CONFIRM_S = 1.0
-HEALTHY_BEAT_S = 5.0  # /healthz calls a shard unhealthy when its loop has not beaten for this long
 
 
 class Halt(BaseException):
@@ -67,10 +64,13 @@ class Supervisor:
         self.restart_count = 0
         self.signals: collections.deque[int] = collections.deque()
         self.stopping = False
+        self.stop_started = False
         self.quick = False
         self.board = StatusBoard(settings.shards)
         self.slot_restarts: dict[int, int] = {}
         self.http: HealthServer | None = None
+        self.wakeup_r = self.wakeup_w = -1
+        self.crash_point = crash_point(("supervisor-uncaught",), settings.panic_dir)
 
     def run(self) -> int:
         setproctitle(f"processor: supervisor [{self.settings.instance_id}]")
@@ -95,7 +95,8 @@ class Supervisor:
                 break
             self.check_heartbeats()
             self.maintain_shards()
-            maybe_crash("supervisor-uncaught", self.settings.panic_dir)
+            if self.crash_point is not None:
+                self.crash_point()
         return self.stop()
 
     def panic_state(self) -> dict[str, object]:
@@ -122,44 +123,29 @@ class Supervisor:
         """Redis must answer before we fork; wrong credentials halt at once."""
         client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
         try:
-            self._until_reachable("redis", client.ping)
-        except redis.exceptions.AuthenticationError as exc:
-            self.halt(f"Redis refused our credentials: {exc}", ExitCode.CONFIG)
+            self.until_reachable("Redis at REDIS_URL", client.ping)
         finally:
             client.close()
 
     def migrate(self) -> None:
         """Apply migrations under the advisory lock, waiting a bounded time for Postgres."""
-        try:
-            applied = self._until_reachable("postgres", apply_migrations, self.settings.migration_database_url)
-        except ProcessorError as exc:
-            self.halt(str(exc), exc.exit_code)
-        except psycopg.OperationalError as exc:
-            self.halt(f"Postgres refused the connection: {exc}", ExitCode.CONFIG)
+        applied = self.until_reachable("Postgres at MIGRATION_DATABASE_URL", apply_migrations, self.settings.migration_database_url)
         log.info("schema up to date", extra={"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
         if self.settings.database_url != self.settings.migration_database_url:
-            try:
-                self._until_reachable("postgres", _probe_postgres, self.settings.database_url)
-            except psycopg.OperationalError as exc:
-                self.halt(f"Postgres refused DATABASE_URL: {exc}", ExitCode.CONFIG)
+            self.until_reachable("Postgres at DATABASE_URL", _probe_postgres, self.settings.database_url)
 
-    def _until_reachable(self, server: str, operation, *args):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        backoff = Backoff(base_s=0.2, cap_s=5.0)
-        while True:
-            try:
-                return operation(*args)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, psycopg.OperationalError) as exc:
-                if is_configuration_error(exc):
-                    raise
-                self.dispatch_signals()
-                if self.stopping:
-                    raise Halt("stopped by a signal during start-up", ExitCode.OK) from None
-                if time.monotonic() >= deadline:
-                    self.halt(f"{server} unreachable after {STARTUP_TIMEOUT_S:.0f}s: {exc}", ExitCode.FAILED)
-                if backoff.failures == 0:
-                    log.warning(f"{server} unreachable, waiting", extra={"error": str(exc)})
-                time.sleep(backoff.next_delay())
+    def until_reachable(self, what: str, operation, *args):  # type: ignore[no-untyped-def]
+        """Start-up calls: retried through an outage until STARTUP_TIMEOUT_S; every failure halts."""
+        try:
+            return retry_blocking(what, operation, *args, deadline_s=STARTUP_TIMEOUT_S, between=self.stop_if_asked)
+        except ProcessorError as exc:
+            self.halt(str(exc), exc.exit_code)
+
+    def stop_if_asked(self) -> None:
+        """Between start-up retries: a signal ends the wait."""
+        self.dispatch_signals()
+        if self.stopping:
+            raise Halt("stopped by a signal during start-up", ExitCode.OK)
 
     def serve_http(self) -> None:
         """/healthz and /metrics on HTTP_PORT (0 disables), answered from the main loop."""
@@ -258,12 +244,12 @@ class Supervisor:
             reason = "killed by SIGKILL (probably out of memory)" if signum == signal.SIGKILL else "killed by a signal"
         else:
             extra["exit_status"] = code = os.WEXITSTATUS(status)
-            if code == ExitCode.CONFIG:
-                self.halt(f"shard {handle.slot} reports a configuration or schema error", ExitCode.CONFIG)
             reason = "exited"
-        if self.stopping:
+        if self.stopping:  # never halt from inside a stop: the other shards are draining
             log.info(f"shard {reason}", extra=extra)
             return
+        if not os.WIFSIGNALED(status) and code == ExitCode.CONFIG:
+            self.halt(f"shard {handle.slot} reports a configuration or schema error", ExitCode.CONFIG)
         due = self.restarts.record_crash(handle.slot, handle.started_at, now)
         self.restart_at[handle.slot] = due
         extra["restart_in_s"] = round(due - now, 2)
@@ -303,6 +289,9 @@ class Supervisor:
 
     def stop(self) -> int:
         """SIGTERM to every shard, reap until one monotonic deadline, then SIGKILL what is left."""
+        if self.stop_started:
+            return ExitCode.OK  # a stop is under way further up the stack
+        self.stop_started = True
         budget = self.settings.drain_timeout_s + STOP_MARGIN_S
         log.info("stopping shards", extra={"shards": len(self.shards), "budget_s": budget})
         before = {h.slot: self.board.read(h.slot) for h in self.shards.values()}
@@ -345,8 +334,9 @@ class Supervisor:
         log.info("drain report", extra={"shards": report})
 
     def halt(self, reason: str, exit_status: int) -> None:
-        """Everything fatal ends here: stop what runs, log why, exit non-zero."""
-        if self.shards:
+        """Everything fatal ends here: log why, stop the shards (once), exit non-zero."""
+        log.critical("supervisor halting", extra={"reason": reason, "exit_status": int(exit_status), "shards": len(self.shards)})
+        if self.shards and not self.stop_started:
             self.stopping = True
             self.stop()
         log.critical("supervisor halted", extra={"reason": reason, "exit_status": int(exit_status)})

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from common.config import Settings
+from common.faults import Outcome, classify, one_line
 from common.status import BATCH_BUCKETS_S, ShardStatus
 from common.stream_admin import group_lag
 
@@ -109,12 +110,15 @@ class Observer:
             group = self._group()
             summary = self.redis.xpending(self.settings.stream_key, self.settings.consumer_group) if group else None
             dlq.add_metric([], self.redis.xlen(self.settings.dlq_key))
-        except redis.RedisError as exc:
-            log.debug("stream metrics unavailable", extra={"error": str(exc)})
+            group_lagging = group_lag(self.redis, self.settings.stream_key, group).count if group else 0
+        except Exception as exc:
+            # Metrics are best effort: not even a bug of ours in a scrape may stop the supervisor.
+            level = logging.DEBUG if classify(exc) in (Outcome.OUTAGE, Outcome.REFUSED) else logging.ERROR
+            log.log(level, "stream metrics unavailable", extra={"error": one_line(exc)}, exc_info=level == logging.ERROR)
             return []
         if group is None:
             return [dlq]
-        lag.add_metric([], group_lag(self.redis, self.settings.stream_key, group).count)
+        lag.add_metric([], group_lagging)
         pending.add_metric([], group["pending"])
         oldest_id = summary["min"] if summary else None
         age = time.time() - int(oldest_id.split(b"-")[0]) / 1000 if oldest_id else 0.0

@@ -9,7 +9,7 @@ import pytest
 from common.config import Settings
 from common.errors import ExitCode
 from common.status import StatusBoard
-from shard.worker import Shard
+from shard.lifecycle import Shard
 from tests.e2e.processes import wait_for
 
 pytestmark = pytest.mark.e2e

@@ -1,3 +1,8 @@
+# NOTE FOR THE ENGINEER REBUILDING `processor claim`: the ops/ engineer (issue 8, CLI move)
+# overwrote this file by mistake while creating ops/ modules; your version was lost. What
+# follows is only a placeholder: shard/oneshot.py as committed at HEAD (5e6f33f), which you
+# deleted. Please restore your own ops/claim.py. The command's parser and output live in
+# ops/claim_command.py, which calls `from ops.claim import claim_now` lazily.
 """`processor claim`: claim stuck entries now and process them through the shard's own path."""
 
 from __future__ import annotations

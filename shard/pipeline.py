@@ -1,0 +1,114 @@
+"""The shard's pipeline: entries in (read or claimed) → decode → write → settle.
+
+Entries enter through `submit`, from the stream reader, the claimer, or `processor claim`.
+One batch is written at a time, in one transaction; its ACK (with its dead letters) goes
+out while the next batch is written, in batch order. Once a batch has committed, its
+settling is a task of its own, shielded from cancellation, so a shutdown never tears the
+commit-then-ACK step in half: what is not ACKed stays pending and is delivered again,
+which the idempotent writes make harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from common.config import Settings
+from common.retry import retry
+from shard.batch import Batch, decode_batch
+from shard.reporting import Report
+from shard.stream import ConsumerStream, Entry
+from shard.writer import PositionWriter
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        stream: ConsumerStream,
+        writer: PositionWriter,
+        report: Report,
+        crash_point: Callable[[], None] | None = None,
+    ) -> None:
+        self.max_failures = settings.max_failures
+        self.stream = stream
+        self.writer = writer
+        self.report = report
+        self.crash_point = crash_point  # test-only fault injection; None in production
+        self.queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)  # read-ahead of one batch
+        self.settle_task: asyncio.Task[None] | None = None
+        self.accepting = True
+
+    @property
+    def in_flight(self) -> set[bytes]:
+        return self.report.in_flight
+
+    async def submit(self, entries: list[Entry], claimed: bool = False) -> int:
+        """Queue entries for writing (waits while a batch is already waiting); returns how many.
+
+        After `end_input` nothing more is taken: such entries stay pending on this consumer.
+        """
+        if claimed:
+            entries = [entry for entry in entries if entry[0] not in self.in_flight]  # ours already
+        if not entries or not self.accepting:
+            return 0
+        self.report.taken([entry_id for entry_id, _ in entries], claimed)
+        await self.queue.put(decode_batch(entries, self.max_failures))
+        return len(entries)
+
+    async def end_input(self) -> None:
+        """No more entries: `run` returns once what is queued is settled."""
+        self.accepting = False
+        await self.queue.put(None)
+
+    async def run(self) -> None:
+        """Write every submitted batch until `end_input`; then wait for the last ACKs."""
+        while (batch := await self.queue.get()) is not None:
+            await self.process(batch)
+        await self.flush()
+
+    async def process(self, batch: Batch) -> None:
+        """Write in one transaction; then settle while the next batch is written."""
+        if self.crash_point is not None:
+            self.crash_point()
+        if batch.fixes:
+            await self.write(batch)
+        # Created before anything else is awaited: once committed, the ACK must go out.
+        previous, self.settle_task = self.settle_task, asyncio.create_task(self.settle(batch, self.settle_task))
+        if previous is not None:
+            await asyncio.shield(previous)  # at most two ACKs in flight
+
+    async def write(self, batch: Batch) -> None:
+        """Store the batch's fixes. Rows Postgres refuses are counted and retried at once (a
+        rejection is deterministic) until MAX_FAILURES, then dead-lettered; the counts live
+        in Redis, so they survive restarts."""
+        rejected = await self.write_entries(batch, list(batch.fixes))
+        while rejected:
+            counts = await retry("redis", self.report.reach, self.stream.count_failures, list(rejected))
+            again = []
+            for (entry_id, error), count in zip(rejected.items(), counts):
+                if count >= self.max_failures:
+                    batch.reject(entry_id, error, count)
+                else:
+                    again.append(entry_id)
+            if not again:
+                return
+            rejected = await self.write_entries(batch, again)
+            batch.recovered.extend(entry_id for entry_id in again if entry_id not in rejected)
+
+    async def write_entries(self, batch: Batch, entry_ids: list[bytes]) -> dict[bytes, str]:
+        """Write these entries' fixes; returns {entry id: error} for rows rejected on their own."""
+        fixes = [batch.fixes[entry_id] for entry_id in entry_ids]
+        rejected = await retry("postgres", self.report.reach, self.writer.write_isolating, fixes)
+        return {entry_ids[position]: error for position, error in rejected.items()}
+
+    async def settle(self, batch: Batch, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await previous  # ACKs (and counters) in batch order
+        written = await retry("redis", self.report.reach, self.stream.settle, batch.acked, batch.dead, batch.recovered)
+        self.report.settled(batch, written)
+
+    async def flush(self) -> None:
+        """Wait for the ACKs of the batches written so far."""
+        if self.settle_task is not None:
+            await asyncio.shield(self.settle_task)

@@ -1,0 +1,110 @@
+"""What a shard tells the world: counters, health and heartbeat in its status-board slot, and logs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from common.retry import Reachability
+from common.status import BATCH_BUCKETS_S, ShardStatus, StatusBoard, bucket_of
+from shard.batch import Batch
+
+log = logging.getLogger("processor.shard")
+
+
+class Report:
+    """One shard's counters; its slot continues the counters of the slot's earlier lives."""
+
+    def __init__(self, board: StatusBoard, index: int, consumer: str) -> None:
+        self.board = board
+        self.index = index
+        self.consumer = consumer
+        self.reach = Reachability(consumer, on_change=self.publish)
+        self.in_flight: set[bytes] = set()  # read, not yet settled
+        self.processed = 0
+        self.dead_lettered = 0
+        self.claimed = 0
+        self.batches = 0
+        self.batch_seconds_sum = 0.0
+        self.batch_buckets = [0] * (len(BATCH_BUCKETS_S) + 1)
+        self.base = board.read(index)
+        self._summary_at = time.monotonic()
+        self._summary_processed = 0
+
+    def taken(self, entry_ids: list[bytes], claimed: bool) -> None:
+        """Entries read or claimed: in flight until settled."""
+        self.in_flight.update(entry_ids)
+        if claimed:
+            self.claimed += len(entry_ids)
+        self.publish()
+
+    def settled(self, batch: Batch, letters_written: int) -> None:
+        """A batch committed, ACKed and dead-lettered: one log line, counters, the slot."""
+        elapsed = time.monotonic() - batch.started
+        self.in_flight.difference_update(batch.ids)
+        self.processed += len(batch.fixes)
+        self.dead_lettered += letters_written
+        self.batches += 1
+        self.batch_seconds_sum += elapsed
+        self.batch_buckets[bucket_of(elapsed)] += 1
+        self.publish()
+        for letter in batch.dead:
+            log.warning(
+                "entry dead-lettered",
+                extra={"source_id": letter.entry_id.decode(), "error_kind": letter.error_kind, "error": letter.error},
+            )
+        if batch.gone:
+            log.warning("pending entries no longer in the stream were acknowledged", extra={"ids": _ids(batch.gone)})
+        log.debug(
+            "batch settled",
+            extra={
+                "entries": len(batch.ids),
+                "stored": len(batch.fixes),
+                "dead_lettered": letters_written,
+                "seconds": round(elapsed, 4),
+            },
+        )
+
+    def publish(self) -> None:
+        """Heartbeat, health and counters into our slot."""
+        base = self.base
+        self.board.write(
+            self.index,
+            ShardStatus(
+                time.monotonic(),
+                os.getpid(),
+                self.reach.ok["redis"],
+                self.reach.ok["postgres"],
+                base.processed + self.processed,
+                base.dead_lettered + self.dead_lettered,
+                base.claimed + self.claimed,
+                base.batches + self.batches,
+                len(self.in_flight),
+                base.batch_seconds_sum + self.batch_seconds_sum,
+                tuple(a + b for a, b in zip(base.batch_buckets, self.batch_buckets)),
+            ),
+        )
+
+    def log_summary(self) -> None:
+        """Every SUMMARY_INTERVAL_S: what this life of the shard has done, and its recent rate."""
+        now = time.monotonic()
+        rate = (self.processed - self._summary_processed) / max(now - self._summary_at, 1e-9)
+        log.info(
+            "shard summary",
+            extra={
+                "consumer": self.consumer,
+                "processed": self.processed,
+                "dead_lettered": self.dead_lettered,
+                "batches": self.batches,
+                "rate_per_s": round(rate, 1),
+            },
+        )
+        self._summary_at, self._summary_processed = now, self.processed
+
+    def totals(self) -> dict[str, object]:
+        return {"consumer": self.consumer, "processed": self.processed, "dead_lettered": self.dead_lettered}
+
+
+def _ids(ids: list[bytes]) -> list[str]:
+    return [i.decode() for i in ids[:20]]
