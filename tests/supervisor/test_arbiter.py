@@ -95,3 +95,43 @@ def test_stop_kills_shards_that_ignore_sigterm(supervisor: Supervisor, monkeypat
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
+
+
+def sigterm_counting_child(report_fd: int) -> int:
+    """A child that writes one byte per SIGTERM it receives and exits 0.5 s after the first."""
+    pid = os.fork()
+    if pid == 0:
+        def count(_signum: int, _frame: object) -> None:
+            os.write(report_fd, b"T")
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+
+        signal.signal(signal.SIGALRM, lambda *_: os._exit(0))
+        signal.signal(signal.SIGTERM, count)
+        os.write(report_fd, b"R")
+        while True:
+            signal.pause()
+    return pid
+
+
+def test_a_halt_during_a_stop_never_signals_a_shard_twice(supervisor: Supervisor) -> None:
+    """One shard exits 78 as the stop begins (a halt reason); the other still drains on its one SIGTERM."""
+    read_fd, write_fd = os.pipe()
+    draining = sigterm_counting_child(write_fd)
+    assert os.read(read_fd, 1) == b"R"
+    supervisor.shards[draining] = ShardHandle(0, started_at=0.0)
+    supervisor.shards[exited_child(ExitCode.CONFIG)] = ShardHandle(1, started_at=0.0)
+    supervisor.install_signal_handlers()
+    try:
+        with pytest.raises(Halt) as halt:
+            supervisor.halt("test halt", ExitCode.SOFTWARE)
+    finally:
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+    os.close(write_fd)
+    received = b""
+    while chunk := os.read(read_fd, 64):
+        received += chunk
+    assert halt.value.exit_status == ExitCode.SOFTWARE and halt.value.reason == "test halt"
+    assert received == b"T", "exactly one SIGTERM: a second one would cut the drain short"
+    assert supervisor.shards == {}
