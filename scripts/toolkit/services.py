@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
 from urllib.parse import urlsplit, urlunsplit
@@ -142,8 +143,33 @@ class _Throwaway:
     def start(self) -> Self:
         raise NotImplementedError
 
+    def kill(self) -> None:
+        raise NotImplementedError
+
     def _shutdown(self) -> None:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _starting(self) -> Iterator[None]:
+        """Undo a failed start: kill what was started and, on a first start, delete the temp dir."""
+        fresh = self.dir is None
+        try:
+            yield
+        except BaseException:
+            self.kill()
+            if fresh:
+                self.close()
+            raise
+
+    @staticmethod
+    def _wait(ready: Callable[[], bool], timeout_s: float, interval_s: float, failure: Callable[[], str],
+              gave_up: Callable[[], bool] = lambda: False) -> None:
+        """Poll `ready` until it holds; RuntimeError(failure()) when `gave_up` or the time is up."""
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if gave_up() or time.monotonic() > deadline:
+                raise RuntimeError(failure())
+            time.sleep(interval_s)
 
     def close(self) -> None:
         """Stop the server and delete its temp dir; safe to call twice."""
@@ -187,8 +213,7 @@ class ThrowawayRedis(_Throwaway):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(missing_binaries()[0])
-        fresh = self.dir is None
-        try:
+        with self._starting():
             d = self._workdir("throwaway-redis-")
             log = d / "redis.log"
             cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
@@ -197,17 +222,10 @@ class ThrowawayRedis(_Throwaway):
                 # own session: a Ctrl-C aimed at the test run must not kill it mid-test
                 proc = self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                                      stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.monotonic() + 10
-            while not self._ready(proc.pid):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} not ready "
-                                       f"(exit code {proc.poll()}); log tail:\n{_tail(log)}")
-                time.sleep(0.05)
-        except BaseException:
-            self.kill()
-            if fresh:
-                self.close()
-            raise
+            self._wait(lambda: self._ready(proc.pid), 10, 0.05,
+                       lambda: f"redis-server on port {self.port} not ready "
+                               f"(exit code {proc.poll()}); log tail:\n{_tail(log)}",
+                       gave_up=lambda: proc.poll() is not None)
         return self
 
     def _ready(self, pid: int) -> bool:
@@ -290,7 +308,7 @@ class ThrowawayPostgres(_Throwaway):
             raise RuntimeError("; ".join(missing_binaries()))
         initdb, pg_ctl = self._tools
         fresh = self.dir is None
-        try:
+        with self._starting():
             d = self._workdir("throwaway-pg-")
             data, log = self.data_dir, d / "log"
             if fresh:
@@ -312,17 +330,8 @@ class ThrowawayPostgres(_Throwaway):
             if r.returncode:
                 raise RuntimeError(f"pg_ctl start failed (exit {r.returncode}): {r.stderr.strip()}\n"
                                    f"log tail:\n{_tail(log)}")
-            deadline = time.monotonic() + 30
-            while not postgres_reachable(self.url, 2.0):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"postgres on port {self.port} not accepting connections; "
-                                       f"log tail:\n{_tail(log)}")
-                time.sleep(0.1)
-        except BaseException:
-            self.kill()
-            if fresh:
-                self.close()
-            raise
+            self._wait(lambda: postgres_reachable(self.url, 2.0), 30, 0.1,
+                       lambda: f"postgres on port {self.port} not accepting connections; log tail:\n{_tail(log)}")
         return self
 
     def stop(self, mode: str = "fast") -> None:
