@@ -23,6 +23,13 @@ SHARD_DUMP = re.compile(r"panic-shard-0-(?P<pid>\d+)-\d{8}T\d{6}Z\.json")
 SUPERVISOR_DUMP = re.compile(r"panic-supervisor-(?P<pid>\d+)-\d{8}T\d{6}Z\.json")
 
 
+# A trigger that fails every insert with an error of our own: to the shard, a bug.
+BREAK_POSITIONS = """
+CREATE FUNCTION broken() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'broken on purpose'; END $$;
+CREATE TRIGGER broken BEFORE INSERT ON positions FOR EACH STATEMENT EXECUTE FUNCTION broken();
+"""
+
+
 def dumps(env: dict[str, str], pattern: re.Pattern[str]) -> list[tuple[Path, dict]]:
     """The panic dumps in this test's PANIC_DIR whose file name matches `pattern`."""
     folder = Path(env["PANIC_DIR"])
@@ -121,7 +128,7 @@ def test_hung_shard_is_aborted_with_a_traceback_and_replaced(
     (killed,) = wait_for(lambda: log_entries(processor, "shard killed by a signal; restarting"), 10, what="the kill")
     assert killed["child_pid"] == hung and killed["signal"] == "SIGABRT"
     text = processor.log_path.read_text()
-    assert "Fatal Python error: Aborted" in text and "in maybe_crash" in text, "faulthandler shows where it hung"
+    assert "Fatal Python error: Aborted" in text and "in injected_crash" in text, "faulthandler shows where it hung"
     wait_for(lambda: (pids := processor.shard_pids()) and hung not in pids, 15, what="a replacement shard")
 
     wait_settled(redis_client, database_url, stream_key, 30)
@@ -157,11 +164,11 @@ def test_supervisor_panic_exits_70_and_its_shards_stop_by_themselves(
 
 
 def test_crash_loop_halts_the_supervisor_with_70(redis_client, database_url, stream_key, env, start_processor):  # type: ignore[no-untyped-def]
-    """Shards that panic on every batch (positions table gone after migrating) halt the supervisor 70 after 5 crashes; nothing is lost."""
+    """Shards that panic on every batch (a trigger that raises: a bug, not a refusal) halt the supervisor 70 after 5 crashes; nothing is lost."""
     migrate = start_processor(env, "migrate", name="migrate")
     assert migrate.wait(30) == 0
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("ALTER TABLE positions RENAME TO positions_away")
+        conn.execute(BREAK_POSITIONS)
     backlog(redis_client, stream_key, 500, devices=20, seed=24)
     processor = start_processor({**env, "SHARDS": "2", "BATCH_SIZE": "100"})
 
@@ -174,15 +181,33 @@ def test_crash_loop_halts_the_supervisor_with_70(redis_client, database_url, str
         delays = [e["restart_in_s"] for e in exits if e["slot"] == slot]
         assert delays == sorted(set(delays)), f"slot {slot} restarts with growing backoff: {delays}"
     shard_dumps = [dump for _, dump in dumps(env, re.compile(r"panic-shard-\d+-\d+-\d{8}T\d{6}Z\.json"))]
-    assert len(shard_dumps) >= 5 and all("UndefinedTable" in d["traceback"] for d in shard_dumps)
+    assert len(shard_dumps) >= 5 and all("RaiseException" in d["traceback"] for d in shard_dumps)
     assert not live_shards(env["INSTANCE_ID"]), "a halting supervisor stops its shards first"
     assert redis_client.xlen(f"{stream_key}:dlq") == 0, "a bug is not poison: nothing is dead-lettered"
 
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("ALTER TABLE positions_away RENAME TO positions")
+        conn.execute("DROP TRIGGER broken ON positions")
     rerun = start_processor({**env, "SHARDS": "2", "BATCH_SIZE": "100"}, name="rerun")
     rerun.wait_for_shards(2)  # its signal handlers are installed: SIGTERM is graceful from here on
     wait_settled(redis_client, database_url, stream_key, 30)
     assert_exact(redis_client, database_url, stream_key)
     rerun.signal(signal.SIGTERM)
     assert rerun.wait(30) == 0
+
+
+def test_a_table_missing_after_migration_halts_78_without_a_crash_loop(redis_client, database_url, stream_key, env, start_processor):  # type: ignore[no-untyped-def]
+    """A missing table is a schema problem, not a bug: the shard exits 78 once and the supervisor halts 78."""
+    migrate = start_processor(env, "migrate", name="migrate")
+    assert migrate.wait(30) == 0
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE positions RENAME TO positions_away")
+    backlog(redis_client, stream_key, 200, devices=10, seed=25)
+    processor = start_processor({**env, "SHARDS": "2", "BATCH_SIZE": "100"})
+
+    assert processor.wait(30) == 78
+    (halted,) = log_entries(processor, "supervisor halted")
+    assert "configuration or schema error" in halted["reason"]
+    assert not log_entries(processor, "shard exited; restarting"), "no restarts: restarting cannot help"
+    assert not dumps(env, re.compile(r"panic-.*\.json")), "a refusal is not a panic"
+    assert redis_client.xlen(f"{stream_key}:dlq") == 0
+    assert redis_client.xpending(stream_key, "processor")["pending"] > 0, "the entries wait, pending"
