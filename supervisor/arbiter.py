@@ -71,6 +71,7 @@ class Supervisor:
         self.http: HealthServer | None = None
         self.wakeup_r = self.wakeup_w = -1
         self.crash_point = crash_point(("supervisor-uncaught",), settings.panic_dir)
+        self.handlers = {signal.SIGTERM: self.handle_sigterm, signal.SIGINT: self.handle_sigint, signal.SIGCHLD: self.handle_sigchld}
 
     def run(self) -> int:
         setproctitle(f"processor: supervisor [{self.settings.instance_id}]")
@@ -113,7 +114,7 @@ class Supervisor:
     def install_signal_handlers(self) -> None:
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wakeup_w)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for signum in self.handlers:
             signal.signal(signum, self._queue_signal)
 
     def _queue_signal(self, signum: int, _frame: object) -> None:
@@ -204,7 +205,7 @@ class Supervisor:
     def dispatch_signals(self) -> None:
         while self.signals:
             signum = self.signals.popleft()
-            handler = getattr(self, f"handle_{signal.Signals(signum).name.lower()}", None)
+            handler = self.handlers.get(signum)
             if handler is not None:
                 handler()
 

@@ -71,15 +71,15 @@ class Observer:
     def collect(self) -> list[Any]:
         views = self.shards()
         families = []
-        for name, help_text, attribute in (
-            ("processor_entries_processed", "Entries stored in positions and acknowledged.", "processed"),
-            ("processor_entries_dead_lettered", "Entries moved to the dead-letter stream.", "dead_lettered"),
-            ("processor_entries_claimed", "Entries claimed from other consumers.", "claimed"),
-            ("processor_batches", "Batches written.", "batches"),
+        for name, help_text, value in (
+            ("processor_entries_processed", "Entries stored in positions and acknowledged.", lambda s: s.processed),
+            ("processor_entries_dead_lettered", "Entries moved to the dead-letter stream.", lambda s: s.dead_lettered),
+            ("processor_entries_claimed", "Entries claimed from other consumers.", lambda s: s.claimed),
+            ("processor_batches", "Batches written.", lambda s: s.batches),
         ):
             family = CounterMetricFamily(name, help_text, labels=["shard"])
             for view in views:
-                family.add_metric([str(view.slot)], getattr(view.status, attribute))
+                family.add_metric([str(view.slot)], value(view.status))
             families.append(family)
         restarts = CounterMetricFamily("processor_shard_restarts", "Shard restarts by the supervisor.", labels=["shard"])
         up = GaugeMetricFamily("processor_shard_up", "1 while the shard runs, beats and reaches both servers.", labels=["shard"])
