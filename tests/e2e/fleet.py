@@ -12,8 +12,8 @@ import psycopg
 
 from scripts.toolkit.fleet import Fleet
 from shard.decode import decode_entry
+from shard.devices.track import DeviceState, TrackFix, advance
 from shard.geo import GeofenceIndex, parse_geofence
-from shard.track import DeviceState, TrackFix, advance
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""shard.track.advance: visits opened, measured and closed one fix at a time; the odometer."""
+"""shard.devices.track.advance: visits opened, measured and closed one fix at a time; the odometer."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from shard.devices.track import DeviceState, TrackFix, Visit, advance
 from shard.geo import GeofenceIndex, haversine_m, parse_geofence
-from shard.track import DeviceState, TrackFix, Visit, advance
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 ONE_MS = timedelta(milliseconds=1)

@@ -1,7 +1,9 @@
 """A device's derived state, advanced one fix at a time in `ts` order (SPEC §3).
 
 The same `advance` serves the live path and the replay after late data, which is what
-makes the result equal to a serial, in-order replay of the device's fixes.
+makes the result equal to a serial, in-order replay of the device's fixes. This module
+is the only one that changes `odometer_m` (through `_drive`): live steps in `advance`,
+and the correction a replay of late data makes in `adopt_replay`.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def advance(state: DeviceState, fix: TrackFix, inside: frozenset[int], index: Ge
     """
     prev = state.last
     step = haversine_m(prev.lat, prev.lon, fix.lat, fix.lon) if prev is not None else 0.0
-    state.odometer_m += step
+    _drive(state, step)
     if not inside and not state.open:  # the common case: nothing to time
         state.last = fix
         return []
@@ -77,6 +79,26 @@ def advance(state: DeviceState, fix: TrackFix, inside: frozenset[int], index: Ge
         changed.append(visit)
     state.last = fix
     return changed
+
+
+def adopt_replay(state: DeviceState, replay: DeviceState, replaced_m: float, to_newest: bool, index: GeofenceIndex) -> None:
+    """Take over what a replay of a stretch of history computed (see replay.py).
+
+    `replay` advanced over the stretch and measured its distance anew; `replaced_m` is the
+    distance the stored fixes of that stretch had contributed before, so the odometer is
+    corrected by the difference. When the replay ran through the device's newest fix,
+    its end state (last fix, open visits) becomes the state; visits of geofences no
+    longer active were not replayed and stay open, to close at the next fix as live.
+    """
+    _drive(state, replay.odometer_m - replaced_m)
+    if to_newest:
+        inactive = {gid: visit for gid, visit in state.open.items() if gid not in index.by_id}
+        state.last, state.open = replay.last, {**inactive, **replay.open}
+
+
+def _drive(state: DeviceState, metres: float) -> None:
+    """The one place the odometer changes."""
+    state.odometer_m += metres
 
 
 def _point(fix: TrackFix) -> tuple[datetime, float, float]:

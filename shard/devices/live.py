@@ -1,4 +1,9 @@
-"""The live path of derived state: a batch's fixes applied to the devices' states in order."""
+"""The live path of derived state: a batch's fixes applied to the devices' states in order.
+
+Late fixes are only marked here (a device with one is replayed from history by
+replay.py); every other new fix advances its device through `advance`, with the
+geofence test made once for the whole batch.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from shard.decode import Fix
+from shard.devices.track import DeviceState, Visit, advance
 from shard.geo import GeofenceIndex
-from shard.track import DeviceState, Visit, advance
 
 
 @dataclass
@@ -38,7 +43,7 @@ def derive(
     """Advance every device by its new fixes, in `ts` order.
 
     `fixes` are in (device_id, ts, entry) order. A device with a new fix older than its
-    last one is only marked late: its history is replayed by recompute() instead.
+    last one is only marked late: its history is replayed by replay_late() instead.
     `inserted` (the keys the positions insert returned) is needed only when some fix is
     not newer than its device's last.
     """

@@ -14,8 +14,8 @@ from datetime import datetime
 
 import psycopg
 
+from shard.devices.track import DeviceState, TrackFix, Visit, adopt_replay, advance
 from shard.geo import GeofenceIndex, haversine_m
-from shard.track import DeviceState, TrackFix, Visit, advance
 
 REPLAY_CHUNK = 2_000
 
@@ -35,10 +35,14 @@ WHERE device_id = %s AND geofence_id = ANY(%s) AND entered_at > %s AND entered_a
 """
 
 
-async def recompute(
+async def replay_late(
     cur: psycopg.AsyncCursor, state: DeviceState, new_ts: set[datetime], index: GeofenceIndex
 ) -> list[Visit]:
-    """Bring `state` (and timing_records) to what an in-order replay gives; returns visits to upsert."""
+    """Bring `state` (and timing_records) to what an in-order replay gives; returns visits to upsert.
+
+    `new_ts` are the times of the device's fixes this batch stored (already in
+    `positions`, inside the caller's transaction, under the device's lock).
+    """
     active = list(index.by_id)
     start = await _quiet_fix_before(cur, state.device_id, min(new_ts), active)
     replay = DeviceState(state.device_id, last=start)
@@ -67,11 +71,7 @@ async def recompute(
     upper = stop.ts if stop is not None else datetime.max.replace(tzinfo=newest_new.tzinfo)
     lower = start.ts if start is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
     await cur.execute(_DELETE_VISITS, (state.device_id, active, lower, upper))
-    state.odometer_m += replay.odometer_m - old_distance
-    if stop is None:  # replayed to the newest fix: the replay's end state is the state
-        # Visits of geofences no longer active were not replayed; they close at the next fix, as live.
-        inactive = {gid: visit for gid, visit in state.open.items() if gid not in index.by_id}
-        state.last, state.open = replay.last, {**inactive, **replay.open}
+    adopt_replay(state, replay, old_distance, to_newest=stop is None, index=index)
     return list(visits.values())
 
 

@@ -1,4 +1,12 @@
-"""Per-shard cache of device state, checked against Postgres (the truth) on every batch."""
+"""Per-shard cache of device state, checked against Postgres (the truth) on every batch.
+
+SPEC §5 "Rehydration": a device met for the first time, or whose cached copy is stale
+(another shard, instance or `processor rehydrate` changed it since), is loaded from
+`last_position` and its open `timing_records`, with one query per batch. Staleness is
+decided by `last_position.state_version`, which every change of a device bumps: the
+cached version travels with the staged fixes, and Postgres sends the stored state back
+only where the versions differ.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ from datetime import datetime
 import orjson
 import psycopg
 
-from shard.track import DeviceState, TrackFix, Visit
+from shard.devices.track import DeviceState, TrackFix, Visit
 
 # Every device of the batch gets its row version back; the open visits only for those whose
 # cached copy is missing or differs (the cached version came in with the staged fixes).
@@ -64,22 +72,27 @@ class DeviceCache:
         """The cached states a batch starts from; a drop while the batch runs does not change them."""
         return {device_id: self._states.get(device_id) for device_id in device_ids}
 
-    async def load(self, cur: psycopg.AsyncCursor, cached: dict[str, DeviceState | None]) -> dict[str, DeviceState]:
+    async def load(
+        self, cur: psycopg.AsyncCursor, cached: dict[str, DeviceState | None]
+    ) -> tuple[dict[str, DeviceState], set[str]]:
         """The current state of each device, from `cached` where it is fresh, else from Postgres.
 
-        The cached versions travel in the staging table. Must run after the devices are
-        locked, so that nobody changes them before commit.
+        Also returns the devices whose state was read from Postgres. The cached versions
+        travel in the staging table. Must run after the devices are locked, so that
+        nobody changes them before commit.
         """
         await cur.execute(_LOAD)
         found: dict[str, DeviceState] = {}
+        loaded: set[str] = set()
         for device_id, version, stored in await cur.fetchall():
             state = cached.get(device_id)
             if stored is not None or state is None:
                 ts, lat, lon, speed, odometer_m, visits = stored
                 last = TrackFix(_time(ts), lat, lon, speed)
                 state = DeviceState(device_id, version, last, odometer_m, _open_visits(visits))
+                loaded.add(device_id)
             found[device_id] = state
-        return {d: found.get(d) or DeviceState(d) for d in cached}
+        return {d: found.get(d) or DeviceState(d) for d in cached}, loaded
 
 
 def _open_visits(rows: list[list[object]] | None) -> dict[int, Visit]:

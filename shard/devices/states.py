@@ -1,0 +1,104 @@
+"""The entry to derived state: what one batch's transaction does to its devices.
+
+SPEC §5 "Derived state is order-proof": odometers and visits must equal a serial,
+in-order replay of each device's fixes, although a device's fixes reach different
+shards and instances, are redelivered, or arrive late. Inside the batch's transaction
+`DeviceBatch.apply` therefore:
+
+1. locks the batch's devices (whoever else touches them waits until commit);
+2. loads their state: the cached copy where its version still matches
+   `last_position.state_version`, otherwise from Postgres, one query for the batch;
+3. stores the positions (with ON CONFLICT and RETURNING only when some fix is not newer
+   than its device's state, to tell late fixes from duplicates);
+4. advances every device by its new fixes in `ts` order (live.py), and replays devices
+   with late fixes from their stored history (replay.py), both through `advance`;
+5. bumps the changed devices' versions and writes visits, odometers and last_position.
+
+The cache only keeps the new states once the transaction committed (the batch's
+context manager exits cleanly); otherwise the batch's devices are dropped from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+
+import psycopg
+
+from shard.decode import Fix
+from shard.devices.cache import DeviceCache
+from shard.devices.live import derive, older_than_state
+from shard.devices.replay import replay_late
+from shard.devices.store import insert_positions_returning, lock_devices, store_derived
+from shard.devices.track import DeviceState
+from shard.geo import GeofenceIndex
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one batch did to derived state."""
+
+    reloaded: frozenset[str]  # read from Postgres: not cached, or the cached copy was stale
+    late: frozenset[str]  # replayed from stored history because of a late fix
+    changed: frozenset[str]  # state and version changed (and written)
+    visits: int  # timing_records rows written
+
+
+class DeviceStates:
+    """The derived state of every device a shard meets: its cache and how batches change it."""
+
+    def __init__(self, cache_size: int) -> None:
+        self.cache = DeviceCache(cache_size)
+
+    def batch(self, fixes: Sequence[Fix]) -> DeviceBatch:
+        """Start a batch: `with states.batch(fixes) as batch:` around the transaction."""
+        return DeviceBatch(self.cache, fixes)
+
+
+class DeviceBatch:
+    """One batch's devices, from the cached states it starts with to the states it commits."""
+
+    def __init__(self, cache: DeviceCache, fixes: Sequence[Fix]) -> None:
+        self.fixes = fixes
+        self.devices = sorted({fix.device_id for fix in fixes})
+        self._cache = cache
+        cache.begin_batch()
+        self._cached = cache.pick(self.devices)
+        self._states: dict[str, DeviceState] = {}
+
+    def cached_versions(self) -> dict[str, int | None]:
+        """Device → version of its cached copy (None: not cached), to stage beside each fix."""
+        return {device_id: (state.version if state is not None else None) for device_id, state in self._cached.items()}
+
+    async def apply(self, cur: psycopg.AsyncCursor, index: GeofenceIndex, *, safe: bool = False) -> Applied:
+        """Store the staged positions and the derived state they cause (steps 1-5 above).
+
+        `safe` inserts the positions with ON CONFLICT even when every fix looks new.
+        """
+        # Stable sort: fixes with the same key keep entry order, as `seq` does in SQL.
+        ordered = sorted(self.fixes, key=lambda fix: (fix.device_id, fix.ts))
+        await lock_devices(cur)
+        self._states, reloaded = await self._cache.load(cur, self._cached)
+        inserted: set[tuple[str, datetime]] | None = None
+        if safe or older_than_state(ordered, self._states):
+            inserted = await insert_positions_returning(cur)
+        derived = derive(ordered, self._states, index, inserted)
+        for device_id, new_ts in derived.late.items():
+            derived.add_visits(device_id, await replay_late(cur, self._states[device_id], new_ts, index))
+        await store_derived(cur, derived, positions_inserted=inserted is not None)
+        return Applied(frozenset(reloaded), frozenset(derived.late), frozenset(derived.touched), len(derived.visits))
+
+    def __enter__(self) -> DeviceBatch:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            # States were changed in place for a transaction that did not commit.
+            self._cache.drop(self.devices)
+            return
+        for state in self._states.values():
+            self._cache.put(state)

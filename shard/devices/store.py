@@ -1,0 +1,167 @@
+"""The SQL that stores derived state, and the device lock and row version that guard it.
+
+Everything here runs inside the batch's transaction (or the rehydrate command's), after
+the writer staged the batch in `staging_positions(seq, cached_version, device_id, ts,
+lat, lon, alt, speed, heading, sats, attributes)`. Derived rows travel by binary COPY
+into the temporary tables of `STAGING` (created by the writer's prologue), then one
+statement each writes them.
+
+Two rules keep cached copies honest (SPEC §5 "Rehydration"): every transaction that
+changes a device holds its advisory lock (`DEVICE_LOCK_CLASS`, hashtext(device_id))
+until commit, and bumps `last_position.state_version`. Both live here, for the writer
+(`lock_devices`, `store_derived`) and for `processor rehydrate` (`bump_state_version`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import psycopg
+
+from common.keys import DEVICE_LOCK_CLASS
+from shard.devices.live import Derived
+
+STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS staging_devices (
+    device_id text COLLATE "C", odometer_m double precision, state_version bigint
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS staging_visits (
+    device_id text COLLATE "C", geofence_id bigint, entered_at timestamptz, exited_at timestamptz,
+    entry_crossing_at timestamptz, exit_crossing_at timestamptz, distance_m double precision,
+    max_speed real, samples integer
+) ON COMMIT DELETE ROWS
+"""
+_COPY_VISITS = "COPY staging_visits FROM STDIN (FORMAT BINARY)"
+_COPY_DEVICES = "COPY staging_devices FROM STDIN (FORMAT BINARY)"
+_DEVICE_TYPES = ("text", "float8", "int8")
+_VISIT_TYPES = ("text", "int8", "timestamptz", "timestamptz", "timestamptz", "timestamptz", "float8", "float4", "int4")
+
+# Every transaction that touches a device holds its lock until commit, so derived state
+# is computed from the truth. Locks are taken in one global order: no deadlocks.
+_LOCK_DEVICES = """
+SELECT count(pg_advisory_xact_lock(%s, h))
+FROM (SELECT DISTINCT hashtext(device_id) AS h FROM staging_positions ORDER BY 1) AS devices
+"""
+# The same lock for one device. The rehydrate command takes it so that its bump cannot
+# land between a shard's read of the version and its write of version + 1 (which would
+# overwrite the bump with the same number).
+_LOCK_DEVICE = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+_BUMP_VERSION = """
+UPDATE last_position SET state_version = state_version + 1 WHERE device_id = %s RETURNING state_version
+"""
+
+# A fix already stored (redelivered or resent) is skipped; of two with the same key in
+# one batch the first entry wins. Key order keeps lock order stable between shards.
+_INSERT_POSITIONS = """
+INSERT INTO positions (device_id, ts, lat, lon, alt, speed, heading, sats, attributes)
+SELECT device_id, ts, lat, lon, alt, speed, heading, sats, attributes
+FROM staging_positions ORDER BY device_id, ts, seq
+ON CONFLICT (device_id, ts) DO NOTHING
+RETURNING device_id, ts
+"""
+# When every fix is newer than its device's last one, none can be stored yet (positions and
+# last_position change together, under the device lock): a plain insert, keeping the first
+# of a key repeated within the batch, skips the cost of ON CONFLICT. If that belief is
+# ever wrong (rows written by hand), the unique violation sends the batch down the safe path.
+_INSERT_NEW_POSITIONS = """
+INSERT INTO positions (device_id, ts, lat, lon, alt, speed, heading, sats, attributes)
+SELECT DISTINCT ON (device_id, ts) device_id, ts, lat, lon, alt, speed, heading, sats, attributes
+FROM staging_positions ORDER BY device_id, ts, seq
+"""
+
+# The batch's newest fix per device replaces the stored one only if newer; the derived
+# columns are written for every device the batch changed.
+_UPSERT_LAST = """
+INSERT INTO last_position AS lp (device_id, ts, lat, lon, alt, speed, heading, sats, attributes,
+                                 odometer_m, state_version, updated_at)
+SELECT DISTINCT ON (s.device_id) s.device_id, s.ts, s.lat, s.lon, s.alt, s.speed, s.heading, s.sats,
+       s.attributes, d.odometer_m, d.state_version, now()
+FROM staging_positions s JOIN staging_devices d ON d.device_id = s.device_id
+ORDER BY s.device_id, s.ts DESC, s.seq
+ON CONFLICT (device_id) DO UPDATE SET
+    ts = CASE WHEN EXCLUDED.ts > lp.ts THEN EXCLUDED.ts ELSE lp.ts END,
+    lat = CASE WHEN EXCLUDED.ts > lp.ts THEN EXCLUDED.lat ELSE lp.lat END,
+    lon = CASE WHEN EXCLUDED.ts > lp.ts THEN EXCLUDED.lon ELSE lp.lon END,
+    alt = CASE WHEN EXCLUDED.ts > lp.ts THEN EXCLUDED.alt ELSE lp.alt END,
+    speed = CASE WHEN EXCLUDED.ts > lp.ts THEN EXCLUDED.speed ELSE lp.speed END,
+    heading = CASE WHEN EXCLUDED.ts > lp.ts THEN EXCLUDED.heading ELSE lp.heading END,
+    sats = CASE WHEN EXCLUDED.ts > lp.ts THEN EXCLUDED.sats ELSE lp.sats END,
+    attributes = CASE WHEN EXCLUDED.ts > lp.ts THEN EXCLUDED.attributes ELSE lp.attributes END,
+    odometer_m = EXCLUDED.odometer_m,
+    state_version = EXCLUDED.state_version,
+    updated_at = EXCLUDED.updated_at
+"""
+# Usually the positions go in with the same statement: one round trip fewer.
+_INSERT_POSITIONS_AND_UPSERT_LAST = f"WITH stored AS ({_INSERT_NEW_POSITIONS}) {_UPSERT_LAST}"
+
+# A visit is keyed by (device, geofence, entered_at), so writing it again is harmless.
+# A geofence deleted since the index was loaded has no visits written.
+_UPSERT_VISITS = """
+INSERT INTO timing_records AS tr (device_id, geofence_id, entered_at, exited_at, entry_crossing_at,
+                                  exit_crossing_at, distance_m, max_speed, samples)
+SELECT s.device_id, s.geofence_id, s.entered_at, s.exited_at, s.entry_crossing_at,
+       s.exit_crossing_at, s.distance_m, s.max_speed, s.samples
+FROM staging_visits s WHERE EXISTS (SELECT 1 FROM geofences g WHERE g.id = s.geofence_id)
+ORDER BY s.device_id, s.geofence_id, s.entered_at
+ON CONFLICT (device_id, geofence_id, entered_at) DO UPDATE SET
+    exited_at = EXCLUDED.exited_at, entry_crossing_at = EXCLUDED.entry_crossing_at,
+    exit_crossing_at = EXCLUDED.exit_crossing_at, distance_m = EXCLUDED.distance_m,
+    max_speed = EXCLUDED.max_speed, samples = EXCLUDED.samples
+"""
+
+
+async def lock_devices(cur: psycopg.AsyncCursor) -> None:
+    """Lock every staged device until commit (one statement, in hash order)."""
+    await cur.execute(_LOCK_DEVICES, (DEVICE_LOCK_CLASS,))
+
+
+async def insert_positions_returning(cur: psycopg.AsyncCursor) -> set[tuple[str, datetime]]:
+    """Store the staged fixes not yet stored; returns the keys that were new.
+
+    Only this insert can tell a late fix (new) from a duplicate (stored), so it runs
+    before derivation whenever some fix is not newer than its device's state.
+    """
+    await cur.execute(_INSERT_POSITIONS)
+    return {(device_id, ts) for device_id, ts in await cur.fetchall()}
+
+
+async def store_derived(cur: psycopg.AsyncCursor, derived: Derived, positions_inserted: bool) -> None:
+    """Bump the version of every changed device and write visits, odometers and last_position.
+
+    Unless `positions_inserted`, the staged positions go in with the last_position upsert.
+    """
+    for state in derived.touched.values():
+        state.version += 1
+    if derived.visits:
+        async with cur.copy(_COPY_VISITS) as copy:
+            copy.set_types(_VISIT_TYPES)
+            for (device_id, geofence_id, entered_at), visit in derived.visits.items():
+                await copy.write_row(
+                    (
+                        device_id,
+                        geofence_id,
+                        entered_at,
+                        visit.exited_at,
+                        visit.entry_crossing_at,
+                        visit.exit_crossing_at,
+                        visit.distance_m,
+                        visit.max_speed,
+                        visit.samples,
+                    )
+                )
+        await cur.execute(_UPSERT_VISITS)
+    async with cur.copy(_COPY_DEVICES) as copy:
+        copy.set_types(_DEVICE_TYPES)
+        for state in derived.touched.values():
+            await copy.write_row((state.device_id, state.odometer_m, state.version))
+    await cur.execute(_UPSERT_LAST if positions_inserted else _INSERT_POSITIONS_AND_UPSERT_LAST)
+
+
+def bump_state_version(conn: psycopg.Connection, device_id: str) -> int | None:
+    """Make every cached copy of the device stale; returns the new version (None: unknown device).
+
+    Runs inside the caller's transaction and holds the device's lock until it ends.
+    """
+    conn.execute(_LOCK_DEVICE, (DEVICE_LOCK_CLASS, device_id))
+    row = conn.execute(_BUMP_VERSION, (device_id,)).fetchone()
+    return int(row[0]) if row is not None else None
