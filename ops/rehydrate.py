@@ -10,8 +10,9 @@ import orjson
 from common.config import Settings
 from common.contract import device_id_problem
 from common.errors import ExitCode
-from common.keys import DEVICE_LOCK_CLASS, rehydrate_channel
+from common.keys import rehydrate_channel
 from ops.errors import postgres, redis_client
+from shard.devices import bump_state_version
 
 
 @dataclass(frozen=True)
@@ -30,14 +31,6 @@ class RehydrateResult:
         }
 
 
-# Under the device's lock, so it cannot land between a shard's read of the version and its
-# write of version + 1 (which would overwrite the bump with the same number).
-_LOCK_DEVICE = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
-_BUMP_VERSION = """
-UPDATE last_position SET state_version = state_version + 1 WHERE device_id = %s RETURNING state_version
-"""
-
-
 def rehydrate(settings: Settings, device_id: str) -> RehydrateResult:
     """Make every shard reload the device from Postgres.
 
@@ -45,14 +38,13 @@ def rehydrate(settings: Settings, device_id: str) -> RehydrateResult:
     misses the message; then the id is published for running shards to drop it now.
     """
     with postgres(settings.database_url) as conn, conn.transaction():
-        conn.execute(_LOCK_DEVICE, (DEVICE_LOCK_CLASS, device_id))
-        row = conn.execute(_BUMP_VERSION, (device_id,)).fetchone()
-    state_version = int(row[0]) if row is not None else None
-    bumped = f"; its state_version is bumped to {state_version}, so shards reload it at its next fix" if row else ""
+        state_version = bump_state_version(conn, device_id)  # under the device's lock, as shards write
+    known = state_version is not None
+    bumped = f"; its state_version is bumped to {state_version}, so shards reload it at its next fix" if known else ""
     unreachable = f"cannot notify the shards about device {device_id!r} through"
     with redis_client(settings.redis_url, unreachable=unreachable, note=bumped) as client:
         receivers = int(client.publish(rehydrate_channel(settings.stream_key), device_id))
-    return RehydrateResult(device_id, row is not None, state_version, receivers)
+    return RehydrateResult(device_id, known, state_version, receivers)
 
 
 # --- the command ----------------------------------------------------------------------
