@@ -117,12 +117,17 @@ class Shard:
                 task.cancel()
             await self.close()
 
-    async def work(self) -> None:
-        """Join the group, then feed the pipeline from our reads (and, on shard 0, claims) until stopped."""
+    async def join(self) -> None:
+        """Before the first entry: the group exists, our liveness key says we are not dead, and
+        the geofences are loaded. Waits through outages."""
         reach = self.report.reach
         await retry("redis", reach, self.stream.ensure_group)
-        await retry("redis", reach, self.claimer.keep_alive)  # before the first read: we are not dead
+        await retry("redis", reach, self.claimer.keep_alive)
         await retry("postgres", reach, self.geofences.refresh)
+
+    async def work(self) -> None:
+        """Join, then feed the pipeline from our reads (and, on shard 0, claims) until stopped."""
+        await self.join()
         reader = self.watched(self.reader.run())
         claims = self.watched(claim_until_stopped(self.settings, self.claimer, self.pipeline, self.reader)) if self.index == 0 else None
         try:
