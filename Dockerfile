@@ -14,6 +14,7 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml ./
 COPY common/ common/
+COPY ops/ ops/
 COPY supervisor/ supervisor/
 COPY shard/ shard/
 COPY migrations/ migrations/

@@ -17,8 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from common.config import Settings
 from common.faults import Outcome, classify, one_line
+from common.lag import group_lag
 from common.status import BATCH_BUCKETS_S, ShardStatus
-from common.stream_admin import group_lag
 
 log = logging.getLogger("processor.http")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 #: The processor's command line, without its subcommand (`run`, `migrate`, ...).
-PROCESSOR = [sys.executable, "-m", "common.cli"]
+PROCESSOR = [sys.executable, "-m", "ops"]
 
 #: Clock ticks per second, the unit of the CPU times in /proc/<pid>/stat.
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -158,7 +158,7 @@ def contacted(server: socket.socket) -> bool:
 def run_cli(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", *args],
+        [sys.executable, "-m", "ops", *args],
         env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
     )

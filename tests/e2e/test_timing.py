@@ -115,7 +115,7 @@ def test_rehydrate_makes_running_shards_honour_a_sql_correction(redis_client, da
     with psycopg.connect(database_url) as conn:
         conn.execute("UPDATE last_position SET odometer_m = 1000000 WHERE device_id = 'van'")  # the correction
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "rehydrate", "van", "--json"],
+        [sys.executable, "-m", "ops", "rehydrate", "van", "--json"],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 0, result.stderr

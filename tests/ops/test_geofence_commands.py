@@ -14,11 +14,13 @@ import psycopg
 import pytest
 import redis
 
-from common import geofence_admin
 from common.config import Settings
-from common.errors import ExitCode
-from common.geofence_admin import InvalidGeofences, SchemaMissing, check_feature, import_file, list_geofences
+from common.errors import ExitCode, ProcessorError
 from common.keys import DEVICE_LOCK_CLASS, rehydrate_channel
+from ops.errors import SchemaMissing
+from ops.geofence_file import InvalidGeofences, check_feature
+from ops.geofences import import_file, list_geofences
+from ops.rehydrate import rehydrate
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import wait_for
 
@@ -73,7 +75,7 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     """The real `processor` command line in a child process."""
     full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", *args], env=full_env, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "ops", *args], env=full_env, capture_output=True, text=True, timeout=60, check=False
     )
 
 
@@ -186,7 +188,7 @@ def test_bad_files_are_clear_errors(migrated: str, tmp_path: Path, content: byte
     """A file that is not a GeoJSON FeatureCollection or Feature is one ProcessorError naming the file."""
     path = tmp_path / "bad.geojson"
     path.write_bytes(content)
-    with pytest.raises(geofence_admin.ProcessorError, match=reason) as caught:
+    with pytest.raises(ProcessorError, match=reason) as caught:
         import_file(migrated, path)
     assert "bad.geojson" in str(caught.value) and "\n" not in str(caught.value)
     assert rows(migrated) == []
@@ -232,11 +234,11 @@ def test_cli_invalid_file_exits_1_with_one_line_per_problem(
 
 
 def test_cli_errors_and_exit_codes(env: dict[str, str], database_url: str, tmp_path: Path) -> None:
-    """Missing file and missing schema exit 1, bad usage 2, bad config 78; each one line on stderr."""
+    """Missing file exits 1, bad usage 2, missing schema and bad config 78; each one line on stderr."""
     missing = run_cli(env, "geofences", "import", str(tmp_path / "nope.geojson"))
     assert (missing.returncode, missing.stderr.strip()) == (1, f"processor: {tmp_path / 'nope.geojson'}: no such file")
     unmigrated = run_cli(env, "geofences", "list")
-    assert unmigrated.returncode == 1 and "run `processor migrate` first" in unmigrated.stderr
+    assert unmigrated.returncode == ExitCode.CONFIG and "run `processor migrate` first" in unmigrated.stderr
     assert len(unmigrated.stderr.splitlines()) == 1
     assert run_cli(env, "geofences").returncode == ExitCode.USAGE
     assert run_cli(env, "rehydrate", "x" * 65).returncode == ExitCode.USAGE
@@ -337,7 +339,7 @@ def test_rehydrate_waits_for_a_batch_holding_the_device(settings: Settings, migr
     outcome: list[object] = []
     with psycopg.connect(migrated) as holder:
         holder.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (DEVICE_LOCK_CLASS, "dev-1"))
-        worker = threading.Thread(target=lambda: outcome.append(geofence_admin.rehydrate(settings, "dev-1")))
+        worker = threading.Thread(target=lambda: outcome.append(rehydrate(settings, "dev-1")))
         worker.start()
         with psycopg.connect(migrated, autocommit=True) as watcher:
             wait_for(

@@ -13,12 +13,16 @@ import orjson
 import pytest
 import redis
 
-from common import stream_admin
-from common.cli import build_parser
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
 from common.keys import DLQ_ERROR_FIELDS
-from common.stream_admin import Declined, Lag, UnknownLetters, group_lag, lag_report
+from common.lag import Lag, group_lag
+from ops.cli import build_parser
+from ops.dlq_letters import UnknownLetters, format_letter, format_letter_page, list_letters, show_letter
+from ops.dlq_purge import purge, purge_all
+from ops.dlq_replay import replay, replay_all
+from ops.lag import format_lag, lag_report
+from ops.terminal import Declined
 
 ROOT = Path(__file__).parents[2]
 SECRET = "s3cret-pw"
@@ -40,7 +44,7 @@ def run_cli(env: dict[str, str], *args: str, stdin: int | None = subprocess.DEVN
     """The real `processor` command line in a child process."""
     full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", *args],
+        [sys.executable, "-m", "ops", *args],
         env=full_env, stdin=stdin, capture_output=True, text=True, timeout=60, check=False,
     )
 
@@ -121,13 +125,13 @@ def test_lag_without_stream_or_group(redis_client: redis.Redis, stream_key: str,
     """No stream, or a stream without the group: reported as such, every entry counted as lag."""
     missing = lag_report(stream_settings)
     assert (missing.stream_exists, missing.group_exists, missing.length, missing.lag.count) == (False, False, 0, 0)
-    assert "does not exist yet" in "\n".join(stream_admin.format_lag(missing))
+    assert "does not exist yet" in "\n".join(format_lag(missing))
     redis_client.xadd(stream_key, {"data": fix("d1")})
     redis_client.xadd(f"{stream_key}:dlq", {"data": b"x"})
     no_group = lag_report(stream_settings)
     assert (no_group.stream_exists, no_group.group_exists) == (True, False)
     assert (no_group.lag, no_group.dlq_length, no_group.consumers) == (Lag(1, True, "no-group"), 1, [])
-    assert "not created yet" in "\n".join(stream_admin.format_lag(no_group))
+    assert "not created yet" in "\n".join(format_lag(no_group))
 
 
 def test_pending_per_consumer_and_oldest(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
@@ -178,7 +182,7 @@ def test_list_oldest_first_with_paging(redis_client: redis.Redis, stream_key: st
     first = add_letter(redis_client, stream_key, {b"data": fix("dev-1")}, source_id="5-0")
     second = add_letter(redis_client, stream_key, {b"data": b"{not json"}, kind="decode", error="bad JSON")
     third = add_letter(redis_client, stream_key, {b"data": fix("dev-3")})
-    page = stream_admin.list_letters(stream_settings, 2)
+    page = list_letters(stream_settings, 2)
     assert [letter.id for letter in page.letters] == [first, second] and page.more and page.length == 3
     summary = page.as_json()["letters"]
     assert summary[0] == {  # type: ignore[index]
@@ -187,9 +191,9 @@ def test_list_oldest_first_with_paging(redis_client: redis.Redis, stream_key: st
         "error": "lat out of range",
     }
     assert summary[1]["device_id"] is None  # type: ignore[index]
-    rest = stream_admin.list_letters(stream_settings, 2, after=page.as_json()["next_after"])  # type: ignore[arg-type]
+    rest = list_letters(stream_settings, 2, after=page.as_json()["next_after"])  # type: ignore[arg-type]
     assert [letter.id for letter in rest.letters] == [third] and not rest.more
-    lines = stream_admin.format_letter_page(page)
+    lines = format_letter_page(page)
     assert lines[0].split() == ["ID", "FAILED_AT", "KIND", "SOURCE_ID", "DEVICE_ID", "ERROR"]
     assert lines[2].split()[:5] == [second, "2026-03-01T10:00:00.000Z", "decode", "1-1", "-"]
     assert lines[-1] == f"(2 of 3 dead letters in {stream_key}:dlq, oldest first; next page: --after {second})"
@@ -202,8 +206,8 @@ def test_show_escapes_and_pretty_prints(redis_client: redis.Redis, stream_key: s
         {b"data": fix("dev-\x1b[2J", io={"din1": 1}), b"raw": b"\xff\xfe\x1b[31m", b"note": "Zürich".encode()},
         error="row rejected:\nline two",
     )
-    letter = stream_admin.show_letter(stream_settings, letter_id)
-    text = "\n".join(stream_admin.format_letter(letter))
+    letter = show_letter(stream_settings, letter_id)
+    text = "\n".join(format_letter(letter))
     assert "\x1b" not in text and "\nline two" not in text
     assert "  error          row rejected:\\nline two" in text
     assert '      "device_id": "dev-\\u001b[2J",' in text and '      "io": {' in text
@@ -240,7 +244,7 @@ def test_replay_restores_exactly_the_original_fields(
     original = {b"data": fix("dev-1"), b"extra": b"\xff binary", b"received_at": b"1718000000123"}
     letter_id = add_letter(redis_client, stream_key, original)
     keep = add_letter(redis_client, stream_key, {b"data": fix("dev-2")})
-    result = stream_admin.replay(stream_settings, [letter_id, letter_id])  # a repeated id counts once
+    result = replay(stream_settings, [letter_id, letter_id])  # a repeated id counts once
     ((replayed_letter, entry_id),) = result.replayed
     assert replayed_letter == letter_id
     ((stored_id, fields),) = redis_client.xrange(stream_key)
@@ -268,7 +272,7 @@ def test_replay_of_a_letter_the_shard_wrote(redis_client: redis.Redis, stream_ke
     source_id = asyncio.run(dead_letter_one())
     ((letter_id, letter),) = redis_client.xrange(f"{stream_key}:dlq")
     assert letter[b"source_id"] == source_id and set(letter) == set(original) | {k.encode() for k in DLQ_ERROR_FIELDS}
-    result = stream_admin.replay(stream_settings, [letter_id.decode()])
+    result = replay(stream_settings, [letter_id.decode()])
     ((_, entry_id),) = result.replayed
     assert redis_client.xrange(stream_key, min=entry_id, max=entry_id)[0][1] == original
     assert redis_client.xlen(f"{stream_key}:dlq") == 0
@@ -279,10 +283,10 @@ def test_replay_is_all_or_nothing(redis_client: redis.Redis, stream_key: str, st
     good = add_letter(redis_client, stream_key, {b"data": fix("dev-1")})
     foreign = add_letter(redis_client, stream_key, {b"data": fix("dev-2")}, source_stream="other:stream")
     with pytest.raises(UnknownLetters, match=r"no dead letter with id 9-9 in .*; nothing was replayed") as caught:
-        stream_admin.replay(stream_settings, [good, "9-9"])
+        replay(stream_settings, [good, "9-9"])
     assert caught.value.ids == ["9-9"]
     with pytest.raises(ProcessorError, match=rf"{foreign} came from stream 'other:stream'.*nothing was replayed"):
-        stream_admin.replay(stream_settings, [good, foreign])
+        replay(stream_settings, [good, foreign])
     assert redis_client.xlen(stream_key) == 0
     assert redis_client.xlen(f"{stream_key}:dlq") == 2
 
@@ -293,7 +297,7 @@ def test_replay_all_leaves_other_streams_letters(
     """`replay --all` replays every letter of STREAM_KEY, oldest first, and leaves the others with a reason."""
     ids = [add_letter(redis_client, stream_key, {b"data": fix(f"dev-{i}")}) for i in range(3)]
     foreign = add_letter(redis_client, stream_key, {b"data": fix("dev-x")}, source_stream="other:stream")
-    result = stream_admin.replay_all(stream_settings)
+    result = replay_all(stream_settings)
     assert [letter for letter, _ in result.replayed] == ids
     assert [fields[b"data"] for _, fields in redis_client.xrange(stream_key)] == [fix(f"dev-{i}") for i in range(3)]
     assert result.other_stream == [(foreign, "other:stream")]
@@ -324,12 +328,12 @@ def test_purge_is_all_or_nothing(redis_client: redis.Redis, stream_key: str, str
     """Purging named letters deletes them; one unknown id deletes nothing; a declined question deletes nothing."""
     a, b, c = (add_letter(redis_client, stream_key, {b"data": fix(f"dev-{i}")}) for i in range(3))
     with pytest.raises(UnknownLetters, match="nothing was deleted"):
-        stream_admin.purge(stream_settings, [a, "3-3"], lambda _q: True)
+        purge(stream_settings, [a, "3-3"], lambda _q: True)
     with pytest.raises(Declined):
-        stream_admin.purge(stream_settings, [a], lambda _q: False)
+        purge(stream_settings, [a], lambda _q: False)
     assert redis_client.xlen(f"{stream_key}:dlq") == 3
     asked: list[str] = []
-    result = stream_admin.purge(stream_settings, [a, c], lambda q: asked.append(q) or True)
+    result = purge(stream_settings, [a, c], lambda q: asked.append(q) or True)
     assert (result.purged, result.ids) == (2, [a, c])
     assert asked == [f"Delete 2 dead letters from {stream_key}:dlq?"]
     assert [i.decode() for i, _ in redis_client.xrange(f"{stream_key}:dlq")] == [b]
@@ -341,11 +345,11 @@ def test_purge_all_keeps_the_stream_key(redis_client: redis.Redis, stream_key: s
         add_letter(redis_client, stream_key, {b"data": fix(f"dev-{i}")})
     redis_client.xgroup_create(f"{stream_key}:dlq", "alerts", id="0")
     with pytest.raises(Declined):
-        stream_admin.purge_all(stream_settings, lambda _q: False)
-    assert stream_admin.purge_all(stream_settings, lambda _q: True).purged == 3
+        purge_all(stream_settings, lambda _q: False)
+    assert purge_all(stream_settings, lambda _q: True).purged == 3
     assert redis_client.xlen(f"{stream_key}:dlq") == 0
     assert [g["name"] for g in redis_client.xinfo_groups(f"{stream_key}:dlq")] == [b"alerts"]
-    assert stream_admin.purge_all(stream_settings, lambda _q: pytest.fail("asked about nothing")).purged == 0
+    assert purge_all(stream_settings, lambda _q: pytest.fail("asked about nothing")).purged == 0
 
 
 def test_cli_purge_needs_yes_without_a_terminal(redis_client: redis.Redis, stream_key: str, redis_env: dict[str, str]) -> None:

@@ -144,7 +144,7 @@ def test_parallel_migrate_commands(database_url: str) -> None:
     """Four `processor migrate` started at once on one empty database all exit 0; each version is applied once."""
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "DATABASE_URL": database_url, "HTTP_PORT": "0"}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "common.cli", "migrate"], env=env, stdin=subprocess.DEVNULL,
+        subprocess.Popen([sys.executable, "-m", "ops", "migrate"], env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(4)
     ]

@@ -1,0 +1,7 @@
+"""`python -m ops`: the `processor` command line."""
+
+import sys
+
+from ops.cli import main
+
+sys.exit(main())

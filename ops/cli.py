@@ -1,0 +1,76 @@
+"""The `processor` command line (SPEC §7): the entry point, the parser, and the service commands.
+
+Each family of operator commands registers its own subcommands: ops.geofences,
+ops.rehydrate, ops.lag, ops.claim_command and ops.dlq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from common import logs
+from common.config import Settings
+from common.errors import ExitCode, ProcessorError
+from ops import claim_command, dlq, geofences, lag, rehydrate
+
+log = logging.getLogger("processor.cli")
+
+SERVICE_COMMANDS = ("run", "migrate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error
+    try:
+        settings = Settings.from_env()
+    except ProcessorError as exc:
+        print(f"processor: configuration error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    service = args.command in SERVICE_COMMANDS
+    # Operator commands keep stdout for their output (and --json); their logs go to stderr.
+    logs.configure(settings.log_level, args.command, sys.stdout if service else sys.stderr)
+    try:
+        return int(args.func(settings, args))
+    except ProcessorError as exc:
+        if service:
+            log.error(str(exc))
+        print(f"processor: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="processor",
+        description="Turns the Redis Stream of GPS fixes into Postgres rows. Configured by environment variables.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="run the supervisor and its shards (the container's command)")
+    run.set_defaults(func=cmd_run)
+    migrate = commands.add_parser("migrate", help="apply migrations under the advisory lock, then exit")
+    migrate.set_defaults(func=cmd_migrate)
+    geofences.add_commands(commands)
+    rehydrate.add_command(commands)
+    lag.add_command(commands)
+    claim_command.add_command(commands)
+    dlq.add_commands(commands)
+    return parser
+
+
+def cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
+    from supervisor.arbiter import Halt, Supervisor
+
+    try:
+        return Supervisor(settings).run()
+    except Halt as halt:
+        return halt.exit_status
+
+
+def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    from supervisor.migrations import apply_migrations
+
+    applied = apply_migrations(settings.migration_database_url)
+    names = [f"{m.version:04d}_{m.name}" for m in applied]
+    log.info("migrations applied" if names else "schema already up to date", extra={"applied": names})
+    return ExitCode.OK
