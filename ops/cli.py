@@ -13,7 +13,9 @@ import sys
 from common import logs
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
+from common.faults import Outcome, classify, one_line
 from ops import claim_command, dlq, geofences, lag, rehydrate
+from ops.errors import POSTGRES, translated
 
 log = logging.getLogger("processor.cli")
 
@@ -38,6 +40,19 @@ def main(argv: list[str] | None = None) -> int:
             log.error(str(exc))
         print(f"processor: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        # What no command's own boundary translated: an outage or refusal is still one line;
+        # anything else is a bug (exit 70), logged with its traceback, passwords masked.
+        outcome = classify(exc)
+        if outcome is Outcome.OUTAGE:
+            print(f"processor: a server is unreachable: {one_line(exc)}", file=sys.stderr)
+            return ExitCode.FAILED
+        if outcome is Outcome.REFUSED:
+            print(f"processor: refused: {one_line(exc)}", file=sys.stderr)
+            return ExitCode.CONFIG
+        log.critical("internal error", extra={"error": f"{type(exc).__name__}: {one_line(exc)}"}, exc_info=True)
+        print(f"processor: internal error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+        return ExitCode.SOFTWARE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +85,8 @@ def cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from supervisor.migrations import apply_migrations
 
-    applied = apply_migrations(settings.migration_database_url)
+    with translated(POSTGRES, settings.migration_database_url, unreachable="cannot connect to"):
+        applied = apply_migrations(settings.migration_database_url)
     names = [f"{m.version:04d}_{m.name}" for m in applied]
     log.info("migrations applied" if names else "schema already up to date", extra={"applied": names})
     return ExitCode.OK

@@ -73,3 +73,29 @@ def test_bugs_own_errors_and_the_other_servers_errors_pass_through(exc: Exceptio
 def test_ctrl_c_propagates() -> None:
     with pytest.raises(KeyboardInterrupt), translated(POSTGRES, PG_URL):
         raise KeyboardInterrupt
+
+
+def test_migrate_with_postgres_unreachable_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`processor migrate` against a closed port: a clear line, no traceback, exit 1 (try again later)."""
+    from ops.cli import main
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:s3cret-pw@127.0.0.1:1/gps")
+    assert main(["migrate"]) == ExitCode.FAILED
+    err = capsys.readouterr().err
+    assert "cannot connect to Postgres at postgresql://app:***@127.0.0.1:1/gps" in err
+    assert "Traceback" not in err and "s3cret-pw" not in err
+
+
+def test_a_bug_in_a_command_exits_70_with_one_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error nobody translated is an internal error: exit 70 (SPEC §7), the message masked."""
+    import ops.lag
+    from ops.cli import main
+
+    def broken(_settings: object, _args: object) -> int:
+        raise KeyError("redis://u:s3cret-pw@h/0")
+
+    monkeypatch.setattr(ops.lag, "cmd_lag", broken)
+    monkeypatch.setenv("REDIS_URL", "redis://u:s3cret-pw@h/0")
+    assert main(["lag"]) == ExitCode.SOFTWARE
+    err = capsys.readouterr().err
+    assert "processor: internal error: KeyError" in err and "s3cret-pw" not in err
