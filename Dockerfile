@@ -38,7 +38,7 @@ USER 10001:10001
 
 # /healthz and /metrics (SPEC §6), served by the supervisor on HTTP_PORT.
 EXPOSE 8080
-# SIGTERM drains within DRAIN_TIMEOUT_S (default 20) + 2 s and exits 0: give the container
+# SIGTERM drains within DRAIN_TIMEOUT_S (default 20) + 4 s (STOP_MARGIN_S) and exits 0: give the container
 # a stop grace period above that (docker run --stop-timeout 30, or compose's stop_grace_period).
 STOPSIGNAL SIGTERM
 # slim has no curl: ask with Python. An HTTP 503 (or no answer) raises, so the check fails.
