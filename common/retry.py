@@ -70,6 +70,15 @@ def refused(server: str, exc: BaseException) -> ProcessorError:
     return ConnectionRefusedForGood(f"{server} refused: {one_line(exc)}")
 
 
+def raise_unless_outage(server: str, exc: Exception) -> None:
+    """Return when `exc` is an outage (worth waiting out); a refusal is raised as exit 78, anything else as it is."""
+    outcome = classify(exc)
+    if outcome is Outcome.REFUSED:
+        raise refused(server, exc) from exc
+    if outcome is not Outcome.OUTAGE:
+        raise exc
+
+
 async def retry(
     server: str, reach: Reachability, operation: Callable[..., Awaitable[T]], *args: object
 ) -> T:
@@ -79,11 +88,7 @@ async def retry(
         try:
             result = await operation(*args)
         except Exception as exc:
-            outcome = classify(exc)
-            if outcome is Outcome.REFUSED:
-                raise refused(server, exc) from exc
-            if outcome is not Outcome.OUTAGE:
-                raise
+            raise_unless_outage(server, exc)
             reach.failed(server, exc)
             await asyncio.sleep(backoff.next_delay())
             continue
@@ -107,11 +112,7 @@ def retry_blocking(
         try:
             return operation(*args)
         except Exception as exc:
-            outcome = classify(exc)
-            if outcome is Outcome.REFUSED:
-                raise refused(server, exc) from exc
-            if outcome is not Outcome.OUTAGE:
-                raise
+            raise_unless_outage(server, exc)
             between()
             if time.monotonic() >= deadline:
                 raise ServerUnreachable(f"{server} unreachable after {deadline_s:.0f}s: {one_line(exc)}") from exc
@@ -126,11 +127,7 @@ async def attempt(server: str, reach: Reachability, operation: Callable[..., Awa
     try:
         await operation(*args)
     except Exception as exc:
-        outcome = classify(exc)
-        if outcome is Outcome.REFUSED:
-            raise refused(server, exc) from exc
-        if outcome is not Outcome.OUTAGE:
-            raise
+        raise_unless_outage(server, exc)
         log.debug(f"{server} call failed; next tick tries again", extra={"consumer": reach.name, "error": one_line(exc)})
         reach.mark(server, False)
         return False
