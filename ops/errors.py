@@ -24,6 +24,7 @@ import redis
 from common.config import redact_url
 from common.errors import ExitCode, ProcessorError
 from common.faults import Outcome, classify, one_line, server_of
+from common.redis_client import sync_client
 
 REDIS_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10
@@ -61,9 +62,7 @@ def redis_client(url: str, *, unreachable: str = "cannot reach", note: str = "")
     `unreachable` starts the message of an outage ("cannot reach" Redis at <url>); `note`
     ends every message (what has been done already, say).
     """
-    client = redis.Redis.from_url(
-        url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, client_name=CLIENT_NAME
-    )
+    client = sync_client(url, REDIS_TIMEOUT_S, CLIENT_NAME)
     try:
         with translated(REDIS, url, unreachable=unreachable, note=note):
             yield client

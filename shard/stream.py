@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common.config import Settings
 from common.keys import failures_key
+from common.redis_client import async_client
 
 # Entries as redis-py returns them; `fields` is None when the entry was deleted or trimmed
 # while it sat in the pending list.
@@ -56,14 +56,7 @@ class ConsumerStream:
         self.dlq = settings.dlq_key
         self.failures = failures_key(settings.stream_key)
         self.consumer = consumer
-        self.redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            decode_responses=False,
-            socket_timeout=SOCKET_TIMEOUT_S,
-            socket_connect_timeout=SOCKET_TIMEOUT_S,
-            health_check_interval=HEALTH_CHECK_S,  # a pooled connection from before a restart is checked, not trusted
-            client_name=consumer,
-        )
+        self.redis = async_client(settings.redis_url, SOCKET_TIMEOUT_S, consumer, health_check_s=HEALTH_CHECK_S)
         self._dead_letter = self.redis.register_script(_DEAD_LETTER)
 
     async def ensure_group(self) -> None:

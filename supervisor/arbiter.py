@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 
 import psycopg
-import redis
 from setproctitle import setproctitle
 
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
 from common.panic import Panic, crash_point
+from common.redis_client import sync_client
 from common.retry import retry_blocking
 from common.status import ShardStatus, StatusBoard
 from common.timing import HEALTHY_BEAT_S, QUICK_STOP_S, STOP_MARGIN_S
@@ -31,6 +31,7 @@ log = logging.getLogger("processor.supervisor")
 
 LOOP_TIMEOUT_S = 0.5
 STARTUP_TIMEOUT_S = 60.0
+REDIS_PROBE_TIMEOUT_S = 5.0
 ABORT_GRACE_S = 5.0  # between SIGABRT (traceback on stderr) and SIGKILL of a hung shard
 REAP_INTERVAL_S = 0.1
 STALE_CONFIRM_S = 1.0
@@ -122,7 +123,7 @@ class Supervisor:
 
     def check_redis(self) -> None:
         """Redis must answer before we fork; wrong credentials halt at once."""
-        client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+        client = sync_client(self.settings.redis_url, REDIS_PROBE_TIMEOUT_S, "processor-supervisor")
         try:
             self.until_reachable("Redis at REDIS_URL", client.ping)
         finally:

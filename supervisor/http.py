@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from common.config import Settings
 from common.faults import Outcome, classify, one_line
+from common.redis_client import sync_client
 from common.lag import group_lag
 from common.status import BATCH_BUCKETS_S, ShardStatus
 
@@ -43,9 +44,7 @@ class Observer:
     def __init__(self, settings: Settings, shards: Callable[[], list[ShardView]]) -> None:
         self.settings = settings
         self.shards = shards
-        self.redis = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
-        )
+        self.redis = sync_client(settings.redis_url, REDIS_TIMEOUT_S, "processor-metrics")
 
     def health(self) -> tuple[int, dict[str, Any]]:
         reasons = []

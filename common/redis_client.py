@@ -1,0 +1,44 @@
+"""Every Redis client the Processor opens: bounded timeouts, and no retries of its own.
+
+redis-py (6 and later) silently sends a command again after a connection error, up to
+ten times by default. An XREADGROUP or HINCRBY whose first reply was lost has already
+run: sent again, it delivers other entries or counts a failure twice, and the entries
+of the lost reply sit unseen in a pending list. So our clients never retry by
+themselves; every lost reply reaches the code that knows what it means (common/retry.py
+and the shard's re-read of its own pending entries).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.retry
+import redis.retry
+from redis.backoff import NoBackoff
+
+
+def _options(timeout_s: float, name: str | None) -> dict[str, Any]:
+    return {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry_on_timeout": False,
+        "client_name": name,
+    }
+
+
+def sync_client(url: str, timeout_s: float, name: str | None = None) -> redis.Redis:
+    """A blocking client (supervisor, operator commands) that returns bytes."""
+    return redis.Redis.from_url(url, retry=redis.retry.Retry(NoBackoff(), 0), **_options(timeout_s, name))
+
+
+def async_client(url: str, timeout_s: float, name: str | None = None, health_check_s: int = 0) -> redis.asyncio.Redis:
+    """An asyncio client (shards) that returns bytes; `health_check_s` pings a pooled
+    connection idle that long before using it, so one from before a restart is checked."""
+    return redis.asyncio.Redis.from_url(
+        url,
+        retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+        health_check_interval=health_check_s,
+        **_options(timeout_s, name),
+    )

@@ -1,0 +1,64 @@
+"""Our Redis clients never resend a command by themselves (redis-py ≥ 6 does, by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import pytest
+import redis.exceptions
+
+from common.redis_client import async_client, sync_client
+
+
+@pytest.fixture
+def dropping_server():
+    """A TCP server that accepts, reads one command, counts it, and closes without a reply."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    commands: list[bytes] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                data = conn.recv(65536)
+                if data:
+                    commands.append(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0", commands
+    done.set()
+    thread.join(2)
+    listener.close()
+
+
+def test_sync_client_sends_a_command_once(dropping_server) -> None:
+    """A lost reply is an error for the caller, not a silent second XREADGROUP."""
+    url, commands = dropping_server
+    client = sync_client(url, 2.0)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        client.execute_command("PING")
+    client.close()
+    assert len(commands) == 1
+
+
+def test_async_client_sends_a_command_once(dropping_server) -> None:
+    url, commands = dropping_server
+
+    async def go() -> None:
+        client = async_client(url, 2.0)
+        try:
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await client.execute_command("PING")
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+    assert len(commands) == 1
