@@ -25,6 +25,7 @@ def _options(timeout_s: float, name: str | None) -> dict[str, Any]:
         "socket_connect_timeout": timeout_s,
         "retry_on_timeout": False,
         "client_name": name,
+        "protocol": 2,  # RESP2 replies, as every parser of ours expects
     }
 
 

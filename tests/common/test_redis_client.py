@@ -14,10 +14,19 @@ from common.redis_client import async_client, sync_client
 
 @pytest.fixture
 def dropping_server():
-    """A TCP server that accepts, reads one command, counts it, and closes without a reply."""
+    """A TCP server that answers the connection handshake, then swallows PING: it closes
+    the connection without a reply, as a network cut after the server executed it would."""
     listener = socket.create_server(("127.0.0.1", 0))
-    commands: list[bytes] = []
+    pings: list[bytes] = []
     done = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                if b"PING" in data:
+                    pings.append(data)
+                    return
+                conn.sendall(b"+OK\r\n" * data.count(b"*"))  # one reply per command of the handshake
 
     def serve() -> None:
         listener.settimeout(0.2)
@@ -26,14 +35,11 @@ def dropping_server():
                 conn, _ = listener.accept()
             except TimeoutError:
                 continue
-            with conn:
-                data = conn.recv(65536)
-                if data:
-                    commands.append(data)
+            handle(conn)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0", commands
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0", pings
     done.set()
     thread.join(2)
     listener.close()
