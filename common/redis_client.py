@@ -43,3 +43,37 @@ def async_client(url: str, timeout_s: float, name: str | None = None, health_che
         health_check_interval=health_check_s,
         **_options(timeout_s, name),
     )
+
+
+def _entries(response: list[Any] | None, **_options: Any) -> list[tuple[bytes, list[bytes] | None]]:
+    """Stream entries with their fields as Redis sent them: a flat [name, value, …] list
+    (None for an entry deleted while pending). redis-py's own parsers make a dict, which
+    merges repeated field names; a dead letter must keep them."""
+    return [(entry[0], entry[1]) for entry in response or () if entry is not None]
+
+
+def _read(response: list[Any] | None, **options: Any) -> list[list[Any]]:
+    return [[stream, _entries(entries)] for stream, entries in response or ()]
+
+
+def _autoclaim(response: list[Any], **options: Any) -> list[Any]:
+    if options.get("parse_justid", False):
+        return response[1]
+    return [response[0], _entries(response[1]), *response[2:]]
+
+
+def _claim(response: list[Any], **options: Any) -> list[Any]:
+    return response if options.get("parse_justid", False) else _entries(response)
+
+
+def keep_field_pairs(client: redis.Redis | redis.asyncio.Redis) -> None:
+    """Make `client` return stream entries' fields as flat lists of names and values."""
+    for command, parser in (
+        ("XRANGE", _entries),
+        ("XREVRANGE", _entries),
+        ("XREADGROUP", _read),
+        ("XREAD", _read),
+        ("XCLAIM", _claim),
+        ("XAUTOCLAIM", _autoclaim),
+    ):
+        client.set_response_callback(command, parser)
