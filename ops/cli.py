@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"processor: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:
-        if service:
+        if args.command == "run":
             raise  # the supervisor's panic handler dumps its state and exits 70
         # What no command's own boundary translated: an outage or refusal is still one line;
         # anything else is a bug (exit 70), logged with its traceback, passwords masked.
