@@ -43,6 +43,7 @@ class Settings:
     log_level: str
     http_port: int
     heartbeat_timeout_s: float = 15.0
+    max_future_s: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -70,6 +71,7 @@ class Settings:
             log_level=reader.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
             http_port=reader.integer("HTTP_PORT", 8080, 0, 65_535),
             heartbeat_timeout_s=reader.number("HEARTBEAT_TIMEOUT_S", 15.0, 1.0, 3_600.0),
+            max_future_s=reader.number("MAX_FUTURE_S", 300.0, 0.0, 10 * 365 * 86_400.0),
         )
 
     def redacted(self) -> dict[str, object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import orjson
@@ -11,8 +12,14 @@ from common.contract import device_id_problem
 from common.errors import InvalidEntry
 from common.keys import DATA_FIELD
 
-# An entry this large is refused before it is parsed, so a runaway producer cannot stall a shard.
-MAX_DATA_BYTES = 1 << 20
+# Limits on what one entry may be (docs/contract.md, "Limits"). Each bounds the work and
+# memory one entry can cost a shard; beyond any of them the entry is `validate` poison
+# whose error names the limit. Checked before parsing where the raw entry tells.
+MAX_ENTRY_BYTES = 1 << 20  # field names and values of the entry, together
+MAX_ENTRY_FIELDS = 100  # field/value pairs of the stream entry
+MAX_DATA_MEMBERS = 64  # members of the `data` object (SPEC §2 names nine)
+MAX_IO_MEMBERS = 512  # members of `io`, counted at every level
+MAX_JSON_DEPTH = 16  # nesting of `data`: the object itself is depth 1, `io` depth 2
 MAX_TS_TEXT_CHARS = 64
 # 9999-12-30T23:59:59.999Z: a day short of Python's last datetime, so that rendering a
 # stored time in any time zone (Postgres JSON, logs) cannot overflow.
@@ -39,20 +46,47 @@ class Fix(NamedTuple):
     attributes: dict[str, Any] | None
 
 
-def decode_entry(fields: dict[bytes, bytes]) -> Fix:
-    """The fix carried by an entry's `data` field; raises InvalidEntry for poison."""
-    raw = fields.get(DATA_FIELD)
-    if raw is None:
-        raise InvalidEntry("decode", "entry has no 'data' field")
-    if len(raw) > MAX_DATA_BYTES:
-        raise InvalidEntry("validate", f"data is {len(raw)} bytes, over the limit of {MAX_DATA_BYTES}")
+def decode_entry(fields: Sequence[bytes] | Mapping[bytes, bytes], not_after: datetime | None = None) -> Fix:
+    """The fix carried by an entry's `data` field; raises InvalidEntry for poison.
+
+    `fields` is the entry's flat [name, value, …] list as Redis sent it (or a dict);
+    a fix dated after `not_after` (the clock plus MAX_FUTURE_S) is poison too.
+    """
+    flat = fields if not isinstance(fields, Mapping) else [item for pair in fields.items() for item in pair]
+    raw = _data_field(flat)
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidEntry("decode", f"data is not valid UTF-8 JSON: {exc}") from None
     if type(obj) is not dict:
         raise InvalidEntry("validate", f"data must be a JSON object, got {_json_type(obj)}")
-    return validate(obj, raw)
+    if len(obj) > MAX_DATA_MEMBERS:
+        raise InvalidEntry("validate", f"data has {len(obj)} members, over the limit of {MAX_DATA_MEMBERS}")
+    fix = validate(obj, raw)
+    if not_after is not None and fix.ts > not_after:
+        ahead_s = (fix.ts - not_after).total_seconds()
+        raise InvalidEntry("validate", f"ts in the future: {fix.ts.isoformat()} is {ahead_s:.0f}s beyond MAX_FUTURE_S")
+    return fix
+
+
+def _data_field(flat: Sequence[bytes]) -> bytes:
+    """The one `data` value of an entry within the entry limits."""
+    if len(flat) == 2 and flat[0] == DATA_FIELD:  # what tcp-ingestion sends
+        if len(flat[1]) + 4 > MAX_ENTRY_BYTES:
+            raise InvalidEntry("validate", f"entry is {len(flat[1]) + 4} bytes, over the limit of {MAX_ENTRY_BYTES}")
+        return flat[1]
+    pairs = len(flat) // 2
+    if pairs > MAX_ENTRY_FIELDS:
+        raise InvalidEntry("validate", f"entry has {pairs} fields, over the limit of {MAX_ENTRY_FIELDS}")
+    size = sum(len(item) for item in flat)
+    if size > MAX_ENTRY_BYTES:
+        raise InvalidEntry("validate", f"entry is {size} bytes, over the limit of {MAX_ENTRY_BYTES}")
+    values = [flat[i + 1] for i in range(0, 2 * pairs, 2) if flat[i] == DATA_FIELD]
+    if not values:
+        raise InvalidEntry("decode", "entry has no 'data' field")
+    if len(values) > 1:
+        raise InvalidEntry("validate", f"entry has {len(values)} 'data' fields; exactly one is allowed")
+    return values[0]
 
 
 def validate(obj: dict[str, Any], raw: bytes = b"\\u0000") -> Fix:
@@ -84,8 +118,7 @@ def validate(obj: dict[str, Any], raw: bytes = b"\\u0000") -> Fix:
         if type(attributes) is not dict:
             raise _invalid("io", f"must be a JSON object, got {_json_type(attributes)}")
         # JSON can only carry NUL escaped, so a raw document without the escape has none.
-        if b"\\u0000" in raw and _has_nul(attributes):
-            raise _invalid("io", "contains a NUL character, which Postgres jsonb cannot store")
+        _check_io(attributes, nul_possible=b"\\u0000" in raw)
 
     return Fix(
         device_id,
@@ -138,14 +171,29 @@ def _number(name: str, value: object, low: float, high: float) -> float | None:
     raise _invalid(name, f"must be a finite number from {low:g} to {high:g}", value)
 
 
-def _has_nul(value: object) -> bool:
-    if type(value) is str:
-        return "\x00" in value
-    if type(value) is dict:
-        return any("\x00" in key or _has_nul(item) for key, item in value.items())
-    if type(value) is list:
-        return any(_has_nul(item) for item in value)
-    return False
+def _check_io(io: dict[str, Any], nul_possible: bool) -> None:
+    """`io` within MAX_IO_MEMBERS and MAX_JSON_DEPTH, and without NUL (jsonb cannot store it).
+
+    Iterative, so that no document can exhaust the stack; a flat `io` costs one pass.
+    """
+    members = 0
+    stack: list[tuple[Any, int]] = [(io, 2)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _invalid("io", f"is nested deeper than the limit of {MAX_JSON_DEPTH} levels (data itself is level 1)")
+        items = value.items() if type(value) is dict else enumerate(value)
+        members += len(value)
+        if members > MAX_IO_MEMBERS:
+            raise _invalid("io", f"has more than the limit of {MAX_IO_MEMBERS} members (counted at every level)")
+        for key, item in items:
+            kind = type(item)
+            if kind is dict or kind is list:
+                stack.append((item, depth + 1))
+            elif nul_possible and (kind is str and "\x00" in item or type(key) is str and "\x00" in key):
+                raise _invalid("io", "contains a NUL character, which Postgres jsonb cannot store")
+        if nul_possible and type(value) is dict and any("\x00" in key for key in value):
+            raise _invalid("io", "contains a NUL character, which Postgres jsonb cannot store")
 
 
 def _invalid(member: str, rule: str, value: object = ...) -> InvalidEntry:
@@ -154,7 +202,11 @@ def _invalid(member: str, rule: str, value: object = ...) -> InvalidEntry:
 
 
 def _preview(value: object) -> str:
-    text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode() if value is not ... else ""
+    """At most 80 characters of a value, for an error message; never fails."""
+    try:
+        text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (TypeError, ValueError):  # nested deeper than orjson writes
+        return f"{_json_type(value)} nested too deep to show"
     return text if len(text) <= 80 else text[:77] + "..."
 
 

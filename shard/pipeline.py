@@ -31,6 +31,7 @@ class Pipeline:
         crash_point: Callable[[], None] | None = None,
     ) -> None:
         self.max_failures = settings.max_failures
+        self.max_future_s = settings.max_future_s
         self.stream = stream
         self.writer = writer
         self.report = report
@@ -53,7 +54,7 @@ class Pipeline:
         if not entries or not self.accepting:
             return 0
         self.report.taken([entry_id for entry_id, _ in entries], claimed)
-        await self.queue.put(decode_batch(entries, self.max_failures))
+        await self.queue.put(decode_batch(entries, self.max_failures, self.max_future_s))
         return len(entries)
 
     async def end_input(self) -> None:

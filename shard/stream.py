@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from redis.exceptions import ResponseError
 
 from common.config import Settings
 from common.keys import failures_key
-from common.redis_client import async_client
+from common.redis_client import async_client, keep_field_pairs
+from shard.dead_letters import DeadLetter, DeadLetters
 
-# Entries as redis-py returns them; `fields` is None when the entry was deleted or trimmed
-# while it sat in the pending list.
-Entry = tuple[bytes, dict[bytes, bytes] | None]
+# An entry's fields as Redis sent them, a flat [name, value, …] list (names may repeat);
+# None when the entry was deleted or trimmed while it sat in the pending list.
+Entry = tuple[bytes, list[bytes] | None]
 
 log = logging.getLogger("processor.stream")
 
@@ -23,28 +22,9 @@ READ_BLOCK_MS = 2_000
 SOCKET_TIMEOUT_S = 10.0
 HEALTH_CHECK_S = 5
 
-# XACK decides: only the call that removes the entry from the PEL writes its dead letter,
-# so a slow consumer and the one that claimed its entry never both dead-letter it.
-_DEAD_LETTER = """
-redis.call('HDEL', KEYS[3], ARGV[2])
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-  return 1
-end
-return 0
-"""
 # Failure counts expire eventually, so an entry that failed, crashed its shard and then
 # succeeded leaves no counter behind for ever.
 FAILURES_TTL_S = 7 * 86_400
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    entry_id: bytes
-    fields: dict[bytes, bytes]
-    error: str
-    error_kind: str
-    failures: int
 
 
 class ConsumerStream:
@@ -57,7 +37,8 @@ class ConsumerStream:
         self.failures = failures_key(settings.stream_key)
         self.consumer = consumer
         self.redis = async_client(settings.redis_url, SOCKET_TIMEOUT_S, consumer, health_check_s=HEALTH_CHECK_S)
-        self._dead_letter = self.redis.register_script(_DEAD_LETTER)
+        keep_field_pairs(self.redis)
+        self.letters = DeadLetters(self.redis, self.stream, self.group, self.dlq, self.failures, consumer)
 
     async def ensure_group(self) -> None:
         """Create the group (and the stream) from id 0 unless another shard already did."""
@@ -99,36 +80,18 @@ class ConsumerStream:
 
         `recovered` are acked entries that had failed before: their failure counts go.
         """
+        small, large = self.letters.split(dead)
         async with self.redis.pipeline(transaction=False) as pipe:
             if acked:
                 pipe.xack(self.stream, self.group, *acked)
             if recovered:
                 pipe.hdel(self.failures, *recovered)
-            failed_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds").encode()
-            for letter in dead:
-                await self._dead_letter(
-                    keys=[self.stream, self.dlq, self.failures],
-                    args=[self.group, letter.entry_id, *_letter_fields(self, letter, failed_at)],
-                    client=pipe,
-                )
+            await self.letters.queue(pipe, small)
             results = await pipe.execute()
-        return sum(results[int(bool(acked)) + int(bool(recovered)) :])
+        written = sum(results[int(bool(acked)) + int(bool(recovered)) :])
+        for entry_id, fields in large:
+            written += await self.letters.write_large(entry_id, fields)
+        return written
 
     async def close(self) -> None:
         await self.redis.aclose()
-
-
-def _letter_fields(stream: ConsumerStream, letter: DeadLetter, failed_at: bytes) -> list[bytes | str | int]:
-    fields: dict[bytes, bytes | str | int] = dict(letter.fields)
-    fields.update(
-        {
-            b"error": letter.error,
-            b"error_kind": letter.error_kind,
-            b"source_id": letter.entry_id,
-            b"source_stream": stream.stream,
-            b"failures": letter.failures,
-            b"consumer": stream.consumer,
-            b"failed_at": failed_at,
-        }
-    )
-    return [item for pair in fields.items() for item in pair]

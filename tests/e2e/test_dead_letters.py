@@ -57,7 +57,7 @@ def test_oversized_entry_is_dead_lettered_without_decoding(redis_client, databas
     produce(redis_client, stream_key, list(Fleet(5, seed=32).fixes(50)))
     huge = b'{"device_id":"big","ts":1,"lat":1,"lon":1,"io":{"blob":"' + b"x" * (1 << 20) + b'"}}'
     big_id = redis_client.xadd(stream_key, {"data": huge, "extra": b"kept"})
-    produce(redis_client, stream_key, list(Fleet(5, seed=33, start_ms=1_800_000_000_000).fixes(50)))
+    produce(redis_client, stream_key, list(Fleet(5, seed=33, start_ms=1_750_000_000_000).fixes(50)))
     start_processor(env)
     wait_for(lambda: redis_client.xlen(f"{stream_key}:dlq") == 1 and stored_count(database_url) == 100, 30)
     [(_, fields)] = redis_client.xrange(f"{stream_key}:dlq")

@@ -82,11 +82,11 @@ def test_oversized_data_is_refused_before_parsing() -> None:
     assert error.kind == "validate"
 
 
-def test_data_just_under_the_limit_is_parsed() -> None:
-    """Data of exactly 1 MiB is still parsed (the limit is 'over 1 MiB')."""
-    padding = "p" * ((1 << 20) - len(orjson.dumps({**VALID, "pad": ""})))
+def test_an_entry_of_exactly_the_limit_is_parsed() -> None:
+    """An entry of exactly 1 MiB, field names included, is still parsed (the limit is 'over 1 MiB')."""
+    padding = "p" * ((1 << 20) - len(b"data") - len(orjson.dumps({**VALID, "pad": ""})))
     data = orjson.dumps({**VALID, "pad": padding})
-    assert len(data) == 1 << 20
+    assert len(data) + len(b"data") == 1 << 20
     assert decode_entry(raw(data)).device_id == "dev-1"
 
 

@@ -1,0 +1,105 @@
+"""Writing dead letters (SPEC §5): each poison entry ends as exactly one letter, never lost.
+
+The letter is written before the ACK, in one atomic step: a Lua script checks that the
+entry is still pending in the group (so of two consumers that both hold it, one writes),
+adds the letter, then ACKs. If the XADD fails (DLQ_KEY holds another type, Redis is out
+of memory) the script stops before any write: the entry stays pending, and the error goes
+to the error boundary (an outage is retried; a refusal exits 78).
+
+Lua cannot pass more than about 8,000 values to one command, so a letter of an entry
+with thousands of fields goes another way: WATCH the DLQ, check the entry is pending,
+then MULTI, XADD, XACK, EXEC. An error queued in the transaction (out of memory) discards
+it whole. The one gap: a consumer that claimed and ACKed the same entry between the
+check and EXEC leaves a second letter; that takes thousands of fields and a claim within
+the same few milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import redis.asyncio
+from redis.exceptions import ResponseError, WatchError
+
+from common.letters import letter_fields
+
+# Below Lua's limit of about 8,000 values per command (LUAI_MAXCSTACK), with room to spare.
+SCRIPT_MAX_VALUES = 7_000
+
+_DEAD_LETTER = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then
+  redis.call('HDEL', KEYS[3], ARGV[2])
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    entry_id: bytes
+    fields: list[bytes]  # the original entry's flat [name, value, …] list, verbatim
+    error: str
+    error_kind: str  # "decode", "validate" or "write"
+    failures: int
+
+
+class DeadLetters:
+    """Writes the letters of one consumer; `stream`, `dlq` and `failures` are key names."""
+
+    def __init__(self, client: redis.asyncio.Redis, stream: str, group: str, dlq: str, failures: str, consumer: str) -> None:
+        self.client = client
+        self.stream = stream
+        self.group = group
+        self.dlq = dlq
+        self.failures = failures
+        self.consumer = consumer
+        self._script = client.register_script(_DEAD_LETTER)
+
+    def fields(self, letter: DeadLetter, failed_at: str) -> list[bytes | str | int]:
+        added = (letter.error, letter.error_kind, letter.entry_id, self.stream, letter.failures, self.consumer, failed_at)
+        return letter_fields(added, letter.fields)
+
+    def split(self, letters: Sequence[DeadLetter]) -> tuple[list[list[bytes | str | int]], list[tuple[bytes, list[bytes | str | int]]]]:
+        """Each letter's fields: (small ones for the script, large ones with their entry id)."""
+        failed_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        small, large = [], []
+        for letter in letters:
+            fields = self.fields(letter, failed_at)
+            if len(fields) <= SCRIPT_MAX_VALUES:
+                small.append([letter.entry_id, *fields])
+            else:
+                large.append((letter.entry_id, fields))
+        return small, large
+
+    async def queue(self, pipe: redis.asyncio.client.Pipeline, small: list[list[bytes | str | int]]) -> None:
+        """Queue the script calls of the small letters on `pipe` (one reply each: 1 written, 0 not pending)."""
+        for entry_id, *fields in small:
+            await self._script(keys=[self.stream, self.dlq, self.failures], args=[self.group, entry_id, *fields], client=pipe)
+
+    async def write_large(self, entry_id: bytes, fields: list[bytes | str | int]) -> int:
+        """One letter too large for the script; returns 1 if written, 0 if the entry was no longer pending."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(self.dlq)
+                    if not await pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1):
+                        await pipe.unwatch()
+                        await self.client.hdel(self.failures, entry_id)
+                        return 0
+                    kind = await pipe.type(self.dlq)
+                    if kind not in (b"stream", b"none"):
+                        raise ResponseError(f"WRONGTYPE DLQ_KEY {self.dlq} holds a {kind.decode()}, not a stream")
+                    pipe.multi()
+                    pipe.execute_command("XADD", self.dlq, "*", *fields)
+                    pipe.xack(self.stream, self.group, entry_id)
+                    pipe.hdel(self.failures, entry_id)
+                    await pipe.execute()
+                    return 1
+                except WatchError:
+                    continue  # another letter was added meanwhile: check again
