@@ -52,8 +52,9 @@ def _entries(response: list[Any] | None, **_options: Any) -> list[tuple[bytes, l
     return [(entry[0], entry[1]) for entry in response or () if entry is not None]
 
 
-def _read(response: list[Any] | None, **options: Any) -> list[list[Any]]:
-    return [[stream, _entries(entries)] for stream, entries in response or ()]
+def _read(response: list[Any] | dict[Any, Any] | None, **options: Any) -> list[list[Any]]:
+    streams = response.items() if isinstance(response, dict) else response or ()  # RESP3 sends a map
+    return [[stream, _entries(entries)] for stream, entries in streams]
 
 
 def _autoclaim(response: list[Any], **options: Any) -> list[Any]:

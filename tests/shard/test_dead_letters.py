@@ -1,0 +1,106 @@
+"""Dead letters against a real Redis: verbatim, written before the ACK, exactly once, any size."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+import redis.exceptions
+
+from common.config import Settings
+from common.letters import ADDED_FIELDS, split_letter
+from common.redis_client import keep_field_pairs
+from shard.dead_letters import SCRIPT_MAX_VALUES, DeadLetter
+from shard.stream import ConsumerStream
+
+
+@pytest.fixture
+def raw_client(redis_client: redis.Redis) -> redis.Redis:
+    keep_field_pairs(redis_client)
+    return redis_client
+
+
+def pending_entry(client: redis.Redis, stream: str, fields: list[bytes]) -> bytes:
+    """XADD with the flat field list (names may repeat) and read it as consumer t-0."""
+    client.xgroup_create(stream, "processor", id="0", mkstream=True)
+    entry_id = client.execute_command("XADD", stream, "*", *fields)
+    client.xreadgroup("processor", "t-0", {stream: ">"})
+    return entry_id
+
+
+def settle(settings: Settings, letters: list[DeadLetter]) -> int:
+    async def go() -> int:
+        stream = ConsumerStream(settings, "t-0")
+        try:
+            return await stream.settle([], letters)
+        finally:
+            await stream.close()
+
+    return asyncio.run(go())
+
+
+HOSTILE = [
+    b"data", b"{not json",
+    b"error", b"the producer's own error field",
+    b"error", b"and a repeated one",
+    b"consumer", b"not ours",
+    b"\xff\xfe", b"\x00\xff binary",
+    b"empty", b"",
+]
+
+
+def test_a_letter_keeps_every_original_field_verbatim(raw_client: redis.Redis, stream_key: str, settings: Settings) -> None:
+    """Colliding names, repeated names, binary names and values: all after the seven added fields, unchanged."""
+    entry_id = pending_entry(raw_client, stream_key, HOSTILE)
+    assert settle(settings, [DeadLetter(entry_id, HOSTILE, "not JSON", "decode", 5)]) == 1
+    ((_, fields),) = raw_client.xrange(f"{stream_key}:dlq")
+    parts = split_letter(fields)
+    assert parts.current_format and parts.original == HOSTILE
+    assert tuple(fields[0:14:2]) == ADDED_FIELDS
+    assert parts.added[b"source_id"] == entry_id and parts.added[b"error_kind"] == b"decode"
+    assert raw_client.xpending(stream_key, "processor")["pending"] == 0
+
+
+def test_a_letter_that_cannot_be_written_leaves_the_entry_pending(raw_client: redis.Redis, stream_key: str, settings: Settings) -> None:
+    """DLQ_KEY holding another type: the script fails before any write; no ACK, no loss; fixed, it goes through once."""
+    entry_id = pending_entry(raw_client, stream_key, [b"data", b"x"])
+    raw_client.set(f"{stream_key}:dlq", b"not a stream")
+    letter = DeadLetter(entry_id, [b"data", b"x"], "not JSON", "decode", 5)
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        settle(settings, [letter])
+    assert raw_client.xpending(stream_key, "processor")["pending"] == 1
+    raw_client.delete(f"{stream_key}:dlq")
+    assert settle(settings, [letter]) == 1
+    assert settle(settings, [letter]) == 0, "not pending any more: no second letter"
+    assert raw_client.xlen(f"{stream_key}:dlq") == 1
+
+
+def test_an_entry_with_thousands_of_fields_becomes_one_verbatim_letter(raw_client: redis.Redis, stream_key: str, settings: Settings) -> None:
+    """Beyond what a Lua call can carry (about 8,000 values): written through WATCH/MULTI, still once."""
+    fields = [b"data", b"not json"] + [item for i in range(4_000) for item in (b"f%d" % i, b"v%d" % i)]
+    assert len(fields) > SCRIPT_MAX_VALUES
+    entry_id = pending_entry(raw_client, stream_key, fields)
+    letter = DeadLetter(entry_id, fields, "entry has 4001 fields", "validate", 5)
+    assert settle(settings, [letter]) == 1
+    assert settle(settings, [letter]) == 0
+    ((_, stored),) = raw_client.xrange(f"{stream_key}:dlq")
+    assert split_letter(stored).original == fields
+    assert raw_client.xpending(stream_key, "processor")["pending"] == 0
+
+
+def test_a_large_letter_into_a_dlq_of_the_wrong_type_loses_nothing(raw_client: redis.Redis, stream_key: str, settings: Settings) -> None:
+    fields = [b"data", b"x"] + [item for i in range(4_000) for item in (b"f%d" % i, b"v")]
+    entry_id = pending_entry(raw_client, stream_key, fields)
+    raw_client.set(f"{stream_key}:dlq", b"not a stream")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        settle(settings, [DeadLetter(entry_id, fields, "too many fields", "validate", 5)])
+    assert raw_client.xpending(stream_key, "processor")["pending"] == 1
+
+
+def test_an_entry_acknowledged_elsewhere_gets_no_letter(raw_client: redis.Redis, stream_key: str, settings: Settings) -> None:
+    """Of two consumers holding the same poison entry, only the one that finds it pending writes."""
+    entry_id = pending_entry(raw_client, stream_key, [b"data", b"x"])
+    raw_client.xack(stream_key, "processor", entry_id)
+    assert settle(settings, [DeadLetter(entry_id, [b"data", b"x"], "not JSON", "decode", 5)]) == 0
+    assert raw_client.xlen(f"{stream_key}:dlq") == 0
