@@ -31,6 +31,7 @@ def test_defaults() -> None:
     assert (s.batch_size, s.claim_threshold_ms, s.claim_interval_ms) == (500, 60_000, 15_000)
     assert (s.max_failures, s.drain_timeout_s, s.device_cache_size) == (5, 20.0, 100_000)
     assert (s.panic_dir, s.log_level, s.http_port) == (Path("./panic"), "INFO", 8080)
+    assert s.max_future_s == 300.0
 
 
 def test_derived_defaults_follow_their_source() -> None:
@@ -49,7 +50,9 @@ def test_explicit_values_are_parsed() -> None:
         "CLAIM_THRESHOLD_MS": "1000", "CLAIM_INTERVAL_MS": "200", "MAX_FAILURES": "2",
         "DRAIN_TIMEOUT_S": "1.5", "DEVICE_CACHE_SIZE": "10", "PANIC_DIR": "/tmp/p",
         "LOG_LEVEL": "debug", "HTTP_PORT": "0", "INSTANCE_ID": "edge-a", "CONSUMER_GROUP": "g",
+        "MAX_FUTURE_S": "0.5",
     })
+    assert s.max_future_s == 0.5
     assert (s.redis_url, s.shards, s.batch_size, s.claim_threshold_ms) == ("rediss://:pw@cache:6380/2", 3, 50, 1000)
     assert (s.claim_interval_ms, s.max_failures, s.drain_timeout_s, s.device_cache_size) == (200, 2, 1.5, 10)
     assert (s.panic_dir, s.log_level, s.http_port, s.instance_id, s.consumer_group) == (
@@ -68,6 +71,7 @@ def test_explicit_values_are_parsed() -> None:
         ("REDIS_URL", "http://x"), ("REDIS_URL", "localhost:6379"), ("REDIS_URL", "redis://"),
         ("DATABASE_URL", "mysql://u@h/db"), ("DATABASE_URL", "postgresql://h:port/db"),
         ("MIGRATION_DATABASE_URL", "redis://h/0"),
+        ("MAX_FUTURE_S", "-1"), ("MAX_FUTURE_S", "soon"), ("MAX_FUTURE_S", "inf"),
     ],
 )
 def test_malformed_value_names_the_variable(name: str, value: str) -> None:
