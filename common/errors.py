@@ -39,6 +39,11 @@ class InvalidEntry(ValueError):
         self.kind = kind  # "decode" or "validate", as written to the DLQ
 
 
+class RowRejected(ValueError):
+    """One row could not be written for a reason of its own (e.g. it cannot be encoded for COPY):
+    isolated from its batch like a row Postgres refuses."""
+
+
 class ConnectionRefusedForGood(ProcessorError):
     """Redis or Postgres refused our credentials or database: a configuration error."""
 

@@ -23,7 +23,7 @@ import psycopg
 import psycopg.errors
 import redis.exceptions
 
-from common.errors import ExitCode, InvalidEntry, ProcessorError
+from common.errors import ExitCode, InvalidEntry, ProcessorError, RowRejected
 from common.logs import scrub
 
 
@@ -81,6 +81,8 @@ def classify(exc: BaseException) -> Outcome:
         return Outcome.CANCELLED
     if isinstance(exc, InvalidEntry):
         return Outcome.POISON
+    if isinstance(exc, RowRejected):
+        return Outcome.ROW_REJECTED
     if isinstance(exc, ProcessorError):
         return Outcome.REFUSED if exc.exit_code == ExitCode.CONFIG else Outcome.BUG
     if isinstance(exc, redis.exceptions.RedisError):

@@ -10,7 +10,7 @@ import psycopg.errors
 import pytest
 import redis.exceptions as rx
 
-from common.errors import ConfigError, ConnectionRefusedForGood, InvalidEntry, MigrationError, ProcessorError
+from common.errors import ConfigError, ConnectionRefusedForGood, InvalidEntry, MigrationError, ProcessorError, RowRejected
 from common.faults import Outcome, classify, one_line, server_of
 
 O = Outcome
@@ -86,6 +86,7 @@ CASES = [
     # The project's own
     (InvalidEntry("validate", "lat must be a number"), O.POISON),
     (InvalidEntry("decode", "data is not valid UTF-8 JSON"), O.POISON),
+    (RowRejected("io cannot be encoded as jsonb"), O.ROW_REJECTED),
     (ConfigError("SHARDS must be a whole number"), O.REFUSED),
     (MigrationError("migration 0001 was changed"), O.REFUSED),
     (ConnectionRefusedForGood("redis refused"), O.REFUSED),
