@@ -21,8 +21,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dlq = commands.add_parser(
         "dlq",
         help="inspect, re-inject into the input stream, delete dead letters",
-        description="Dead letters are entries of DLQ_KEY: the original entry's fields plus error, error_kind, "
-        "source_id, source_stream, failures, consumer and failed_at.",
+        description="Dead letters are entries of DLQ_KEY: the added fields error, error_kind, source_id, "
+        "source_stream, failures, consumer and failed_at, then every field of the original entry verbatim.",
     )
     actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
     show_list = actions.add_parser(
@@ -39,8 +39,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     show = actions.add_parser(
         "show",
         help="show every field of one dead letter",
-        description="Show every field of one dead letter; `data` pretty-printed when it is JSON. Control "
-        "characters and bytes that are not UTF-8 are shown escaped (--json adds their exact bytes in base64).",
+        description="Show one dead letter: its added fields, then every original field in order (repeated "
+        "names too); `data` pretty-printed when it is JSON. Control characters and bytes that are not UTF-8 "
+        "are shown escaped (--json adds their exact bytes in base64).",
     )
     show.add_argument("letter_id", metavar="ID", type=_entry_id, help="the letter's id in DLQ_KEY")
     show.add_argument("--json", action="store_true", help="print a JSON object")
@@ -48,7 +49,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     replay = actions.add_parser(
         "replay",
         help="put dead letters back into the input stream",
-        description="Re-add each letter's original fields (without the error fields) to STREAM_KEY as a new "
+        description="Re-add each letter's original entry, field for field, to STREAM_KEY as a new "
         "entry and delete the letter, atomically per letter. Named letters are all-or-nothing: if any id is "
         "unknown, or a letter came from a stream other than STREAM_KEY, nothing is replayed (exit 1). --all "
         "replays every letter present when the command starts and leaves those of other streams.",

@@ -1,7 +1,9 @@
 """Dead letters as the operator sees them: reading (`processor dlq list|show`) and the rules for letter ids.
 
-A dead letter is an entry of DLQ_KEY: the original entry's fields plus the error fields
-(SPEC §5). Replay and purge are in ops.dlq_replay and ops.dlq_purge.
+A dead letter is an entry of DLQ_KEY: the added (error) fields, then the original entry's
+fields verbatim (SPEC §5; the format is common/letters.py's). Letters are read as flat field
+lists (ops.errors' client keeps repeated names). Replay and purge are in ops.dlq_replay and
+ops.dlq_purge.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import base64
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import orjson
 
 from common.config import Settings
 from common.errors import ProcessorError
 from common.keys import DATA_FIELD, DLQ_ERROR_FIELDS
+from common.letters import LetterParts, split_letter
 from ops.errors import UsageError, redis_client
 from ops.terminal import cell, is_utf8, printable, table_lines, text
 
@@ -55,30 +59,40 @@ def checked_ids(ids: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Letter:
-    """One dead letter: the original entry's fields plus the error fields (SPEC §5)."""
+    """One dead letter (SPEC §5): its added fields, and the original entry's fields verbatim.
+
+    `fields` is the letter as Redis holds it, a flat [name, value, …] list; common/letters.py
+    says which of them are the added fields and which the original entry's (names may repeat,
+    and may equal an added field's).
+    """
 
     id: str
-    fields: dict[bytes, bytes]
+    fields: list[bytes]
+
+    @cached_property
+    def parts(self) -> LetterParts:
+        return split_letter(self.fields)
+
+    @property
+    def added(self) -> dict[bytes, bytes]:
+        return self.parts.added
+
+    @property
+    def original(self) -> list[tuple[bytes, bytes]]:
+        """The original entry's fields in order, as (name, value) pairs: the entry `dlq replay` re-adds."""
+        flat = self.parts.original
+        return list(zip(flat[0::2], flat[1::2]))
 
     def get(self, name: str) -> str | None:
-        value = self.fields.get(name.encode())
+        """An added field as text (None when the letter lacks it)."""
+        value = self.added.get(name.encode())
         return None if value is None else text(value)
 
     @property
-    def original(self) -> dict[bytes, bytes]:
-        """The fields as the entry had them in the input stream."""
-        return {k: v for k, v in self.fields.items() if k.decode("utf-8", "replace") not in DLQ_ERROR_FIELDS}
-
-    @property
     def data(self) -> object | None:
-        """The parsed `data` field, or None when it is missing or not JSON."""
-        raw = self.fields.get(DATA_FIELD)
-        if raw is None:
-            return None
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
+        """The first original `data` field parsed, or None when there is none or it is not JSON."""
+        raw = next((value for name, value in self.original if name == DATA_FIELD), None)
+        return None if raw is None else parsed(raw)
 
     @property
     def device_id(self) -> str | None:
@@ -101,10 +115,31 @@ class Letter:
         }
 
     def as_json(self) -> dict[str, object]:
-        """Every field as text; values that are not UTF-8 also exactly, base64-encoded."""
-        binary = {text(k): base64.b64encode(v).decode() for k, v in self.fields.items() if not is_utf8(v)}
-        return {"id": self.id, "fields": {text(k): text(v) for k, v in self.fields.items()},
-                "fields_base64": binary, "data": self.data}
+        """The added fields by name, the original fields as ordered pairs; all as text, and
+        what is not UTF-8 also exactly, in base64 (docs/contract.md, `dlq show`)."""
+        binary = {text(k): _base64(v) for k, v in self.added.items() if not is_utf8(v)}
+        exact = [None if is_utf8(k) and is_utf8(v) else [_base64(k), _base64(v)] for k, v in self.original]
+        return {
+            "id": self.id,
+            "format": "current" if self.parts.current_format else "earlier",
+            "fields": {text(k): text(v) for k, v in self.added.items()},
+            "fields_base64": binary,
+            "original": [[text(k), text(v)] for k, v in self.original],
+            "original_base64": exact,
+            "data": self.data,
+        }
+
+
+def parsed(raw: bytes) -> object | None:
+    """A field's value as JSON, or None when it is not JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _base64(value: bytes) -> str:
+    return base64.b64encode(value).decode()
 
 
 @dataclass(frozen=True)
@@ -129,7 +164,7 @@ def list_letters(settings: Settings, limit: int, after: str | None = None) -> Le
         start = f"({after}" if after else "-"
         entries = client.xrange(settings.dlq_key, min=start, max="+", count=limit + 1)
         length = int(client.xlen(settings.dlq_key))
-    letters = [Letter(text(i), dict(f)) for i, f in entries[:limit]]
+    letters = [Letter(text(i), f) for i, f in entries[:limit]]
     return LetterPage(settings.dlq_key, length, letters, len(entries) > limit)
 
 
@@ -138,7 +173,7 @@ def show_letter(settings: Settings, letter_id: str) -> Letter:
         found = client.xrange(settings.dlq_key, min=letter_id, max=letter_id)
     if not found:
         raise UnknownLetters(settings.dlq_key, [letter_id], "shown")
-    return Letter(letter_id, dict(found[0][1]))
+    return Letter(letter_id, found[0][1])
 
 
 def format_letter_page(page: LetterPage) -> list[str]:
@@ -160,22 +195,32 @@ def format_letter_page(page: LetterPage) -> list[str]:
 
 
 def format_letter(letter: Letter) -> list[str]:
-    """Error fields first, then the original fields; `data` pretty-printed when it is JSON."""
+    """The added fields, then every original field in order (repeats and names equal to an
+    added field's included); a `data` field that is JSON pretty-printed."""
     lines = [f"dead letter {letter.id}"]
-    names = [n for n in DLQ_ERROR_FIELDS if n.encode() in letter.fields]
     width = max(len(n) for n in [*DLQ_ERROR_FIELDS, "data"]) + 2
-    for name in names:
-        lines.append(f"  {name.ljust(width)}{printable(letter.get(name) or '')}")
-    lines.append("original fields:")
-    for raw_name, raw_value in letter.original.items():
-        name = printable(text(raw_name))
-        data = letter.data if raw_name == DATA_FIELD else None
+    for name in DLQ_ERROR_FIELDS:
+        value = letter.get(name)
+        if value is not None:
+            lines.append(f"  {_label(name, width)}{printable(value)}")
+    heading = f"original fields ({len(letter.original)}, in order)"
+    if not letter.parts.current_format:
+        heading += "; a letter of the earlier format, where a field named like an added one was overwritten"
+    lines.append(f"{heading}:")
+    for raw_name, raw_value in letter.original:
+        label = _label(printable(text(raw_name)), width)
+        data = parsed(raw_value) if raw_name == DATA_FIELD else None
         if data is not None:
             pretty = orjson.dumps(data, option=orjson.OPT_INDENT_2).decode().splitlines()
-            lines.append(f"  {name.ljust(width)}(JSON)")
+            lines.append(f"  {label}(JSON)")
             lines += [f"    {printable(line)}" for line in pretty]
         else:
-            lines.append(f"  {name.ljust(width)}{printable(text(raw_value))}")
+            lines.append(f"  {label}{printable(text(raw_value))}")
     if not letter.original:
         lines.append("  (none)")
     return lines
+
+
+def _label(name: str, width: int) -> str:
+    """A field name padded to `width`, and at least one space after a longer one."""
+    return name.ljust(width - 1) + " "

@@ -24,7 +24,7 @@ import redis
 from common.config import redact_url
 from common.errors import ExitCode, ProcessorError
 from common.faults import Outcome, classify, one_line, server_of
-from common.redis_client import sync_client
+from common.redis_client import keep_field_pairs, sync_client
 
 REDIS_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10
@@ -63,6 +63,7 @@ def redis_client(url: str, *, unreachable: str = "cannot reach", note: str = "")
     ends every message (what has been done already, say).
     """
     client = sync_client(url, REDIS_TIMEOUT_S, CLIENT_NAME)
+    keep_field_pairs(client)  # stream entries as flat [name, value, …] lists: names may repeat
     try:
         with translated(REDIS, url, unreachable=unreachable, note=note):
             yield client

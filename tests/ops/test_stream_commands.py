@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
-import subprocess
-import sys
-from pathlib import Path
 
 import orjson
 import pytest
@@ -15,54 +12,17 @@ import redis
 
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
-from common.keys import DLQ_ERROR_FIELDS
 from common.lag import Lag, group_lag
+from common.letters import split_letter
 from ops.cli import build_parser
 from ops.dlq_letters import UnknownLetters, format_letter, format_letter_page, list_letters, show_letter
 from ops.dlq_purge import purge, purge_all
 from ops.dlq_replay import replay, replay_all
 from ops.lag import format_lag, lag_report
 from ops.terminal import Declined
+from tests.ops.letters import GROUP, add_letter, fix, run_cli
 
-ROOT = Path(__file__).parents[2]
 SECRET = "s3cret-pw"
-GROUP = "processor"
-
-
-@pytest.fixture
-def redis_env(redis_url: str, stream_key: str) -> dict[str, str]:
-    """Environment for the stream commands: Redis and this test's stream (no Postgres needed)."""
-    return {"REDIS_URL": redis_url, "STREAM_KEY": stream_key, "CONSUMER_GROUP": GROUP, "LOG_LEVEL": "INFO"}
-
-
-@pytest.fixture
-def stream_settings(redis_env: dict[str, str]) -> Settings:
-    return Settings.from_env(redis_env)
-
-
-def run_cli(env: dict[str, str], *args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
-    """The real `processor` command line in a child process."""
-    full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run(
-        [sys.executable, "-m", "ops", *args],
-        env=full_env, stdin=stdin, capture_output=True, text=True, timeout=60, check=False,
-    )
-
-
-def fix(device_id: str, **more: object) -> bytes:
-    return orjson.dumps({"device_id": device_id, "ts": 1_718_000_000_000, "lat": 50.0, "lon": 10.0, **more})
-
-
-def add_letter(client: redis.Redis, stream_key: str, original: dict[bytes, bytes], *, source_id: str = "1-1",
-               source_stream: str | None = None, error: str = "lat out of range", kind: str = "validate") -> str:
-    """A dead letter as SPEC §5 describes it: the original fields, then the error fields."""
-    fields: dict[bytes, bytes | str] = dict(original)
-    fields.update({
-        b"error": error, b"error_kind": kind, b"source_id": source_id,
-        b"source_stream": source_stream or stream_key, b"failures": "5", b"consumer": "host-0",
-        b"failed_at": "2026-03-01T10:00:00.000Z",
-    })
-    return client.xadd(f"{stream_key}:dlq", fields).decode()  # type: ignore[arg-type]
 
 
 def redis_now_ms(client: redis.Redis) -> int:
@@ -213,8 +173,9 @@ def test_show_escapes_and_pretty_prints(redis_client: redis.Redis, stream_key: s
     assert '      "device_id": "dev-\\u001b[2J",' in text and '      "io": {' in text
     assert "  raw            \\xff\\xfe\\x1b[31m" in text and "  note           Zürich" in text
     as_json = orjson.loads(orjson.dumps(letter.as_json()))
-    assert as_json["fields"]["raw"] == "\\xff\\xfe\x1b[31m"
-    assert as_json["fields_base64"] == {"raw": "//4bWzMxbQ=="}
+    assert as_json["original"][1] == ["raw", "\\xff\\xfe\x1b[31m"]
+    assert as_json["original_base64"] == [None, ["cmF3", "//4bWzMxbQ=="], None]
+    assert as_json["fields_base64"] == {}
     assert as_json["data"]["io"] == {"din1": 1}
 
 
@@ -223,7 +184,7 @@ def test_cli_show_and_list_json(redis_client: redis.Redis, stream_key: str, redi
     letter_id = add_letter(redis_client, stream_key, {b"data": fix("dev-1"), b"extra": b"x"})
     shown = run_cli(redis_env, "dlq", "show", letter_id, "--json")
     assert shown.returncode == 0, shown.stderr
-    assert orjson.loads(shown.stdout)["fields"]["extra"] == "x"
+    assert orjson.loads(shown.stdout)["original"][1] == ["extra", "x"]
     listed = run_cli(redis_env, "dlq", "list", "--json", "--limit", "5")
     assert listed.returncode == 0, listed.stderr
     assert [letter["id"] for letter in orjson.loads(listed.stdout)["letters"]] == [letter_id]
@@ -252,17 +213,21 @@ def test_replay_restores_exactly_the_original_fields(
     assert [i.decode() for i, _ in redis_client.xrange(f"{stream_key}:dlq")] == [keep]
 
 
-def test_replay_of_a_letter_the_shard_wrote(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
-    """A letter written by the shard's own dead-letter script replays to the entry as it was first added."""
-    from shard.stream import ConsumerStream, DeadLetter
+def test_replay_of_a_letter_the_shard_wrote(
+    redis_client: redis.Redis, raw_client: redis.Redis, stream_key: str, stream_settings: Settings
+) -> None:
+    """A letter written by the shard's own dead-letter step replays to the entry as it was first
+    added, field for field: a repeated name and a name equal to an added field's included."""
+    from shard.dead_letters import DeadLetter
+    from shard.stream import ConsumerStream
 
-    original = {b"data": b'{"device_id": "dev-1", "lat": 999}', b"source": b"tcp-ingestion"}
+    original = [b"data", b'{"device_id": "dev-1", "lat": 999}', b"error", b"mine", b"tag", b"a", b"tag", b"b"]
 
     async def dead_letter_one() -> bytes:
         stream = ConsumerStream(stream_settings, "host-0")
         try:
             await stream.ensure_group()
-            source_id = await stream.redis.xadd(stream_key, original)
+            source_id = await stream.redis.execute_command("XADD", stream_key, "*", *original)
             ((entry_id, fields),) = await stream.read(">", 10)
             await stream.settle([], [DeadLetter(entry_id, fields, "lat out of range", "validate", 5)])
             return source_id
@@ -270,11 +235,12 @@ def test_replay_of_a_letter_the_shard_wrote(redis_client: redis.Redis, stream_ke
             await stream.close()
 
     source_id = asyncio.run(dead_letter_one())
-    ((letter_id, letter),) = redis_client.xrange(f"{stream_key}:dlq")
-    assert letter[b"source_id"] == source_id and set(letter) == set(original) | {k.encode() for k in DLQ_ERROR_FIELDS}
+    ((letter_id, letter),) = raw_client.xrange(f"{stream_key}:dlq")
+    parts = split_letter(letter)
+    assert parts.current_format and parts.added[b"source_id"] == source_id and parts.original == original
     result = replay(stream_settings, [letter_id.decode()])
     ((_, entry_id),) = result.replayed
-    assert redis_client.xrange(stream_key, min=entry_id, max=entry_id)[0][1] == original
+    assert raw_client.xrange(stream_key, min=entry_id, max=entry_id)[0][1] == original
     assert redis_client.xlen(f"{stream_key}:dlq") == 0
 
 
