@@ -18,6 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# Lua passes at most about 8,000 values to one command (LUAI_MAXCSTACK): a script may
+# write or replay a letter of up to this many values; larger ones go through WATCH/MULTI.
+SCRIPT_MAX_VALUES = 7_000
+
 ADDED_FIELDS = (b"error", b"error_kind", b"source_id", b"source_stream", b"failures", b"consumer", b"failed_at")
 ADDED_COUNT = len(ADDED_FIELDS)
 

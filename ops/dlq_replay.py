@@ -33,15 +33,12 @@ from redis.exceptions import WatchError
 
 from common.config import Settings
 from common.errors import ProcessorError
-from common.letters import split_letter
+from common.letters import SCRIPT_MAX_VALUES, split_letter
 from ops.dlq_letters import UnknownLetters, checked_ids
 from ops.errors import redis_client
 from ops.terminal import count, text
 
 REPLAY_PAGE = 100  # letters per page of `replay --all`: keeps each script call short
-# Original values (names and values) per letter that go through the script; above it, a
-# transaction. Lua's limit is about 8,000 values per command (LUAI_MAXCSTACK).
-SCRIPT_MAX_VALUES = 7_000
 WATCH_BUDGET_S = 60.0  # how long a transaction is retried while DLQ_KEY keeps changing
 
 # KEYS[1] the DLQ, KEYS[2] the input stream. ARGV[1] 'all' (all-or-nothing) or 'each', then

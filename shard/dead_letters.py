@@ -23,10 +23,8 @@ from datetime import datetime, timezone
 import redis.asyncio
 from redis.exceptions import ResponseError, WatchError
 
-from common.letters import letter_fields
+from common.letters import SCRIPT_MAX_VALUES, letter_fields
 
-# Below Lua's limit of about 8,000 values per command (LUAI_MAXCSTACK), with room to spare.
-SCRIPT_MAX_VALUES = 7_000
 
 _DEAD_LETTER = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then
