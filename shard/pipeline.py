@@ -14,8 +14,10 @@ import asyncio
 from collections.abc import Callable
 
 from common.config import Settings
+from common.keys import failures_key
 from common.retry import retry
 from shard.batch import Batch, decode_batch
+from shard.failures import FailureCounts, new_attempt
 from shard.reporting import Report
 from shard.stream import ConsumerStream, Entry
 from shard.writer import PositionWriter
@@ -33,6 +35,7 @@ class Pipeline:
         self.max_failures = settings.max_failures
         self.max_future_s = settings.max_future_s
         self.stream = stream
+        self.failures = FailureCounts(stream.redis, failures_key(settings.stream_key))
         self.writer = writer
         self.report = report
         self.crash_point = crash_point  # test-only fault injection; None in production
@@ -85,7 +88,7 @@ class Pipeline:
         in Redis, so they survive restarts."""
         rejected = await self.write_entries(batch, list(batch.fixes))
         while rejected:
-            counts = await retry("redis", self.report.reach, self.stream.count_failures, list(rejected))
+            counts = await retry("redis", self.report.reach, self.failures.count, list(rejected), new_attempt())
             again = []
             for (entry_id, error), count in zip(rejected.items(), counts):
                 if count >= self.max_failures:

@@ -22,10 +22,6 @@ READ_BLOCK_MS = 2_000
 SOCKET_TIMEOUT_S = 10.0
 HEALTH_CHECK_S = 5
 
-# Failure counts expire eventually, so an entry that failed, crashed its shard and then
-# succeeded leaves no counter behind for ever.
-FAILURES_TTL_S = 7 * 86_400
-
 
 class ConsumerStream:
     """One consumer of the group: everything a shard says to Redis."""
@@ -63,15 +59,6 @@ class ConsumerStream:
         if not reply:
             return []
         return reply[0][1]
-
-    async def count_failures(self, entry_ids: Sequence[bytes]) -> list[int]:
-        """Record one more failure of each entry; returns each entry's count so far."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for entry_id in entry_ids:
-                pipe.hincrby(self.failures, entry_id, 1)
-            pipe.expire(self.failures, FAILURES_TTL_S)
-            results = await pipe.execute()
-        return results[:-1]
 
     async def settle(
         self, acked: Sequence[bytes], dead: Sequence[DeadLetter], recovered: Sequence[bytes] = ()
