@@ -71,9 +71,12 @@ class Duties:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def watch_geofences(self) -> None:
-        """Pick up inserted, changed and deactivated geofences without a restart.
+        """Pick up inserted, changed and deactivated geofences without a restart: a warm-up.
 
-        An idle shard learns of a Postgres outage here first; the write path logs it.
+        Every batch checks the revision itself, inside its transaction, and loads the
+        geofences there when they changed (shard/geofences.py); this poll only loads changes
+        ahead of the next batch, mostly for an idle shard. An idle shard learns of a Postgres outage here
+        first; the write path logs it.
         """
         while True:
             await asyncio.sleep(GEOFENCE_POLL_S)

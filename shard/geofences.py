@@ -1,8 +1,34 @@
-"""The shard's geofence index, reloaded from Postgres whenever the geofences change."""
+"""The shard's geofence index, and the rule that makes geofence changes order-proof.
+
+SPEC §5 "Derived state is order-proof" with geofences that change while fixes flow:
+each device's history switches from one geofence set to the next at one point, the
+same for every shard and instance, as a serial replay that applies each change at its
+commit would. `GeofenceSource.for_revision` is where that is decided, inside each
+batch's transaction, after the device locks are taken:
+
+- The batch reads `geofence_revision` in a statement that starts after its device locks
+  were granted (the state load; a statement that waited for a lock took its snapshot
+  before waiting, so the lock statement itself could miss a change). If the revision
+  differs from the held index's, the active geofences are loaded in the same transaction
+  and the batch is derived with them; the new index is kept for the next batches.
+- The device locks serialize the transactions of one device: the next one's post-lock
+  statement starts after the previous one committed, so its snapshot is the later one.
+- Every change to `geofences` bumps the revision in its own transaction (a trigger), and
+  the row lock on `geofence_revision` orders the bumps as their commits: revisions only
+  grow, and a snapshot that sees revision r sees exactly the geofences of revision r.
+
+So the revisions a device's transactions use never go down, and each uses the newest
+one committed before its post-lock statement: a change committed between two of them
+takes effect for the later one and for every one after it. Two shards can never use
+different geofence sets for the same stretch of a device's history. The 2 s poll
+(`refresh`, on a connection of its own) only warms the index up for idle shards, so that
+a change is often loaded outside a batch; correctness does not depend on it.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import psycopg
 
@@ -11,13 +37,19 @@ from shard.geo import GeofenceIndex, GeometryError, parse_geofence
 log = logging.getLogger("processor.geofences")
 
 _REVISION = "SELECT revision FROM geofence_revision"
-_ACTIVE = "SELECT id, name, geometry, radius_m FROM geofences WHERE active ORDER BY id"
+# The revision and the geofences it stands for, from one snapshot (one statement): one row
+# with a null id when no geofence is active.
+_ACTIVE = """
+SELECT r.revision, g.id, g.name, g.geometry, g.radius_m
+FROM geofence_revision r LEFT JOIN geofences g ON g.active
+ORDER BY g.id
+"""
 
 
 class GeofenceSource:
-    """Holds the current index; `refresh()` swaps in a new one when the revision moved.
+    """Holds the current index: swapped by the poll (`refresh`) or inside a batch (`for_revision`).
 
-    Uses a connection of its own: the writer's is inside a batch transaction.
+    The poll uses a connection of its own: the writer's is inside a batch transaction.
     """
 
     def __init__(self, database_url: str, application_name: str) -> None:
@@ -26,31 +58,55 @@ class GeofenceSource:
         self.index = GeofenceIndex([], revision=-1)
         self.conn: psycopg.AsyncConnection | None = None
 
+    async def for_revision(self, cur: psycopg.AsyncCursor, revision: int) -> GeofenceIndex:
+        """The index a batch derives with, given the revision its post-lock statement read.
+
+        The held index if it is of that revision; otherwise the active geofences are loaded
+        through `cur` (in the batch's transaction, so from a snapshot at least as new) and
+        the new index is kept. See the module's docstring for why this is order-proof.
+        """
+        if revision == self.index.revision:
+            return self.index
+        await cur.execute(_ACTIVE)
+        self.index = _build(await cur.fetchall(), "batch")
+        return self.index
+
     async def refresh(self) -> bool:
-        """Reload if the geofences changed; returns whether it did."""
+        """The poll: reload if the geofences changed; returns whether it did."""
         if self.conn is None or self.conn.closed:
             self.conn = await psycopg.AsyncConnection.connect(
                 self.database_url, autocommit=True, connect_timeout=10, application_name=self.application_name
             )
+        held = self.index
         try:
             (revision,) = await (await self.conn.execute(_REVISION)).fetchone()  # type: ignore[misc]
-            if revision == self.index.revision:
+            if revision == held.revision:
                 return False
             rows = await (await self.conn.execute(_ACTIVE)).fetchall()
         except psycopg.Error:
             await self.close()
             raise
-        geofences = []
-        for geofence_id, name, geometry, radius_m in rows:
-            try:
-                geofences.append(parse_geofence(geofence_id, name, geometry, radius_m))
-            except GeometryError as exc:
-                log.error("geofence ignored: unusable geometry", extra={"geofence": name, "error": str(exc)})
-        self.index = GeofenceIndex(geofences, revision)
-        log.info("geofences loaded", extra={"active": len(geofences), "revision": revision})
+        if self.index is not held:
+            return False  # a batch loaded the change meanwhile, from a snapshot at least as new
+        self.index = _build(rows, "poll")
         return True
 
     async def close(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
             await conn.close()
+
+
+def _build(rows: Iterable[tuple], by: str) -> GeofenceIndex:
+    """An index from the rows of `_ACTIVE`; a geofence with unusable geometry is logged and left out."""
+    revision = -1
+    geofences = []
+    for revision, geofence_id, name, geometry, radius_m in rows:
+        if geofence_id is None:
+            continue
+        try:
+            geofences.append(parse_geofence(geofence_id, name, geometry, radius_m))
+        except GeometryError as exc:
+            log.error("geofence ignored: unusable geometry", extra={"geofence": name, "error": str(exc)})
+    log.info("geofences loaded", extra={"active": len(geofences), "revision": revision, "by": by})
+    return GeofenceIndex(geofences, revision)

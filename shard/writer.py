@@ -2,7 +2,8 @@
 
 A batch's transaction: the prologue (temporary staging tables, settings), a binary COPY
 of the fixes into `staging_positions`, then `shard.devices` stores the positions and the
-derived state they cause; commit. Only then is anything ACKed. Rows Postgres rejects are
+derived state they cause (with the geofence index of the revision it reads after the device
+locks: shard/geofences.py); commit. Only then is anything ACKed. Rows Postgres rejects are
 isolated by bisection, so that every other row commits.
 """
 
@@ -118,12 +119,12 @@ class PositionWriter:
         await self.connect()
         conn = self.conn
         assert conn is not None
-        index = self.geofences.index
         with self.devices.batch(fixes) as batch:  # the cache keeps the states only after commit
             async with conn.transaction():
                 async with conn.cursor() as cur:
                     await stage(cur, fixes, batch.cached_versions())
-                    await batch.apply(cur, index, safe=safe)
+                    # The geofence index is chosen inside, after the device locks.
+                    await batch.apply(cur, self.geofences, safe=safe)
 
     async def close(self) -> None:
         conn, self.conn = self.conn, None

@@ -7,11 +7,15 @@ shards and instances, are redelivered, or arrive late. Inside the batch's transa
 
 1. locks the batch's devices (whoever else touches them waits until commit);
 2. loads their state: the cached copy where its version still matches
-   `last_position.state_version`, otherwise from Postgres, one query for the batch;
+   `last_position.state_version`, otherwise from Postgres, one query for the batch; the
+   same query reads the geofence revision, and the batch derives with the index of that
+   revision, loaded in this transaction if the shard holds another (shard/geofences.py:
+   this is what makes each device switch geofence sets at one point of its history);
 3. stores the positions (with ON CONFLICT and RETURNING only when some fix is not newer
    than its device's state, to tell late fixes from duplicates);
 4. advances every device by its new fixes in `ts` order (live.py), and replays devices
-   with late fixes from their stored history (replay.py), both through `advance`;
+   with late fixes from their stored history (replay.py), both through `advance` and
+   with the same index;
 5. bumps the changed devices' versions and writes visits, odometers and last_position.
 
 The cache only keeps the new states once the transaction committed (the batch's
@@ -33,7 +37,7 @@ from shard.devices.live import derive, older_than_state
 from shard.devices.replay import replay_late
 from shard.devices.store import insert_positions_returning, lock_devices, store_derived
 from shard.devices.track import DeviceState
-from shard.geo import GeofenceIndex
+from shard.geofences import GeofenceSource
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Applied:
     late: frozenset[str]  # replayed from stored history because of a late fix
     changed: frozenset[str]  # state and version changed (and written)
     visits: int  # timing_records rows written
+    revision: int  # the geofence revision the batch was derived with
 
 
 class DeviceStates:
@@ -72,15 +77,19 @@ class DeviceBatch:
         """Device → version of its cached copy (None: not cached), to stage beside each fix."""
         return {device_id: (state.version if state is not None else None) for device_id, state in self._cached.items()}
 
-    async def apply(self, cur: psycopg.AsyncCursor, index: GeofenceIndex, *, safe: bool = False) -> Applied:
+    async def apply(self, cur: psycopg.AsyncCursor, geofences: GeofenceSource, *, safe: bool = False) -> Applied:
         """Store the staged positions and the derived state they cause (steps 1-5 above).
 
-        `safe` inserts the positions with ON CONFLICT even when every fix looks new.
+        `geofences` gives the index of the revision read after the locks. `safe` inserts
+        the positions with ON CONFLICT even when every fix looks new.
         """
         # Stable sort: fixes with the same key keep entry order, as `seq` does in SQL.
         ordered = sorted(self.fixes, key=lambda fix: (fix.device_id, fix.ts))
         await lock_devices(cur)
-        self._states, reloaded = await self._cache.load(cur, self._cached)
+        # The first statement after the locks: its snapshot follows every earlier transaction
+        # of these devices, so the revision it reads is the one this batch must use.
+        self._states, reloaded, revision = await self._cache.load(cur, self._cached)
+        index = await geofences.for_revision(cur, revision)
         inserted: set[tuple[str, datetime]] | None = None
         if safe or older_than_state(ordered, self._states):
             inserted = await insert_positions_returning(cur)
@@ -88,7 +97,9 @@ class DeviceBatch:
         for device_id, new_ts in derived.late.items():
             derived.add_visits(device_id, await replay_late(cur, self._states[device_id], new_ts, index))
         await store_derived(cur, derived, positions_inserted=inserted is not None)
-        return Applied(frozenset(reloaded), frozenset(derived.late), frozenset(derived.touched), len(derived.visits))
+        return Applied(
+            frozenset(reloaded), frozenset(derived.late), frozenset(derived.touched), len(derived.visits), index.revision
+        )
 
     def __enter__(self) -> DeviceBatch:
         return self

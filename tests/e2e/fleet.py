@@ -71,12 +71,31 @@ def insert_geofences(database_url: str, geofences: list[dict[str, Any]]) -> None
 
 def serial_replay(scenario: Scenario) -> tuple[list[tuple], dict[str, float]]:
     """Visits (by geofence name) and odometers from a plain in-order pass over the fixes."""
-    index = GeofenceIndex(
-        [parse_geofence(n, g["name"], g["geometry"], g["radius_m"]) for n, g in enumerate(scenario.geofences)]
-    )
-    names = {n: g["name"] for n, g in enumerate(scenario.geofences)}
+    return timeline_replay(scenario.fixes, [(None, scenario.geofences)])
+
+
+# (ts in ms from which the set applies, None for the first; the active geofences then)
+Timeline = list[tuple[int | None, list[dict[str, Any]]]]
+
+
+def timeline_replay(fixes: list[dict[str, Any]], timeline: Timeline) -> tuple[list[tuple], dict[str, float]]:
+    """An in-order pass over every device's fixes that switches geofence sets as `timeline` says.
+
+    The set of the last entry whose ts is not above a fix's applies to that fix: a change
+    committed between two of a device's fixes takes effect at the later one. Geofences are
+    named; one that leaves a set and comes back is the same geofence.
+    """
+    ids: dict[str, int] = {}
+    for _, geofences in timeline:
+        for g in geofences:
+            ids.setdefault(g["name"], len(ids))
+    indexes = [
+        (since, GeofenceIndex([parse_geofence(ids[g["name"]], g["name"], g["geometry"], g["radius_m"]) for g in geofences]))
+        for since, geofences in timeline
+    ]
+    names = {n: name for name, n in ids.items()}
     by_device: dict[str, dict[datetime, Any]] = {}
-    for fix in scenario.fixes:
+    for fix in fixes:
         decoded = decode_entry({b"data": orjson.dumps(fix)})
         by_device.setdefault(decoded.device_id, {}).setdefault(decoded.ts, decoded)
     visits: dict[tuple, Any] = {}
@@ -85,6 +104,8 @@ def serial_replay(scenario: Scenario) -> tuple[list[tuple], dict[str, float]]:
         state = DeviceState(device_id)
         for ts in sorted(track):
             fix = track[ts]
+            ms = round(ts.timestamp() * 1000)
+            index = [index for since, index in indexes if since is None or since <= ms][-1]
             inside = index.inside([fix.lat], [fix.lon])[0]
             for visit in advance(state, TrackFix(fix.ts, fix.lat, fix.lon, fix.speed), inside, index):
                 visits[(device_id, visit.geofence_id, visit.entered_at)] = visit

@@ -20,7 +20,6 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from common.keys import DEVICE_LOCK_CLASS
 from shard.decode import Fix, decode_entry
 from shard.devices import Applied, DeviceStates, bump_state_version
-from shard.geo import GeofenceIndex
 from shard.geofences import GeofenceSource
 from shard.writer import stage
 from supervisor.migrations import apply_migrations
@@ -54,8 +53,8 @@ def migrated(database_url: str) -> str:
 
 
 @asynccontextmanager
-async def connected(url: str) -> AsyncIterator[tuple[psycopg.AsyncConnection, GeofenceIndex]]:
-    """A connection set up as the writer's, and the active geofences as a shard loads them."""
+async def connected(url: str) -> AsyncIterator[tuple[psycopg.AsyncConnection, GeofenceSource]]:
+    """A connection set up as the writer's, and a shard's geofence source, loaded as at start-up."""
     source = GeofenceSource(url, "test")
     await source.refresh()
     await source.close()
@@ -63,7 +62,7 @@ async def connected(url: str) -> AsyncIterator[tuple[psycopg.AsyncConnection, Ge
     set_json_dumps(orjson.dumps, context=conn)
     set_json_loads(orjson.loads, context=conn)
     try:
-        yield conn, source.index
+        yield conn, source
     finally:
         await conn.close()
 
@@ -73,7 +72,7 @@ class RolledBack(Exception):
 
 
 async def write(
-    conn: psycopg.AsyncConnection, states: DeviceStates, index: GeofenceIndex, points: Sequence[dict[str, Any]],
+    conn: psycopg.AsyncConnection, states: DeviceStates, geofences: GeofenceSource, points: Sequence[dict[str, Any]],
     *, roll_back: bool = False,
 ) -> Applied:
     """One batch, as the writer runs it; `roll_back` fails its transaction after the apply."""
@@ -82,7 +81,7 @@ async def write(
         async with conn.transaction():
             async with conn.cursor() as cur:
                 await stage(cur, fixes, batch.cached_versions())
-                applied = await batch.apply(cur, index)
+                applied = await batch.apply(cur, geofences)
                 if roll_back:
                     raise RolledBack
     return applied
@@ -113,11 +112,11 @@ def test_live_path_advances_the_odometer_and_opens_and_closes_visits(migrated: s
     second = [point("d1", 20, 0.75, lat=0.4, speed=35.0), point("d1", 30, 1.75), point("d2", 20, 3.2)]
 
     async def run() -> tuple[Applied, Applied]:
-        async with connected(migrated) as (conn, index):
+        async with connected(migrated) as (conn, geofences):
             states = DeviceStates(100)
-            applied = await write(conn, states, index, first)
+            applied = await write(conn, states, geofences, first)
             assert open_visits(migrated) == [("d1", "A")]
-            return applied, await write(conn, states, index, second)
+            return applied, await write(conn, states, geofences, second)
 
     one, two = asyncio.run(run())
     assert (one.reloaded, one.late, one.changed, one.visits) == (frozenset(), frozenset(), {"d1", "d2"}, 1)
@@ -136,10 +135,10 @@ def test_late_fixes_are_replayed_to_what_an_in_order_pass_gives(migrated: str) -
     resent = [point("d1", 20, 0.25, 0.5)]
 
     async def run() -> Applied:
-        async with connected(migrated) as (conn, index):
+        async with connected(migrated) as (conn, geofences):
             states = DeviceStates(100)
-            await write(conn, states, index, on_time)
-            return await write(conn, states, index, late + resent)
+            await write(conn, states, geofences, on_time)
+            return await write(conn, states, geofences, late + resent)
 
     applied = asyncio.run(run())
     assert (applied.late, applied.changed) == ({"d1"}, {"d1", "d2"})
@@ -156,12 +155,12 @@ def test_a_fleet_split_between_two_shards_equals_a_serial_replay(database_url: s
     points = [orjson.loads(entry) for entry in scenario.entries]
 
     async def run() -> list[Applied]:
-        async with connected(database_url) as (conn_a, index), connected(database_url) as (conn_b, _):
+        async with connected(database_url) as (conn_a, geofences), connected(database_url) as (conn_b, _):
             shards = [(conn_a, DeviceStates(100)), (conn_b, DeviceStates(100))]
             done = []
             for n, start in enumerate(range(0, len(points), 97)):
                 conn, states = shards[n % 2]
-                done.append(await write(conn, states, index, points[start : start + 97]))
+                done.append(await write(conn, states, geofences, points[start : start + 97]))
             return done
 
     applied = asyncio.run(run())
@@ -174,12 +173,12 @@ def test_a_stale_cached_state_is_not_used(migrated: str) -> None:
     zigzag = [point("d1", s * 10, -0.6 + s * 0.3, lat=0.2 + 0.6 * (s % 2)) for s in range(6)]
 
     async def run() -> list[Applied]:
-        async with connected(migrated) as (conn_a, index), connected(migrated) as (conn_b, _):
+        async with connected(migrated) as (conn_a, geofences), connected(migrated) as (conn_b, _):
             shard_a, shard_b = DeviceStates(100), DeviceStates(100)
             return [
-                await write(conn_a, shard_a, index, zigzag[:2]),
-                await write(conn_b, shard_b, index, zigzag[2:4]),
-                await write(conn_a, shard_a, index, zigzag[4:]),
+                await write(conn_a, shard_a, geofences, zigzag[:2]),
+                await write(conn_b, shard_b, geofences, zigzag[2:4]),
+                await write(conn_a, shard_a, geofences, zigzag[4:]),
             ]
 
     a1, b, a2 = asyncio.run(run())
@@ -193,13 +192,13 @@ def test_a_rehydrate_bump_makes_the_next_batch_reload_a_correction(migrated: str
     track = [point("d1", 0, 3.0), point("d1", 10, 3.1), point("d1", 20, 3.2)]
 
     async def run() -> Applied:
-        async with connected(migrated) as (conn, index):
+        async with connected(migrated) as (conn, geofences):
             states = DeviceStates(100)
-            await write(conn, states, index, track[:2])
+            await write(conn, states, geofences, track[:2])
             with psycopg.connect(migrated) as operator:
                 operator.execute("UPDATE last_position SET odometer_m = 1000 WHERE device_id = 'd1'")
                 assert bump_state_version(operator, "d1") == 2
-            return await write(conn, states, index, track[2:])
+            return await write(conn, states, geofences, track[2:])
 
     applied = asyncio.run(run())
     _, odometers = stored_result(migrated)
@@ -214,12 +213,12 @@ def test_a_rolled_back_batch_leaves_nothing_behind(migrated: str) -> None:
     track = [point("d1", s * 10, s * 0.3 - 0.4, lat=0.3 + 0.1 * s) for s in range(5)]
 
     async def run() -> Applied:
-        async with connected(migrated) as (conn, index):
+        async with connected(migrated) as (conn, geofences):
             states = DeviceStates(100)
-            await write(conn, states, index, track[:2])
+            await write(conn, states, geofences, track[:2])
             with pytest.raises(RolledBack):
-                await write(conn, states, index, [point("d1", 15, 9.0)], roll_back=True)
-            return await write(conn, states, index, track[2:])
+                await write(conn, states, geofences, [point("d1", 15, 9.0)], roll_back=True)
+            return await write(conn, states, geofences, track[2:])
 
     applied = asyncio.run(run())
     assert applied.reloaded == {"d1"}
@@ -230,8 +229,8 @@ def test_bump_state_version_under_the_device_lock(migrated: str) -> None:
     """Known device: version + 1, lock held until the caller commits. Unknown: None, no row made."""
 
     async def seed() -> None:
-        async with connected(migrated) as (conn, index):
-            await write(conn, DeviceStates(100), index, [point("d1", 0, 3.0)])
+        async with connected(migrated) as (conn, geofences):
+            await write(conn, DeviceStates(100), geofences, [point("d1", 0, 3.0)])
 
     asyncio.run(seed())
     with psycopg.connect(migrated) as conn, psycopg.connect(migrated, autocommit=True) as other:
