@@ -1,8 +1,11 @@
 """Shared memory through which shards report heartbeat, health and counters to the supervisor.
 
 The supervisor maps it before the first fork, so every shard inherits the same pages; a
-restarted shard continues its slot's counters, which therefore only ever grow. The
-supervisor's /metrics and /healthz read it; no shard needs an HTTP server of its own.
+restarted shard continues its slot's counters, which therefore only ever grow. A second
+part holds what only the supervisor knows (which slots run, their pids, start times and
+restarts, whether it is stopping, its own beat); it writes that part from its loop. The
+HTTP process the supervisor forks reads both for /healthz and /metrics; no shard needs an
+HTTP server of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ BATCH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 # pid, redis_ok, postgres_ok, processed, dead_lettered, claimed, batches, in_flight,
 # batch-seconds sum, then one count per bucket (+Inf included), not cumulative.
 _SLOT = struct.Struct(f"<d i B B 2x Q Q Q Q Q d {len(BATCH_BUCKETS_S) + 1}Q")
+# The supervisor's part: a sequence number (odd while a write is under way), its pid, its
+# stopping flag, its last beat; then per slot: running, the shard's pid, its start time
+# (monotonic) and the slot's restarts.
+_SUPERVISOR = struct.Struct("<Q i B 3x d")
+_SUPERVISED = struct.Struct("<B 3x i d Q")
+_READ_ATTEMPTS = 1000  # a write takes microseconds; a reader never needs more than a few
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,24 @@ class ShardStatus:
     batch_buckets: tuple[int, ...] = field(default=(0,) * (len(BATCH_BUCKETS_S) + 1))
 
 
+@dataclass(frozen=True)
+class SlotState:
+    """One slot as the supervisor sees it."""
+
+    running: bool = False
+    pid: int = 0
+    started_at: float = 0.0  # monotonic
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class SupervisorState:
+    pid: int = 0
+    stopping: bool = False
+    beat: float = 0.0  # monotonic time of the supervisor's last loop iteration
+    slots: tuple[SlotState, ...] = ()
+
+
 def bucket_of(seconds: float) -> int:
     """Index of the histogram bucket a batch duration falls in."""
     for index, bound in enumerate(BATCH_BUCKETS_S):
@@ -49,7 +76,8 @@ class StatusBoard:
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        self._map = mmap.mmap(-1, _SLOT.size * slots)
+        self._supervisor_at = _SLOT.size * slots
+        self._map = mmap.mmap(-1, self._supervisor_at + _SUPERVISOR.size + _SUPERVISED.size * slots)
 
     def read(self, slot: int) -> ShardStatus:
         values = _SLOT.unpack_from(self._map, slot * _SLOT.size)
@@ -80,3 +108,29 @@ class StatusBoard:
         """Mark a slot as just started by `pid`, keeping its counters."""
         old = self.read(slot)
         self.write(slot, replace(old, heartbeat=time.monotonic(), pid=pid, redis_ok=False, postgres_ok=False, in_flight=0))
+
+    def write_supervisor(self, state: SupervisorState) -> None:
+        """The supervisor's part, written by the supervisor alone (a sequence lock guards readers)."""
+        at = self._supervisor_at
+        sequence = _SUPERVISOR.unpack_from(self._map, at)[0] + 1
+        struct.pack_into("<Q", self._map, at, sequence)  # odd: a write is under way
+        _SUPERVISOR.pack_into(self._map, at, sequence, state.pid, state.stopping, state.beat)
+        for index, slot in enumerate(state.slots[: self.slots]):
+            offset = at + _SUPERVISOR.size + index * _SUPERVISED.size
+            _SUPERVISED.pack_into(self._map, offset, slot.running, slot.pid, slot.started_at, slot.restarts)
+        struct.pack_into("<Q", self._map, at, sequence + 1)
+
+    def read_supervisor(self) -> SupervisorState:
+        """The supervisor's part as one consistent snapshot (never half of one write)."""
+        at = self._supervisor_at
+        for _ in range(_READ_ATTEMPTS):
+            sequence, pid, stopping, beat = _SUPERVISOR.unpack_from(self._map, at)
+            slots = tuple(
+                SlotState(bool(running), slot_pid, started_at, restarts)
+                for running, slot_pid, started_at, restarts in _SUPERVISED.iter_unpack(
+                    self._map[at + _SUPERVISOR.size : at + _SUPERVISOR.size + _SUPERVISED.size * self.slots]
+                )
+            )
+            if sequence % 2 == 0 and struct.unpack_from("<Q", self._map, at)[0] == sequence:
+                break
+        return SupervisorState(pid, bool(stopping), beat, slots)
