@@ -1,4 +1,9 @@
-"""The supervisor: start-up checks, migrations, then forking and watching the shards."""
+"""The supervisor: start-up checks, migrations, then forking and watching the shards.
+
+It stays single-threaded and never waits on a client or on Redis: /healthz and /metrics
+are answered by the HTTP process it forks (supervisor/http_process.py), fed through the
+status board.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,8 @@ import logging
 import os
 import select
 import signal
-import sys
+import socket
 import time
-from dataclasses import dataclass
 
 import psycopg
 from setproctitle import setproctitle
@@ -20,11 +24,13 @@ from common.errors import ExitCode, ProcessorError
 from common.panic import Panic, crash_point
 from common.redis_client import sync_client
 from common.retry import retry_blocking
-from common.status import ShardStatus, StatusBoard
-from common.timing import HEALTHY_BEAT_S, QUICK_STOP_S, STOP_MARGIN_S
+from common.status import ShardStatus, SlotState, StatusBoard, SupervisorState
+from common.timing import QUICK_STOP_S, STOP_MARGIN_S
 from shard.lifecycle import Shard
+from supervisor.children import HttpHandle, ShardHandle, describe_exit, fork, kill
+from supervisor.http import listen
+from supervisor.http_process import HttpProcess
 from supervisor.migrations import apply_migrations
-from supervisor.http import HealthServer, Observer, ShardView
 from supervisor.restarts import RestartPolicy
 
 log = logging.getLogger("processor.supervisor")
@@ -46,14 +52,6 @@ class Halt(BaseException):
         self.exit_status = exit_status
 
 
-@dataclass
-class ShardHandle:
-    slot: int
-    started_at: float
-    aborted_at: float | None = None
-    stale_since: float | None = None
-
-
 class Supervisor:
     """Reads top to bottom in run(): start-up steps, fork, then the watch loop."""
 
@@ -69,7 +67,9 @@ class Supervisor:
         self.quick = False
         self.board = StatusBoard(settings.shards)
         self.slot_restarts: dict[int, int] = {}
-        self.http: HealthServer | None = None
+        self.listener: socket.socket | None = None
+        self.http: HttpHandle | None = None  # None: HTTP_PORT=0
+        self.http_restarts = RestartPolicy()  # its own backoff; never part of the shards' crash loop
         self.wakeup_r = self.wakeup_w = -1
         self.crash_point = crash_point(("supervisor-uncaught",), settings.panic_dir)
         self.handlers = {signal.SIGTERM: self.handle_sigterm, signal.SIGINT: self.handle_sigint, signal.SIGCHLD: self.handle_sigchld}
@@ -90,13 +90,15 @@ class Supervisor:
         for slot in range(self.settings.shards):
             self.spawn_shard(slot)
         while not self.stopping:
+            self.publish()
             self.wait_for_signal(LOOP_TIMEOUT_S)
             self.dispatch_signals()
-            self.reap_shards()
+            self.reap_children()
             if self.stopping:
                 break
             self.check_heartbeats()
             self.maintain_shards()
+            self.maintain_http()
             if self.crash_point is not None:
                 self.crash_point()
         return self.stop()
@@ -108,6 +110,7 @@ class Supervisor:
             "restart_at": {str(slot): due for slot, due in self.restart_at.items()},
             "restarts": self.restart_count,
             "stopping": self.stopping,
+            "http": vars(self.http) if self.http is not None else None,
         }
 
     # --- start-up ------------------------------------------------------------------------
@@ -150,53 +153,54 @@ class Supervisor:
             raise Halt("stopped by a signal during start-up", ExitCode.OK)
 
     def serve_http(self) -> None:
-        """/healthz and /metrics on HTTP_PORT (0 disables), answered from the main loop."""
+        """Bind HTTP_PORT (0 disables) before any fork, then fork the HTTP process that answers on it."""
         if not self.settings.http_port:
             return
         try:
-            self.http = HealthServer(self.settings.http_port, Observer(self.settings, self.shard_views))
+            self.listener = listen(self.settings.http_port)
         except OSError as exc:
             self.halt(f"cannot listen on HTTP_PORT {self.settings.http_port}: {exc}", ExitCode.CONFIG)
-        log.info("serving /healthz and /metrics", extra={"port": self.settings.http_port})
-
-    def shard_views(self) -> list[ShardView]:
-        now = time.monotonic()
-        running = {handle.slot: handle for handle in self.shards.values()}
-        views = []
-        for slot in range(self.settings.shards):
-            status = self.board.read(slot)
-            handle = running.get(slot)
-            beating = handle is not None and now - max(status.heartbeat, handle.started_at) <= HEALTHY_BEAT_S
-            views.append(ShardView(slot, handle is not None, beating, status, self.slot_restarts.get(slot, 0)))
-        return views
+        self.publish()
+        self.spawn_http()
 
     # --- the watch loop ------------------------------------------------------------------
 
     def spawn_shard(self, slot: int) -> None:
         self.board.reset_liveness(slot, 0)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            status = ExitCode.SOFTWARE
-            try:
-                os.close(self.wakeup_r)
-                os.close(self.wakeup_w)
-                if self.http is not None:
-                    self.http.close()
-                status = Shard(self.settings, slot, self.board).run()
-            finally:
-                os._exit(status)  # never return into the supervisor's code
+        pid = fork(lambda: self.run_shard(slot), (self.wakeup_r, self.wakeup_w))
         self.shards[pid] = ShardHandle(slot, time.monotonic())
         self.restart_at.pop(slot, None)
         log.info("shard spawned", extra={"slot": slot, "child_pid": pid})
 
+    def run_shard(self, slot: int) -> int:
+        """In the shard's child: it never holds the HTTP socket."""
+        if self.listener is not None:
+            self.listener.close()
+        return Shard(self.settings, slot, self.board).run()
+
+    def spawn_http(self) -> None:
+        # SIGTERM blocked across the fork: the child takes it with sigtimedwait, so none is lost.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            pid = fork(lambda: HttpProcess(self.settings, self.listener, self.board).run(), (self.wakeup_r, self.wakeup_w))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        self.http = HttpHandle(pid, time.monotonic())
+        log.info("http process spawned", extra={"child_pid": pid, "port": self.settings.http_port})
+
+    def publish(self) -> None:
+        """What only the supervisor knows, into the status board for the HTTP process."""
+        running = {handle.slot: (pid, handle.started_at) for pid, handle in self.shards.items()}
+        slots = tuple(
+            SlotState(slot in running, *running.get(slot, (0, 0.0)), self.slot_restarts.get(slot, 0))
+            for slot in range(self.settings.shards)
+        )
+        self.board.write_supervisor(SupervisorState(os.getpid(), self.stopping, time.monotonic(), slots))
+
     def wait_for_signal(self, timeout_s: float) -> None:
-        """Sleep until a signal, an HTTP request or the timeout; answer the request."""
-        watched = [self.wakeup_r] + ([self.http] if self.http is not None else [])
-        readable = select.select(watched, [], [], timeout_s)[0] if not self.signals else []
-        if self.http is not None and self.http in readable:
-            self.http.handle()
+        """Sleep until a signal or the timeout."""
+        if not self.signals:
+            select.select([self.wakeup_r], [], [], timeout_s)
         try:
             while os.read(self.wakeup_r, 512):
                 pass
@@ -221,36 +225,35 @@ class Supervisor:
         self.handle_sigterm()
 
     def handle_sigchld(self) -> None:
-        """A shard exited: reaped in the loop right after."""
+        """A shard or the HTTP process exited: reaped in the loop right after."""
 
-    def reap_shards(self) -> None:
-        """Collect every exited child; decide on restart or halt."""
+    def reap_children(self, wait: bool = False) -> None:
+        """Collect every exited child (shards, HTTP process); decide on restart or halt. `wait`: block for the first."""
+        flags = 0 if wait else os.WNOHANG
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
+                pid, status = os.waitpid(-1, flags)
+            except ChildProcessError:  # no child left at all, so no handle may stay open
+                self.shards.clear()
+                if self.http is not None:
+                    self.http.pid = 0
                 return
             if pid == 0:
                 return
-            handle = self.shards.pop(pid, None)
-            if handle is None:
-                continue
-            self.on_shard_exit(pid, handle, status)
+            flags = os.WNOHANG
+            if self.http is not None and pid == self.http.pid:
+                self.on_http_exit(status)
+            elif (handle := self.shards.pop(pid, None)) is not None:
+                self.on_shard_exit(pid, handle, status)
 
     def on_shard_exit(self, pid: int, handle: ShardHandle, status: int) -> None:
         now = time.monotonic()
-        extra = {"slot": handle.slot, "child_pid": pid, "ran_s": round(now - handle.started_at, 1)}
-        if os.WIFSIGNALED(status):
-            signum = os.WTERMSIG(status)
-            extra["signal"] = signal.Signals(signum).name
-            reason = "killed by SIGKILL (probably out of memory)" if signum == signal.SIGKILL else "killed by a signal"
-        else:
-            extra["exit_status"] = code = os.WEXITSTATUS(status)
-            reason = "exited"
+        reason, code, extra = describe_exit(status)
+        extra |= {"slot": handle.slot, "child_pid": pid, "ran_s": round(now - handle.started_at, 1)}
         if self.stopping:  # never halt from inside a stop: the other shards are draining
             log.info(f"shard {reason}", extra=extra)
             return
-        if not os.WIFSIGNALED(status) and code == ExitCode.CONFIG:
+        if code == ExitCode.CONFIG:
             self.halt(f"shard {handle.slot} reports a configuration or schema error", ExitCode.CONFIG)
         due = self.restarts.record_crash(handle.slot, handle.started_at, now)
         self.restart_at[handle.slot] = due
@@ -261,6 +264,22 @@ class Supervisor:
                 f"shards crashed {self.restarts.crash_loop_crashes} times within {self.restarts.crash_loop_window_s:.0f}s",
                 ExitCode.SOFTWARE,
             )
+
+    def on_http_exit(self, status: int) -> None:
+        """The HTTP process died: restart it with its own backoff (78 halts, as from a shard)."""
+        assert self.http is not None
+        now = time.monotonic()
+        reason, code, extra = describe_exit(status)
+        extra |= {"child_pid": self.http.pid, "ran_s": round(now - self.http.started_at, 1)}
+        self.http.pid = 0
+        if self.stopping:
+            log.info(f"http process {reason}", extra=extra)
+            return
+        if code == ExitCode.CONFIG:
+            self.halt("the HTTP process reports a configuration error", ExitCode.CONFIG)
+        self.http.restart_at = due = self.http_restarts.restart_time(0, self.http.started_at, now)
+        extra["restart_in_s"] = round(due - now, 2)
+        log.warning(f"http process {reason}; restarting", extra=extra)
 
     def check_heartbeats(self) -> None:
         """A shard whose loop stopped beating is hung: SIGABRT (traceback), then SIGKILL."""
@@ -273,10 +292,10 @@ class Supervisor:
             if handle.aborted_at is None and stale and now - handle.stale_since >= STALE_CONFIRM_S:
                 log.error("shard stopped beating; aborting it", extra={"slot": handle.slot, "child_pid": pid})
                 handle.aborted_at = now
-                _kill(pid, signal.SIGABRT)
+                kill(pid, signal.SIGABRT)
             elif handle.aborted_at is not None and now - handle.aborted_at > ABORT_GRACE_S:
                 log.error("hung shard ignored SIGABRT; killing it", extra={"slot": handle.slot, "child_pid": pid})
-                _kill(pid, signal.SIGKILL)
+                kill(pid, signal.SIGKILL)
 
     def maintain_shards(self) -> None:
         """Restore the shard count: respawn each empty slot once its backoff has passed."""
@@ -287,13 +306,22 @@ class Supervisor:
                 self.slot_restarts[slot] = self.slot_restarts.get(slot, 0) + 1
                 self.spawn_shard(slot)
 
+    def maintain_http(self) -> None:
+        """Restart the HTTP process once its backoff has passed."""
+        if self.http is not None and self.http.restart_at is not None and time.monotonic() >= self.http.restart_at:
+            self.spawn_http()
+
     # --- the end -------------------------------------------------------------------------
 
     def stop(self) -> int:
-        """SIGTERM to every shard, reap until one monotonic deadline, then SIGKILL what is left."""
+        """SIGTERM to every shard, reap until one monotonic deadline, then SIGKILL what is left.
+
+        The HTTP process answers (503, stopping) until the shards are gone, then gets its SIGTERM.
+        """
         if self.stop_started:
             return ExitCode.OK  # a stop is under way further up the stack
         self.stop_started = True
+        self.publish()
         budget = self.settings.drain_timeout_s + STOP_MARGIN_S
         log.info("stopping shards", extra={"shards": len(self.shards), "budget_s": budget})
         before = {h.slot: self.board.read(h.slot) for h in self.shards.values()}
@@ -302,23 +330,26 @@ class Supervisor:
         hurried = self.quick
         if hurried:
             self.signal_shards(signal.SIGTERM)
-        while self.shards and time.monotonic() < deadline:
+        while self.children() and time.monotonic() < deadline:
+            if not self.shards:
+                self.stop_http()
             self.wait_for_signal(REAP_INTERVAL_S)
             self.dispatch_signals()
             if self.quick and not hurried:
                 hurried = True
                 self.signal_shards(signal.SIGTERM)  # a shard's second SIGTERM cuts its drain short
                 deadline = min(deadline, time.monotonic() + QUICK_STOP_S)
-            self.reap_shards()
-        if self.shards:
-            log.error("shards did not stop in time; killing them", extra={"slots": self.slots()})
-            self.signal_shards(signal.SIGKILL)
-            while self.shards:
-                pid, status = os.waitpid(-1, 0)
-                self.shards.pop(pid, None)
+            self.reap_children()
+            self.publish()
+        if self.children():
+            log.error("shards did not stop in time; killing them", extra={"slots": self.slots(), "child_pids": self.children()})
+            for pid in self.children():
+                kill(pid, signal.SIGKILL)
+            while self.children():
+                self.reap_children(wait=True)
         self.log_drain_report(before)
-        if self.http is not None:
-            self.http.close()
+        if self.listener is not None:
+            self.listener.close()
         log.info("supervisor stopped", extra={"restarts": self.restart_count})
         return ExitCode.OK
 
@@ -338,7 +369,7 @@ class Supervisor:
     def halt(self, reason: str, exit_status: int) -> None:
         """Everything fatal ends here: log why, stop the shards (once), exit non-zero."""
         log.critical("supervisor halting", extra={"reason": reason, "exit_status": int(exit_status), "shards": len(self.shards)})
-        if self.shards and not self.stop_started:
+        if self.children() and not self.stop_started:
             self.stopping = True
             self.stop()
         log.critical("supervisor halted", extra={"reason": reason, "exit_status": int(exit_status)})
@@ -346,17 +377,19 @@ class Supervisor:
 
     def signal_shards(self, signum: int) -> None:
         for pid in self.shards:
-            _kill(pid, signum)
+            kill(pid, signum)
+
+    def stop_http(self) -> None:
+        if self.http is not None and self.http.pid and not self.http.stopped:
+            self.http.stopped = True
+            kill(self.http.pid, signal.SIGTERM)
+
+    def children(self) -> list[int]:
+        """Pids of every running child: the shards and the HTTP process."""
+        return [*self.shards, *([self.http.pid] if self.http is not None and self.http.pid else [])]
 
     def slots(self) -> list[int]:
         return sorted(handle.slot for handle in self.shards.values())
-
-
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass  # exited already; the next reap collects it
 
 
 def _probe_postgres(url: str) -> None:

@@ -1,160 +1,123 @@
-"""The supervisor's /healthz and /metrics, served from its own loop (no thread, so forks stay safe)."""
+"""The HTTP server of /healthz and /metrics: a thread per connection, every client bounded.
+
+A client gets REQUEST_DEADLINE_S for its whole request line and headers (MAX_HEAD_BYTES at
+most) and WRITE_TIMEOUT_S to take the answer; at most MAX_CONNECTIONS are served at once,
+and one more is answered 503 at once and closed. So no client, however slow, stalled,
+numerous or large, keeps the others from an answer. It runs in the HTTP process
+(supervisor/http_process.py), never in the supervisor, which only binds the socket.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
+import sys
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
-import redis
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from common.config import Settings
-from common.faults import Outcome, classify, one_line
-from common.redis_client import sync_client
-from common.lag import group_lag
-from common.status import BATCH_BUCKETS_S, ShardStatus
+from common.faults import one_line
+from supervisor.observer import Observer
 
 log = logging.getLogger("processor.http")
 
-REQUEST_TIMEOUT_S = 1.0  # a slow client must not stall the supervisor's loop
-REDIS_TIMEOUT_S = 1.0
+REQUEST_DEADLINE_S = 2.0  # from accept to the end of the request's headers
+WRITE_TIMEOUT_S = 2.0  # to send the whole answer
+MAX_HEAD_BYTES = 8192  # request line and headers
+MAX_CONNECTIONS = 64  # served at once; more are answered 503 and closed
+LISTEN_BACKLOG = 128
+REFUSE_DRAIN_READS = 8  # of MAX_HEAD_BYTES each, before closing a refused connection
 
 
-@dataclass(frozen=True)
-class ShardView:
-    """What the supervisor knows of one slot when a request comes in."""
-
-    slot: int
-    running: bool
-    beating: bool
-    status: ShardStatus
-    restarts: int
+def listen(port: int) -> socket.socket:
+    """The listening socket on all interfaces; bound by the supervisor before its first fork."""
+    return socket.create_server(("0.0.0.0", port), backlog=LISTEN_BACKLOG)  # SO_REUSEADDR on POSIX
 
 
-class Observer:
-    """Health and metrics from the status board plus a look at the stream."""
+class HeadTooLarge(Exception):
+    """The request line and headers exceed MAX_HEAD_BYTES."""
 
-    def __init__(self, settings: Settings, shards: Callable[[], list[ShardView]]) -> None:
-        self.settings = settings
-        self.shards = shards
-        self.redis = sync_client(settings.redis_url, REDIS_TIMEOUT_S, "processor-metrics")
 
-    def health(self) -> tuple[int, dict[str, Any]]:
-        reasons = []
-        shards = {}
-        for view in self.shards():
-            problems = [
-                text
-                for ok, text in (
-                    (view.running, "not running"),
-                    (view.beating, "event loop not beating"),
-                    (view.status.redis_ok, "Redis unreachable"),
-                    (view.status.postgres_ok, "Postgres unreachable"),
-                )
-                if not ok
-            ]
-            shards[str(view.slot)] = {"pid": view.status.pid, "ok": not problems, "problems": problems}
-            reasons.extend(f"shard {view.slot}: {p}" for p in problems)
-        body = {"status": "ok" if not reasons else "unhealthy", "instance": self.settings.instance_id, "shards": shards}
-        if reasons:
-            body["reasons"] = reasons
-        return (200 if not reasons else 503), body
+def read_head(sock: socket.socket, deadline: float, limit: int = MAX_HEAD_BYTES) -> bytes:
+    """The request line and headers, by the monotonic `deadline`; b"" when the client closed first.
 
-    def collect(self) -> list[Any]:
-        views = self.shards()
-        families = []
-        for name, help_text, value in (
-            ("processor_entries_processed", "Entries stored in positions and acknowledged.", lambda s: s.processed),
-            ("processor_entries_dead_lettered", "Entries moved to the dead-letter stream.", lambda s: s.dead_lettered),
-            ("processor_entries_claimed", "Entries claimed from other consumers.", lambda s: s.claimed),
-            ("processor_batches", "Batches written.", lambda s: s.batches),
-        ):
-            family = CounterMetricFamily(name, help_text, labels=["shard"])
-            for view in views:
-                family.add_metric([str(view.slot)], value(view.status))
-            families.append(family)
-        restarts = CounterMetricFamily("processor_shard_restarts", "Shard restarts by the supervisor.", labels=["shard"])
-        up = GaugeMetricFamily("processor_shard_up", "1 while the shard runs, beats and reaches both servers.", labels=["shard"])
-        in_flight = GaugeMetricFamily("processor_entries_in_flight", "Entries read and not yet settled.", labels=["shard"])
-        for view in views:
-            restarts.add_metric([str(view.slot)], view.restarts)
-            healthy = view.running and view.beating and view.status.redis_ok and view.status.postgres_ok
-            up.add_metric([str(view.slot)], 1.0 if healthy else 0.0)
-            in_flight.add_metric([str(view.slot)], view.status.in_flight)
-        families += [restarts, up, in_flight, self._batch_histogram(views), *self._stream_gauges()]
-        return families
+    Raises TimeoutError when the deadline passes, HeadTooLarge beyond `limit` bytes.
+    """
+    head = b""
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request headers not complete in time")
+        sock.settimeout(remaining)
+        chunk = sock.recv(limit + 1 - len(head))
+        if not chunk:
+            return b""
+        head += chunk
+        if len(head) > limit:
+            raise HeadTooLarge(f"request headers over {limit} bytes")
+    return head
 
-    def _batch_histogram(self, views: list[ShardView]) -> HistogramMetricFamily:
-        counts = [sum(v.status.batch_buckets[i] for v in views) for i in range(len(BATCH_BUCKETS_S) + 1)]
-        cumulative, running = [], 0
-        for bound, count in zip([*map(str, BATCH_BUCKETS_S), "+Inf"], counts):
-            running += count
-            cumulative.append((bound, running))
-        total = sum(v.status.batch_seconds_sum for v in views)
-        return HistogramMetricFamily("processor_batch_seconds", "Time to write and settle one batch.", buckets=cumulative, sum_value=total)
 
-    def _stream_gauges(self) -> list[GaugeMetricFamily]:
-        lag = GaugeMetricFamily("processor_consumer_lag", "Entries in the stream not yet delivered to the group.")
-        pending = GaugeMetricFamily("processor_pending_entries", "Entries delivered and not yet acknowledged.")
-        oldest = GaugeMetricFamily("processor_oldest_pending_age_seconds", "Age of the oldest unacknowledged entry.")
-        dlq = GaugeMetricFamily("processor_dead_letters", "Entries in the dead-letter stream.")
+def refuse(sock: socket.socket, status: HTTPStatus, reason: str, timeout_s: float) -> None:
+    """Answer `status` with a JSON reason, as far as the client takes it within `timeout_s`."""
+    body = orjson.dumps({"error": reason})
+    head = (
+        f"HTTP/1.0 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        sock.settimeout(timeout_s)
+        sock.sendall(head.encode() + body)
+        sock.setblocking(False)
+        for _ in range(REFUSE_DRAIN_READS):  # what the client sent already: closing on it would reset the answer
+            if not sock.recv(MAX_HEAD_BYTES):
+                break
+    except OSError:
+        pass  # the client is gone, does not read, or has sent nothing more
+
+
+class HealthServer(ThreadingHTTPServer):
+    """Serves on an inherited listening socket; each connection in a daemon thread of its own."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, listener: socket.socket, observer: Observer, max_connections: int = MAX_CONNECTIONS) -> None:
+        super().__init__(listener.getsockname()[:2], _handler_class(observer), bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """On the accepting thread: start the connection's thread, or refuse it at once when full."""
+        if not self.slots.acquire(blocking=False):
+            refuse(request, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; try again", 0.0)
+            self.shutdown_request(request)
+            return
         try:
-            group = self._group()
-            summary = self.redis.xpending(self.settings.stream_key, self.settings.consumer_group) if group else None
-            dlq.add_metric([], self.redis.xlen(self.settings.dlq_key))
-            group_lagging = group_lag(self.redis, self.settings.stream_key, group).count if group else 0
-        except Exception as exc:
-            # Metrics are best effort: not even a bug of ours in a scrape may stop the supervisor.
-            level = logging.DEBUG if classify(exc) in (Outcome.OUTAGE, Outcome.REFUSED) else logging.ERROR
-            log.log(level, "stream metrics unavailable", extra={"error": one_line(exc)}, exc_info=level == logging.ERROR)
-            return []
-        if group is None:
-            return [dlq]
-        lag.add_metric([], group_lagging)
-        pending.add_metric([], group["pending"])
-        oldest_id = summary["min"] if summary else None
-        age = time.time() - int(oldest_id.split(b"-")[0]) / 1000 if oldest_id else 0.0
-        oldest.add_metric([], max(age, 0.0))
-        return [lag, pending, oldest, dlq]
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
 
-    def _group(self) -> dict[str, Any] | None:
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            groups = self.redis.xinfo_groups(self.settings.stream_key)
-        except redis.ResponseError:
-            return None  # no stream yet
-        wanted = self.settings.consumer_group.encode()
-        return next((g for g in groups if g["name"] == wanted), None)
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
-
-class HealthServer:
-    """An HTTP server whose socket the supervisor's select loop watches."""
-
-    def __init__(self, port: int, observer: Observer) -> None:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(observer))
-        handler = _handler_class(observer, registry)
-        self.server = HTTPServer(("0.0.0.0", port), handler, bind_and_activate=False)
-        self.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.server_bind()
-        self.server.server_activate()
-        self.server.timeout = 0
-
-    def fileno(self) -> int:
-        return self.server.fileno()
-
-    def handle(self) -> None:
-        """One pending request (the socket was readable)."""
-        self.server.handle_request()
-
-    def close(self) -> None:
-        self.server.server_close()
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # the client went away or stalled: its loss alone
+            log.debug("http client failed", extra={"error": one_line(exc)})
+        else:
+            log.error("http request failed", extra={"error": one_line(exc)}, exc_info=True)
 
 
 class _Collector:
@@ -165,9 +128,30 @@ class _Collector:
         return self.observer.collect()
 
 
-def _handler_class(observer: Observer, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
+def _handler_class(observer: Observer) -> type[BaseHTTPRequestHandler]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(observer))
+
     class Handler(BaseHTTPRequestHandler):
-        timeout = REQUEST_TIMEOUT_S
+        def setup(self) -> None:
+            self.connection = self.request
+            self.rfile = io.BytesIO()  # filled by handle() once the whole head is in
+            self.wfile = self.connection.makefile("wb")
+
+        def handle(self) -> None:
+            """One request per connection, its head read within the deadline and the size limit."""
+            try:
+                head = read_head(self.connection, time.monotonic() + REQUEST_DEADLINE_S)
+            except TimeoutError:
+                refuse(self.connection, HTTPStatus.REQUEST_TIMEOUT, "request not complete in time", WRITE_TIMEOUT_S)
+                return
+            except HeadTooLarge as exc:
+                refuse(self.connection, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(exc), WRITE_TIMEOUT_S)
+                return
+            if head:
+                self.connection.settimeout(WRITE_TIMEOUT_S)
+                self.rfile = io.BytesIO(head)
+                self.handle_one_request()
 
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             if self.path.split("?")[0] == "/healthz":

@@ -34,6 +34,10 @@ class RestartPolicy:
     def record_crash(self, slot: int, started_at: float, now: float) -> float:
         """Note a crash of `slot`; returns the monotonic time at which to restart it."""
         self._crashes.append(now)
+        return self.restart_time(slot, started_at, now)
+
+    def restart_time(self, slot: int, started_at: float, now: float) -> float:
+        """When to restart `slot`, which exited at `now`: its backoff, without counting a crash."""
         backoff = self._backoffs.setdefault(slot, Backoff(self.base_s, self.cap_s, self.jitter))
         if now - started_at >= self.stable_after_s:
             backoff.reset()

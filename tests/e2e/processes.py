@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import orjson
 
-from scripts.toolkit.processes import PROCESSOR, ROOT, children
+from scripts.toolkit.processes import PROCESSOR, ROOT, children, proc_title
 
 T = TypeVar("T")
 
@@ -50,7 +50,8 @@ class ProcessorProcess:
         return self.proc.pid
 
     def shard_pids(self) -> list[int]:
-        return children(self.pid)
+        """The supervisor's children titled as shards (not the HTTP process, nor a child not yet titled)."""
+        return [pid for pid in children(self.pid) if proc_title(pid).startswith("processor: shard ")]
 
     def wait_for_shards(self, count: int, timeout_s: float = 30.0) -> list[int]:
         return wait_for(lambda: len(p := self.shard_pids()) == count and p, timeout_s, what=f"{count} shards")

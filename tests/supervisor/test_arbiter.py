@@ -1,16 +1,20 @@
-"""The supervisor's reaping and restart decisions, with real child processes and an injected clock."""
+"""The supervisor's reaping, restart and stop decisions for shards and the HTTP process, with real child processes."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from common.config import Settings
 from common.errors import ExitCode
-from supervisor.arbiter import Halt, ShardHandle, Supervisor
+from common.status import SlotState
+from supervisor.arbiter import Halt, Supervisor
+from supervisor.children import HttpHandle, ShardHandle
 from tests.e2e.processes import wait_for
 
 
@@ -31,13 +35,25 @@ def killed_child(signum: int) -> int:
 
 
 @pytest.fixture
-def supervisor() -> Supervisor:
-    return Supervisor(Settings.from_env({"SHARDS": "2", "INSTANCE_ID": "unit"}))
+def supervisor() -> Iterator[Supervisor]:
+    yield Supervisor(Settings.from_env({"SHARDS": "2", "INSTANCE_ID": "unit"}))
+
+
+@pytest.fixture
+def handlers(supervisor: Supervisor) -> Iterator[None]:
+    """The supervisor's signal handlers and wake-up pipe installed for the test, removed afterwards."""
+    supervisor.install_signal_handlers()
+    yield
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    os.close(supervisor.wakeup_r)
+    os.close(supervisor.wakeup_w)
 
 
 def reap(supervisor: Supervisor, pid: int, slot: int) -> None:
     supervisor.shards[pid] = ShardHandle(slot, started_at=0.0)
-    wait_for(lambda: (supervisor.reap_shards(), pid not in supervisor.shards)[1], what="the child to be reaped")
+    wait_for(lambda: (supervisor.reap_children(), pid not in supervisor.shards)[1], what="the child to be reaped")
 
 
 def test_crashed_shard_is_scheduled_for_restart_with_backoff(supervisor: Supervisor) -> None:
@@ -60,7 +76,7 @@ def test_configuration_exit_halts_without_restart(supervisor: Supervisor) -> Non
     pid = exited_child(ExitCode.CONFIG)
     supervisor.shards[pid] = ShardHandle(0, started_at=0.0)
     with pytest.raises(Halt) as halt:
-        wait_for(lambda: supervisor.reap_shards() or pid not in supervisor.shards, what="the halt")
+        wait_for(lambda: supervisor.reap_children() or pid not in supervisor.shards, what="the halt")
     assert halt.value.exit_status == ExitCode.CONFIG
 
 
@@ -72,7 +88,7 @@ def test_crash_loop_halts_with_70(supervisor: Supervisor) -> None:
     assert halt.value.exit_status == ExitCode.SOFTWARE
 
 
-def test_stop_kills_shards_that_ignore_sigterm(supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stop_kills_shards_that_ignore_sigterm(supervisor: Supervisor, handlers: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shutdown is bounded: a child that ignores SIGTERM is SIGKILLed at the deadline."""
     import supervisor.arbiter as arbiter
 
@@ -85,25 +101,19 @@ def test_stop_kills_shards_that_ignore_sigterm(supervisor: Supervisor, monkeypat
         signal.pause()
         os._exit(0)
     os.read(read_fd, 1)  # the child ignores SIGTERM from here on
-    supervisor.install_signal_handlers()
-    try:
-        supervisor.shards[pid] = ShardHandle(0, started_at=0.0)
-        supervisor.stopping = supervisor.quick = True
-        assert supervisor.stop() == ExitCode.OK
-        assert supervisor.shards == {}
-    finally:
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
+    supervisor.shards[pid] = ShardHandle(0, started_at=0.0)
+    supervisor.stopping = supervisor.quick = True
+    assert supervisor.stop() == ExitCode.OK
+    assert supervisor.shards == {}
 
 
-def sigterm_counting_child(report_fd: int) -> int:
-    """A child that writes one byte per SIGTERM it receives and exits 0.5 s after the first."""
+def sigterm_counting_child(report_fd: int, tag: bytes = b"T", exit_after_s: float = 0.5) -> int:
+    """A child that writes b"R" once ready, then `tag` per SIGTERM it receives, and exits `exit_after_s` after the first."""
     pid = os.fork()
     if pid == 0:
         def count(_signum: int, _frame: object) -> None:
-            os.write(report_fd, b"T")
-            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            os.write(report_fd, tag)
+            signal.setitimer(signal.ITIMER_REAL, exit_after_s)
 
         signal.signal(signal.SIGALRM, lambda *_: os._exit(0))
         signal.signal(signal.SIGTERM, count)
@@ -113,21 +123,15 @@ def sigterm_counting_child(report_fd: int) -> int:
     return pid
 
 
-def test_a_halt_during_a_stop_never_signals_a_shard_twice(supervisor: Supervisor) -> None:
+def test_a_halt_during_a_stop_never_signals_a_shard_twice(supervisor: Supervisor, handlers: None) -> None:
     """One shard exits 78 as the stop begins (a halt reason); the other still drains on its one SIGTERM."""
     read_fd, write_fd = os.pipe()
     draining = sigterm_counting_child(write_fd)
     assert os.read(read_fd, 1) == b"R"
     supervisor.shards[draining] = ShardHandle(0, started_at=0.0)
     supervisor.shards[exited_child(ExitCode.CONFIG)] = ShardHandle(1, started_at=0.0)
-    supervisor.install_signal_handlers()
-    try:
-        with pytest.raises(Halt) as halt:
-            supervisor.halt("test halt", ExitCode.SOFTWARE)
-    finally:
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
+    with pytest.raises(Halt) as halt:
+        supervisor.halt("test halt", ExitCode.SOFTWARE)
     os.close(write_fd)
     received = b""
     while chunk := os.read(read_fd, 64):
@@ -135,3 +139,69 @@ def test_a_halt_during_a_stop_never_signals_a_shard_twice(supervisor: Supervisor
     assert halt.value.exit_status == ExitCode.SOFTWARE and halt.value.reason == "test halt"
     assert received == b"T", "exactly one SIGTERM: a second one would cut the drain short"
     assert supervisor.shards == {}
+
+
+def reap_http(supervisor: Supervisor, pid: int) -> None:
+    supervisor.http = HttpHandle(pid, started_at=time.monotonic())
+    wait_for(lambda: (supervisor.reap_children(), supervisor.http.pid != pid)[1], what="the HTTP process to be reaped")
+
+
+def test_http_process_is_restarted_with_backoff_and_never_makes_a_crash_loop(supervisor: Supervisor) -> None:
+    """Six quick deaths of the HTTP process: each schedules a later restart, none counts towards the shards' crash loop."""
+    delays = []
+    for _ in range(6):
+        before = time.monotonic()
+        reap_http(supervisor, exited_child(ExitCode.SOFTWARE))
+        assert supervisor.http is not None and supervisor.http.pid == 0
+        delays.append(supervisor.http.restart_at - before)
+    assert delays == sorted(delays) and delays[0] > 0, "the backoff grows"
+    assert not supervisor.restarts.crash_looping(time.monotonic())
+    assert supervisor.restart_at == {} and supervisor.restart_count == 0
+
+
+def test_http_process_exit_78_halts_with_78(supervisor: Supervisor) -> None:
+    """The HTTP process exiting 78 is a configuration error like a shard's: the supervisor halts with 78."""
+    with pytest.raises(Halt) as halt:
+        reap_http(supervisor, exited_child(ExitCode.CONFIG))
+    assert halt.value.exit_status == ExitCode.CONFIG
+
+
+def test_http_port_taken_halts_78_before_any_fork(supervisor: Supervisor) -> None:
+    """HTTP_PORT bound by someone else: halt 78 at start-up, with no child forked."""
+    with socket.create_server(("0.0.0.0", 0)) as taken:
+        port = taken.getsockname()[1]
+        supervisor.settings = Settings.from_env({"SHARDS": "2", "INSTANCE_ID": "unit", "HTTP_PORT": str(port)})
+        with pytest.raises(Halt) as halt:
+            supervisor.serve_http()
+    assert halt.value.exit_status == ExitCode.CONFIG and str(port) in halt.value.reason
+    assert supervisor.http is None and supervisor.children() == []
+
+
+def test_publish_tells_the_board_what_only_the_supervisor_knows(supervisor: Supervisor) -> None:
+    """Running slots with pid, start and restarts, the supervisor's pid, its stopping flag and a fresh beat."""
+    supervisor.shards[4242] = ShardHandle(1, started_at=12.5)
+    supervisor.slot_restarts[1] = 3
+    supervisor.stopping = True
+    supervisor.publish()
+    state = supervisor.board.read_supervisor()
+    assert state.pid == os.getpid() and state.stopping
+    assert time.monotonic() - state.beat < 1.0
+    assert state.slots == (SlotState(), SlotState(True, 4242, 12.5, 3))
+
+
+def test_stop_ends_the_http_process_after_the_shards(supervisor: Supervisor, handlers: None) -> None:
+    """At shutdown the HTTP process keeps answering while the shards drain, then gets one SIGTERM; all are reaped."""
+    read_fd, write_fd = os.pipe()
+    shard = sigterm_counting_child(write_fd, b"S", exit_after_s=0.3)
+    http_pid = sigterm_counting_child(write_fd, b"H", exit_after_s=0.01)
+    assert os.read(read_fd, 1) + os.read(read_fd, 1) == b"RR"
+    supervisor.shards[shard] = ShardHandle(0, started_at=0.0)
+    supervisor.http = HttpHandle(http_pid, started_at=0.0)
+    supervisor.stopping = True
+    assert supervisor.stop() == ExitCode.OK
+    os.close(write_fd)
+    received = b""
+    while chunk := os.read(read_fd, 64):
+        received += chunk
+    assert received == b"SH", "the shard first; the HTTP process once the shard is gone"
+    assert supervisor.children() == []
