@@ -102,6 +102,7 @@ class Shard:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self.panic.loop_exception_handler)
         loop.add_signal_handler(signal.SIGTERM, self.handle_sigterm)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by the supervisor across fork
         log.info("shard starting", extra={"consumer": self.consumer, "pid": os.getpid()})
         duties = [self.watched(loop_) for loop_ in self.duties.loops()]
         work = asyncio.create_task(self.work())

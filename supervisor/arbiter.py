@@ -179,12 +179,8 @@ class Supervisor:
         return Shard(self.settings, slot, self.board).run()
 
     def spawn_http(self) -> None:
-        # SIGTERM blocked across the fork: the child takes it with sigtimedwait, so none is lost.
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            pid = fork(lambda: HttpProcess(self.settings, self.listener, self.board).run(), (self.wakeup_r, self.wakeup_w))
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        # The child takes SIGTERM with sigtimedwait, blocked since the fork: none is lost.
+        pid = fork(lambda: HttpProcess(self.settings, self.listener, self.board).run(), (self.wakeup_r, self.wakeup_w))
         self.http = HttpHandle(pid, time.monotonic())
         log.info("http process spawned", extra={"child_pid": pid, "port": self.settings.http_port})
 

@@ -33,10 +33,18 @@ def fork(child: Callable[[], int], inherited_fds: tuple[int, ...]) -> int:
     """Fork a process that closes `inherited_fds`, runs `child()` and exits with its status.
 
     Returns the child's pid in the parent; the child never returns into the caller's code.
+    SIGTERM is blocked across the fork and stays blocked in the child until it has a
+    handler (it unblocks it then): one sent during its start-up waits instead of killing it.
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    pid = -1
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     if pid == 0:
         status = ExitCode.SOFTWARE
         try:

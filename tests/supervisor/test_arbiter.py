@@ -205,3 +205,20 @@ def test_stop_ends_the_http_process_after_the_shards(supervisor: Supervisor, han
         received += chunk
     assert received == b"SH", "the shard first; the HTTP process once the shard is gone"
     assert supervisor.children() == []
+
+
+def test_a_sigterm_during_a_childs_start_up_waits_for_its_handler() -> None:
+    """children.fork blocks SIGTERM until the child unblocks it: an early SIGTERM is handled, not fatal."""
+    from supervisor.children import fork
+
+    def child() -> int:
+        time.sleep(0.3)  # start-up: the SIGTERM below arrives now
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        time.sleep(5)
+        return 0
+
+    pid = fork(child, ())
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7, "the child's own handler ran"
