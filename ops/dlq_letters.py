@@ -131,11 +131,14 @@ class Letter:
 
 
 def parsed(raw: bytes) -> object | None:
-    """A field's value as JSON, or None when it is not JSON."""
+    """A field's value as JSON, or None when it is not JSON or too deep to print again
+    (orjson reads deeper than it writes: such a letter is shown as raw text)."""
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        value = orjson.loads(raw)
+        orjson.dumps(value)
+    except (orjson.JSONDecodeError, TypeError):
         return None
+    return value
 
 
 def _base64(value: bytes) -> str:

@@ -292,3 +292,15 @@ def test_split_letter_agrees_with_what_replay_restores(
     assert shown == expected
     replay_all(stream_settings)
     assert [fields for _, fields in raw_client.xrange(stream_key)] == expected
+
+
+def test_show_of_a_letter_with_json_too_deep_to_print_shows_it_raw(raw_client, stream_key, stream_settings) -> None:  # type: ignore[no-untyped-def]
+    """A hostile letter (JSON nested deeper than orjson writes) is shown as text, never a crash."""
+    from ops.dlq_letters import format_letter, show_letter
+
+    deep = b'{"device_id":' + b"[" * 300 + b"1" + b"]" * 300 + b"}"
+    letter_id = add_letter(raw_client, stream_key, [b"data", deep])
+    letter = show_letter(stream_settings, letter_id)
+    assert letter.data is None and letter.device_id is None
+    assert any("[[[[" in line for line in format_letter(letter))
+    assert letter.as_json()["data"] is None
