@@ -2,7 +2,9 @@
 
 It stays single-threaded and never waits on a client or on Redis: /healthz and /metrics
 are answered by the HTTP process it forks (supervisor/http_process.py), fed through the
-status board.
+status board; periodic duties (stream trimming, …) run in the maintenance process it
+forks (supervisor/maintenance.py). Both helpers are reaped and restarted like shards,
+with their own backoff.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from common.errors import ExitCode, ProcessorError
 from common.panic import Panic, crash_point
 from common.redis_client import sync_client
 from common.retry import retry_blocking
-from common.status import ShardStatus, SlotState, StatusBoard, SupervisorState
+from common.status import SlotState, StatusBoard, SupervisorState
 from common.timing import QUICK_STOP_S, STOP_MARGIN_S
 from shard.lifecycle import Shard
-from supervisor.children import HttpHandle, ShardHandle, describe_exit, fork, kill
+from supervisor.children import HelperHandle, ShardHandle, describe_exit, drain_report, fork, kill
 from supervisor.http import listen
 from supervisor.http_process import HttpProcess
+from supervisor.maintenance import Maintenance
 from supervisor.migrations import apply_migrations
 from supervisor.restarts import RestartPolicy
 
@@ -68,8 +71,7 @@ class Supervisor:
         self.board = StatusBoard(settings.shards)
         self.slot_restarts: dict[int, int] = {}
         self.listener: socket.socket | None = None
-        self.http: HttpHandle | None = None  # None: HTTP_PORT=0
-        self.http_restarts = RestartPolicy()  # its own backoff; never part of the shards' crash loop
+        self.helpers: dict[str, HelperHandle] = {}  # role → handle: "http" (absent when HTTP_PORT=0), "maintenance"
         self.wakeup_r = self.wakeup_w = -1
         self.crash_point = crash_point(("supervisor-uncaught",), settings.panic_dir)
         self.handlers = {signal.SIGTERM: self.handle_sigterm, signal.SIGINT: self.handle_sigint, signal.SIGCHLD: self.handle_sigchld}
@@ -87,6 +89,7 @@ class Supervisor:
         if self.stopping:
             return ExitCode.OK
         self.serve_http()
+        self.spawn_helper(HelperHandle("maintenance"))
         for slot in range(self.settings.shards):
             self.spawn_shard(slot)
         while not self.stopping:
@@ -98,7 +101,7 @@ class Supervisor:
                 break
             self.check_heartbeats()
             self.maintain_shards()
-            self.maintain_http()
+            self.maintain_helpers()
             if self.crash_point is not None:
                 self.crash_point()
         return self.stop()
@@ -110,7 +113,7 @@ class Supervisor:
             "restart_at": {str(slot): due for slot, due in self.restart_at.items()},
             "restarts": self.restart_count,
             "stopping": self.stopping,
-            "http": vars(self.http) if self.http is not None else None,
+            "helpers": {role: handle.state() for role, handle in self.helpers.items()},
         }
 
     # --- start-up ------------------------------------------------------------------------
@@ -161,7 +164,7 @@ class Supervisor:
         except OSError as exc:
             self.halt(f"cannot listen on HTTP_PORT {self.settings.http_port}: {exc}", ExitCode.CONFIG)
         self.publish()
-        self.spawn_http()
+        self.spawn_helper(HelperHandle("http"))
 
     # --- the watch loop ------------------------------------------------------------------
 
@@ -178,11 +181,20 @@ class Supervisor:
             self.listener.close()
         return Shard(self.settings, slot, self.board).run()
 
-    def spawn_http(self) -> None:
-        # The child takes SIGTERM with sigtimedwait, blocked since the fork: none is lost.
-        pid = fork(lambda: HttpProcess(self.settings, self.listener, self.board).run(), (self.wakeup_r, self.wakeup_w))
-        self.http = HttpHandle(pid, time.monotonic())
-        log.info("http process spawned", extra={"child_pid": pid, "port": self.settings.http_port})
+    def spawn_helper(self, handle: HelperHandle) -> None:
+        """Fork the helper process of `handle.role`; it takes SIGTERM with sigtimedwait, blocked since the fork."""
+        handle.pid = fork(lambda: self.run_helper(handle.role), (self.wakeup_r, self.wakeup_w))
+        handle.started_at, handle.restart_at = time.monotonic(), None
+        self.helpers[handle.role] = handle
+        log.info(f"{handle.role} process spawned", extra={"child_pid": handle.pid})
+
+    def run_helper(self, role: str) -> int:
+        """In a helper's child: only the HTTP process keeps the HTTP socket."""
+        if role == "http":
+            return HttpProcess(self.settings, self.listener, self.board).run()
+        if self.listener is not None:
+            self.listener.close()
+        return Maintenance(self.settings, self.board).run()
 
     def publish(self) -> None:
         """What only the supervisor knows, into the status board for the HTTP process."""
@@ -224,23 +236,23 @@ class Supervisor:
         """A shard or the HTTP process exited: reaped in the loop right after."""
 
     def reap_children(self, wait: bool = False) -> None:
-        """Collect every exited child (shards, HTTP process); decide on restart or halt. `wait`: block for the first."""
+        """Collect every exited child (shards, helpers); decide on restart or halt. `wait`: block for the first."""
         flags = 0 if wait else os.WNOHANG
         while True:
             try:
                 pid, status = os.waitpid(-1, flags)
             except ChildProcessError:  # no child left at all, so no handle may stay open
                 self.shards.clear()
-                if self.http is not None:
-                    self.http.pid = 0
+                for helper in self.helpers.values():
+                    helper.pid = 0
                 return
             if pid == 0:
                 return
             flags = os.WNOHANG
-            if self.http is not None and pid == self.http.pid:
-                self.on_http_exit(status)
-            elif (handle := self.shards.pop(pid, None)) is not None:
+            if (handle := self.shards.pop(pid, None)) is not None:
                 self.on_shard_exit(pid, handle, status)
+            elif (helper := next((h for h in self.helpers.values() if h.pid == pid), None)) is not None:
+                self.on_helper_exit(helper, status)
 
     def on_shard_exit(self, pid: int, handle: ShardHandle, status: int) -> None:
         now = time.monotonic()
@@ -261,21 +273,20 @@ class Supervisor:
                 ExitCode.SOFTWARE,
             )
 
-    def on_http_exit(self, status: int) -> None:
-        """The HTTP process died: restart it with its own backoff (78 halts, as from a shard)."""
-        assert self.http is not None
+    def on_helper_exit(self, helper: HelperHandle, status: int) -> None:
+        """A helper process died: restart it with its own backoff (78 halts, as from a shard)."""
         now = time.monotonic()
         reason, code, extra = describe_exit(status)
-        extra |= {"child_pid": self.http.pid, "ran_s": round(now - self.http.started_at, 1)}
-        self.http.pid = 0
+        extra |= {"child_pid": helper.pid, "ran_s": round(now - helper.started_at, 1)}
+        helper.pid = 0
         if self.stopping:
-            log.info(f"http process {reason}", extra=extra)
+            log.info(f"{helper.role} process {reason}", extra=extra)
             return
         if code == ExitCode.CONFIG:
-            self.halt("the HTTP process reports a configuration error", ExitCode.CONFIG)
-        self.http.restart_at = due = self.http_restarts.restart_time(0, self.http.started_at, now)
+            self.halt(f"the {helper.role} process reports a configuration error", ExitCode.CONFIG)
+        helper.restart_at = due = helper.restarts.restart_time(0, helper.started_at, now)
         extra["restart_in_s"] = round(due - now, 2)
-        log.warning(f"http process {reason}; restarting", extra=extra)
+        log.warning(f"{helper.role} process {reason}; restarting", extra=extra)
 
     def check_heartbeats(self) -> None:
         """A shard whose loop stopped beating is hung: SIGABRT (traceback), then SIGKILL."""
@@ -302,17 +313,19 @@ class Supervisor:
                 self.slot_restarts[slot] = self.slot_restarts.get(slot, 0) + 1
                 self.spawn_shard(slot)
 
-    def maintain_http(self) -> None:
-        """Restart the HTTP process once its backoff has passed."""
-        if self.http is not None and self.http.restart_at is not None and time.monotonic() >= self.http.restart_at:
-            self.spawn_http()
+    def maintain_helpers(self) -> None:
+        """Restart each helper process once its backoff has passed."""
+        for helper in list(self.helpers.values()):
+            if helper.restart_at is not None and time.monotonic() >= helper.restart_at:
+                self.spawn_helper(helper)
 
     # --- the end -------------------------------------------------------------------------
 
     def stop(self) -> int:
         """SIGTERM to every shard, reap until one monotonic deadline, then SIGKILL what is left.
 
-        The HTTP process answers (503, stopping) until the shards are gone, then gets its SIGTERM.
+        The maintenance process gets its SIGTERM with the shards; the HTTP process answers
+        (503, stopping) until the shards are gone, then gets its SIGTERM.
         """
         if self.stop_started:
             return ExitCode.OK  # a stop is under way further up the stack
@@ -323,12 +336,13 @@ class Supervisor:
         before = {h.slot: self.board.read(h.slot) for h in self.shards.values()}
         deadline = time.monotonic() + (QUICK_STOP_S if self.quick else budget)
         self.signal_shards(signal.SIGTERM)
+        self.stop_helper("maintenance")
         hurried = self.quick
         if hurried:
             self.signal_shards(signal.SIGTERM)
         while self.children() and time.monotonic() < deadline:
             if not self.shards:
-                self.stop_http()
+                self.stop_helper("http")
             self.wait_for_signal(REAP_INTERVAL_S)
             self.dispatch_signals()
             if self.quick and not hurried:
@@ -343,24 +357,11 @@ class Supervisor:
                 kill(pid, signal.SIGKILL)
             while self.children():
                 self.reap_children(wait=True)
-        self.log_drain_report(before)
+        log.info("drain report", extra={"shards": drain_report(self.board, before)})
         if self.listener is not None:
             self.listener.close()
         log.info("supervisor stopped", extra={"restarts": self.restart_count})
         return ExitCode.OK
-
-    def log_drain_report(self, before: dict[int, ShardStatus]) -> None:
-        """Per shard: entries in flight at the signal, committed and ACKed since, left pending."""
-        report = {}
-        for slot, start in sorted(before.items()):
-            end = self.board.read(slot)
-            report[str(slot)] = {
-                "in_flight": start.in_flight,
-                "committed_and_acked": end.processed - start.processed,
-                "dead_lettered": end.dead_lettered - start.dead_lettered,
-                "left_pending": end.in_flight,
-            }
-        log.info("drain report", extra={"shards": report})
 
     def halt(self, reason: str, exit_status: int) -> None:
         """Everything fatal ends here: log why, stop the shards (once), exit non-zero."""
@@ -375,14 +376,15 @@ class Supervisor:
         for pid in self.shards:
             kill(pid, signum)
 
-    def stop_http(self) -> None:
-        if self.http is not None and self.http.pid and not self.http.stopped:
-            self.http.stopped = True
-            kill(self.http.pid, signal.SIGTERM)
+    def stop_helper(self, role: str) -> None:
+        helper = self.helpers.get(role)
+        if helper is not None and helper.pid and not helper.stopped:
+            helper.stopped = True
+            kill(helper.pid, signal.SIGTERM)
 
     def children(self) -> list[int]:
-        """Pids of every running child: the shards and the HTTP process."""
-        return [*self.shards, *([self.http.pid] if self.http is not None and self.http.pid else [])]
+        """Pids of every running child: the shards and the helpers."""
+        return [*self.shards, *(helper.pid for helper in self.helpers.values() if helper.pid)]
 
     def slots(self) -> list[int]:
         return sorted(handle.slot for handle in self.shards.values())

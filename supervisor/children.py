@@ -6,9 +6,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.errors import ExitCode
+from common.status import ShardStatus, StatusBoard
+from supervisor.restarts import RestartPolicy
 
 
 @dataclass
@@ -20,13 +22,22 @@ class ShardHandle:
 
 
 @dataclass
-class HttpHandle:
-    """The HTTP process: its pid while it runs (0 when not), when its replacement is due."""
+class HelperHandle:
+    """A helper process (`http`, `maintenance`): its pid while it runs (0 when not), when its replacement is due.
 
+    Each helper has its own backoff; its deaths never count towards the shards' crash loop.
+    """
+
+    role: str
     pid: int = 0
     started_at: float = 0.0
     restart_at: float | None = None
     stopped: bool = False  # SIGTERM sent at shutdown
+    restarts: RestartPolicy = field(default_factory=RestartPolicy, repr=False)
+
+    def state(self) -> dict[str, object]:
+        """For a panic dump."""
+        return {"pid": self.pid, "started_at": self.started_at, "restart_at": self.restart_at, "stopped": self.stopped}
 
 
 def fork(child: Callable[[], int], inherited_fds: tuple[int, ...]) -> int:
@@ -72,3 +83,17 @@ def kill(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass  # exited already; the next reap collects it
+
+
+def drain_report(board: StatusBoard, before: dict[int, ShardStatus]) -> dict[str, dict[str, int]]:
+    """Per shard: entries in flight at the stop signal, committed and ACKed since, dead-lettered, left pending."""
+    report = {}
+    for slot, start in sorted(before.items()):
+        end = board.read(slot)
+        report[str(slot)] = {
+            "in_flight": start.in_flight,
+            "committed_and_acked": end.processed - start.processed,
+            "dead_lettered": end.dead_lettered - start.dead_lettered,
+            "left_pending": end.in_flight,
+        }
+    return report

@@ -14,7 +14,7 @@ from common.config import Settings
 from common.errors import ExitCode
 from common.status import SlotState
 from supervisor.arbiter import Halt, Supervisor
-from supervisor.children import HttpHandle, ShardHandle
+from supervisor.children import HelperHandle, ShardHandle
 from tests.e2e.processes import wait_for
 
 
@@ -142,8 +142,9 @@ def test_a_halt_during_a_stop_never_signals_a_shard_twice(supervisor: Supervisor
 
 
 def reap_http(supervisor: Supervisor, pid: int) -> None:
-    supervisor.http = HttpHandle(pid, started_at=time.monotonic())
-    wait_for(lambda: (supervisor.reap_children(), supervisor.http.pid != pid)[1], what="the HTTP process to be reaped")
+    helper = supervisor.helpers.setdefault("http", HelperHandle("http"))
+    helper.pid, helper.started_at = pid, time.monotonic()
+    wait_for(lambda: (supervisor.reap_children(), supervisor.helpers["http"].pid != pid)[1], what="the HTTP process to be reaped")
 
 
 def test_http_process_is_restarted_with_backoff_and_never_makes_a_crash_loop(supervisor: Supervisor) -> None:
@@ -152,8 +153,8 @@ def test_http_process_is_restarted_with_backoff_and_never_makes_a_crash_loop(sup
     for _ in range(6):
         before = time.monotonic()
         reap_http(supervisor, exited_child(ExitCode.SOFTWARE))
-        assert supervisor.http is not None and supervisor.http.pid == 0
-        delays.append(supervisor.http.restart_at - before)
+        assert supervisor.helpers["http"].pid == 0
+        delays.append(supervisor.helpers["http"].restart_at - before)
     assert delays == sorted(delays) and delays[0] > 0, "the backoff grows"
     assert not supervisor.restarts.crash_looping(time.monotonic())
     assert supervisor.restart_at == {} and supervisor.restart_count == 0
@@ -174,7 +175,7 @@ def test_http_port_taken_halts_78_before_any_fork(supervisor: Supervisor) -> Non
         with pytest.raises(Halt) as halt:
             supervisor.serve_http()
     assert halt.value.exit_status == ExitCode.CONFIG and str(port) in halt.value.reason
-    assert supervisor.http is None and supervisor.children() == []
+    assert "http" not in supervisor.helpers and supervisor.children() == []
 
 
 def test_publish_tells_the_board_what_only_the_supervisor_knows(supervisor: Supervisor) -> None:
@@ -196,7 +197,7 @@ def test_stop_ends_the_http_process_after_the_shards(supervisor: Supervisor, han
     http_pid = sigterm_counting_child(write_fd, b"H", exit_after_s=0.01)
     assert os.read(read_fd, 1) + os.read(read_fd, 1) == b"RR"
     supervisor.shards[shard] = ShardHandle(0, started_at=0.0)
-    supervisor.http = HttpHandle(http_pid, started_at=0.0)
+    supervisor.helpers["http"] = HelperHandle("http", http_pid, started_at=0.0)
     supervisor.stopping = True
     assert supervisor.stop() == ExitCode.OK
     os.close(write_fd)
