@@ -21,6 +21,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 MAX_SHARDS = 256
+MAX_STREAM_RETENTION_MS = 30 * 86_400_000  # 30 days
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Settings:
     http_port: int
     heartbeat_timeout_s: float = 15.0
     max_future_s: float = 300.0
+    stream_retention_ms: int | None = 3_600_000  # None: `off`, the Processor never trims STREAM_KEY
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -72,6 +74,7 @@ class Settings:
             http_port=reader.integer("HTTP_PORT", 8080, 0, 65_535),
             heartbeat_timeout_s=reader.number("HEARTBEAT_TIMEOUT_S", 15.0, 1.0, 3_600.0),
             max_future_s=reader.number("MAX_FUTURE_S", 300.0, 0.0, 10 * 365 * 86_400.0),
+            stream_retention_ms=reader.integer_or_off("STREAM_RETENTION_MS", 3_600_000, 0, MAX_STREAM_RETENTION_MS),
         )
 
     def redacted(self) -> dict[str, object]:
@@ -126,6 +129,15 @@ class _Reader:
         if not low <= value <= high:
             raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
         return value
+
+    def integer_or_off(self, name: str, default: int, low: int, high: int) -> int | None:
+        """A whole number, or `off` (any case) for None."""
+        raw = self.text(name, str(default))
+        if raw.lower() == "off":
+            return None
+        if not re.fullmatch(r"[0-9]+", raw):
+            raise ConfigError(f"{name} must be a whole number of milliseconds or off, got {raw!r}")
+        return self.integer(name, default, low, high)
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
         raw = self.text(name, str(default))

@@ -38,6 +38,26 @@ def liveness_key(stream_key: str, consumer: str) -> str:
     return f"{stream_key}:alive:{consumer}"
 
 
+def lost_key(stream_key: str) -> str:
+    """Counter of entries deleted or trimmed before the Processor processed them, all instances together."""
+    return f"{stream_key}:lost"
+
+
+def trim_history_key(stream_key: str) -> str:
+    """Stream of (Redis time, id below which every group was done then): what retention trims to."""
+    return f"{stream_key}:trim:history"
+
+
+def trim_last_key(stream_key: str) -> str:
+    """Hash describing the last trimming pass of any instance (for `processor lag`)."""
+    return f"{stream_key}:trim:last"
+
+
+def loss_watch_key(stream_key: str) -> str:
+    """Hash: what the last maintenance pass saw of the group's read counters, to count entries lost before delivery once."""
+    return f"{stream_key}:lost:watch"
+
+
 # The first key of the two-key advisory lock every transaction that changes a device's
 # state holds (second key: hashtext(device_id)): the writer and `processor rehydrate`.
 DEVICE_LOCK_CLASS = 0x50524F44  # "PROD"
