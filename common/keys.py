@@ -16,6 +16,9 @@ DLQ_ERROR_FIELDS = (
 
 # Postgres advisory-lock key for migrations: any constant shared by every instance.
 MIGRATION_LOCK_KEY = 0x50524F43  # "PROC"
+# Postgres advisory-lock key for partition maintenance of `positions` (supervisor/partitions.py):
+# one instance at a time creates and drops partitions; the others skip their pass.
+PARTITION_LOCK_KEY = 0x50524F50  # "PROP"
 
 
 def consumer_name(instance_id: str, shard_index: int) -> str:
