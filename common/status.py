@@ -3,8 +3,9 @@
 The supervisor maps it before the first fork, so every shard inherits the same pages; a
 restarted shard continues its slot's counters, which therefore only ever grow. A second
 part holds what only the supervisor knows (which slots run, their pids, start times and
-restarts, whether it is stopping, its own beat); it writes that part from its loop. The
-HTTP process the supervisor forks reads both for /healthz and /metrics; no shard needs an
+restarts, whether it is stopping, its own beat); it writes that part from its loop. A third
+part is the maintenance process's (its counters and beat), written by it alone. The HTTP
+process the supervisor forks reads all three for /healthz and /metrics; no shard needs an
 HTTP server of its own.
 """
 
@@ -19,14 +20,18 @@ from dataclasses import dataclass, field, replace
 BATCH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # heartbeat (CLOCK_MONOTONIC is system-wide on Linux, so parent and child compare it),
-# pid, redis_ok, postgres_ok, processed, dead_lettered, claimed, batches, in_flight,
+# pid, redis_ok, postgres_ok, processed, dead_lettered, claimed, batches, in_flight, lost,
 # batch-seconds sum, then one count per bucket (+Inf included), not cumulative.
-_SLOT = struct.Struct(f"<d i B B 2x Q Q Q Q Q d {len(BATCH_BUCKETS_S) + 1}Q")
+_SLOT = struct.Struct(f"<d i B B 2x Q Q Q Q Q Q d {len(BATCH_BUCKETS_S) + 1}Q")
+_SLOT_FIELDS = 11  # values before the buckets
 # The supervisor's part: a sequence number (odd while a write is under way), its pid, its
 # stopping flag, its last beat; then per slot: running, the shard's pid, its start time
 # (monotonic) and the slot's restarts.
 _SUPERVISOR = struct.Struct("<Q i B 3x d")
 _SUPERVISED = struct.Struct("<B 3x i d Q")
+# The maintenance process's part: entries it found lost (trimmed or deleted before they were
+# delivered to the group), and the monotonic time its last stream pass ended.
+_MAINTENANCE = struct.Struct("<Q d")
 _READ_ATTEMPTS = 1000  # a write takes microseconds; a reader never needs more than a few
 
 
@@ -41,6 +46,7 @@ class ShardStatus:
     claimed: int = 0
     batches: int = 0
     in_flight: int = 0  # entries read and not yet settled
+    lost: int = 0  # pending entries found deleted or trimmed (nothing left to store)
     batch_seconds_sum: float = 0.0
     batch_buckets: tuple[int, ...] = field(default=(0,) * (len(BATCH_BUCKETS_S) + 1))
 
@@ -53,6 +59,12 @@ class SlotState:
     pid: int = 0
     started_at: float = 0.0  # monotonic
     restarts: int = 0
+
+
+@dataclass(frozen=True)
+class MaintenanceState:
+    lost: int = 0  # entries trimmed or deleted before they were delivered to the group, counted by this instance
+    pass_at: float = 0.0  # monotonic end of the last stream pass (0: none yet)
 
 
 @dataclass(frozen=True)
@@ -77,14 +89,15 @@ class StatusBoard:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self._supervisor_at = _SLOT.size * slots
-        self._map = mmap.mmap(-1, self._supervisor_at + _SUPERVISOR.size + _SUPERVISED.size * slots)
+        self._maintenance_at = self._supervisor_at + _SUPERVISOR.size + _SUPERVISED.size * slots
+        self._map = mmap.mmap(-1, self._maintenance_at + _MAINTENANCE.size)
 
     def read(self, slot: int) -> ShardStatus:
         values = _SLOT.unpack_from(self._map, slot * _SLOT.size)
-        heartbeat, pid, redis_ok, pg_ok, processed, dead, claimed, batches, in_flight, seconds = values[:10]
+        heartbeat, pid, redis_ok, pg_ok, processed, dead, claimed, batches, in_flight, lost, seconds = values[:_SLOT_FIELDS]
         return ShardStatus(
-            heartbeat, pid, bool(redis_ok), bool(pg_ok), processed, dead, claimed, batches, in_flight, seconds,
-            tuple(values[10:]),
+            heartbeat, pid, bool(redis_ok), bool(pg_ok), processed, dead, claimed, batches, in_flight, lost, seconds,
+            tuple(values[_SLOT_FIELDS:]),
         )
 
     def write(self, slot: int, status: ShardStatus) -> None:
@@ -100,6 +113,7 @@ class StatusBoard:
             status.claimed,
             status.batches,
             status.in_flight,
+            status.lost,
             status.batch_seconds_sum,
             *status.batch_buckets,
         )
@@ -134,3 +148,10 @@ class StatusBoard:
             if sequence % 2 == 0 and struct.unpack_from("<Q", self._map, at)[0] == sequence:
                 break
         return SupervisorState(pid, bool(stopping), beat, slots)
+
+    def write_maintenance(self, state: MaintenanceState) -> None:
+        """The maintenance process's part, written by that process alone."""
+        _MAINTENANCE.pack_into(self._map, self._maintenance_at, state.lost, state.pass_at)
+
+    def read_maintenance(self) -> MaintenanceState:
+        return MaintenanceState(*_MAINTENANCE.unpack_from(self._map, self._maintenance_at))

@@ -38,8 +38,8 @@ class Batch:
 
     @property
     def acked(self) -> list[bytes]:
-        """Entries whose effects are committed (or that have nothing left to store)."""
-        return [*self.fixes, *self.gone]
+        """Entries whose effects are committed; `gone` ones are acknowledged apart, and counted as lost."""
+        return list(self.fixes)
 
 
 def decode_batch(entries: list[Entry], max_failures: int, max_future_s: float, now: float | None = None) -> Batch:

@@ -10,10 +10,10 @@ an entry's idle time atomically, so instances claiming at once never take the sa
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from common.config import Settings
-from common.keys import liveness_key
+from common.keys import liveness_key, lost_key
 from common.timing import LIVENESS_TTL_S
 from shard.stream import ConsumerStream, Entry
 
@@ -34,17 +34,52 @@ redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+# XCLAIM drops a pending entry whose stream entry was deleted from the pending list and
+# returns nothing for it, as it does for one that another claimer took first. So, in the same
+# atomic step, the ids that are pending, idle enough and no longer in the stream are the
+# ones this XCLAIM removes: returned as gone and counted in <STREAM_KEY>:lost, exactly once.
+# KEYS: stream, lost counter. ARGV: group, consumer, min idle ms, ids…
+_CLAIM = """
+local gone, claimed = {}, {}
+for i = 4, #ARGV do
+  if #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i]) == 0
+      and #redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[i], ARGV[i], 1) == 1 then
+    gone[#gone + 1] = ARGV[i]
+  end
+end
+for first = 4, #ARGV, 1000 do
+  local page = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+  for _, entry in ipairs(page) do claimed[#claimed + 1] = entry end
+end
+if #gone > 0 then redis.call('INCRBY', KEYS[2], #gone) end
+return {claimed, gone}
+"""
+
+# XAUTOCLAIM, with the deleted entries it dropped from the pending list counted in the same step.
+# KEYS: stream, lost counter. ARGV: group, consumer, min idle ms, start id, count.
+_AUTOCLAIM = """
+local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+if #reply[3] > 0 then redis.call('INCRBY', KEYS[2], #reply[3]) end
+return reply
+"""
+
 
 class Claimer:
     """Claims for one consumer (ours) and yields the claimed entries in pages."""
 
-    def __init__(self, settings: Settings, stream: ConsumerStream) -> None:
+    def __init__(
+        self, settings: Settings, stream: ConsumerStream, on_lost: Callable[[list[bytes], str], None] = lambda ids, how: None
+    ) -> None:
         self.settings = settings
         self.stream = stream
         self.redis = stream.redis
         self.page = settings.batch_size
-        self.gone = 0  # claimed ids whose entries had been deleted or trimmed
+        self.gone = 0  # claimed ids whose entries had been deleted or trimmed (counted lost)
+        self.on_lost = on_lost
+        self.lost_key = lost_key(stream.stream)
         self._forget = self.redis.register_script(_FORGET_CONSUMER)
+        self._claim = self.redis.register_script(_CLAIM)
+        self._autoclaim = self.redis.register_script(_AUTOCLAIM)
 
     async def keep_alive(self) -> None:
         """Refresh our liveness key; called from the event loop, so a hung shard stops refreshing."""
@@ -75,8 +110,10 @@ class Claimer:
             if not pending:
                 return
             ids = [p["message_id"] for p in pending]
-            entries = await self.redis.xclaim(self.stream.stream, self.stream.group, self.stream.consumer, min_idle_ms, ids)
-            self._count_gone(ids, entries)
+            keys = [self.stream.stream, self.lost_key]
+            entries, gone = await self._claim(keys=keys, args=[self.stream.group, self.stream.consumer, min_idle_ms, *ids])
+            entries = [(entry_id, fields) for entry_id, fields in entries]
+            self._count_gone(gone)
             if entries:  # an empty page still made progress: those ids left the consumer's list
                 yield entries
 
@@ -85,18 +122,12 @@ class Claimer:
         cursor: bytes | str = "0-0"
         threshold = self.settings.claim_threshold_ms if min_idle_ms is None else min_idle_ms
         while True:
-            cursor, entries, deleted = await self.redis.xautoclaim(
-                self.stream.stream,
-                self.stream.group,
-                self.stream.consumer,
-                threshold,
-                start_id=cursor,
-                count=self.page,
-            )
-            if deleted:
-                # Redis already dropped these from the pending list; nothing is left to store.
-                self.gone += len(deleted)
-                log.warning("claimed entries no longer in the stream", extra={"ids": [_text(i) for i in deleted[:20]]})
+            keys = [self.stream.stream, self.lost_key]
+            args = [self.stream.group, self.stream.consumer, threshold, cursor, self.page]
+            cursor, entries, deleted = await self._autoclaim(keys=keys, args=args)
+            entries = [(entry_id, fields) for entry_id, fields in entries]
+            # Redis already dropped the deleted ones from the pending list; nothing is left to store.
+            self._count_gone(deleted)
             if entries:
                 yield entries
             if _text(cursor) == "0-0":  # a page can be empty while the cursor still moves on
@@ -120,13 +151,11 @@ class Claimer:
     def _alive(self, consumer: str) -> str:
         return liveness_key(self.stream.stream, consumer)
 
-    def _count_gone(self, ids: list[bytes], entries: list[Entry]) -> None:
-        claimed = {entry_id for entry_id, _ in entries}
-        missing = [i for i in ids if i not in claimed]
-        if missing:
-            # XCLAIM drops ids whose entries were deleted or trimmed from the pending list.
-            self.gone += len(missing)
-            log.warning("claimed entries no longer in the stream", extra={"ids": [_text(i) for i in missing[:20]]})
+    def _count_gone(self, gone: list[bytes]) -> None:
+        """Claimed ids whose entries were deleted or trimmed: counted in Redis by the script, here and in the log."""
+        if gone:
+            self.gone += len(gone)
+            self.on_lost(gone, "deleted while pending (claimed)")
 
 
 def _text(value: bytes | str) -> str:

@@ -53,7 +53,7 @@ class Shard:
         self.panic = Panic(settings, f"shard-{index}", self.panic_state)
         self.report = Report(board, index, self.consumer)
         self.stream = ConsumerStream(settings, self.consumer)
-        self.claimer = Claimer(settings, self.stream)
+        self.claimer = Claimer(settings, self.stream, self.report.entries_lost)
         self.geofences = GeofenceSource(settings.database_url, f"processor {self.consumer} geofences")
         self.writer = PositionWriter(settings, f"processor {self.consumer}", self.geofences)
         self.pipeline = Pipeline(settings, self.stream, self.writer, self.report, crash_point(CRASH_PLACES, settings.panic_dir))

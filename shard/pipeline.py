@@ -110,6 +110,9 @@ class Pipeline:
         if previous is not None:
             await previous  # ACKs (and counters) in batch order
         written = await retry("redis", self.report.reach, self.stream.settle, batch.acked, batch.dead, batch.recovered)
+        if batch.gone:
+            removed = await retry("redis", self.report.reach, self.stream.ack_gone, batch.gone)
+            self.report.entries_lost(batch.gone, "deleted while pending", counted=removed)
         self.report.settled(batch, written)
 
     async def flush(self) -> None:

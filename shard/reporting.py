@@ -12,6 +12,8 @@ from shard.batch import Batch
 
 log = logging.getLogger("processor.shard")
 
+LOST_IDS_PER_LINE = 100  # every lost id is logged, this many per line
+
 
 class Report:
     """One shard's counters; its slot continues the counters of the slot's earlier lives."""
@@ -25,6 +27,7 @@ class Report:
         self.processed = 0
         self.dead_lettered = 0
         self.claimed = 0
+        self.lost = 0
         self.batches = 0
         self.batch_seconds_sum = 0.0
         self.batch_buckets = [0] * (len(BATCH_BUCKETS_S) + 1)
@@ -54,8 +57,6 @@ class Report:
                 "entry dead-lettered",
                 extra={"source_id": letter.entry_id.decode(), "error_kind": letter.error_kind, "error": letter.error},
             )
-        if batch.gone:
-            log.warning("pending entries no longer in the stream were acknowledged", extra={"ids": _ids(batch.gone)})
         log.debug(
             "batch settled",
             extra={
@@ -66,23 +67,42 @@ class Report:
             },
         )
 
+    def entries_lost(self, ids: list[bytes], how: str, counted: int | None = None) -> None:
+        """Pending entries deleted or trimmed from the stream before we processed them: counted, every id logged.
+
+        `counted`: how many of them this shard counts (fewer than `ids` when another consumer
+        had already acknowledged or claimed some and counted those); all of `ids` by default.
+        """
+        counted = len(ids) if counted is None else counted
+        if not ids:
+            return
+        self.lost += counted
+        self.publish()
+        for start in range(0, len(ids), LOST_IDS_PER_LINE):
+            chunk = [i.decode() for i in ids[start : start + LOST_IDS_PER_LINE]]
+            log.warning(
+                "entries lost: deleted from the stream before they were processed",
+                extra={"how": how, "consumer": self.consumer, "ids": chunk, "counted": counted if start == 0 else 0},
+            )
+
     def publish(self) -> None:
         """Heartbeat, health and counters into our slot."""
         base = self.base
         self.board.write(
             self.index,
             ShardStatus(
-                time.monotonic(),
-                os.getpid(),
-                self.reach.ok["redis"],
-                self.reach.ok["postgres"],
-                base.processed + self.processed,
-                base.dead_lettered + self.dead_lettered,
-                base.claimed + self.claimed,
-                base.batches + self.batches,
-                len(self.in_flight),
-                base.batch_seconds_sum + self.batch_seconds_sum,
-                tuple(a + b for a, b in zip(base.batch_buckets, self.batch_buckets)),
+                heartbeat=time.monotonic(),
+                pid=os.getpid(),
+                redis_ok=self.reach.ok["redis"],
+                postgres_ok=self.reach.ok["postgres"],
+                processed=base.processed + self.processed,
+                dead_lettered=base.dead_lettered + self.dead_lettered,
+                claimed=base.claimed + self.claimed,
+                batches=base.batches + self.batches,
+                in_flight=len(self.in_flight),
+                lost=base.lost + self.lost,
+                batch_seconds_sum=base.batch_seconds_sum + self.batch_seconds_sum,
+                batch_buckets=tuple(a + b for a, b in zip(base.batch_buckets, self.batch_buckets)),
             ),
         )
 
@@ -104,7 +124,3 @@ class Report:
 
     def totals(self) -> dict[str, object]:
         return {"consumer": self.consumer, "processed": self.processed, "dead_lettered": self.dead_lettered}
-
-
-def _ids(ids: list[bytes]) -> list[str]:
-    return [i.decode() for i in ids[:20]]

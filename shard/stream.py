@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from redis.exceptions import ResponseError
 
 from common.config import Settings
-from common.keys import failures_key
+from common.keys import failures_key, lost_key
 from common.redis_client import async_client, keep_field_pairs
 from shard.dead_letters import DeadLetter, DeadLetters
 
@@ -19,7 +19,17 @@ Entry = tuple[bytes, list[bytes] | None]
 log = logging.getLogger("processor.stream")
 
 READ_BLOCK_MS = 2_000
+
+# Pending entries whose stream entry is gone: ACKed, and counted in <STREAM_KEY>:lost by the
+# number XACK really removed, so a retried call (or a claimer that got there first) never
+# counts one twice. Returns that number.
+_ACK_GONE = """
+local removed = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+if removed > 0 then redis.call('INCRBY', KEYS[2], removed) end
+return removed
+"""
 SOCKET_TIMEOUT_S = 10.0
+ACK_GONE_CHUNK = 1_000  # ids per script call (Lua's unpack has a limit)
 HEALTH_CHECK_S = 5
 
 
@@ -31,10 +41,12 @@ class ConsumerStream:
         self.group = settings.consumer_group
         self.dlq = settings.dlq_key
         self.failures = failures_key(settings.stream_key)
+        self.lost = lost_key(settings.stream_key)
         self.consumer = consumer
         self.redis = async_client(settings.redis_url, SOCKET_TIMEOUT_S, consumer, health_check_s=HEALTH_CHECK_S)
         keep_field_pairs(self.redis)
         self.letters = DeadLetters(self.redis, self.stream, self.group, self.dlq, self.failures, consumer)
+        self._ack_gone = self.redis.register_script(_ACK_GONE)
 
     async def ensure_group(self) -> None:
         """Create the group (and the stream) from id 0 unless another shard already did."""
@@ -79,6 +91,14 @@ class ConsumerStream:
         for entry_id, fields in large:
             written += await self.letters.write_large(entry_id, fields)
         return written
+
+    async def ack_gone(self, gone: Sequence[bytes]) -> int:
+        """ACK pending entries that were deleted from the stream; returns how many were still pending (now counted lost)."""
+        removed = 0
+        for start in range(0, len(gone), ACK_GONE_CHUNK):
+            chunk = gone[start : start + ACK_GONE_CHUNK]
+            removed += int(await self._ack_gone(keys=[self.stream, self.lost], args=[self.group, *chunk]))
+        return removed
 
     async def close(self) -> None:
         await self.redis.aclose()

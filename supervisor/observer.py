@@ -211,6 +211,13 @@ class Observer:
             for view in views:
                 family.add_metric([str(view.slot)], value(view.status))
             families.append(family)
+        lost = CounterMetricFamily(
+            "processor_entries_lost", "Entries deleted or trimmed from the stream before they were processed.", labels=["shard"]
+        )
+        for view in views:
+            lost.add_metric([str(view.slot)], view.status.lost)
+        lost.add_metric(["maintenance"], self.board.read_maintenance().lost)
+        families.append(lost)
         restarts = CounterMetricFamily("processor_shard_restarts", "Shard restarts by the supervisor.", labels=["shard"])
         up = GaugeMetricFamily("processor_shard_up", "1 while the shard runs, beats and reaches both servers.", labels=["shard"])
         in_flight = GaugeMetricFamily("processor_entries_in_flight", "Entries read and not yet settled.", labels=["shard"])

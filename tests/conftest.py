@@ -43,7 +43,7 @@ def stream_key(redis_url: str) -> Iterator[str]:
     key = f"test:{uuid.uuid4().hex[:12]}:telemetry"
     yield key
     with redis.Redis.from_url(redis_url) as client:
-        client.delete(key, f"{key}:dlq")
+        client.delete(key, f"{key}:dlq", *client.scan_iter(match=f"{key}:*", count=1000))
 
 
 @pytest.fixture

@@ -107,3 +107,53 @@ def test_only_dead_idle_consumers_without_pending_are_forgotten(redis_client, st
     assert asyncio.run(go()) == ["empty-0"]
     names = {c["name"] for c in redis_client.xinfo_consumers(stream_key, "processor")}
     assert names == {b"holding-0", b"alive-0"}
+
+
+def test_deleted_entries_are_counted_once_in_redis_and_in_the_log(redis_client, stream_key, settings):
+    """XCLAIM and XAUTOCLAIM: deleted pending entries reach `<STREAM_KEY>:lost` and the callback once, even when claimed twice."""
+    ids = setup_pending(redis_client, stream_key, "dead-0", 6)
+    age_entries(redis_client, stream_key, "dead-0", 2_000)
+    redis_client.xdel(stream_key, ids[0], ids[3])
+    reported: list[bytes] = []
+
+    async def go() -> None:
+        stream = ConsumerStream(settings, "survivor-0")
+        try:
+            claimer = Claimer(settings, stream, lambda gone, how: reported.extend(gone))
+            await collect(claimer.pending_of("dead-0", 1_000))
+            # A second claimer that listed the same ids before the first one claimed them: nothing more is counted.
+            again, gone = await claimer._claim(keys=[stream_key, f"{stream_key}:lost"], args=["processor", "other-0", 0, *ids])
+            assert gone == [] and len(again) == 4
+        finally:
+            await stream.close()
+
+    asyncio.run(go())
+    assert sorted(reported) == sorted([ids[0], ids[3]])
+    assert int(redis_client.get(f"{stream_key}:lost")) == 2
+    # XAUTOCLAIM: one more deleted while pending, found by the idle pass.
+    age_entries(redis_client, stream_key, "other-0", 2_000)  # the second claimer holds them all now
+    redis_client.xdel(stream_key, ids[4])
+    claimed, gone = run_claimer(Settings.from_env({**settings_env(settings), "CLAIM_THRESHOLD_MS": "1000"}), "idle_entries")
+    assert gone == 1 and ids[4] not in claimed
+    assert int(redis_client.get(f"{stream_key}:lost")) == 3
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    return {"REDIS_URL": settings.redis_url, "STREAM_KEY": settings.stream_key, "INSTANCE_ID": settings.instance_id}
+
+
+def test_gone_pending_entries_are_acked_and_counted_once(redis_client, stream_key, settings):
+    """ack_gone counts only the ids its XACK removed, so a retried call or a late second caller adds nothing."""
+    ids = setup_pending(redis_client, stream_key, "c-0", 3)
+    redis_client.xdel(stream_key, ids[1])
+
+    async def go() -> tuple[int, int]:
+        stream = ConsumerStream(settings, "c-0")
+        try:
+            return await stream.ack_gone([ids[1]]), await stream.ack_gone([ids[1]])
+        finally:
+            await stream.close()
+
+    assert asyncio.run(go()) == (1, 0)
+    assert int(redis_client.get(f"{stream_key}:lost")) == 1
+    assert redis_client.xpending(stream_key, "processor")["pending"] == 2
