@@ -22,6 +22,7 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 MAX_SHARDS = 256
 MAX_STREAM_RETENTION_MS = 30 * 86_400_000  # 30 days
+MAX_POSITIONS_RETENTION_DAYS = 36_500  # a hundred years
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Settings:
     heartbeat_timeout_s: float = 15.0
     max_future_s: float = 300.0
     stream_retention_ms: int | None = 3_600_000  # None: `off`, the Processor never trims STREAM_KEY
+    positions_retention_days: int = 0  # 0: positions are kept for ever
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -75,6 +77,7 @@ class Settings:
             heartbeat_timeout_s=reader.number("HEARTBEAT_TIMEOUT_S", 15.0, 1.0, 3_600.0),
             max_future_s=reader.number("MAX_FUTURE_S", 300.0, 0.0, 10 * 365 * 86_400.0),
             stream_retention_ms=reader.integer_or_off("STREAM_RETENTION_MS", 3_600_000, 0, MAX_STREAM_RETENTION_MS),
+            positions_retention_days=reader.integer("POSITIONS_RETENTION_DAYS", 0, 0, MAX_POSITIONS_RETENTION_DAYS),
         )
 
     def redacted(self) -> dict[str, object]:

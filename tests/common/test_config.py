@@ -59,6 +59,16 @@ def test_explicit_values_are_parsed() -> None:
         Path("/tmp/p"), "DEBUG", 0, "edge-a", "g")
 
 
+def test_positions_retention_days() -> None:
+    """POSITIONS_RETENTION_DAYS: 0 (keep for ever) by default, a whole number of days up to 36,500."""
+    assert Settings.from_env({}).positions_retention_days == 0
+    assert Settings.from_env({"POSITIONS_RETENTION_DAYS": "30"}).positions_retention_days == 30
+    assert Settings.from_env({"POSITIONS_RETENTION_DAYS": "36500"}).positions_retention_days == 36_500
+    for bad in ("-1", "36501", "1.5", "forever", ""):
+        with pytest.raises(ConfigError, match="POSITIONS_RETENTION_DAYS"):
+            Settings.from_env({"POSITIONS_RETENTION_DAYS": bad})
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
