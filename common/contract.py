@@ -1,12 +1,15 @@
 """Rules of the stream contract (SPEC §2) that more than one layer checks.
 
 The shard's decoder checks every entry against them; `processor rehydrate` checks the
-device id an operator types, so that it names a device the stream could carry.
+device id an operator types, so that it names a device the stream could carry. The
+retention horizon is the shards' (which fixes are expired), partition maintenance's and
+`processor retention`'s.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
 
 MAX_DEVICE_ID_CHARS = 64
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -19,3 +22,8 @@ def device_id_problem(device_id: str) -> str | None:
     if CONTROL_CHARACTERS.search(device_id):
         return "must not contain control characters"
     return None
+
+
+def retention_horizon(now: datetime, retention_days: int) -> datetime | None:
+    """Fixes dated before this are expired (POSITIONS_RETENTION_DAYS); None when everything is kept."""
+    return now - timedelta(days=retention_days) if retention_days else None

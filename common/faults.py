@@ -2,8 +2,9 @@
 
 One decision, made here and nowhere else. Callers catch broadly and ask `classify`:
 
-- OUTAGE: a server is unreachable, restarting, read-only or full. Pause with backoff and
-  retry; dead-letter nothing.
+- OUTAGE: a server is unreachable, restarting, read-only or full, or `positions` has no
+  partition for a row yet (partition maintenance is behind). Pause with backoff and retry;
+  dead-letter nothing.
 - REFUSED: credentials, a missing privilege, a missing table or an unsupported server.
   Waiting cannot fix it: exit 78, and the supervisor halts rather than crash-looping.
 - ROW_REJECTED: Postgres refused the data of one row. The batch is split so that every
@@ -124,6 +125,10 @@ def _classify_postgres(exc: psycopg.Error) -> Outcome:
     if sqlstate is None and isinstance(exc, psycopg.OperationalError):
         if any(text in str(exc) for text in POSTGRES_REFUSED_MESSAGES):
             return Outcome.REFUSED
+    if sqlstate == "23514" and exc.diag.constraint_name is None and exc.diag.table_name is not None:
+        # "no partition of relation "positions" found for row": no constraint of the row is
+        # broken; its partition is missing, and a maintenance pass creates it (supervisor/partitions.py).
+        return Outcome.OUTAGE
     if sqlstate in POSTGRES_ROW_SQLSTATES or isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
         return Outcome.ROW_REJECTED
     if isinstance(exc, OUTAGE_TYPES):

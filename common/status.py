@@ -21,9 +21,9 @@ BATCH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 # heartbeat (CLOCK_MONOTONIC is system-wide on Linux, so parent and child compare it),
 # pid, redis_ok, postgres_ok, processed, dead_lettered, claimed, batches, in_flight, lost,
-# batch-seconds sum, then one count per bucket (+Inf included), not cumulative.
-_SLOT = struct.Struct(f"<d i B B 2x Q Q Q Q Q Q d {len(BATCH_BUCKETS_S) + 1}Q")
-_SLOT_FIELDS = 11  # values before the buckets
+# expired, batch-seconds sum, then one count per bucket (+Inf included), not cumulative.
+_SLOT = struct.Struct(f"<d i B B 2x Q Q Q Q Q Q Q d {len(BATCH_BUCKETS_S) + 1}Q")
+_SLOT_FIELDS = 12  # values before the buckets
 # The supervisor's part: a sequence number (odd while a write is under way), its pid, its
 # stopping flag, its last beat; then per slot: running, the shard's pid, its start time
 # (monotonic) and the slot's restarts.
@@ -47,6 +47,7 @@ class ShardStatus:
     batches: int = 0
     in_flight: int = 0  # entries read and not yet settled
     lost: int = 0  # pending entries found deleted or trimmed (nothing left to store)
+    expired: int = 0  # fixes older than the POSITIONS_RETENTION_DAYS horizon: acknowledged, not stored
     batch_seconds_sum: float = 0.0
     batch_buckets: tuple[int, ...] = field(default=(0,) * (len(BATCH_BUCKETS_S) + 1))
 
@@ -94,9 +95,11 @@ class StatusBoard:
 
     def read(self, slot: int) -> ShardStatus:
         values = _SLOT.unpack_from(self._map, slot * _SLOT.size)
-        heartbeat, pid, redis_ok, pg_ok, processed, dead, claimed, batches, in_flight, lost, seconds = values[:_SLOT_FIELDS]
+        heartbeat, pid, redis_ok, pg_ok, processed, dead, claimed, batches, in_flight, lost, expired, seconds = values[
+            :_SLOT_FIELDS
+        ]
         return ShardStatus(
-            heartbeat, pid, bool(redis_ok), bool(pg_ok), processed, dead, claimed, batches, in_flight, lost, seconds,
+            heartbeat, pid, bool(redis_ok), bool(pg_ok), processed, dead, claimed, batches, in_flight, lost, expired, seconds,
             tuple(values[_SLOT_FIELDS:]),
         )
 
@@ -114,6 +117,7 @@ class StatusBoard:
             status.batches,
             status.in_flight,
             status.lost,
+            status.expired,
             status.batch_seconds_sum,
             *status.batch_buckets,
         )

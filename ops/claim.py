@@ -52,6 +52,7 @@ async def _claim(shard: Shard, min_idle_ms: int | None, from_consumer: str | Non
         "claimed": shard.report.claimed,
         "stored": shard.report.processed,
         "dead_lettered": shard.report.dead_lettered,
+        "expired": shard.report.expired,
         "gone": shard.claimer.gone,
     }
 

@@ -29,7 +29,16 @@ class Batch:
     dead: list[DeadLetter] = field(default_factory=list)
     gone: list[bytes] = field(default_factory=list)  # deleted or trimmed while pending
     recovered: list[bytes] = field(default_factory=list)  # failed before, stored now
+    expired: dict[bytes, Fix] = field(default_factory=dict)  # older than the retention horizon: not stored
+    horizon: datetime | None = None  # the horizon they were judged by
     started: float = field(default_factory=time.monotonic)
+
+    def expire(self, horizon: datetime) -> None:
+        """Fixes dated before `horizon` leave the batch: acknowledged, never stored, no derived state."""
+        self.horizon = horizon
+        for entry_id, fix in list(self.fixes.items()):
+            if fix.ts < horizon:
+                self.expired[entry_id] = self.fixes.pop(entry_id)
 
     def reject(self, entry_id: bytes, error: str, failures: int) -> None:
         """A row Postgres refused for good: the entry becomes a dead letter instead of a fix."""
@@ -38,8 +47,8 @@ class Batch:
 
     @property
     def acked(self) -> list[bytes]:
-        """Entries whose effects are committed; `gone` ones are acknowledged apart, and counted as lost."""
-        return list(self.fixes)
+        """Entries whose effects are committed, or that are expired; `gone` ones are acknowledged apart, and counted as lost."""
+        return [*self.fixes, *self.expired]
 
 
 def decode_batch(entries: list[Entry], max_failures: int, max_future_s: float, now: float | None = None) -> Batch:

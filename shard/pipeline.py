@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 from common.config import Settings
+from common.contract import retention_horizon
 from common.keys import failures_key
 from common.retry import retry
 from shard.batch import Batch, decode_batch
@@ -34,6 +36,7 @@ class Pipeline:
     ) -> None:
         self.max_failures = settings.max_failures
         self.max_future_s = settings.max_future_s
+        self.retention_days = settings.positions_retention_days
         self.stream = stream
         self.failures = FailureCounts(stream.redis, failures_key(settings.stream_key))
         self.writer = writer
@@ -101,10 +104,23 @@ class Pipeline:
             batch.recovered.extend(entry_id for entry_id in again if entry_id not in rejected)
 
     async def write_entries(self, batch: Batch, entry_ids: list[bytes]) -> dict[bytes, str]:
-        """Write these entries' fixes; returns {entry id: error} for rows rejected on their own."""
-        fixes = [batch.fixes[entry_id] for entry_id in entry_ids]
-        rejected = await retry("postgres", self.report.reach, self.writer.write_isolating, fixes)
-        return {entry_ids[position]: error for position, error in rejected.items()}
+        """Write these entries' fixes; returns {entry id: error} for rows rejected on their own.
+
+        Each attempt first sets aside the fixes older than the retention horizon by its own
+        clock, so a batch that waited out an outage never writes into a dropped partition.
+        """
+
+        async def attempt() -> dict[bytes, str]:
+            horizon = retention_horizon(datetime.now(timezone.utc), self.retention_days)
+            if horizon is not None:
+                batch.expire(horizon)
+            ids = [entry_id for entry_id in entry_ids if entry_id in batch.fixes]
+            if not ids:
+                return {}
+            rejected = await self.writer.write_isolating([batch.fixes[entry_id] for entry_id in ids])
+            return {ids[position]: error for position, error in rejected.items()}
+
+        return await retry("postgres", self.report.reach, attempt)
 
     async def settle(self, batch: Batch, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from datetime import datetime
 
 from common.retry import Reachability
 from common.status import BATCH_BUCKETS_S, ShardStatus, StatusBoard, bucket_of
@@ -28,6 +29,7 @@ class Report:
         self.dead_lettered = 0
         self.claimed = 0
         self.lost = 0
+        self.expired = 0
         self.batches = 0
         self.batch_seconds_sum = 0.0
         self.batch_buckets = [0] * (len(BATCH_BUCKETS_S) + 1)
@@ -47,11 +49,14 @@ class Report:
         elapsed = time.monotonic() - batch.started
         self.in_flight.difference_update(batch.ids)
         self.processed += len(batch.fixes)
+        self.expired += len(batch.expired)
         self.dead_lettered += letters_written
         self.batches += 1
         self.batch_seconds_sum += elapsed
         self.batch_buckets[bucket_of(elapsed)] += 1
         self.publish()
+        if batch.expired:
+            _log_expired(batch)
         for letter in batch.dead:
             log.warning(
                 "entry dead-lettered",
@@ -101,6 +106,7 @@ class Report:
                 batches=base.batches + self.batches,
                 in_flight=len(self.in_flight),
                 lost=base.lost + self.lost,
+                expired=base.expired + self.expired,
                 batch_seconds_sum=base.batch_seconds_sum + self.batch_seconds_sum,
                 batch_buckets=tuple(a + b for a, b in zip(base.batch_buckets, self.batch_buckets)),
             ),
@@ -124,3 +130,17 @@ class Report:
 
     def totals(self) -> dict[str, object]:
         return {"consumer": self.consumer, "processed": self.processed, "dead_lettered": self.dead_lettered}
+
+
+def _log_expired(batch: Batch) -> None:
+    """One line per device: its fixes older than the retention horizon, which were not stored."""
+    devices: dict[str, list[datetime]] = {}
+    for fix in batch.expired.values():
+        devices.setdefault(fix.device_id, []).append(fix.ts)
+    horizon = batch.horizon.isoformat() if batch.horizon else None
+    for device_id, times in sorted(devices.items()):
+        log.warning(
+            "fixes older than the retention horizon were not stored",
+            extra={"device_id": device_id, "fixes": len(times), "oldest": min(times).isoformat(),
+                   "newest": max(times).isoformat(), "horizon": horizon},
+        )

@@ -206,6 +206,7 @@ class Observer:
             ("processor_entries_dead_lettered", "Entries moved to the dead-letter stream.", lambda s: s.dead_lettered),
             ("processor_entries_claimed", "Entries claimed from other consumers.", lambda s: s.claimed),
             ("processor_batches", "Batches written.", lambda s: s.batches),
+            ("processor_fixes_expired", "Fixes older than the retention horizon: acknowledged, not stored.", lambda s: s.expired),
         ):
             family = CounterMetricFamily(name, help_text, labels=["shard"])
             for view in views:
