@@ -68,9 +68,10 @@ DutyFactory = Callable[[Settings, StatusBoard], "Duty | None"]
 
 def _factories() -> tuple[DutyFactory, ...]:
     """Every duty of the maintenance process (imported here, after the fork, to keep start-up light)."""
+    from supervisor.partitions import partitions_duty
     from supervisor.trimming import stream_duty
 
-    return (stream_duty,)
+    return (stream_duty, partitions_duty)
 
 
 class Refused(Exception):
