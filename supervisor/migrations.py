@@ -1,4 +1,19 @@
-"""The migration runner: plain SQL files applied in order under a Postgres advisory lock."""
+"""The migration runner: plain SQL files applied in order under a Postgres advisory lock.
+
+A file is applied in one transaction together with its `schema_migrations` row, unless its
+first line is `-- processor: no-transaction`. Such a file is split into steps at lines
+`-- processor: step`, and each step is sent on its own, outside any transaction block: a
+step of one statement runs alone (so it may be one that cannot run in a transaction, such as
+CALL of a procedure that commits, or CREATE INDEX CONCURRENTLY); a step of several statements
+runs as one transaction. The ledger row is written after the last step. A no-transaction file
+is for work that must not hold its locks for the whole migration (converting a large table
+while writers keep writing). Its rule: **every step is idempotent**, so that a migration
+interrupted midway (a crash, a lost connection, a failed step) is simply run again from its
+first step at the next start. A step that fails because it could not get a lock within its
+own `lock_timeout` (SQLSTATE 55P03) is retried, after a pause, up to STEP_LOCK_ATTEMPTS
+times: a step can ask for an exclusive lock briefly, sparing the writers queued behind it a
+long wait, and simply try again.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +27,7 @@ from pathlib import Path
 
 import psycopg
 
+from common.backoff import Backoff
 from common.errors import MigrationError
 from common.keys import MIGRATION_LOCK_KEY
 
@@ -20,6 +36,9 @@ log = logging.getLogger("processor.migrations")
 LOCK_WAIT_S = 120.0
 LOCK_POLL_S = 0.2
 CONNECT_TIMEOUT_S = 10
+NO_TRANSACTION = "-- processor: no-transaction"
+STEP = "-- processor: step"
+STEP_LOCK_ATTEMPTS = 60  # a step refused its lock this often in a row fails the migration
 _FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 
 _CREATE_LEDGER = """
@@ -41,6 +60,29 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def in_transaction(self) -> bool:
+        """False when the file's first line asks for steps outside a transaction."""
+        return self.sql.split("\n", 1)[0].strip() != NO_TRANSACTION
+
+    @property
+    def steps(self) -> list[str]:
+        """The parts of a no-transaction file between `-- processor: step` lines (empty ones dropped)."""
+        parts, current = [], []
+        for line in self.sql.splitlines():
+            if line.strip() == STEP:
+                parts.append("\n".join(current))
+                current = []
+            else:
+                current.append(line)
+        parts.append("\n".join(current))
+        return [part for part in parts if _has_sql(part)]
+
+
+def _has_sql(text: str) -> bool:
+    """Whether a step holds more than blank lines and `--` comments."""
+    return any(line.strip() and not line.strip().startswith("--") for line in text.splitlines())
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:
@@ -67,6 +109,7 @@ def apply_migrations(url: str, migrations: list[Migration] | None = None) -> lis
     """
     migrations = load_migrations() if migrations is None else migrations
     with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        conn.add_notice_handler(_log_notice)
         _acquire_lock(conn)
         try:
             conn.execute(_CREATE_LEDGER)
@@ -78,6 +121,12 @@ def apply_migrations(url: str, migrations: list[Migration] | None = None) -> lis
             return done
         finally:
             _release_lock(conn)
+
+
+def _log_notice(diag: psycopg.errors.Diagnostic) -> None:
+    """What a migration says with RAISE WARNING goes to the log (notices only at DEBUG)."""
+    level = logging.WARNING if diag.severity_nonlocalized == "WARNING" else logging.DEBUG
+    log.log(level, "migration notice", extra={"notice": diag.message_primary, "detail": diag.message_detail})
 
 
 def _acquire_lock(conn: psycopg.Connection) -> None:
@@ -128,18 +177,45 @@ def _check_applied(migrations: list[Migration], applied: dict[int, tuple[str, st
             )
 
 
+_RECORD = "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)"
+
+
 def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:
     started = time.monotonic()
+    record = (migration.version, migration.name, migration.checksum)
     try:
-        with conn.transaction():
-            conn.execute(migration.sql.encode())
-            conn.execute(
-                "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                (migration.version, migration.name, migration.checksum),
-            )
+        if migration.in_transaction:
+            with conn.transaction():
+                conn.execute(migration.sql.encode())
+                conn.execute(_RECORD, record)
+        else:
+            steps = migration.steps
+            for number, step in enumerate(steps, 1):
+                _run_step(conn, migration, number, len(steps), step)
+            conn.execute(_RECORD, record)
     except psycopg.errors.Error as exc:
         raise MigrationError(f"migration {migration.version:04d}_{migration.name}.sql failed: {exc}") from exc
     log.info(
         "migration applied",
         extra={"version": migration.version, "migration": migration.name, "seconds": round(time.monotonic() - started, 3)},
     )
+
+
+def _run_step(conn: psycopg.Connection, migration: Migration, number: int, steps: int, sql: str) -> None:
+    """One step of a no-transaction file, sent as it is; a lock it could not get is asked for again."""
+    backoff = Backoff(base_s=0.2, cap_s=5.0)
+    where = {"version": migration.version, "migration": migration.name, "step": number, "steps": steps}
+    while True:
+        started = time.monotonic()
+        try:
+            conn.execute(sql.encode())
+        except psycopg.errors.LockNotAvailable as exc:
+            if backoff.failures + 1 >= STEP_LOCK_ATTEMPTS:
+                raise
+            delay = backoff.next_delay()
+            log.warning("migration step could not get its lock in time; trying again",
+                        extra={**where, "error": str(exc).strip(), "retry_in_s": round(delay, 2)})
+            time.sleep(delay)
+            continue
+        log.info("migration step done", extra={**where, "seconds": round(time.monotonic() - started, 3)})
+        return

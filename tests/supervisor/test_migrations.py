@@ -6,6 +6,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -20,6 +22,11 @@ ROOT = Path(__file__).parents[2]
 def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+def execute(url: str, sql: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)
 
 
 def columns(url: str, table: str) -> dict[str, str]:
@@ -159,3 +166,67 @@ def test_parallel_migrate_commands(database_url: str) -> None:
     assert versions == [(m.version, 1) for m in load_migrations()]
     assert sum("migrations applied" in out for out in outputs) == 1, outputs
     assert advisory_locks(database_url) == 0
+
+
+# --- no-transaction files -------------------------------------------------------------------
+
+NO_TX = "-- processor: no-transaction\n"
+STEP = "-- processor: step\n"
+
+
+def test_project_positions_is_partitioned_by_day(database_url: str) -> None:
+    """positions is range-partitioned on ts: a far-past partition from MINVALUE, then days, no DEFAULT."""
+    apply_migrations(database_url)
+    assert query(database_url, "SELECT relkind FROM pg_class WHERE oid = 'positions'::regclass") == [("p",)]
+    assert query(database_url, "SELECT pg_get_partkeydef('positions'::regclass)") == [("RANGE (ts)",)]
+    bounds = [b for (b,) in query(database_url, "SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+                                                "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'positions'::regclass")]
+    assert sum("MINVALUE" in b for b in bounds) == 1
+    assert not any(b == "DEFAULT" for b in bounds)
+    assert len(bounds) == 15  # the far past and 14 days
+
+
+def test_no_transaction_steps_commit_one_by_one(database_url: str, tmp_path: Path) -> None:
+    """Each step commits on its own; a failing step leaves the earlier ones and no ledger row; a re-run completes."""
+    path = write(tmp_path, "0001_steps.sql", NO_TX + "CREATE TABLE IF NOT EXISTS a (x int);\n" + STEP
+                 + "INSERT INTO a SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM a);\nSELECT 1/(SELECT count(*) - 1 FROM a);\n"
+                 + STEP + "CREATE TABLE IF NOT EXISTS b (y int);\n")
+    migrations = load_migrations(tmp_path)
+    assert not migrations[0].in_transaction and len(migrations[0].steps) == 3
+    with pytest.raises(MigrationError, match=r"0001_steps\.sql.*division by zero"):
+        apply_migrations(database_url, migrations)
+    assert table_exists(database_url, "a") and not table_exists(database_url, "b")
+    assert query(database_url, "SELECT x FROM a") == []  # the failing step was one transaction: its INSERT is gone
+    assert query(database_url, "SELECT count(*) FROM schema_migrations") == [(0,)]
+    execute(database_url, "INSERT INTO a VALUES (1), (2)")  # the cause is fixed; the same file runs again from the top
+    assert apply_migrations(database_url, load_migrations(tmp_path)) == migrations
+    assert table_exists(database_url, "b")
+    assert query(database_url, "SELECT version, checksum FROM schema_migrations") == [(1, migrations[0].checksum)]
+    assert path.exists() and advisory_locks(database_url) == 0
+
+
+def test_no_transaction_step_may_call_a_procedure_that_commits(database_url: str, tmp_path: Path) -> None:
+    """A one-statement step runs outside a transaction block: CALL of a procedure with COMMIT works."""
+    write(tmp_path, "0001_call.sql", NO_TX + "CREATE TABLE t (x int);\nCREATE OR REPLACE PROCEDURE fill() LANGUAGE plpgsql AS $$\n"
+          "BEGIN INSERT INTO t VALUES (1); COMMIT; INSERT INTO t VALUES (2); COMMIT; END $$;\n" + STEP + "CALL fill();\n"
+          + STEP + "DROP PROCEDURE fill();\n")
+    apply_migrations(database_url, load_migrations(tmp_path))
+    assert query(database_url, "SELECT x FROM t ORDER BY x") == [(1,), (2,)]
+
+
+def test_a_step_refused_its_lock_is_tried_again(database_url: str, tmp_path: Path) -> None:
+    """A step failing on its own lock_timeout is retried until the lock is free; writers never queue long behind it."""
+    execute(database_url, "CREATE TABLE busy (x int)")
+    write(tmp_path, "0001_lock.sql", NO_TX + "SET LOCAL lock_timeout = '100ms';\nALTER TABLE busy ADD COLUMN IF NOT EXISTS y int;\n")
+    holder = psycopg.connect(database_url)
+    holder.execute("LOCK TABLE busy IN ACCESS SHARE MODE")
+    timer = threading.Timer(1.5, holder.commit)
+    timer.start()
+    try:
+        started = time.monotonic()
+        apply_migrations(database_url, load_migrations(tmp_path))
+        assert time.monotonic() - started >= 1.0
+    finally:
+        timer.join()
+        holder.close()
+    assert set(columns(database_url, "busy")) == {"x", "y"}
