@@ -6,21 +6,39 @@ order through `advance`, the live path's own function. It stops at Q, the first 
 fix after the newest new fix that lies inside no geofence: from Q on, nothing can differ.
 Visits entered between F0 and Q are replaced; the odometer is corrected by the difference
 between the new and the old distances over the same stretch.
+
+Retention (POSITIONS_RETENTION_DAYS) drops old fixes but never derived state. When no stored
+fix precedes the late one, the replay starts at the late fix itself and replaces only visits
+entered from it on, never older ones. And when a visit spans the late fix although no stored
+fix precedes it, the start of that visit was dropped: no exact replay is possible, so the
+late fixes are stored without touching derived state (a warning says so), and the batch's
+fixes newer than the device's last one advance it as on the live path.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import logging
+from datetime import datetime, timedelta
 
 import psycopg
 
 from shard.devices.track import DeviceState, TrackFix, Visit, adopt_replay, advance
 from shard.geo import GeofenceIndex, haversine_m
 
+log = logging.getLogger("processor.writer")
+
 REPLAY_CHUNK = 2_000
+# The newest fix before a late one is first looked for within this window: the bound lets
+# the planner skip all older partitions of positions (and their locks); only if the window
+# holds none is the whole history searched.
+PREVIOUS_WINDOW = timedelta(days=1)
 
 _PREVIOUS_FIX = """
-SELECT ts, lat, lon, speed FROM positions WHERE device_id = %s AND ts < %s ORDER BY ts DESC LIMIT 1
+SELECT ts, lat, lon, speed FROM positions WHERE device_id = %s AND ts < %s AND ts >= %s ORDER BY ts DESC LIMIT 1
+"""
+_VISIT_SPANNING = """
+SELECT EXISTS (SELECT 1 FROM timing_records
+               WHERE device_id = %s AND geofence_id = ANY(%s) AND entered_at < %s AND (exited_at IS NULL OR exited_at > %s))
 """
 _EARLIEST_VISIT_AROUND = """
 SELECT min(entered_at) FROM timing_records
@@ -44,7 +62,10 @@ async def replay_late(
     `positions`, inside the caller's transaction, under the device's lock).
     """
     active = list(index.by_id)
-    start = await _quiet_fix_before(cur, state.device_id, min(new_ts), active)
+    earliest = min(new_ts)
+    start = await _quiet_fix_before(cur, state.device_id, earliest, active)
+    if start is None and await _history_dropped(cur, state.device_id, earliest, active):
+        return await _advance_newer(cur, state, earliest, index)
     replay = DeviceState(state.device_id, last=start)
     newest_new = max(new_ts)
     old_prev, old_distance = start, 0.0
@@ -69,7 +90,9 @@ async def replay_late(
                 break
         after = chunk[-1].ts
     upper = stop.ts if stop is not None else datetime.max.replace(tzinfo=newest_new.tzinfo)
-    lower = start.ts if start is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
+    # Without a stored fix before the late one, visits entered before it are none of the
+    # replay's business (there are such visits only if retention dropped their fixes).
+    lower = start.ts if start is not None else earliest - timedelta(microseconds=1)
     await cur.execute(_DELETE_VISITS, (state.device_id, active, lower, upper))
     adopt_replay(state, replay, old_distance, to_newest=stop is None, index=index)
     return list(visits.values())
@@ -78,13 +101,48 @@ async def replay_late(
 async def _quiet_fix_before(cur: psycopg.AsyncCursor, device_id: str, before: datetime, active: list[int]) -> TrackFix | None:
     """The newest stored fix older than `before` that no visit of an active geofence covers."""
     while True:
-        await cur.execute(_PREVIOUS_FIX, (device_id, before))
-        row = await cur.fetchone()
-        if row is None:
+        fix = await _previous_fix(cur, device_id, before)
+        if fix is None:
             return None
-        fix = TrackFix(*row)
         await cur.execute(_EARLIEST_VISIT_AROUND, (device_id, active, fix.ts, fix.ts))
         (entered_at,) = await cur.fetchone()  # type: ignore[misc]
         if entered_at is None:
             return fix
         before = entered_at
+
+
+async def _previous_fix(cur: psycopg.AsyncCursor, device_id: str, before: datetime) -> TrackFix | None:
+    """The newest stored fix older than `before`: within PREVIOUS_WINDOW first, then anywhere."""
+    for since in (before - PREVIOUS_WINDOW, datetime.min.replace(tzinfo=before.tzinfo)):
+        await cur.execute(_PREVIOUS_FIX, (device_id, before, since))
+        row = await cur.fetchone()
+        if row is not None:
+            return TrackFix(*row)
+    return None
+
+
+async def _history_dropped(cur: psycopg.AsyncCursor, device_id: str, earliest: datetime, active: list[int]) -> bool:
+    """Whether a visit spans `earliest` although no stored fix precedes it: its start was dropped."""
+    await cur.execute(_VISIT_SPANNING, (device_id, active, earliest, earliest))
+    return bool((await cur.fetchone())[0])  # type: ignore[index]
+
+
+async def _advance_newer(cur: psycopg.AsyncCursor, state: DeviceState, earliest: datetime, index: GeofenceIndex) -> list[Visit]:
+    """No exact replay is possible: only the stored fixes newer than the state's last advance it."""
+    assert state.last is not None  # a late fix is older than the device's last one
+    log.warning(
+        "late fix reaches history that retention dropped: stored, derived state not replayed",
+        extra={"device_id": state.device_id, "ts": earliest.isoformat()},
+    )
+    visits: dict[tuple[int, datetime], Visit] = {}
+    after = state.last.ts
+    while True:
+        await cur.execute(_FIXES_AFTER, (state.device_id, after, REPLAY_CHUNK))
+        chunk = [TrackFix(*row) for row in await cur.fetchall()]
+        if not chunk:
+            return list(visits.values())
+        inside = index.inside([f.lat for f in chunk], [f.lon for f in chunk])
+        for fix, covering in zip(chunk, inside):
+            for visit in advance(state, fix, covering, index):
+                visits[(visit.geofence_id, visit.entered_at)] = visit
+        after = chunk[-1].ts

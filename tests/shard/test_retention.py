@@ -1,0 +1,142 @@
+"""Retention as a shard sees it: expired fixes, the edges of the accepted range, late data after a drop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+
+from common.config import Settings
+from common.status import StatusBoard
+from shard.lifecycle import Shard
+from supervisor.migrations import apply_migrations
+from tests.shard.test_pipeline import fix, read_as, run_pipeline
+
+DAY_MS = 86_400_000
+CIRCLE = '{"type": "Point", "coordinates": [7.0, 45.0]}'  # around every fix() at lat 45, lon 7
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def derived(url: str) -> tuple[list[tuple], list[tuple]]:
+    with psycopg.connect(url) as conn:
+        return (
+            conn.execute("SELECT device_id, ts, odometer_m, state_version FROM last_position ORDER BY 1").fetchall(),
+            conn.execute("SELECT device_id, entered_at, exited_at, samples FROM timing_records ORDER BY 1, 2").fetchall(),
+        )
+
+
+def stored(url: str, device: str) -> list[int]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT (extract(epoch FROM ts) * 1000)::bigint FROM positions WHERE device_id = %s ORDER BY 1",
+                            (device,)).fetchall()
+    return [ms for (ms,) in rows]
+
+
+def test_a_fix_older_than_the_horizon_is_expired(redis_client, database_url, stream_key, env, caplog) -> None:
+    """Older than POSITIONS_RETENTION_DAYS: not stored, no derived state, acknowledged, counted, logged by device, no letter."""
+    settings = Settings.from_env({**env, "POSITIONS_RETENTION_DAYS": "30"})
+    apply_migrations(database_url)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO geofences (name, geometry, radius_m) VALUES ('depot', %s, 1000)", (CIRCLE,))
+    now = now_ms()
+    first = read_as(redis_client, stream_key, "t-0", [{b"data": fix("d1", now - 2 * DAY_MS, lat=46.0)},
+                                                     {b"data": fix("d1", now - DAY_MS, lat=46.5)}])
+    board = StatusBoard(1)
+    run_pipeline(Shard(settings, 0, board, consumer="t-0"), [first])
+    before = derived(database_url)
+
+    for ts, lat in ((now - 31 * DAY_MS, 45.0), (now - 40 * DAY_MS, 45.0), (now - 29 * DAY_MS, 46.2)):
+        redis_client.xadd(stream_key, {b"data": fix("d1", ts, lat=lat)})
+    redis_client.xadd(stream_key, {b"data": fix("d2", 0)})  # 1970
+    late = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=100)[0][1]
+    shard = Shard(settings, 0, board, consumer="t-0")
+    with caplog.at_level(logging.WARNING, logger="processor.shard"):
+        run_pipeline(shard, [late])
+
+    assert stored(database_url, "d1") == [now - 29 * DAY_MS, now - 2 * DAY_MS, now - DAY_MS]
+    assert stored(database_url, "d2") == []
+    assert (shard.report.expired, shard.report.processed) == (3, 1)
+    assert board.read(0).expired == 3
+    assert redis_client.xlen(f"{stream_key}:dlq") == 0
+    assert redis_client.xpending(stream_key, "processor")["pending"] == 0
+    after = derived(database_url)
+    assert after[1] == before[1] == []  # the expired fixes lay in the depot: no visit came of them
+    assert after[0][0][:2] == before[0][0][:2]  # d1's newest fix is the same; only the 29-day-old fix changed d1
+    assert [d for d, *_ in after[0]] == ["d1"]  # d2 was never stored
+    lines = [r for r in caplog.records if r.getMessage() == "fixes older than the retention horizon were not stored"]
+    assert sorted((r.device_id, r.fixes) for r in lines) == [("d1", 2), ("d2", 1)]
+
+
+def test_the_far_past_and_just_under_max_future_s_are_stored(redis_client, database_url, stream_key, settings: Settings) -> None:
+    """Both ends of the accepted range find a partition: 1970 and now + MAX_FUTURE_S − a few seconds."""
+    apply_migrations(database_url)
+    ahead = now_ms() + int(settings.max_future_s * 1000) - 5_000
+    entries = read_as(redis_client, stream_key, "t-0", [{b"data": fix("edge", 0)}, {b"data": fix("edge", ahead)}])
+    shard = Shard(settings, 0, StatusBoard(1), consumer="t-0")
+    run_pipeline(shard, [entries])
+    assert stored(database_url, "edge") == [0, ahead]
+    assert shard.report.dead_lettered == 0
+
+
+def _visit_history(redis_client, database_url, stream_key, settings, fixes: list[tuple[int, float]]) -> Shard:
+    """Process (ts, lat) fixes of device p in order, with a 1 km circle around lat 45, lon 7."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO geofences (name, geometry, radius_m) VALUES ('depot', %s, 1000)", (CIRCLE,))
+    entries = read_as(redis_client, stream_key, "t-0", [{b"data": fix("p", ts, lat=lat)} for ts, lat in fixes])
+    shard = Shard(settings, 0, StatusBoard(1), consumer="t-0")
+    run_pipeline(shard, [entries])
+    return shard
+
+
+def _drop_before(database_url: str, ms: int) -> None:
+    """What retention does to a device's old fixes (a DELETE stands in for the dropped partitions)."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute("DELETE FROM positions WHERE device_id = 'p' AND ts < to_timestamp(%s / 1000.0)", (ms,))
+
+
+def _visits(database_url: str) -> list[tuple]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT entered_at, exited_at, samples FROM timing_records WHERE device_id = 'p' ORDER BY 1").fetchall()
+
+
+def test_a_late_fix_inside_a_visit_whose_start_was_dropped_keeps_the_visit(
+    redis_client, database_url, stream_key, settings: Settings, caplog
+) -> None:
+    """A device parked in a geofence longer than retention: a late fix is stored, its visit is not rewritten, newer fixes still count."""
+    apply_migrations(database_url)
+    t = now_ms() - 10 * DAY_MS
+    _visit_history(redis_client, database_url, stream_key, settings,
+                   [(t, 46.0), (t + DAY_MS, 45.0), (t + 2 * DAY_MS, 45.0), (t + 8 * DAY_MS, 45.0)])
+    (entered, exited, samples), = _visits(database_url)
+    assert (exited, samples) == (None, 3)
+    _drop_before(database_url, t + 2 * DAY_MS)
+    for ts in (t + 5 * DAY_MS, t + 9 * DAY_MS):  # one late fix inside, one newer than the device's last
+        redis_client.xadd(stream_key, {b"data": fix("p", ts)})
+    entries = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=10)[0][1]
+    with caplog.at_level(logging.WARNING, logger="processor.writer"):
+        run_pipeline(Shard(settings, 0, StatusBoard(1), consumer="t-0"), [entries])
+    assert stored(database_url, "p") == [t + 2 * DAY_MS, t + 5 * DAY_MS, t + 8 * DAY_MS, t + 9 * DAY_MS]
+    assert _visits(database_url) == [(entered, None, 4)]  # the same visit; the newer fix counted, the late one not
+    assert any(r.getMessage().startswith("late fix reaches history that retention dropped") for r in caplog.records)
+
+
+def test_a_late_fix_with_no_stored_predecessor_keeps_older_visits(redis_client, database_url, stream_key, settings: Settings) -> None:
+    """A replay that starts at the late fix itself replaces only visits entered from it on."""
+    apply_migrations(database_url)
+    t = now_ms() - 10 * DAY_MS
+    _visit_history(redis_client, database_url, stream_key, settings,
+                   [(t, 45.0), (t + DAY_MS, 46.0), (t + 3 * DAY_MS, 46.0), (t + 5 * DAY_MS, 45.0), (t + 6 * DAY_MS, 46.0)])
+    old = _visits(database_url)
+    assert [samples for _, _, samples in old] == [1, 1]
+    _drop_before(database_url, t + 3 * DAY_MS)
+    redis_client.xadd(stream_key, {b"data": fix("p", t + 2 * DAY_MS, lat=46.0)})
+    entries = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=10)[0][1]
+    run_pipeline(Shard(settings, 0, StatusBoard(1), consumer="t-0"), [entries])
+    assert _visits(database_url) == old  # the visit of day 0 stays, the one of day 5 is replayed to the same row
+    start = datetime.fromtimestamp(t / 1000, timezone.utc)
+    assert old[0][0] == start and old[1][0] == start + timedelta(days=5)
