@@ -1,4 +1,6 @@
-"""`processor lag`: the stream's length, the group's lag and pending entries, each consumer, the DLQ's length."""
+"""`processor lag`: the stream's length, the group's lag and pending entries, each consumer, the DLQ's length,
+and the stream's trimming: where it may be trimmed, which consumer group holds it back and how far, and the
+entries lost before the Processor processed them."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import redis
 
 from common.config import Settings
 from common.errors import ExitCode
+from common.keys import lost_key
 from common.lag import Lag, group_lag
 from ops.errors import redis_client
 from ops.terminal import cell, count, emit, format_ms, table_lines, text
+from supervisor.trimming import StreamState, read_stream_state
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class LagReport:
     oldest_pending: OldestPending | None
     consumers: list[ConsumerInfo]
     dlq_length: int
+    trimming: StreamState | None = None  # None when the stream does not exist
+    lost_total: int = 0  # <STREAM_KEY>:lost: entries removed before the Processor processed them, all instances
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -74,6 +80,8 @@ class LagReport:
             "consumers": [c.as_json() for c in self.consumers],
             "dlq": self.dlq,
             "dlq_length": self.dlq_length,
+            "lost": self.lost_total,
+            "trimming": self.trimming.as_json() if self.trimming else None,
         }
 
 
@@ -89,10 +97,12 @@ def lag_report(settings: Settings) -> LagReport:
         length = int(client.xlen(stream))
         stream_exists = bool(client.exists(stream))
         group = _find_group(client, stream, group_name) if stream_exists else None
+        trimming = read_stream_state(client, settings)
+        lost = int(client.get(lost_key(stream)) or 0)
         if group is None:
             return LagReport(
                 stream, group_name, settings.dlq_key, stream_exists, False, length, None,
-                Lag(length, True, "no-group"), 0, None, [], dlq_length,
+                Lag(length, True, "no-group"), 0, None, [], dlq_length, trimming, lost,
             )
         lag = group_lag(client, stream, group)
         consumers = [
@@ -102,7 +112,7 @@ def lag_report(settings: Settings) -> LagReport:
         oldest = _oldest_pending(client, stream, group_name)
     return LagReport(
         stream, group_name, settings.dlq_key, True, True, length, text(group["last-delivered-id"]), lag,
-        int(group["pending"]), oldest, consumers, dlq_length,
+        int(group["pending"]), oldest, consumers, dlq_length, trimming, lost,
     )
 
 
@@ -152,6 +162,9 @@ def format_lag(report: LagReport) -> list[str]:
                         f"consumer {cell(oldest.consumer)}, delivered {count(oldest.deliveries, 'time', 'times')}")
         lines.append(pending)
     lines.append(f"dead letters  {report.dlq}: {report.dlq_length}")
+    lines.append(f"lost          {count(report.lost_total, 'entry', 'entries')} deleted or trimmed before the Processor "
+                 "processed them (all instances)")
+    lines += format_trimming(report.trimming)
     if report.consumers:
         table = [("CONSUMER", "PENDING", "IDLE")]
         table += [(cell(c.name), str(c.pending), format_ms(c.idle_ms)) for c in report.consumers]
@@ -159,6 +172,37 @@ def format_lag(report: LagReport) -> list[str]:
     elif report.group_exists:
         lines.append("(no consumers have joined the group)")
     return lines
+
+
+def format_trimming(state: StreamState | None) -> list[str]:
+    """Retention, the trim point and who holds it, the last pass, and a line per consumer group."""
+    if state is None:
+        return []
+    retention = "off (the Processor never trims)" if state.retention_ms is None else format_ms(state.retention_ms)
+    point = state.point
+    if point.safe_id is None:
+        where = "nothing may be trimmed: the group does not exist yet"
+    elif point.holder is None:
+        where = f"every group is done up to {point.safe_id}"
+    else:
+        where = f"every group is done below {point.safe_id} (held by group {cell(point.holder)})"
+    lines = [f"trimming      retention {retention}; {where}"]
+    if state.retention_ms is not None:
+        nxt = f"next pass trims below {state.next_target}" if state.next_target else "next pass trims nothing"
+        last = state.last_trim
+        if last:
+            nxt += f"; last pass removed {last.get('removed', '0')} (instance {cell(last.get('instance', '?'))})"
+        lines.append(f"              {nxt}")
+    if state.first_id:
+        lines.append(f"              oldest entry {state.first_id}, {format_ms(state.oldest_entry_age_ms)} old")
+    table = [("GROUP", "NEEDS FROM", "OLDEST NEEDED", "BEYOND RETENTION", "UNREAD", "PENDING")]
+    for hold in point.groups:
+        table.append((
+            cell(hold.group), hold.needs_from or "-", format_ms(hold.oldest_needed_age_ms) if hold.needs_from else "-",
+            format_ms(hold.blocked_ms) if hold.blocked_ms else "-", "?" if hold.unread is None else str(hold.unread),
+            str(hold.pending),
+        ))
+    return [*lines, "", *table_lines(table)] if point.groups else lines
 
 
 # --- the command ----------------------------------------------------------------------
@@ -171,7 +215,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         description="Show STREAM_KEY's length; the lag of CONSUMER_GROUP (entries not yet delivered; counted "
         "when Redis cannot report it after deletions); the pending (delivered, unacknowledged) entries and "
         "the oldest of them (age since added, idle since last delivered); per consumer its pending entries "
-        "and idle time; and the length of DLQ_KEY. A missing stream or group is reported, not an error.",
+        "and idle time; the length of DLQ_KEY; the entries lost (deleted or trimmed before the Processor "
+        "processed them, all instances); and the stream's trimming: STREAM_RETENTION_MS, the id below which "
+        "every consumer group is done, the group that holds it back, and per group the oldest entry it has "
+        "not read or acknowledged and how far beyond the retention that lies. A missing stream or group is "
+        "reported, not an error.",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON object")
     parser.set_defaults(func=cmd_lag)

@@ -24,6 +24,7 @@ from common.lag import group_lag
 from common.redis_client import sync_client
 from common.status import BATCH_BUCKETS_S, ShardStatus, SlotState, StatusBoard, SupervisorState
 from common.timing import HEALTHY_BEAT_S
+from supervisor.trimming import StreamState, read_stream_state
 
 log = logging.getLogger("processor.http")
 
@@ -72,6 +73,7 @@ class StreamReading:
     lag: int | None = None
     pending: int | None = None
     oldest_pending_age_s: float | None = None
+    trimming: StreamState | None = None  # None when the stream does not exist
 
 
 class StreamGauges:
@@ -130,8 +132,9 @@ class StreamGauges:
         try:
             group = self._group()
             dead_letters = self.redis.xlen(dlq)
+            trimming = read_stream_state(self.redis, self.settings)
             if group is None:
-                return StreamReading(started, dead_letters)
+                return StreamReading(started, dead_letters, trimming=trimming)
             summary = self.redis.xpending(stream, self.settings.consumer_group)
             lag = group_lag(self.redis, stream, group).count
         except Exception as exc:
@@ -141,7 +144,7 @@ class StreamGauges:
             return None
         oldest_id = summary["min"] if summary else None
         age = time.time() - int(oldest_id.split(b"-")[0]) / 1000 if oldest_id else 0.0
-        return StreamReading(started, dead_letters, lag, group["pending"], max(age, 0.0))
+        return StreamReading(started, dead_letters, lag, group["pending"], max(age, 0.0), trimming)
 
     def _group(self) -> dict[str, Any] | None:
         try:
@@ -250,12 +253,35 @@ def _stream_families(reading: StreamReading | None) -> list[GaugeMetricFamily]:
     age.add_metric([], time.monotonic() - reading.started_at)
     dlq = GaugeMetricFamily("processor_dead_letters", "Entries in the dead-letter stream.")
     dlq.add_metric([], reading.dead_letters)
+    trimming = _trimming_families(reading.trimming)
     if reading.lag is None:
-        return [dlq, age]
+        return [dlq, *trimming, age]
     lag = GaugeMetricFamily("processor_consumer_lag", "Entries in the stream not yet delivered to the group.")
     pending = GaugeMetricFamily("processor_pending_entries", "Entries delivered and not yet acknowledged.")
     oldest = GaugeMetricFamily("processor_oldest_pending_age_seconds", "Age of the oldest unacknowledged entry.")
     lag.add_metric([], reading.lag)
     pending.add_metric([], reading.pending)
     oldest.add_metric([], reading.oldest_pending_age_s)
-    return [lag, pending, oldest, dlq, age]
+    return [lag, pending, oldest, dlq, *trimming, age]
+
+
+def _trimming_families(state: StreamState | None) -> list[GaugeMetricFamily]:
+    """The stream's length and how far each consumer group holds its trimming back."""
+    if state is None:
+        return []
+    length = GaugeMetricFamily("processor_stream_length", "Entries in the input stream.")
+    length.add_metric([], state.length)
+    oldest = GaugeMetricFamily("processor_stream_oldest_entry_age_seconds", "Age of the oldest entry in the input stream.")
+    oldest.add_metric([], state.oldest_entry_age_ms / 1000)
+    blocked = GaugeMetricFamily(
+        "processor_stream_trim_blocked_seconds",
+        "How far the oldest entry a group has not read or acknowledged lies beyond the retention horizon.",
+        labels=["group"],
+    )
+    unfinished = GaugeMetricFamily(
+        "processor_stream_group_unfinished_entries", "Entries a group has not read yet or holds pending.", labels=["group"]
+    )
+    for hold in state.point.groups:
+        blocked.add_metric([hold.group], hold.blocked_ms / 1000)
+        unfinished.add_metric([hold.group], (hold.unread or 0) + hold.pending)
+    return [length, oldest, blocked, unfinished]
