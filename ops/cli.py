@@ -1,7 +1,7 @@
 """The `processor` command line (SPEC §7): the entry point, the parser, and the service commands.
 
 Each family of operator commands registers its own subcommands: ops.geofences,
-ops.rehydrate, ops.lag, ops.claim_command and ops.dlq.
+ops.rehydrate, ops.lag, ops.claim_command, ops.dlq and ops.retention.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from common import logs
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
 from common.faults import Outcome, classify, one_line
-from ops import claim_command, dlq, geofences, lag, rehydrate
+from ops import claim_command, dlq, geofences, lag, rehydrate, retention
 from ops.errors import POSTGRES, translated
 
 log = logging.getLogger("processor.cli")
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     lag.add_command(commands)
     claim_command.add_command(commands)
     dlq.add_commands(commands)
+    retention.add_command(commands)
     return parser
 
 
