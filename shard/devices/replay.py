@@ -7,12 +7,15 @@ fix after the newest new fix that lies inside no geofence: from Q on, nothing ca
 Visits entered between F0 and Q are replaced; the odometer is corrected by the difference
 between the new and the old distances over the same stretch.
 
-Retention (POSITIONS_RETENTION_DAYS) drops old fixes but never derived state. When no stored
-fix precedes the late one, the replay starts at the late fix itself and replaces only visits
-entered from it on, never older ones. And when a visit spans the late fix although no stored
-fix precedes it, the start of that visit was dropped: no exact replay is possible, so the
-late fixes are stored without touching derived state (a warning says so), and the batch's
-fixes newer than the device's last one advance it as on the live path.
+Retention (POSITIONS_RETENTION_DAYS) drops whole partitions of old fixes, never derived
+state. Only when no stored fix precedes the late one, and partitions were dropped (the lowest
+partition of positions does not start at MINVALUE: its lower bound is the *floor*), does
+that matter: the replay then starts at the device's first stored fix (at or above the
+floor) and replaces only visits entered from the floor on. If a visit reaches across the
+floor, its start was dropped and no exact replay is possible: the late fixes are stored
+without touching derived state (a warning says so), and the batch's fixes newer than the
+device's last one advance it as on the live path. Without dropped partitions nothing of
+this applies.
 """
 
 from __future__ import annotations
@@ -32,11 +35,19 @@ REPLAY_CHUNK = 2_000
 # the planner skip all older partitions of positions (and their locks); only if the window
 # holds none is the whole history searched.
 PREVIOUS_WINDOW = timedelta(days=1)
+_TICK = timedelta(microseconds=1)
 
 _PREVIOUS_FIX = """
 SELECT ts, lat, lon, speed FROM positions WHERE device_id = %s AND ts < %s AND ts >= %s ORDER BY ts DESC LIMIT 1
 """
-_VISIT_SPANNING = """
+# The lower bound of the lowest partition of positions; NULL while one starts at MINVALUE.
+_FLOOR = """
+SELECT CASE WHEN bool_or(b[1] = 'MINVALUE') THEN NULL ELSE min(trim(BOTH '''' FROM b[1])::timestamptz) FILTER (WHERE b[1] <> 'MINVALUE') END
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid,
+     regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\((.+)\\) TO') AS b
+WHERE i.inhparent = 'positions'::regclass AND NOT i.inhdetachpending
+"""
+_VISIT_ACROSS = """
 SELECT EXISTS (SELECT 1 FROM timing_records
                WHERE device_id = %s AND geofence_id = ANY(%s) AND entered_at < %s AND (exited_at IS NULL OR exited_at > %s))
 """
@@ -64,7 +75,8 @@ async def replay_late(
     active = list(index.by_id)
     earliest = min(new_ts)
     start = await _quiet_fix_before(cur, state.device_id, earliest, active)
-    if start is None and await _history_dropped(cur, state.device_id, earliest, active):
+    floor = await _floor(cur) if start is None else None
+    if floor is not None and await _visit_across(cur, state.device_id, floor, active):
         return await _advance_newer(cur, state, earliest, index)
     replay = DeviceState(state.device_id, last=start)
     newest_new = max(new_ts)
@@ -90,9 +102,10 @@ async def replay_late(
                 break
         after = chunk[-1].ts
     upper = stop.ts if stop is not None else datetime.max.replace(tzinfo=newest_new.tzinfo)
-    # Without a stored fix before the late one, visits entered before it are none of the
-    # replay's business (there are such visits only if retention dropped their fixes).
-    lower = start.ts if start is not None else earliest - timedelta(microseconds=1)
+    if start is not None:
+        lower = start.ts
+    else:  # from the device's first fix: every visit, but none entered below the floor (dropped fixes)
+        lower = floor - _TICK if floor is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
     await cur.execute(_DELETE_VISITS, (state.device_id, active, lower, upper))
     adopt_replay(state, replay, old_distance, to_newest=stop is None, index=index)
     return list(visits.values())
@@ -121,9 +134,15 @@ async def _previous_fix(cur: psycopg.AsyncCursor, device_id: str, before: dateti
     return None
 
 
-async def _history_dropped(cur: psycopg.AsyncCursor, device_id: str, earliest: datetime, active: list[int]) -> bool:
-    """Whether a visit spans `earliest` although no stored fix precedes it: its start was dropped."""
-    await cur.execute(_VISIT_SPANNING, (device_id, active, earliest, earliest))
+async def _floor(cur: psycopg.AsyncCursor) -> datetime | None:
+    """The lowest bound of positions' partitions when retention dropped the far past, else None."""
+    await cur.execute(_FLOOR)
+    return (await cur.fetchone())[0]  # type: ignore[index]
+
+
+async def _visit_across(cur: psycopg.AsyncCursor, device_id: str, floor: datetime, active: list[int]) -> bool:
+    """Whether a visit of the device reaches across the floor: its start lies in dropped history."""
+    await cur.execute(_VISIT_ACROSS, (device_id, active, floor, floor))
     return bool((await cur.fetchone())[0])  # type: ignore[index]
 
 

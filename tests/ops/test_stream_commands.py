@@ -387,9 +387,9 @@ def test_cli_claim_processes_stuck_entries(redis_client: redis.Redis, stream_key
     redis_client.xreadgroup(GROUP, "gone-0", {stream_key: ">"}, count=10)
     done = run_cli(env, "claim", "--from", "gone-0", "--min-idle-ms", "0", "--json")
     assert done.returncode == 0, done.stderr
-    assert orjson.loads(done.stdout) == {"claimed": 3, "stored": 2, "dead_lettered": 1, "gone": 0}
+    assert orjson.loads(done.stdout) == {"claimed": 3, "stored": 2, "dead_lettered": 1, "expired": 0, "gone": 0}
     assert '"msg":"entry dead-lettered"' in done.stderr  # the shard's logs go to stderr, not into the JSON
     assert redis_client.xpending(stream_key, GROUP)["pending"] == 0
     assert redis_client.xlen(f"{stream_key}:dlq") == 1
     human = run_cli(env, "claim")
-    assert (human.returncode, human.stdout) == (0, "claimed 0, stored 0, dead lettered 0, gone 0\n")
+    assert (human.returncode, human.stdout) == (0, "claimed 0, stored 0, dead lettered 0, expired 0, gone 0\n")

@@ -7,6 +7,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import psycopg
+from psycopg import sql
 
 from common.config import Settings
 from common.status import StatusBoard
@@ -94,9 +95,16 @@ def _visit_history(redis_client, database_url, stream_key, settings, fixes: list
 
 
 def _drop_before(database_url: str, ms: int) -> None:
-    """What retention does to a device's old fixes (a DELETE stands in for the dropped partitions)."""
-    with psycopg.connect(database_url) as conn:
-        conn.execute("DELETE FROM positions WHERE device_id = 'p' AND ts < to_timestamp(%s / 1000.0)", (ms,))
+    """What retention leaves behind: no partition, and no row, below `ms` (the floor)."""
+    floor = datetime.fromtimestamp(ms / 1000, timezone.utc)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        (old,) = conn.execute("SELECT relname FROM pg_class WHERE relname LIKE 'positions_before_%'").fetchone()
+        cutover = datetime.strptime(old[-8:], "%Y%m%d").replace(tzinfo=timezone.utc)
+        conn.execute(f'ALTER TABLE positions DETACH PARTITION "{old}"')
+        conn.execute(sql.SQL("CREATE TABLE kept PARTITION OF positions FOR VALUES FROM ({}) TO ({})").format(
+            sql.Literal(floor), sql.Literal(cutover)))
+        conn.execute(f'INSERT INTO positions SELECT * FROM "{old}" WHERE ts >= %s', (floor,))
+        conn.execute(f'DROP TABLE "{old}"')
 
 
 def _visits(database_url: str) -> list[tuple]:
@@ -126,15 +134,15 @@ def test_a_late_fix_inside_a_visit_whose_start_was_dropped_keeps_the_visit(
 
 
 def test_a_late_fix_with_no_stored_predecessor_keeps_older_visits(redis_client, database_url, stream_key, settings: Settings) -> None:
-    """A replay that starts at the late fix itself replaces only visits entered from it on."""
+    """With dropped partitions, a replay from the device's first stored fix replaces only visits entered above the floor."""
     apply_migrations(database_url)
     t = now_ms() - 10 * DAY_MS
     _visit_history(redis_client, database_url, stream_key, settings,
                    [(t, 45.0), (t + DAY_MS, 46.0), (t + 3 * DAY_MS, 46.0), (t + 5 * DAY_MS, 45.0), (t + 6 * DAY_MS, 46.0)])
     old = _visits(database_url)
     assert [samples for _, _, samples in old] == [1, 1]
-    _drop_before(database_url, t + 3 * DAY_MS)
-    redis_client.xadd(stream_key, {b"data": fix("p", t + 2 * DAY_MS, lat=46.0)})
+    _drop_before(database_url, t + 2 * DAY_MS + DAY_MS // 2)  # the day-0 visit's fixes are gone, the visit stays
+    redis_client.xadd(stream_key, {b"data": fix("p", t + 2 * DAY_MS + DAY_MS * 7 // 10, lat=46.0)})  # before every stored fix
     entries = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=10)[0][1]
     run_pipeline(Shard(settings, 0, StatusBoard(1), consumer="t-0"), [entries])
     assert _visits(database_url) == old  # the visit of day 0 stays, the one of day 5 is replayed to the same row
