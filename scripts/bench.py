@@ -3,6 +3,7 @@
     .venv/bin/python -m scripts.bench            # full run (a few minutes); or `make bench`
     .venv/bin/python -m scripts.bench --quick    # smoke test (backlog 20,000, latency 5 s)
     .venv/bin/python -m scripts.bench --only drain --shards 1,2,4 --json bench.json
+    .venv/bin/python -m scripts.bench --only soak --json soak.json   # 20 minutes
 
 Run it from the repository root. The code is the package scripts/benchmark/.
 
@@ -27,6 +28,16 @@ latency   SHARDS=2 under a steady offered load (default 5,000 fixes/s for 30 s).
           without bench_seq, so unmeasured) runs first so every shard has its connections
           and device state, then the measured load. Reported: p50/p99/max of receipt − send,
           achieved send rate, fixes never seen (must be 0).
+soak      Only with `--only soak` (scripts/benchmark/soak.py): SHARDS=2 and STREAM_RETENTION_MS=60000
+          under a steady --rate for --soak-minutes (default 20), a shard SIGKILLed every
+          --kill-every-s (180), a sample every --sample-every-s (30): Redis used_memory, XLEN,
+          each child's VmRSS, the /metrics counters, the partitions of positions. Retention:
+          daily partitions laid out for the last 4 days, POSITIONS_RETENTION_DAYS=0 while device
+          time sweeps them fast, then a restart with POSITIONS_RETENTION_DAYS=1 at a third of the
+          run whose maintenance pass drops them under load (soak_load.py says why). A bench-only
+          trigger counts every row inserted, so produced = stored + expired + dead-lettered is
+          exact. Reported: that sum, p50/p99 over the first and the last 2 minutes, flat
+          verdicts, the time series; exit codes 0 after both SIGTERMs.
 
 Servers
 -------

@@ -8,5 +8,8 @@ drain       drain throughput rows and their scenarios
 latency     end-to-end latency under a steady load
 membership  cost of the geofence membership test
 report      the Markdown table, "where the time goes" and the JSON document
+soak        the soak (`--only soak`): soak_load (plan, device clock, sender), soak_layout
+            (past partitions, the retention restart), soak_watch (samples, kills),
+            soak_report (verdicts, rows, time series)
 cli         options and the order of the phases
 """

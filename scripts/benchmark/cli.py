@@ -19,6 +19,7 @@ from scripts.benchmark.machine import background_load, cpu_model
 from scripts.benchmark.membership import run_membership
 from scripts.benchmark.report import json_document, render_report
 from scripts.benchmark.sandbox import Bench
+from scripts.benchmark.soak import run_soak, soak_label
 from scripts.toolkit.services import add_url_secret
 
 
@@ -26,7 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m scripts.bench", description="Benchmark the Processor: drain throughput and end-to-end latency.",
     )
-    p.add_argument("--only", choices=("drain", "latency", "membership"), help="run one phase only (default: both)")
+    p.add_argument("--only", choices=("drain", "latency", "membership", "soak"),
+                   help="run one phase only (default: drain, membership and latency; soak runs only when named)")
     p.add_argument("--shards", default="1,2", help="SHARDS values of the drain runs, comma-separated (default 1,2)")
     p.add_argument("--backlog", type=int, default=None, help="fixes in the drain backlog (default 200000; --quick 20000)")
     p.add_argument("--devices", type=int, default=2000, help="simulated devices (default 2000)")
@@ -40,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--no-geofences", action="store_true", help="skip the drain row with 1,000 geofences")
     p.add_argument("--quick", action="store_true", help="smoke test: backlog 20,000 and latency 5 s unless given")
+    p.add_argument("--soak-minutes", type=float, default=20.0, help="soak: minutes of steady load at --rate (default 20)")
+    p.add_argument("--kill-every-s", type=float, default=180.0,
+                   help="soak: SIGKILL a shard (0, 1, 0, ...) this often, s (default 180; 0: never)")
+    p.add_argument("--sample-every-s", type=float, default=30.0,
+                   help="soak: sample memory, stream, RSS and metrics this often, s (default 30)")
     args = p.parse_args(argv)
     try:
         args.shards = [int(s) for s in args.shards.split(",") if s.strip()]
@@ -53,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.latency_seconds = 5.0 if args.quick else 30.0
     if args.backlog < 1 or args.devices < 1 or args.rate <= 0 or args.latency_seconds <= 0 or args.latency_shards < 1:
         p.error("--backlog, --devices, --rate, --latency-seconds and --latency-shards must be positive")
+    if args.soak_minutes <= 0 or args.kill_every_s < 0 or args.sample_every_s <= 0:
+        p.error("--soak-minutes and --sample-every-s must be positive, --kill-every-s 0 or more")
     add_url_secret(args.redis_url)
     add_url_secret(args.database_url)
     return args
@@ -95,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 phases.append((Result("latency", label),
                                lambda r: run_latency(bench, r, args.latency_shards, args.rate, args.latency_seconds,
                                                      args.devices, args.warmup_seconds)))
+            if args.only == "soak":
+                phases.append((Result("soak", soak_label(args)), lambda r: run_soak(bench, r, args)))
             for result, phase in phases:
                 results.append(result)
                 try:

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from scripts.benchmark.base import PASSED_THROUGH, TARGET_DRAIN, TARGET_P99_MS, TARGET_RSS_MB, Result, fmt_int
+from scripts.benchmark.soak_report import soak_rows, soak_series
 
 
 def _ms(value: float | None) -> str:
@@ -57,6 +58,8 @@ def render_table(cores: int, model: str, results: list[Result]) -> str:
                 for key in sorted((k for k in v if k.startswith("us_per_fix_")), key=lambda k: int(k.rsplit("_", 1)[1]))
                 for n in [f"{int(key.rsplit('_', 1)[1]):,}"]
             ]
+        elif r.kind == "soak":
+            rows += soak_rows(r.label, v)
         if r.error:
             rows.append((f"{r.label}: FAILED", r.error.splitlines()[0][:160].replace("|", "/"), "", "**NO**"))
     head = f"{cores} cores, {model}"
@@ -102,6 +105,10 @@ def render_report(args: argparse.Namespace, cores: int, model: str, background: 
     title = f"## Processor benchmark: {cores} cores, {model}"
     settings = (f"backlog {fmt_int(args.backlog)} fixes / {fmt_int(args.devices)} devices; latency "
                 f"{fmt_int(args.rate)}/s x {args.latency_seconds:g} s" + ("; --quick" if args.quick else ""))
+    if args.only == "soak":
+        settings = (f"soak: {fmt_int(args.rate)} fixes/s from {fmt_int(args.devices)} devices for "
+                    f"{args.soak_minutes:g} min, a shard SIGKILLed every {args.kill_every_s:g} s, "
+                    f"a sample every {args.sample_every_s:g} s")
     out = [title, "", settings, ""]
     if background is not None:
         quiet = "quiet" if background <= 0.15 else "**NOT quiet: figures understate the processor**"
@@ -109,6 +116,9 @@ def render_report(args: argparse.Namespace, cores: int, model: str, background: 
     if servers:
         out += [f"Servers: Redis {servers['redis']}; Postgres {servers['postgres']}", ""]
     out += [render_table(cores, model, results), ""]
+    for r in results:
+        if r.kind == "soak":
+            out += soak_series(r.label, r.values)
     notes = where_time_goes(results)
     if notes:
         out += ["Where the time goes (CPU seconds during each measured span):", *notes, ""]
@@ -123,7 +133,8 @@ def json_document(args: argparse.Namespace, cores: int, model: str, background: 
         "servers": servers,
         "background_busy_cores": background,
         "settings": {k: getattr(args, k) for k in ("backlog", "devices", "rate", "latency_seconds",
-                                                  "latency_shards", "warmup_seconds", "shards", "quick")},
+                                                  "latency_shards", "warmup_seconds", "shards", "quick",
+                                                  "soak_minutes", "kill_every_s", "sample_every_s")},
         "processor_env": {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ},
         "targets": {"drain_per_s": TARGET_DRAIN, "p99_ms": TARGET_P99_MS, "rss_mb_per_shard": TARGET_RSS_MB},
         "results": [{"kind": r.kind, "label": r.label, **r.values, "error": r.error} for r in results],
