@@ -26,7 +26,7 @@ def now_ms() -> int:
 def derived(url: str) -> tuple[list[tuple], list[tuple]]:
     with psycopg.connect(url) as conn:
         return (
-            conn.execute("SELECT device_id, ts, odometer_m, state_version FROM last_position ORDER BY 1").fetchall(),
+            conn.execute("SELECT device_id, ts, odometer_m, state_version, updated_at FROM last_position ORDER BY 1").fetchall(),
             conn.execute("SELECT device_id, entered_at, exited_at, samples FROM timing_records ORDER BY 1, 2").fetchall(),
         )
 
@@ -51,24 +51,25 @@ def test_a_fix_older_than_the_horizon_is_expired(redis_client, database_url, str
     run_pipeline(Shard(settings, 0, board, consumer="t-0"), [first])
     before = derived(database_url)
 
-    for ts, lat in ((now - 31 * DAY_MS, 45.0), (now - 40 * DAY_MS, 45.0), (now - 29 * DAY_MS, 46.2)):
-        redis_client.xadd(stream_key, {b"data": fix("d1", ts, lat=lat)})
+    for device, ts, lat in (("d1", now - 31 * DAY_MS, 45.0), ("d1", now - 40 * DAY_MS, 45.0), ("d3", now - 29 * DAY_MS, 46.2)):
+        redis_client.xadd(stream_key, {b"data": fix(device, ts, lat=lat)})
     redis_client.xadd(stream_key, {b"data": fix("d2", 0)})  # 1970
     late = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=100)[0][1]
     shard = Shard(settings, 0, board, consumer="t-0")
     with caplog.at_level(logging.WARNING, logger="processor.shard"):
         run_pipeline(shard, [late])
 
-    assert stored(database_url, "d1") == [now - 29 * DAY_MS, now - 2 * DAY_MS, now - DAY_MS]
+    assert stored(database_url, "d1") == [now - 2 * DAY_MS, now - DAY_MS]
     assert stored(database_url, "d2") == []
+    assert stored(database_url, "d3") == [now - 29 * DAY_MS]  # within the horizon: stored
     assert (shard.report.expired, shard.report.processed) == (3, 1)
     assert board.read(0).expired == 3
     assert redis_client.xlen(f"{stream_key}:dlq") == 0
     assert redis_client.xpending(stream_key, "processor")["pending"] == 0
     after = derived(database_url)
     assert after[1] == before[1] == []  # the expired fixes lay in the depot: no visit came of them
-    assert after[0][0][:2] == before[0][0][:2]  # d1's newest fix is the same; only the 29-day-old fix changed d1
-    assert [d for d, *_ in after[0]] == ["d1"]  # d2 was never stored
+    assert [row for row in after[0] if row[0] == "d1"] == before[0]  # d1's ts, odometer and version untouched
+    assert [row[0] for row in after[0]] == ["d1", "d3"]  # d2 was never stored
     lines = [r for r in caplog.records if r.getMessage() == "fixes older than the retention horizon were not stored"]
     assert sorted((r.device_id, r.fixes) for r in lines) == [("d1", 2), ("d2", 1)]
 
