@@ -230,3 +230,27 @@ def test_a_step_refused_its_lock_is_tried_again(database_url: str, tmp_path: Pat
         timer.join()
         holder.close()
     assert set(columns(database_url, "busy")) == {"x", "y"}
+
+
+@pytest.mark.parametrize("done", [1, 2, 3])
+def test_partition_migration_resumes_after_an_interruption(database_url: str, done: int) -> None:
+    """Migration 0003 stopped after any step (its ledger row not written) completes when run again."""
+    migrations = load_migrations()
+    apply_migrations(database_url, migrations[:2])
+    execute(database_url, "INSERT INTO positions (device_id, ts, lat, lon) VALUES ('d', now(), 1, 2), ('d', '1970-01-02Z', 3, 4)")
+    for step in migrations[2].steps[:done]:
+        execute(database_url, step)
+    assert apply_migrations(database_url) == migrations[2:]
+    assert query(database_url, "SELECT relkind FROM pg_class WHERE oid = 'positions'::regclass") == [("p",)]
+    assert query(database_url, "SELECT count(*) FROM positions") == [(2,)]
+    assert len(query(database_url, "SELECT 1 FROM pg_inherits WHERE inhparent = 'positions'::regclass")) == 15
+
+
+def test_a_leftover_cutover_too_close_is_replaced(database_url: str) -> None:
+    """A CHECK left by an interrupted run whose cutover is less than a day ahead would soon refuse fixes: it is replaced."""
+    migrations = load_migrations()
+    apply_migrations(database_url, migrations[:2])
+    execute(database_url, "ALTER TABLE positions ADD CONSTRAINT positions_ts_before_19990101 CHECK (ts < '1999-01-01Z') NOT VALID")
+    apply_migrations(database_url)
+    assert query(database_url, "SELECT count(*) FROM pg_constraint WHERE conname = 'positions_ts_before_19990101'") == [(0,)]
+    execute(database_url, "INSERT INTO positions (device_id, ts, lat, lon) VALUES ('d', now(), 1, 2)")
