@@ -180,3 +180,21 @@ def test_a_row_without_a_partition_is_an_outage_not_a_rejected_row(database_url:
         with pytest.raises(psycopg.errors.CheckViolation) as info:
             conn.execute("INSERT INTO positions (device_id, ts, lat, lon) VALUES ('x', now(), 0, 0)")
         assert classify(info.value) is Outcome.ROW_REJECTED
+
+
+def test_the_maintenance_process_duty_runs_a_pass_on_the_migration_url(database_url: str, env: dict[str, str]) -> None:
+    """The duty uses MIGRATION_DATABASE_URL, POSITIONS_RETENTION_DAYS and MAX_FUTURE_S of the settings."""
+    from common.config import Settings
+    from common.status import StatusBoard
+    from supervisor.maintenance import _factories
+    from supervisor.partitions import MAINTAIN_EVERY_S, partitions_duty
+
+    assert partitions_duty in _factories()
+    apply_migrations(database_url)
+    settings = Settings.from_env({**env, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+                                  "MIGRATION_DATABASE_URL": database_url, "MAX_FUTURE_S": str(30 * 86_400)})
+    duty = partitions_duty(settings, StatusBoard(1))
+    assert (duty.name, duty.every_s) == ("partitions", MAINTAIN_EVERY_S)
+    duty.run()
+    with connect(database_url) as conn:
+        assert ready_until(read_partitions(conn), datetime.now(UTC)) >= datetime.now(UTC) + 44 * DAY
