@@ -22,8 +22,10 @@ How exact it is, as far as Redis allows:
 - P is exact: the whole stream when its first entry lies after the group's position (a trim
   went past it), else the entries after that position, counted by XRANGE up to
   COUNT_LIMIT; beyond that (a backlog) this pass skips and a later one catches up.
-- R is what Redis keeps. It is nil after an XDEL left a hole ahead of the group, until the
-  group has read the stream's newest entry; a pass then falls back to what Redis still
+- R is what Redis keeps. It is nil for a group that has not read yet, and after an XDEL
+  left a hole ahead of the group until the group has read the stream's newest entry; a pass
+  then derives it where Redis itself would (the group at the newest entry: A; nothing read
+  and no hole: A minus the stream's length), and otherwise falls back to what Redis still
   shows: a hole beyond the group's position (`max-deleted-entry-id`) or a first entry beyond
   it (a trim) that the previous pass had not seen counts as one lost entry (a lower bound,
   logged `exact: false`), and the rest is counted once R is back, if Redis kept it in step.
@@ -32,8 +34,8 @@ How exact it is, as far as Redis allows:
   passed over between two passes in that window are not seen. So the count is exact for
   trims (MAXLEN, MINID), the usual case, and a lower bound for XDELs of undelivered entries.
 - The group created again, or moved back (its position or R went down): the watch starts
-  over without counting. The very first pass only records d; a d above zero then is logged
-  as entries lost before the Processor watched (not counted).
+  over without counting. The very first look (no watch yet) counts a d above zero: those
+  entries were lost before our group read them, though perhaps before this release watched.
 
 The log names the range the lost ids lie in: after the group's position at the previous
 pass, and before the stream's first entry (a trim) or up to the largest deleted id.
@@ -69,6 +71,15 @@ if not group then return {'no-group'} end
 local added, length, maxdel = info['entries-added'], info['length'], info['max-deleted-entry-id']
 local first = info['first-entry'] and info['first-entry'][1] or ''
 local pos, read = group['last-delivered-id'], group['entries-read']
+if not read then
+  -- Redis' own estimate (as it derives the group's counter on its next read), where it is exact.
+  local last, unfragmented = info['last-generated-id'], maxdel == '0-0' or id_lt(maxdel, first)
+  if added == 0 then read = 0
+  elseif pos == last or (length == 0 and not id_lt(last, pos)) then read = added
+  elseif unfragmented and first ~= '' and id_lt(pos, first) then read = added - length
+  elseif unfragmented and pos == first then read = added - length + 1
+  end
+end
 local after = false
 if length == 0 then after = 0
 elseif id_lt(pos, first) then after = length
@@ -82,6 +93,7 @@ local w = to_table(redis.call('HGETALL', KEYS[2]))
 local state, lost, exact, base = 'counted', 0, 1, d
 if not w['pos'] then
   state = 'baseline'
+  if d and d > 0 then lost = d end
 elseif id_lt(pos, w['pos']) or (read and w['read'] ~= '' and read < tonumber(w['read'])) then
   state = 'reset'
 elseif d then
@@ -124,17 +136,13 @@ class LossWatch:
         stream = self.settings.stream_key
         reply = self.script(keys=[stream, loss_watch_key(stream), lost_key(stream)], args=[self.settings.consumer_group, COUNT_LIMIT])
         watch = parse(reply)
-        if watch.state == "baseline" and watch.unaccounted:
-            log.warning(
-                "entries were removed from the stream before the group read them, before this watch began (not counted)",
-                extra={"entries": watch.unaccounted, "group": self.settings.consumer_group},
-            )
-        elif watch.state == "reset":
+        if watch.state == "reset":
             log.info("consumer group created again or moved back; loss watch starts over", extra={"group": self.settings.consumer_group})
         if watch.lost:
             log.warning(
                 "entries lost: trimmed or deleted from the stream before they were delivered to the group",
-                extra={"lost": watch.lost, "exact": watch.exact, "group": self.settings.consumer_group, **lost_range(watch)},
+                extra={"lost": watch.lost, "exact": watch.exact, "group": self.settings.consumer_group,
+                       "first_look": watch.state == "baseline", **lost_range(watch)},
             )
         return watch.lost
 
@@ -153,6 +161,8 @@ def lost_range(watch: Watch) -> dict[str, str]:
     if watch.first_id and _after(watch.first_id, after):
         return {"ids_after": after, "ids_before": watch.first_id}
     upto = max((watch.max_deleted_id, watch.position), key=_key)
+    if not watch.previous_position:  # the first look: no earlier position to start from
+        return {"ids_up_to": upto}
     return {"ids_after": after, "ids_up_to": upto}
 
 

@@ -111,6 +111,8 @@ if safe and ARGV[1] ~= 'off' then
     end
   end
   if target then removed = redis.call('XTRIM', KEYS[1], 'MINID', '~', target, 'LIMIT', ARGV[3]) end
+end
+if safe then
   redis.call('HSET', KEYS[3], 'at', now, 'safe', safe, 'target', target or '', 'removed', removed, 'instance', ARGV[4])
   redis.call('HINCRBY', KEYS[3], 'removed_total', removed)
 end
