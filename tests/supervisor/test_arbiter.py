@@ -223,3 +223,16 @@ def test_a_sigterm_during_a_childs_start_up_waits_for_its_handler() -> None:
     os.kill(pid, signal.SIGTERM)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7, "the child's own handler ran"
+
+
+def test_maintenance_process_is_supervised_like_the_http_process(supervisor: Supervisor) -> None:
+    """The maintenance process dying is restarted with its own backoff (not a shard crash); exiting 78 halts with 78."""
+    helper = supervisor.helpers.setdefault("maintenance", HelperHandle("maintenance"))
+    helper.pid, helper.started_at = exited_child(ExitCode.SOFTWARE), time.monotonic()
+    wait_for(lambda: (supervisor.reap_children(), helper.pid == 0)[1], what="the maintenance process to be reaped")
+    assert helper.restart_at is not None and helper.restart_at > time.monotonic() - 1
+    assert supervisor.restart_at == {} and not supervisor.restarts.crash_looping(time.monotonic())
+    helper.pid = exited_child(ExitCode.CONFIG)
+    with pytest.raises(Halt) as halt:
+        wait_for(lambda: (supervisor.reap_children(), helper.pid == 0)[1], what="the maintenance process to be reaped")
+    assert halt.value.exit_status == ExitCode.CONFIG and "maintenance" in halt.value.reason
