@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from setproctitle import setproctitle
+
+from common import logs
+from common.config import Settings
 from common.errors import ExitCode
+from common.panic import Panic
 from common.status import ShardStatus, StatusBoard
 from supervisor.restarts import RestartPolicy
 
@@ -66,6 +72,23 @@ def fork(child: Callable[[], int], inherited_fds: tuple[int, ...]) -> int:
         finally:
             os._exit(status)
     return pid
+
+
+def set_up_helper(settings: Settings, role: str, panic: Panic) -> None:
+    """Post-fork set-up of a helper process (`http`, `maintenance`): signals, title, logs, panic handling.
+
+    SIGTERM stays blocked (the supervisor blocked it across the fork, so none is lost): the
+    helper's main thread takes it with sigtimedwait, and every thread inherits the mask.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the supervisor sends SIGTERM
+    signal.set_wakeup_fd(-1)
+    faulthandler.enable()
+    setproctitle(f"processor: {role} [{settings.instance_id}]")
+    logs.configure(settings.log_level, role)
+    panic.install()
 
 
 def describe_exit(status: int) -> tuple[str, int | None, dict[str, object]]:

@@ -11,20 +11,17 @@ with backoff if it dies, stopped with SIGTERM at shutdown.
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import os
 import signal
 import socket
 import threading
 
-from setproctitle import setproctitle
-
-from common import logs
 from common.config import Settings
 from common.errors import ExitCode
 from common.panic import Panic
 from common.status import StatusBoard
+from supervisor.children import set_up_helper
 from supervisor.http import HealthServer
 from supervisor.observer import Observer, StreamGauges
 
@@ -46,17 +43,7 @@ class HttpProcess:
 
     def run(self) -> int:
         """Post-fork set-up, then serve until SIGTERM or until the supervisor is gone."""
-        # SIGTERM stays blocked (the supervisor blocked it across the fork, so none is lost):
-        # the main thread takes it with sigtimedwait, and every thread inherits the mask.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the supervisor sends SIGTERM
-        signal.set_wakeup_fd(-1)
-        faulthandler.enable()
-        setproctitle(f"processor: http [{self.settings.instance_id}]")
-        logs.configure(self.settings.log_level, "http")
-        self.panic.install()
+        set_up_helper(self.settings, "http", self.panic)
         try:
             return self.serve()
         except Exception as exc:

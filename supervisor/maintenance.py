@@ -31,7 +31,6 @@ the supervisor SIGKILLs the process if it is still busy when its stop budget end
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import os
 import signal
@@ -39,14 +38,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from setproctitle import setproctitle
-
-from common import logs
 from common.config import Settings
 from common.errors import ExitCode
 from common.faults import Outcome, classify, one_line
 from common.panic import Panic
 from common.status import StatusBoard
+from supervisor.children import set_up_helper
 
 log = logging.getLogger("processor.maintenance")
 
@@ -93,16 +90,7 @@ class Maintenance:
 
     def run(self) -> int:
         """Post-fork set-up, then the duties until SIGTERM or until the supervisor is gone."""
-        # SIGTERM stays blocked (the supervisor blocked it across the fork): taken with sigtimedwait.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the supervisor sends SIGTERM
-        signal.set_wakeup_fd(-1)
-        faulthandler.enable()
-        setproctitle(f"processor: maintenance [{self.settings.instance_id}]")
-        logs.configure(self.settings.log_level, "maintenance")
-        self.panic.install()
+        set_up_helper(self.settings, "maintenance", self.panic)
         try:
             return self.loop()
         except Exception as exc:

@@ -17,6 +17,16 @@ def watch(settings: Settings, client: redis.Redis) -> LossWatch:
     return LossWatch(settings, client)
 
 
+def watched(client: redis.Redis, settings: Settings, n: int, read: int, acked: int) -> tuple[list[bytes], LossWatch]:
+    """`n` entries, our group has read `read` and acked `acked` of them, and a watch that took its first look."""
+    ids = fill(client, settings.stream_key, n)
+    client.xgroup_create(settings.stream_key, "processor", id="0")
+    read_and_ack(client, settings.stream_key, "processor", read, acked)
+    looker = watch(settings, client)
+    looker.check()
+    return ids, looker
+
+
 def lost_total(client: redis.Redis, stream: str) -> int:
     return int(client.get(f"{stream}:lost") or 0)
 
@@ -42,23 +52,15 @@ def test_a_producer_maxlen_past_unread_entries_is_counted_exactly_once(redis_cli
 
 def test_a_trim_the_group_already_skipped_is_still_counted(redis_client, stream_key, settings):
     """Trimmed, then read past before the look: Redis' read counter stays short by the skipped entries."""
-    fill(redis_client, stream_key, 20)
-    redis_client.xgroup_create(stream_key, "processor", id="0")
-    read_and_ack(redis_client, stream_key, "processor", 10, 10)
-    looker = watch(settings, redis_client)
-    looker.check()
+    _, looker = watched(redis_client, settings, 20, 10, 10)
     redis_client.xtrim(stream_key, maxlen=4, approximate=False)  # 6 unread entries go
     read_and_ack(redis_client, stream_key, "processor", 100, 100)
     assert looker.check() == 6
 
 
 def test_an_xdel_of_an_unread_entry_is_counted(redis_client, stream_key, settings):
-    """An operator deletes an entry the group has not read: at least one is counted, with the deleted id in the range."""
-    ids = fill(redis_client, stream_key, 30)
-    redis_client.xgroup_create(stream_key, "processor", id="0")
-    read_and_ack(redis_client, stream_key, "processor", 10, 10)
-    looker = watch(settings, redis_client)
-    looker.check()
+    """An operator deletes an entry the group has not read: counted exactly while Redis keeps the group's read counter, at least one a hole while it has none."""
+    ids, looker = watched(redis_client, settings, 30, 10, 10)
     redis_client.xdel(stream_key, ids[20], ids[21])
     assert looker.check() == 2, "Redis still counts the group's reads: exact"
     read_and_ack(redis_client, stream_key, "processor", 5, 5)  # stops before the hole: Redis drops its counter
@@ -70,11 +72,7 @@ def test_an_xdel_of_an_unread_entry_is_counted(redis_client, stream_key, setting
 
 def test_deleting_delivered_entries_and_our_own_trimming_count_nothing(redis_client, stream_key, settings):
     """XDEL of a pending or acknowledged entry is not a loss here (the shards count pending ones)."""
-    ids = fill(redis_client, stream_key, 50)
-    redis_client.xgroup_create(stream_key, "processor", id="0")
-    read_and_ack(redis_client, stream_key, "processor", 40, 30)
-    looker = watch(settings, redis_client)
-    looker.check()
+    ids, looker = watched(redis_client, settings, 50, 40, 30)
     redis_client.xdel(stream_key, ids[5], ids[35])
     redis_client.xtrim(stream_key, minid=ids[20])
     assert looker.check() == 0
