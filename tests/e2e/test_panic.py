@@ -103,7 +103,8 @@ def test_shard_panic_dumps_state_exits_70_and_is_restarted(
     assert [(e["child_pid"], e["exit_status"]) for e in exits] == [(crashed, 70)]
     spawned = wait_for(lambda: (e := log_entries(processor, "shard spawned")) and len(e) == 2 and e, 15, what="a respawn")
     replacement = spawned[1]["child_pid"]
-    assert replacement != crashed and processor.shard_pids() == [replacement]
+    assert replacement != crashed
+    wait_for(lambda: processor.shard_pids() == [replacement], 10, what="the replacement to take its title")
 
     wait_settled(redis_client, database_url, stream_key, 30)
     assert_exact(redis_client, database_url, stream_key)

@@ -108,7 +108,8 @@ def test_a_filled_live_table_is_partitioned_without_rewrite_or_long_locks(
     migrate = start_processor(env, "migrate", name="migrate")
     assert migrate.wait(120) == 0, migrate.log_messages()
     migrating_until = time.monotonic()
-    time.sleep(0.3)
+    rows_at_end = writer.rows
+    wait_for(lambda: writer.rows >= rows_at_end + 20, what="the writer's rows into the partitioned table")
     writer.stopping.set()
     straggler.stopping.set()
     writer.join(10)
