@@ -9,7 +9,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -23,6 +23,7 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 MAX_SHARDS = 256
 MAX_STREAM_RETENTION_MS = 30 * 86_400_000  # 30 days
 MAX_POSITIONS_RETENTION_DAYS = 36_500  # a hundred years
+MAX_SECRET_FILE_BYTES = 65_536  # a URL; more is the wrong file (or /dev/zero)
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,18 @@ class Settings:
         """Read and validate every setting; the first bad one raises ConfigError."""
         env = os.environ if env is None else env
         reader = _Reader(env)
-        database_url = reader.url("DATABASE_URL", "postgresql://localhost/processor", POSTGRES_SCHEMES)
+        database_url = reader.url(
+            "DATABASE_URL", "postgresql://localhost/processor", POSTGRES_SCHEMES, file_variable="DATABASE_URL_FILE"
+        )
         stream_key = reader.name("STREAM_KEY", "telemetry:t")
         return cls(
-            redis_url=reader.url("REDIS_URL", "redis://localhost:6379/0", REDIS_SCHEMES),
+            redis_url=reader.url(
+                "REDIS_URL", "redis://localhost:6379/0", REDIS_SCHEMES, file_variable="REDIS_URL_FILE"
+            ),
             database_url=database_url,
-            migration_database_url=reader.url("MIGRATION_DATABASE_URL", database_url, POSTGRES_SCHEMES),
+            migration_database_url=reader.url(
+                "MIGRATION_DATABASE_URL", database_url, POSTGRES_SCHEMES, file_variable="MIGRATION_DATABASE_URL_FILE"
+            ),
             stream_key=stream_key,
             consumer_group=reader.name("CONSUMER_GROUP", "processor"),
             dlq_key=reader.name("DLQ_KEY", f"{stream_key}:dlq"),
@@ -90,16 +97,44 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """Replace the password of a URL (and a `password=` query value) with `***`.
+    """Replace every secret of a URL with `***`: the userinfo password, and the value of each
+    SECRET_PARAMETERS query parameter or libpq `key=value` pair (a conninfo string is not
+    accepted, but the error that says so must not show its password either).
 
     Works on the raw text, so a password with an unencoded `/`, `#` or `?` is masked too.
     """
     url = _USERINFO_PASSWORD.sub(r"\g<head>***@", url, count=1)
-    return _QUERY_PASSWORD.sub(r"\g<head>***", url)
+    url = _QUERY_PARAMETER.sub(_mask_secret_parameter, url)
+    return _CONNINFO_SECRET.sub(r"\g<head>***", url)
 
 
+# libpq's secrets (`password`, `sslpassword`: the client key's passphrase) and redis-py's
+# (`password`, `ssl_password`), compared percent-decoded and in any case: libpq decodes the
+# names of URI parameters too.
+SECRET_PARAMETERS = frozenset({"password", "sslpassword", "ssl_password"})
 _USERINFO_PASSWORD = re.compile(r"^(?P<head>[a-z][a-z0-9+.-]*://[^:/@?#]*:).*@", re.IGNORECASE)
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)[^&#]*", re.IGNORECASE)
+_QUERY_PARAMETER = re.compile(r"(?P<head>[?&](?P<name>[^=&#]*)=)[^&#]*")
+_CONNINFO_SECRET = re.compile(
+    r"(?P<head>(?:^|\s)(?:ssl_?)?password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE
+)
+
+
+def _mask_secret_parameter(match: re.Match[str]) -> str:
+    if unquote(match.group("name")).lower() in SECRET_PARAMETERS:
+        return match.group("head") + "***"
+    return match.group(0)
+
+
+def url_secrets(url: str) -> set[str]:
+    """Every secret value in `url`, raw and decoded, to be masked wherever it turns up."""
+    password = urlsplit(url).password or ""
+    found = {password, unquote(password)}
+    for match in _QUERY_PARAMETER.finditer(url):
+        if unquote(match.group("name")).lower() in SECRET_PARAMETERS:
+            raw = match.group(0)[len(match.group("head")):]
+            found |= {raw, unquote(raw), unquote_plus(raw)}  # libpq decodes %XX only, redis-py `+` too
+    found.discard("")
+    return found
 
 
 class _Reader:
@@ -158,28 +193,57 @@ class _Reader:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
 
-    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
-        value = self.text(name, default)
+    def url(self, name: str, default: str, schemes: tuple[str, ...], *, file_variable: str) -> str:
+        """A URL from `name`, or read from the file that `file_variable` names (a Docker or
+        Kubernetes secret); its secrets are registered for masking."""
+        value, label = self.text_or_file(name, default, file_variable)
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError:
-            raise ConfigError(f"{name} is not a valid URL (bad host or port): {redact_url(value)}") from None
+            raise ConfigError(f"{label} is not a valid URL (bad host or port): {redact_url(value)}") from None
         if parts.scheme not in schemes:
             raise ConfigError(
-                f"{name} must start with {' or '.join(s + '://' for s in schemes)}, got {redact_url(value)}"
+                f"{label} must start with {' or '.join(s + '://' for s in schemes)}, got {redact_url(value)}"
             )
         if parts.scheme != "unix" and not parts.netloc and not parts.query:
-            raise ConfigError(f"{name} names no host: {redact_url(value)}")
+            raise ConfigError(f"{label} names no host: {redact_url(value)}")
+        secrets = url_secrets(value)
         if parts.scheme in POSTGRES_SCHEMES:
             try:
-                conninfo_to_dict(value)
+                conninfo = conninfo_to_dict(value)
             except psycopg.ProgrammingError:
                 # libpq's own message may quote the password: say what is wrong without it.
                 raise ConfigError(
-                    f"{name} is not a valid libpq URL (check the percent-encoding of the password): "
+                    f"{label} is not a valid libpq URL (check the percent-encoding of the password): "
                     f"{redact_url(value)}"
                 ) from None
-        for secret in (parts.password, unquote(parts.password or "")):
+            secrets |= {str(conninfo.get(key) or "") for key in ("password", "sslpassword")}
+        for secret in secrets:
             add_secret(secret)
         return value
+
+    def text_or_file(self, name: str, default: str, file_variable: str) -> tuple[str, str]:
+        """The value of `name` or the contents of the file `file_variable` names (never both),
+        and how to name it in an error."""
+        path = self.env.get(file_variable)
+        if path is None:
+            return self.text(name, default), name
+        if name in self.env:
+            raise ConfigError(f"both {name} and {file_variable} are set: set only one of them")
+        path = self.text(file_variable, "")
+        label = f"{name} read from {path} ({file_variable})"
+        try:
+            with open(path, "rb") as file:
+                data = file.read(MAX_SECRET_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"{file_variable}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+        if len(data) > MAX_SECRET_FILE_BYTES:
+            raise ConfigError(f"{file_variable}: {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+        try:
+            value = data.decode("utf-8").strip()  # the trailing newline an editor or `echo` leaves
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file_variable}: {path} is not UTF-8 text") from None
+        if not value:
+            raise ConfigError(f"{file_variable}: {path} is empty")
+        return value, label

@@ -12,7 +12,8 @@ import orjson
 
 # A last line of defence: whatever a message or exception quotes, a URL's password never leaves.
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s\"']*):[^@\s/\"']*@", re.IGNORECASE)
-_KEYWORD_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('[^']*'|[^\s\"',;&]+)", re.IGNORECASE)
+# `password=`, `sslpassword=`, `ssl_password=`: a libpq value may be quoted, with \' inside.
+_KEYWORD_PASSWORD = re.compile(r"(?P<head>password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s\"',;&]+)", re.IGNORECASE)
 
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -32,7 +33,8 @@ def scrub(text: str) -> str:
     """Mask passwords in URLs and `password=` pairs, and every configured password."""
     text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
     text = _KEYWORD_PASSWORD.sub(r"\g<head>***", text)
-    for secret in _SECRETS:
+    # Longest first: a secret inside a longer one must not leave the rest of that one showing.
+    for secret in sorted(_SECRETS, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, "***")
     return text

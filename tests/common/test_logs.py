@@ -137,3 +137,10 @@ def test_scrub_masks_passwords(text: str, expected: str) -> None:
 def test_scrub_leaves_text_without_passwords_alone(text: str) -> None:
     """Adjacent URLs without passwords (even in one JSON line) and other text are not changed."""
     assert logs.scrub(text) == text
+
+
+def test_a_secret_inside_a_longer_one_leaves_nothing_of_it() -> None:
+    """Secrets are masked longest first, whatever order they were registered in."""
+    logs.add_secret("n3sted")
+    logs.add_secret("outer-n3sted-pw")
+    assert logs.scrub("pw outer-n3sted-pw and n3sted") == "pw *** and ***"
