@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import psycopg
 import redis
 
+from common import privileges
 from common.config import redact_url
 from common.errors import ExitCode, ProcessorError
 from common.faults import Outcome, classify, one_line, server_of
@@ -121,6 +122,9 @@ def _refusal(server: str, url: str, exc: Exception, message: str, connecting: bo
         return SchemaMissing(
             f"the database schema is missing or out of date ({message}); run `processor migrate` first{note}"
         )
+    explained = privileges.explain(url, exc) if sqlstate == PRIVILEGE_SQLSTATE and server == POSTGRES else None
+    if explained:
+        return Refused(f"{explained}{note}")
     what = "the connection" if connecting else "the command"
     hint = ""
     if sqlstate == PRIVILEGE_SQLSTATE or isinstance(exc, redis.exceptions.NoPermissionError) or message.startswith("NOPERM"):

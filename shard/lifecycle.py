@@ -16,10 +16,11 @@ import time
 from collections.abc import Coroutine
 from typing import Any, NoReturn
 
+import psycopg
 import uvloop
 from setproctitle import setproctitle
 
-from common import logs
+from common import logs, privileges
 from common.config import Settings
 from common.errors import ExitCode
 from common.faults import Outcome, classify, one_line
@@ -84,7 +85,10 @@ class Shard:
     def fail(self, exc: BaseException, where: str) -> NoReturn:
         """The end of a shard that cannot go on: exit 78 when refused (restarting will not help), else panic."""
         if classify(exc) is Outcome.REFUSED:
-            log.critical("shard cannot work with this configuration", extra={"error": one_line(exc)})
+            denied = _privilege_denied(exc)
+            explained = privileges.explain(self.settings.database_url, denied) if denied is not None else None
+            error = explained or one_line(exc)
+            log.critical("shard cannot work with this configuration", extra={"error": error})
             logging.shutdown()
             os._exit(ExitCode.CONFIG)
         self.panic.crash(type(exc), exc, exc.__traceback__, where=where)
@@ -202,3 +206,12 @@ class Shard:
                 log.debug("connection dropped without a polite close", extra={"error": one_line(exc)})
         self.report.publish()  # the supervisor's drain report reads in_flight (left pending) from here
         log.info("shard stopped", extra=self.report.totals())
+
+
+def _privilege_denied(exc: BaseException | None) -> BaseException | None:
+    """Postgres' permission-denied error in `exc` or what caused it (a retry wraps its refusals)."""
+    while exc is not None:
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            return exc
+        exc = exc.__cause__
+    return None

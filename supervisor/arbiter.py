@@ -18,7 +18,6 @@ import signal
 import socket
 import time
 
-import psycopg
 from setproctitle import setproctitle
 
 from common.config import Settings
@@ -28,12 +27,13 @@ from common.redis_client import sync_client
 from common.retry import retry_blocking
 from common.status import SlotState, StatusBoard, SupervisorState
 from common.timing import QUICK_STOP_S, STOP_MARGIN_S
+from common.versions import check_redis
 from shard.lifecycle import Shard
 from supervisor.children import HelperHandle, ShardHandle, describe_exit, drain_report, fork, kill
 from supervisor.http import listen
 from supervisor.http_process import HttpProcess
 from supervisor.maintenance import Maintenance
-from supervisor.migrations import apply_migrations
+from supervisor.migrations import SCHEMA_WAIT_S, check_runtime_role, ensure_schema
 from supervisor.restarts import RestartPolicy
 
 log = logging.getLogger("processor.supervisor")
@@ -131,16 +131,23 @@ class Supervisor:
         """Redis must answer before we fork; wrong credentials halt at once."""
         client = sync_client(self.settings.redis_url, REDIS_PROBE_TIMEOUT_S, "processor-supervisor")
         try:
-            self.until_reachable("Redis at REDIS_URL", client.ping)
+            self.until_reachable("Redis at REDIS_URL", check_redis, client)
         finally:
             client.close()
 
     def migrate(self) -> None:
-        """Apply migrations under the advisory lock, waiting a bounded time for Postgres."""
-        applied = self.until_reachable("Postgres at MIGRATION_DATABASE_URL", apply_migrations, self.settings.migration_database_url)
-        log.info("schema up to date", extra={"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
-        if self.settings.database_url != self.settings.migration_database_url:
-            self.until_reachable("Postgres at DATABASE_URL", _probe_postgres, self.settings.database_url)
+        """Bring the schema up to date (or see that its owner has), then check DATABASE_URL's privileges."""
+        applied = self.until_reachable(
+            "Postgres at MIGRATION_DATABASE_URL",
+            ensure_schema,
+            self.settings.migration_database_url,
+            None,
+            SCHEMA_WAIT_S,
+            self.stop_if_asked,
+        )
+        if applied:
+            log.info("schema up to date", extra={"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
+        self.until_reachable("Postgres at DATABASE_URL", check_runtime_role, self.settings.database_url)
 
     def until_reachable(self, what: str, operation, *args):  # type: ignore[no-untyped-def]
         """Start-up calls: retried through an outage until STARTUP_TIMEOUT_S; every failure halts."""
@@ -388,8 +395,3 @@ class Supervisor:
 
     def slots(self) -> list[int]:
         return sorted(handle.slot for handle in self.shards.values())
-
-
-def _probe_postgres(url: str) -> None:
-    with psycopg.connect(url, connect_timeout=5) as conn:
-        conn.execute("SELECT 1")

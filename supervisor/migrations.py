@@ -28,13 +28,17 @@ from pathlib import Path
 import psycopg
 
 from common.backoff import Backoff
-from common.errors import MigrationError
+from common import privileges
+from common.errors import ConfigError, MigrationError
 from common.keys import MIGRATION_LOCK_KEY
+from common.versions import check_postgres
 
 log = logging.getLogger("processor.migrations")
 
 LOCK_WAIT_S = 120.0
 LOCK_POLL_S = 0.2
+SCHEMA_WAIT_S = 120.0  # a role that may not migrate waits this long for the owner to
+SCHEMA_POLL_S = 1.0
 CONNECT_TIMEOUT_S = 10
 NO_TRANSACTION = "-- processor: no-transaction"
 STEP = "-- processor: step"
@@ -105,22 +109,119 @@ def apply_migrations(url: str, migrations: list[Migration] | None = None) -> lis
 
     Every instance may call this at once: the advisory lock lets one apply and the
     others find nothing left to do. Migrations must go over a direct connection, since
-    a transaction-pooling PgBouncer does not keep a session lock.
+    a transaction-pooling PgBouncer does not keep a session lock. A role that may not
+    change the schema gets a clear refusal (exit 78) when there is something to apply.
     """
     migrations = load_migrations() if migrations is None else migrations
-    with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-        conn.add_notice_handler(_log_notice)
+    with _connect(url) as conn:
+        check_postgres(conn)
         _acquire_lock(conn)
         try:
-            conn.execute(_CREATE_LEDGER)
-            applied = {row[0]: row[1:] for row in conn.execute("SELECT version, name, checksum FROM schema_migrations")}
-            _check_applied(migrations, applied)
-            done = [m for m in migrations if m.version not in applied]
+            done = pending(conn, migrations)
+            if done:
+                _require_ddl(conn, done)
+                if to_regclass(conn, "schema_migrations") is None:
+                    conn.execute(_CREATE_LEDGER)
             for migration in done:
                 _apply_one(conn, migration)
             return done
         finally:
             _release_lock(conn)
+
+
+def ensure_schema(
+    url: str, migrations: list[Migration] | None = None, wait_s: float = SCHEMA_WAIT_S, between=lambda: None
+) -> list[Migration]:
+    """`processor run`'s migration step: migrate when this role may, else make sure someone has.
+
+    A role without DDL rights (the runtime role) finds the schema current and goes on, or
+    waits up to `wait_s`, announced, for another instance or `processor migrate` to bring it
+    up to date; `between` runs between looks (the supervisor's signal check).
+    """
+    migrations = load_migrations() if migrations is None else migrations
+    with _connect(url) as conn:
+        check_postgres(conn)
+        if ddl_refusal(conn) is None:
+            return apply_migrations(url, migrations)
+        behind = pending(conn, migrations)
+        if not behind:
+            log.info("schema is current; this role does not change it, so it does not migrate", extra={"role": conn.info.user})
+            return []
+        log.warning(
+            "schema is behind and this role may not change it: waiting for its owner to migrate it",
+            extra={"role": conn.info.user, "pending": _names(behind), "wait_s": wait_s, "why": ddl_refusal(conn)},
+        )
+        deadline = time.monotonic() + wait_s
+        while behind and time.monotonic() < deadline:
+            between()
+            time.sleep(SCHEMA_POLL_S)
+            behind = pending(conn, migrations)
+        if behind:
+            _require_ddl(conn, behind, f" and nobody migrated it within {wait_s:.0f}s")
+        log.info("schema brought up to date by its owner", extra={"role": conn.info.user})
+        return []
+
+
+def pending(conn: psycopg.Connection, migrations: list[Migration]) -> list[Migration]:
+    """The migrations not applied yet (a changed checksum of an applied one is an error); reads only."""
+    ledger = conn.execute(
+        "SELECT CASE WHEN to_regclass('schema_migrations') IS NULL THEN false"
+        " ELSE has_table_privilege('schema_migrations', 'SELECT') END"
+    ).fetchone()[0]
+    if not ledger:
+        return list(migrations)  # not made yet, or not granted to this role yet (0004 grants it)
+    applied = {row[0]: row[1:] for row in conn.execute("SELECT version, name, checksum FROM schema_migrations")}
+    _check_applied(migrations, applied)
+    return [m for m in migrations if m.version not in applied]
+
+
+def to_regclass(conn: psycopg.Connection, name: str) -> object:
+    return conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0]
+
+
+_DDL_RIGHTS = """
+SELECT current_user, current_schema(), has_schema_privilege(current_schema(), 'CREATE'),
+       (SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = to_regclass('schema_migrations')),
+       coalesce((SELECT pg_has_role(relowner, 'USAGE') FROM pg_class WHERE oid = to_regclass('schema_migrations')), true)
+"""
+
+
+def ddl_refusal(conn: psycopg.Connection) -> str | None:
+    """Why the connected role may not migrate this schema (None when it may): the privilege it lacks."""
+    role, schema, may_create, owner, owns = conn.execute(_DDL_RIGHTS).fetchone()
+    if not may_create:
+        return f"role {role} lacks CREATE on schema {schema}"
+    if not owns:
+        return f"role {role} is not the owner of the schema's tables ({owner})"
+    return None
+
+
+def _require_ddl(conn: psycopg.Connection, behind: list[Migration], after: str = "") -> None:
+    why = ddl_refusal(conn)
+    if why is not None:
+        raise MigrationError(
+            f"the schema is {len(behind)} migration(s) behind ({', '.join(_names(behind))}){after}, and {why}; "
+            "run `processor migrate` with MIGRATION_DATABASE_URL of the schema's owner"
+        )
+
+
+def _names(migrations: list[Migration]) -> list[str]:
+    return [f"{m.version:04d}_{m.name}" for m in migrations]
+
+
+def check_runtime_role(url: str) -> None:
+    """DATABASE_URL's role must hold every privilege the shards use: name what it lacks (exit 78)."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        check_postgres(conn)
+        lacking = privileges.missing(conn)
+        if lacking:
+            raise ConfigError(privileges.refusal(conn.info.user, lacking))
+
+
+def _connect(url: str) -> psycopg.Connection:
+    conn = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+    conn.add_notice_handler(_log_notice)
+    return conn
 
 
 def _log_notice(diag: psycopg.errors.Diagnostic) -> None:

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from common.config import Settings
+from scripts.toolkit.roles import as_user, create_runtime_login, drop_login
 from tests.services import provide_postgres, provide_redis, with_database
 
 
@@ -37,6 +38,21 @@ def database_url(pg_admin_url: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def runtime_login(pg_admin_url: str) -> Iterator[str]:
+    """A login role IN ROLE processor_runtime (SPEC §3): what the e2e tests' DATABASE_URL connects as."""
+    name = f"test_app_{uuid.uuid4().hex[:12]}"
+    create_runtime_login(pg_admin_url, name)
+    yield name
+    drop_login(pg_admin_url, name)
+
+
+@pytest.fixture
+def runtime_database_url(database_url: str, runtime_login: str) -> str:
+    """This test's database, as the runtime login: no DDL rights, only what the migrations grant."""
+    return as_user(database_url, runtime_login)
+
+
 @pytest.fixture
 def stream_key(redis_url: str) -> Iterator[str]:
     """A stream key of this test's own; it and its DLQ are deleted afterwards."""
@@ -53,11 +69,16 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def env(redis_url: str, database_url: str, stream_key: str, tmp_path) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    """Environment for a processor under test: its own stream, database and panic dir."""
+def env(redis_url: str, database_url: str, runtime_database_url: str, stream_key: str, tmp_path) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Environment for a processor under test: its own stream, database and panic dir.
+
+    As in production, the shards and operator commands connect as the runtime role and only
+    the migrations as the database's owner.
+    """
     return {
         "REDIS_URL": redis_url,
-        "DATABASE_URL": database_url,
+        "DATABASE_URL": runtime_database_url,
+        "MIGRATION_DATABASE_URL": database_url,
         "STREAM_KEY": stream_key,
         "INSTANCE_ID": f"t{uuid.uuid4().hex[:6]}",
         "SHARDS": "2",

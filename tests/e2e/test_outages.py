@@ -252,7 +252,7 @@ def test_postgres_outage_pauses_and_loses_nothing(redis_client, stream_key, env,
     """Postgres down 15 s under load: shards pause (logged once each), resume, and every fix is stored once."""
     database_url = private_postgres.url
     apply_migrations(database_url)
-    env = {**env, "DATABASE_URL": database_url, "MAX_FAILURES": "2"}
+    env = {**env, "DATABASE_URL": database_url, "MIGRATION_DATABASE_URL": database_url, "MAX_FAILURES": "2"}
     processor = start_processor(env)
     shard_pids = processor.wait_for_shards(2)
     with ThreadPoolExecutor(1) as pool:

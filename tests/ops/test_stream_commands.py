@@ -379,7 +379,7 @@ def test_cli_claim_processes_stuck_entries(redis_client: redis.Redis, stream_key
     """`processor claim --from C --min-idle-ms 0 --json` claims C's pending entries and stores or dead-letters them."""
     from supervisor.migrations import apply_migrations
 
-    apply_migrations(env["DATABASE_URL"])
+    apply_migrations(env["MIGRATION_DATABASE_URL"])
     redis_client.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
     redis_client.xadd(stream_key, {"data": fix("dev-1")})
     redis_client.xadd(stream_key, {"data": fix("dev-2")})
