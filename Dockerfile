@@ -6,21 +6,30 @@
 # Two stages: the first installs the project and its dependencies into a virtualenv (all
 # of them ship manylinux wheels, so no compiler is needed); the second copies that
 # virtualenv onto a clean slim image. Plain COPY/RUN only, so the classic builder works too.
+#
+# Reproducible: both stages start from the same exact Python release on the same Debian
+# (an exact tag; add `@sha256:<digest>` from `docker buildx imagetools inspect <tag>` to
+# pin the bytes too), and every dependency comes from requirements.lock, exact versions
+# with the hashes of their files (`make lock` regenerates it; see README). pip refuses any
+# file whose hash is not in the lock, and builds the project itself with the locked
+# setuptools, fetching nothing else.
 
-FROM python:3.11-slim AS build
+FROM python:3.11.15-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
+COPY requirements.lock ./
+RUN /opt/venv/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock
 COPY pyproject.toml ./
 COPY common/ common/
 COPY ops/ ops/
 COPY supervisor/ supervisor/
 COPY shard/ shard/
 COPY migrations/ migrations/
-RUN /opt/venv/bin/pip install --no-cache-dir .
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation .
 
-FROM python:3.11-slim
+FROM python:3.11.15-slim-bookworm
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
