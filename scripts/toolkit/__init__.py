@@ -1,6 +1,7 @@
 """The toolkit of the tests, `make demo`, the failover playbook and the benchmark.
 
 services   throwaway Redis and Postgres servers, reachability, URL helpers
+certificates  a test CA, a server certificate it signs, an unrelated CA (TLS tests); TLS URLs
 processes  the processor command (PROCESSOR), children of a pid, CPU ticks, RSS, titles
 fleet      the deterministic simulated fleet (Fleet, the fix format)
 poison     malformed stream entries (malformed, MALFORMED_KINDS)

@@ -27,6 +27,7 @@ import psycopg
 import redis
 
 from common.logs import add_secret
+from scripts.toolkit.certificates import Certificates, postgres_options, redis_arguments
 from scripts.toolkit.processes import alive, children, tail
 
 _OPEN: set[_Throwaway] = set()  # strong refs on purpose: a dropped-but-open server must still die at exit
@@ -191,11 +192,15 @@ class _Throwaway:
 
 
 class ThrowawayRedis(_Throwaway):
-    """A private redis-server; stop()/start() keep port and dir so restarts with persistence can be tested."""
+    """A private redis-server; stop()/start() keep port and dir so restarts with persistence can be tested.
 
-    def __init__(self, *, appendonly: bool = False) -> None:
+    With `tls`, it also listens on a TLS-only `tls_port`; `url` stays plaintext (set-up, readiness).
+    """
+
+    def __init__(self, *, appendonly: bool = False, tls: Certificates | None = None) -> None:
         super().__init__()
         self.appendonly = appendonly
+        self.tls, self.tls_port = tls, free_port() if tls else None
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -218,6 +223,8 @@ class ThrowawayRedis(_Throwaway):
             log = d / "redis.log"
             cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
                    "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no"]
+            if self.tls and self.tls_port:
+                cmd += redis_arguments(self.tls, self.tls_port)
             with open(log, "ab") as out:
                 # own session: a Ctrl-C aimed at the test run must not kill it mid-test
                 proc = self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
@@ -262,11 +269,15 @@ class ThrowawayRedis(_Throwaway):
 
 
 class ThrowawayPostgres(_Throwaway):
-    """A private PostgreSQL cluster; stop()/start() keep port and data so restarts and crashes can be tested."""
+    """A private PostgreSQL cluster; stop()/start() keep port and data so restarts and crashes can be tested.
 
-    def __init__(self, *, fsync: bool = True) -> None:
+    With `tls`, ssl=on; `url` still connects (libpq's default sslmode=prefer verifies nothing).
+    """
+
+    def __init__(self, *, fsync: bool = True, tls: Certificates | None = None) -> None:
         super().__init__()
         self.fsync = fsync
+        self.tls = tls
         self._tools: tuple[str, str] | None = None
 
     @property
@@ -325,6 +336,8 @@ class ThrowawayPostgres(_Throwaway):
             (d / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
             opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {shlex.quote(str(d))} "
                     f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200 -c shared_buffers=256MB")
+            if self.tls:
+                opts += " " + postgres_options(self.tls, d)
             r = self._run(pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "30", "-o", opts, "start",
                           timeout=60)
             if r.returncode:
