@@ -5,7 +5,8 @@ One decision, made here and nowhere else. Callers catch broadly and ask `classif
 - OUTAGE: a server is unreachable, restarting, read-only or full, or `positions` has no
   partition for a row yet (partition maintenance is behind). Pause with backoff and retry;
   dead-letter nothing.
-- REFUSED: credentials, a missing privilege, a missing table or an unsupported server.
+- REFUSED: credentials, a missing privilege, a missing table, an unsupported server, or a
+  TLS certificate the client does not trust (wrong CA, expired, another host's name).
   Waiting cannot fix it: exit 78, and the supervisor halts rather than crash-looping.
 - ROW_REJECTED: Postgres refused the data of one row. The batch is split so that every
   other row commits; the row's failures are counted until it is dead-lettered.
@@ -19,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import socket
+import ssl
+from collections.abc import Iterator
 
 import psycopg
 import psycopg.errors
@@ -58,7 +61,15 @@ POSTGRES_REFUSED_SQLSTATES = frozenset(
         "42704",  # object does not exist (a role, a type)
     }
 )
-POSTGRES_REFUSED_MESSAGES = ("password authentication failed", "no pg_hba.conf entry", "does not exist")
+POSTGRES_REFUSED_MESSAGES = (
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",  # also libpq's "root certificate file … does not exist" (sslrootcert)
+    "server does not support SSL",  # sslmode=require or stricter against a server without TLS
+)
+# libpq says that it does not trust the server's certificate only in words (no SQLSTATE,
+# no exception type): signed by a CA other than sslrootcert's, expired, or for another host.
+POSTGRES_UNTRUSTED_MESSAGES = ("certificate verify failed", "does not match host name")
 # One row's content exceeds what Postgres can hold or process (an over-long value, a
 # document nested too deep): the row is at fault, not the server.
 POSTGRES_ROW_SQLSTATES = frozenset({"54000", "54001"})
@@ -86,6 +97,8 @@ def classify(exc: BaseException) -> Outcome:
         return Outcome.ROW_REJECTED
     if isinstance(exc, ProcessorError):
         return Outcome.REFUSED if exc.exit_code == ExitCode.CONFIG else Outcome.BUG
+    if untrusted_certificate(exc) is not None:
+        return Outcome.REFUSED
     if isinstance(exc, redis.exceptions.RedisError):
         return _classify_redis(exc)
     if isinstance(exc, psycopg.Error):
@@ -134,6 +147,31 @@ def _classify_postgres(exc: psycopg.Error) -> Outcome:
     if isinstance(exc, OUTAGE_TYPES):
         return Outcome.OUTAGE
     return Outcome.BUG
+
+
+def untrusted_certificate(exc: BaseException) -> str | None:
+    """Why the client refused the server's TLS certificate, when that is what `exc` means; else None.
+
+    redis-py wraps the ssl module's error in a ConnectionError raised while handling it, so
+    the chain is searched; libpq reports it only in its message.
+    """
+    for link in _chain(exc):
+        if isinstance(link, ssl.SSLCertVerificationError):
+            reason = getattr(link, "verify_message", None)  # set by the ssl module's handshake
+            return f"certificate verify failed: {reason}" if reason else one_line(link)
+    if isinstance(exc, psycopg.OperationalError) and any(text in str(exc) for text in POSTGRES_UNTRUSTED_MESSAGES):
+        return one_line(exc)
+    return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what it was raised from or while handling, each once."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
 
 
 def server_of(exc: BaseException) -> str | None:

@@ -6,17 +6,27 @@ run: sent again, it delivers other entries or counts a failure twice, and the en
 of the lost reply sit unseen in a pending list. So our clients never retry by
 themselves; every lost reply reaches the code that knows what it means (common/retry.py
 and the shard's re-read of its own pending entries).
+
+TLS: a rediss:// URL; from_url passes its query parameters on, so `ssl_ca_certs=<CA file>`
+names the CA that signed the server's certificate (host name checked too, by default).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 import redis.asyncio
 import redis.asyncio.retry
 import redis.retry
 from redis.backoff import NoBackoff
+
+from common.errors import ConfigError
+
+# Query parameters of a rediss:// URL that name files; redis-py passes them to the ssl module.
+TLS_FILE_PARAMETERS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
 
 
 def _options(timeout_s: float, name: str | None) -> dict[str, Any]:
@@ -29,14 +39,35 @@ def _options(timeout_s: float, name: str | None) -> dict[str, Any]:
     }
 
 
+def check_tls_files(url: str) -> None:
+    """Each file a Redis URL names for TLS must be readable: ConfigError (exit 78) if not.
+
+    redis-py would only fail at connect time, with an ENOENT that looks like an outage.
+    """
+    for name, values in parse_qs(urlsplit(url).query).items():
+        if name not in TLS_FILE_PARAMETERS:
+            continue
+        path = values[0]  # as redis-py's from_url reads it
+        try:
+            if name == "ssl_ca_path":
+                os.listdir(path)
+            else:
+                with open(path, "rb"):
+                    pass
+        except OSError as exc:
+            raise ConfigError(f"{name}={path} in the Redis URL cannot be read: {exc.strerror or exc}") from None
+
+
 def sync_client(url: str, timeout_s: float, name: str | None = None) -> redis.Redis:
     """A blocking client (supervisor, operator commands) that returns bytes."""
+    check_tls_files(url)
     return redis.Redis.from_url(url, retry=redis.retry.Retry(NoBackoff(), 0), **_options(timeout_s, name))
 
 
 def async_client(url: str, timeout_s: float, name: str | None = None, health_check_s: int = 0) -> redis.asyncio.Redis:
     """An asyncio client (shards) that returns bytes; `health_check_s` pings a pooled
     connection idle that long before using it, so one from before a restart is checked."""
+    check_tls_files(url)
     return redis.asyncio.Redis.from_url(
         url,
         retry=redis.asyncio.retry.Retry(NoBackoff(), 0),

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from common.backoff import Backoff
 from common.errors import ConnectionRefusedForGood, ProcessorError
-from common.faults import Outcome, classify, one_line
+from common.faults import Outcome, classify, one_line, untrusted_certificate
 
 T = TypeVar("T")
 SERVERS = ("redis", "postgres")
@@ -67,6 +67,9 @@ def refused(server: str, exc: BaseException) -> ProcessorError:
     """The exception to raise for a REFUSED outcome: a one-line configuration error (exit 78)."""
     if isinstance(exc, ProcessorError):
         return exc
+    untrusted = untrusted_certificate(exc)
+    if untrusted is not None:
+        return ConnectionRefusedForGood(f"TLS certificate of {server} not trusted: {untrusted}")
     return ConnectionRefusedForGood(f"{server} refused: {one_line(exc)}")
 
 

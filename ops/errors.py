@@ -24,7 +24,7 @@ import redis
 from common import privileges
 from common.config import redact_url
 from common.errors import ExitCode, ProcessorError
-from common.faults import Outcome, classify, one_line, server_of
+from common.faults import Outcome, classify, one_line, server_of, untrusted_certificate
 from common.redis_client import keep_field_pairs, sync_client
 
 REDIS_TIMEOUT_S = 10.0
@@ -122,6 +122,9 @@ def _refusal(server: str, url: str, exc: Exception, message: str, connecting: bo
         return SchemaMissing(
             f"the database schema is missing or out of date ({message}); run `processor migrate` first{note}"
         )
+    untrusted = untrusted_certificate(exc)
+    if untrusted is not None:
+        return Refused(f"TLS certificate of {server} at {redact_url(url)} not trusted: {untrusted}{note}")
     explained = privileges.explain(url, exc) if sqlstate == PRIVILEGE_SQLSTATE and server == POSTGRES else None
     if explained:
         return Refused(f"{explained}{note}")
