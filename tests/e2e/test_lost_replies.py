@@ -195,6 +195,7 @@ def reject_and_count(database_url: str, device_id: str) -> None:
               RETURN NEW;
             END $$;
             CREATE TRIGGER reject_device BEFORE INSERT ON positions FOR EACH ROW EXECUTE FUNCTION reject_device();
+            GRANT USAGE ON SEQUENCE rejections TO processor_runtime;  -- the trigger runs as the shards' role
             """
         )
 

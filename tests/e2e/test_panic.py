@@ -80,7 +80,7 @@ def test_shard_panic_dumps_state_exits_70_and_is_restarted(
     """A shard's uncaught error (main task, orphan task, thread) dumps redacted state, exits 70, is restarted; nothing is lost."""
     backlog(redis_client, stream_key, 3_000, devices=60, seed=21)
     url, secret = with_password(database_url)
-    run_env = {**env, "SHARDS": "1", "BATCH_SIZE": "100", "DATABASE_URL": url, "PROCESSOR_TEST_CRASH": place}
+    run_env = {**env, "SHARDS": "1", "BATCH_SIZE": "100", "DATABASE_URL": url, "MIGRATION_DATABASE_URL": url, "PROCESSOR_TEST_CRASH": place}
     processor = start_processor(run_env)
 
     (path, dump), *_ = wait_for(lambda: dumps(env, SHARD_DUMP), 15, what="a shard panic dump")

@@ -1,0 +1,116 @@
+"""`processor run` and the operator commands as a runtime login (SPEC §3): what it may not do is named, exit 78.
+
+The `env` fixture already runs every e2e test as a login in processor_runtime, with the
+migrations as the database's owner; these tests take privileges away and add the waits.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import orjson
+import psycopg
+import pytest
+
+from common.errors import ExitCode
+from scripts.toolkit.roles import as_user, drop_login
+from scripts.toolkit.writer import backlog
+from supervisor.migrations import apply_migrations
+from tests.e2e.processes import wait_for
+from tests.e2e.verify import assert_exact, stored_count, wait_settled
+from tests.ops.letters import run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def owner_runs(database_url: str, sql: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def halted_reason(processor) -> str:  # type: ignore[no-untyped-def]
+    halted = [entry for entry in processor.logs() if entry["msg"] == "supervisor halted"]
+    assert halted, processor.log_messages()[-10:]
+    return halted[0]["reason"]
+
+
+def test_a_login_outside_the_runtime_role_halts_78_before_any_shard(database_url, pg_admin_url, env, start_processor):
+    """Start-up checks DATABASE_URL's privileges: one line naming the role and what it lacks; no shard is forked."""
+    name = f"test_bare_{uuid.uuid4().hex[:10]}"
+    owner_runs(pg_admin_url, f'CREATE ROLE "{name}" LOGIN')
+    try:
+        processor = start_processor({**env, "DATABASE_URL": as_user(database_url, name)})
+        assert processor.wait(30) == ExitCode.CONFIG
+    finally:
+        drop_login(pg_admin_url, name)
+    reason = halted_reason(processor)
+    assert f"Postgres role {name} lacks SELECT on table positions" in reason
+    assert "GRANT processor_runtime" in reason
+    assert "shard spawned" not in processor.log_messages()
+
+
+def test_a_privilege_revoked_while_running_halts_78_without_a_crash_loop(
+    redis_client, database_url, stream_key, env, start_processor
+):
+    """INSERT on positions taken away mid-run: the shard names role, table and privilege, exits 78, the
+    supervisor halts 78 without restarting it; nothing is dead-lettered and, granted again, all is stored once."""
+    backlog(redis_client, stream_key, 2_000, devices=20, seed=31)
+    processor = start_processor({**env, "SHARDS": "1"})
+    wait_settled(redis_client, database_url, stream_key, 60)
+    owner_runs(database_url, "REVOKE INSERT ON positions FROM processor_runtime")
+    backlog(redis_client, stream_key, 1_000, devices=20, seed=32, start_ms=int(time.time() * 1000) - 3_600_000)
+    assert processor.wait(30) == ExitCode.CONFIG
+    critical = [e for e in processor.logs() if e["msg"] == "shard cannot work with this configuration"]
+    assert critical and "lacks INSERT on table positions" in critical[0]["error"]
+    assert env["DATABASE_URL"].split("//")[1].split("@")[0] in critical[0]["error"]  # the role's name
+    assert processor.log_messages().count("shard spawned") == 1, "a refused shard must not be restarted"
+    assert redis_client.xlen(f"{stream_key}:dlq") == 0 and stored_count(database_url) == 2_000
+
+    owner_runs(database_url, "GRANT INSERT ON positions TO processor_runtime")
+    again = start_processor({**env, "SHARDS": "1"}, name="again")
+    wait_settled(redis_client, database_url, stream_key, 60)
+    assert_exact(redis_client, database_url, stream_key)
+    again.signal(signal.SIGTERM)
+    assert again.wait(30) == ExitCode.OK
+
+
+def test_a_runtime_only_instance_waits_for_the_owner_to_migrate(
+    redis_client, database_url, runtime_database_url, stream_key, env, start_processor
+):
+    """No DDL rights and an unmigrated database: announced wait; `processor migrate` as the owner lets it go on."""
+    backlog(redis_client, stream_key, 500, devices=10, seed=33)
+    processor = start_processor({**env, "MIGRATION_DATABASE_URL": runtime_database_url})
+    waiting = "schema is behind and this role may not change it: waiting for its owner to migrate it"
+    wait_for(lambda: waiting in processor.log_messages(), 30, what="the announced wait")
+    assert "shard spawned" not in processor.log_messages()
+    migrated = run_cli({**env, "MIGRATION_DATABASE_URL": database_url}, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    wait_settled(redis_client, database_url, stream_key, 60)
+    assert_exact(redis_client, database_url, stream_key)
+    assert "schema brought up to date by its owner" in processor.log_messages()
+
+
+def test_processor_migrate_as_the_runtime_role(database_url, env):
+    """Current schema: nothing to do, exit 0. Behind: one line naming role and privilege, exit 78."""
+    behind = run_cli({**env, "MIGRATION_DATABASE_URL": env["DATABASE_URL"]}, "migrate")
+    assert behind.returncode == ExitCode.CONFIG, behind.stderr
+    assert "lacks CREATE on schema public" in behind.stderr and len(behind.stderr.strip().splitlines()) == 1
+    apply_migrations(database_url)
+    current = run_cli({**env, "MIGRATION_DATABASE_URL": env["DATABASE_URL"]}, "migrate")
+    assert current.returncode == 0, current.stderr
+
+
+def test_an_operator_command_names_the_privilege_it_lacks(database_url, env, tmp_path):
+    """`geofences import` without INSERT on geofences: exit 78, one line with role, table and privilege."""
+    apply_migrations(database_url)
+    owner_runs(database_url, "REVOKE INSERT ON geofences FROM processor_runtime")
+    path = tmp_path / "one.geojson"
+    feature = {"type": "Feature", "properties": {"name": "Depot", "radius_m": 50},
+               "geometry": {"type": "Point", "coordinates": [10.0, 50.0]}}
+    path.write_bytes(orjson.dumps({"type": "FeatureCollection", "features": [feature]}))
+    result = run_cli(env, "geofences", "import", str(path))
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lacks INSERT on table geofences" in lines[0], lines
