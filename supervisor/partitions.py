@@ -45,6 +45,7 @@ from common.faults import Outcome, classify, one_line
 from common.keys import PARTITION_LOCK_KEY
 from common.status import StatusBoard
 from supervisor.maintenance import Duty
+from supervisor.migrations import ddl_refusal
 
 log = logging.getLogger("processor.partitions")
 
@@ -179,12 +180,21 @@ def partitions_duty(settings: Settings, board: StatusBoard) -> Duty:
 
 
 def maintain(url: str, retention_days: int, max_future_s: float, now: datetime | None = None) -> PassResult | None:
-    """One pass under the advisory lock; None when another instance holds it or positions is not partitioned."""
+    """One pass under the advisory lock; None when another instance holds it, positions is not
+    partitioned, or this role may not change the schema (it then only warns of partitions running short)."""
     with psycopg.connect(
         url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="processor maintenance"
     ) as conn:
         conn.execute("SET TimeZone = 'UTC'")
         conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+        if ddl_refusal(conn) is not None:
+            # A runtime-only instance (MIGRATION_DATABASE_URL unset): creating and dropping is the
+            # owner's work, done by an instance or a job that has its URL; this one only watches.
+            partitions = read_partitions(conn)
+            if partitions:
+                _report(PassResult(plan(partitions, now or datetime.now(timezone.utc), retention_days, max_future_s)),
+                        partitions, max_future_s)
+            return None
         if not conn.execute("SELECT pg_try_advisory_lock(%s)", (PARTITION_LOCK_KEY,)).fetchone()[0]:
             log.debug("partition maintenance skipped: another instance holds its lock")
             return None

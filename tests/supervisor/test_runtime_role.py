@@ -107,3 +107,19 @@ def test_a_login_outside_the_runtime_role_is_named_with_what_it_lacks(database_u
     message = str(refused.value)
     assert message.startswith(f"Postgres role {name} lacks SELECT on table positions, INSERT on table positions")
     assert f"GRANT processor_runtime TO {name}" in message and refused.value.exit_code == ExitCode.CONFIG
+
+
+def test_partition_maintenance_as_the_runtime_role_changes_nothing(database_url: str, runtime_database_url: str) -> None:
+    """A runtime-only instance (MIGRATION_DATABASE_URL unset) leaves partitions to the owner instead of halting 78."""
+    from datetime import datetime, timedelta, timezone
+
+    from supervisor.partitions import maintain, read_partitions
+
+    apply_migrations(database_url)
+    with psycopg.connect(database_url) as conn:
+        before = [p.name for p in read_partitions(conn)]
+    later = datetime.now(timezone.utc) + timedelta(days=30)  # tomorrow's partitions due, old ones expired
+    assert maintain(runtime_database_url, 1, 300.0, now=later) is None
+    with psycopg.connect(database_url) as conn:
+        assert [p.name for p in read_partitions(conn)] == before
+    assert maintain(database_url, 1, 300.0, now=later).created  # the owner does the work
