@@ -33,12 +33,16 @@ SERVER_EXTENSIONS = (
 
 @dataclass(frozen=True)
 class Certificates:
-    """PEM files in one directory: `ca` signed `cert` (whose key is `key`); `other_ca` signed nothing."""
+    """PEM files in one directory: `ca` signed `cert` (whose key is `key`); `other_ca` signed only
+    `other_cert` (key `other_key`), for the same names: what a server rotated to a CA the
+    clients do not know presents."""
 
     ca: Path
     cert: Path
     key: Path
     other_ca: Path
+    other_cert: Path
+    other_key: Path
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -62,19 +66,26 @@ def _authority(directory: Path, name: str) -> tuple[Path, Path]:
 
 
 def make_certificates(directory: Path) -> Certificates:
-    """Create the CA, the server certificate for localhost/127.0.0.1, and the unrelated CA in `directory`."""
+    """Create both CAs and a server certificate for localhost/127.0.0.1 from each in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca, ca_key = _authority(directory, "ca")
-    other_ca, _ = _authority(directory, "other-ca")
     (directory / "server.ext").write_text(SERVER_EXTENSIONS)
-    _openssl("req", *KEY_OPTIONS, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost",
-             cwd=directory)
+    ca, ca_key = _authority(directory, "ca")
+    other_ca, other_ca_key = _authority(directory, "other-ca")
+    cert, key = _server(directory, "server", ca, ca_key)
+    other_cert, other_key = _server(directory, "other-server", other_ca, other_ca_key)
+    return Certificates(ca=ca, cert=cert, key=key, other_ca=other_ca, other_cert=other_cert, other_key=other_key)
+
+
+def _server(directory: Path, name: str, ca: Path, ca_key: Path) -> tuple[Path, Path]:
+    """A server certificate for SERVER_NAMES signed by `ca`, and its key."""
+    cert, key, request = directory / f"{name}.crt", directory / f"{name}.key", f"{name}.csr"
+    _openssl("req", *KEY_OPTIONS, "-keyout", key.name, "-out", request, "-subj", "/CN=localhost", cwd=directory)
     _openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", ca.name, "-CAkey", ca_key.name, "-CAcreateserial",
-        "-out", "server.crt", "-days", str(VALID_DAYS), "-extfile", "server.ext",
+        "x509", "-req", "-in", request, "-CA", ca.name, "-CAkey", ca_key.name, "-CAcreateserial",
+        "-out", cert.name, "-days", str(VALID_DAYS), "-extfile", "server.ext",
         cwd=directory,
     )
-    return Certificates(ca=ca, cert=directory / "server.crt", key=directory / "server.key", other_ca=other_ca)
+    return cert, key
 
 
 def redis_arguments(certs: Certificates, tls_port: int) -> list[str]:

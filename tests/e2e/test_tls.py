@@ -207,3 +207,26 @@ def test_a_certificate_for_another_host_name_is_exit_78(tls_env, tls_postgres, c
     result = run_cli({**tls_env, "DATABASE_URL": url}, "geofences", "list")
     assert result.returncode == ExitCode.CONFIG, result.stderr
     assert 'does not match host name "db.example"' in one_line(result)
+
+
+def test_a_certificate_rotated_to_an_unknown_ca_halts_78_without_a_crash_loop(  # type: ignore[no-untyped-def]
+    tls_env, tls_redis, admin, owner_url, certificates, start_processor
+):
+    """Redis switches to a certificate from a CA the Processor does not know, and drops every
+    connection: the shards reconnect, are refused, exit 78, and the supervisor halts 78 rather
+    than restarting them; what was stored stays stored exactly once."""
+    stream_key = tls_env["STREAM_KEY"]
+    backlog(admin, stream_key, 500, devices=10, seed=62)
+    processor = start_processor(tls_env)
+    wait_settled(admin, owner_url, stream_key, 60)
+    admin.config_set("tls-cert-file", str(certificates.other_cert), "tls-key-file", str(certificates.other_key))
+    try:
+        admin.client_kill_filter(_type="normal", skipme=True)
+        assert processor.wait(REFUSED_WITHIN_S) == ExitCode.CONFIG
+    finally:
+        admin.config_set("tls-cert-file", str(certificates.cert), "tls-key-file", str(certificates.key))
+    assert halted_reason(processor).startswith("shard ")
+    refusals = [e["error"] for e in processor.logs() if e["msg"] == "shard cannot work with this configuration"]
+    assert refusals and refusals[0].startswith("TLS certificate of redis not trusted: certificate verify failed"), refusals
+    assert not [m for m in processor.log_messages() if m.endswith("; restarting")]
+    assert_exact(admin, owner_url, stream_key)
