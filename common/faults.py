@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 import socket
 import ssl
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import psycopg
 import psycopg.errors
@@ -45,7 +47,11 @@ class Outcome(enum.Enum):
 REDIS_NOT_NOW = ("READONLY", "LOADING", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "OOM")
 # Replies that mean "never, as configured": our ACL user lacks a command or key, the
 # password is wrong, the server is too old for a command, or a key holds another type.
-REDIS_REFUSED = ("NOPERM", "NOAUTH", "WRONGPASS", "WRONGTYPE", "ERR unknown command")
+# Matched with any leading "ERR " removed: redis-py strips it from most replies, not all.
+REDIS_REFUSED = ("NOPERM", "NOAUTH", "WRONGPASS", "WRONGTYPE", "unknown command")
+# What Redis says when a command inside one of our Lua scripts is denied by the ACL: 7.0 in
+# its own words (without naming the command), 7.2 and later as "ACL failure in script: …".
+REDIS_SCRIPT_DENIED = ("The user executing the script can't", "ACL failure in script")
 
 # Credentials or database refused; a failed connection often carries only the message.
 POSTGRES_REFUSED_SQLSTATES = frozenset(
@@ -120,8 +126,8 @@ def _classify_redis(exc: redis.exceptions.RedisError) -> Outcome:
     ):
         return Outcome.REFUSED
     if isinstance(exc, redis.exceptions.ResponseError):
-        message = str(exc)
-        if message.startswith(REDIS_REFUSED):
+        message = str(exc).removeprefix("ERR ")
+        if message.startswith(REDIS_REFUSED) or message.startswith(REDIS_SCRIPT_DENIED):
             return Outcome.REFUSED
         if isinstance(exc, redis.exceptions.ReadOnlyError) or message.startswith(REDIS_NOT_NOW):
             return Outcome.OUTAGE
@@ -191,3 +197,33 @@ def one_line(exc: BaseException) -> str:
     diag = getattr(exc, "diag", None)
     text = (diag.message_primary if diag is not None else None) or str(exc)
     return scrub(" ".join(text.split()) or type(exc).__name__)
+
+
+def acl_refusal(exc: BaseException, redis_url: str) -> str | None:
+    """One line for a Redis ACL denial in `exc` or what caused it: which user may not do what.
+
+    None when `exc` is no ACL denial. Redis names the command it denied (XACK), not the key
+    or channel; inside a script Redis 7.0 names neither, but its ACL LOG does.
+    """
+    for link in _chain(exc):
+        if not isinstance(link, redis.exceptions.RedisError):
+            continue
+        message = one_line(link).removeprefix("ERR ").removeprefix("NOPERM ")
+        script = message.startswith(REDIS_SCRIPT_DENIED)
+        if not (script or isinstance(link, redis.exceptions.NoPermissionError) or str(link).startswith("NOPERM")):
+            continue
+        command = re.search(r"run the '([^']+)' command", message)
+        if command:
+            what = f"run {command.group(1).upper()}"
+        elif "key" in message:
+            what = "access one of the keys a command names"
+        elif "channel" in message:
+            what = "use one of the pub/sub channels a command names"
+        else:
+            what = "run a command"
+        where = ""
+        if script:
+            where = " inside a Lua script" + ("" if command else " (ACL LOG names the command)")
+        user = urlsplit(redis_url).username or "default"
+        return f"Redis user {user} may not {what}{where}: {message} (OPERATIONS.md, Redis ACL user)"
+    return None
