@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 import uvloop
 
 from common.config import Settings
-from common.errors import ProcessorError
+from common.errors import ConnectionRefusedForGood, ProcessorError
+from common.faults import acl_refusal
 from common.status import StatusBoard
 from shard.lifecycle import Shard
 from shard.stream import Entry
@@ -29,6 +30,12 @@ def claim_now(settings: Settings, min_idle_ms: int | None, from_consumer: str | 
         return uvloop.run(asyncio.wait_for(_claim(shard, min_idle_ms, from_consumer), CLAIM_DEADLINE_S))
     except asyncio.TimeoutError:
         raise ProcessorError(f"claiming did not finish within {CLAIM_DEADLINE_S:.0f}s; what is left stays pending") from None
+    except Exception as exc:
+        # The claim runs a shard's own code, outside the commands' error boundary: name an ACL denial here.
+        denied = acl_refusal(exc, settings.redis_url)
+        if denied is None:
+            raise
+        raise ConnectionRefusedForGood(denied) from None
 
 
 async def _claim(shard: Shard, min_idle_ms: int | None, from_consumer: str | None) -> dict[str, int]:

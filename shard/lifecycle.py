@@ -23,7 +23,7 @@ from setproctitle import setproctitle
 from common import logs, privileges
 from common.config import Settings
 from common.errors import ExitCode
-from common.faults import Outcome, classify, one_line
+from common.faults import Outcome, acl_refusal, classify, one_line
 from common.keys import consumer_name
 from common.panic import Panic, crash_point
 from common.retry import retry
@@ -33,6 +33,7 @@ from shard.claim import Claimer
 from shard.duties import Duties
 from shard.geofences import GeofenceSource
 from shard.pipeline import Pipeline
+from shard.profiling import profiled
 from shard.reporting import Report
 from shard.sources import StreamReader, claim_until_stopped
 from shard.stream import ConsumerStream
@@ -77,7 +78,8 @@ class Shard:
         logs.configure(self.settings.log_level, f"shard-{self.index}")
         self.panic.install()
         try:
-            uvloop.run(self.main())
+            with profiled(self.index):  # benchmark-only (shard/profiling.py); nothing in production
+                uvloop.run(self.main())
         except Exception as exc:
             self.fail(exc, "shard main task")
         return ExitCode.OK
@@ -87,7 +89,7 @@ class Shard:
         if classify(exc) is Outcome.REFUSED:
             denied = _privilege_denied(exc)
             explained = privileges.explain(self.settings.database_url, denied) if denied is not None else None
-            error = explained or one_line(exc)
+            error = explained or acl_refusal(exc, self.settings.redis_url) or one_line(exc)
             log.critical("shard cannot work with this configuration", extra={"error": error})
             logging.shutdown()
             os._exit(ExitCode.CONFIG)

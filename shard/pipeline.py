@@ -11,6 +11,7 @@ which the idempotent writes make harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -82,6 +83,7 @@ class Pipeline:
             await self.write(batch)
         # Created before anything else is awaited: once committed, the ACK must go out.
         previous, self.settle_task = self.settle_task, asyncio.create_task(self.settle(batch, self.settle_task))
+        self.settle_task.add_done_callback(self._wake_if_failed)
         if previous is not None:
             await asyncio.shield(previous)  # at most two ACKs in flight
 
@@ -130,6 +132,13 @@ class Pipeline:
             removed = await retry("redis", self.report.reach, self.stream.ack_gone, batch.gone)
             self.report.entries_lost(batch.gone, "deleted while pending", counted=removed)
         self.report.settled(batch, written)
+
+    def _wake_if_failed(self, task: asyncio.Task[None]) -> None:
+        """A failed settle (a refusal: exit 78) ends `run` even when no batch follows, through
+        flush(), which raises its error; otherwise it would surface only with the next entry."""
+        if not task.cancelled() and task.exception() is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(None)
 
     async def flush(self) -> None:
         """Wait for the ACKs of the batches written so far."""

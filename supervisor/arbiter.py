@@ -22,6 +22,7 @@ from setproctitle import setproctitle
 
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
+from common.faults import acl_refusal
 from common.panic import Panic, crash_point
 from common.redis_client import sync_client
 from common.retry import retry_blocking
@@ -154,7 +155,7 @@ class Supervisor:
         try:
             return retry_blocking(what, operation, *args, deadline_s=STARTUP_TIMEOUT_S, between=self.stop_if_asked)
         except ProcessorError as exc:
-            self.halt(str(exc), exc.exit_code)
+            self.halt(acl_refusal(exc, self.settings.redis_url) or str(exc), exc.exit_code)
 
     def stop_if_asked(self) -> None:
         """Between start-up retries: a signal ends the wait."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from common.config import Settings
 from common.errors import ExitCode
-from common.faults import Outcome, classify, one_line
+from common.faults import Outcome, acl_refusal, classify, one_line
 from common.panic import Panic
 from common.status import StatusBoard
 from supervisor.children import set_up_helper
@@ -136,7 +136,8 @@ class Maintenance:
                     log.warning("maintenance duty paused", extra={"duty": duty.name, "error": one_line(exc)})
                 return
             if outcome is Outcome.REFUSED:
-                log.critical("maintenance cannot work with this configuration", extra={"duty": duty.name, "error": one_line(exc)})
+                error = acl_refusal(exc, self.settings.redis_url) or one_line(exc)
+                log.critical("maintenance cannot work with this configuration", extra={"duty": duty.name, "error": error})
                 raise Refused(duty.name) from exc
             raise
         if duty.name in self.paused:
