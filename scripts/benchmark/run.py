@@ -68,6 +68,9 @@ class ProcessorRun:
                 if pid not in self.memory:
                     self.memory[pid] = ShardMemory(pid, proc_title(pid))
         for mem in self.memory.values():
+            if not mem.title.startswith("processor: ") or mem.title.startswith("processor: supervisor"):
+                # just forked: the child still has its parent's title
+                mem.title = proc_title(mem.pid)
             kb = status_kb(mem.pid, "VmRSS", "VmHWM")
             mem.rss_kb = max(mem.rss_kb, kb.get("VmRSS", 0))
             mem.hwm_kb = max(mem.hwm_kb, kb.get("VmHWM", 0))
@@ -79,8 +82,12 @@ class ProcessorRun:
             out[f"{proc_title(pid)} (pid {pid})"] = cpu_ticks(pid) / CLK_TCK
         return out
 
+    def shards(self) -> list[ShardMemory]:
+        """The shard processes seen (the supervisor's helpers, such as maintenance, apart)."""
+        return [m for m in self.memory.values() if m.title.startswith("processor: shard ")]
+
     def peak_rss_mb(self) -> list[float]:
-        return [round(max(m.hwm_kb, m.rss_kb) / 1024, 1) for m in self.memory.values()]
+        return [round(max(m.hwm_kb, m.rss_kb) / 1024, 1) for m in self.shards()]
 
     def stop(self) -> int:
         """SIGTERM and wait for the graceful exit; returns the exit code."""
