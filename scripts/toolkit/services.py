@@ -274,10 +274,12 @@ class ThrowawayPostgres(_Throwaway):
     With `tls`, ssl=on; `url` still connects (libpq's default sslmode=prefer verifies nothing).
     """
 
-    def __init__(self, *, fsync: bool = True, tls: Certificates | None = None) -> None:
+    def __init__(self, *, fsync: bool = True, tls: Certificates | None = None,
+                 settings: dict[str, str] | None = None) -> None:
         super().__init__()
         self.fsync = fsync
         self.tls = tls
+        self.settings = settings or {}  # more `-c name=value` server settings
         self._tools: tuple[str, str] | None = None
 
     @property
@@ -338,6 +340,7 @@ class ThrowawayPostgres(_Throwaway):
                     f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200 -c shared_buffers=256MB")
             if self.tls:
                 opts += " " + postgres_options(self.tls, d)
+            opts += "".join(f" -c {name}={shlex.quote(value)}" for name, value in self.settings.items())
             r = self._run(pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "30", "-o", opts, "start",
                           timeout=60)
             if r.returncode:
