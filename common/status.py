@@ -32,6 +32,10 @@ _SUPERVISED = struct.Struct("<B 3x i d Q")
 # The maintenance process's part: entries it found lost (trimmed or deleted before they were
 # delivered to the group), and the monotonic time its last stream pass ended.
 _MAINTENANCE = struct.Struct("<Q d")
+# Last words: the one line a process that cannot go on (exit 78) leaves for the supervisor's
+# halt reason, one area per shard slot and one for the maintenance process. Written once,
+# just before the writer exits; read after the supervisor reaped it, so no lock is needed.
+LAST_WORDS_BYTES = 1024
 _READ_ATTEMPTS = 1000  # a write takes microseconds; a reader never needs more than a few
 
 
@@ -91,7 +95,8 @@ class StatusBoard:
         self.slots = slots
         self._supervisor_at = _SLOT.size * slots
         self._maintenance_at = self._supervisor_at + _SUPERVISOR.size + _SUPERVISED.size * slots
-        self._map = mmap.mmap(-1, self._maintenance_at + _MAINTENANCE.size)
+        self._last_words_at = self._maintenance_at + _MAINTENANCE.size
+        self._map = mmap.mmap(-1, self._last_words_at + LAST_WORDS_BYTES * (slots + 1))
 
     def read(self, slot: int) -> ShardStatus:
         values = _SLOT.unpack_from(self._map, slot * _SLOT.size)
@@ -159,3 +164,18 @@ class StatusBoard:
 
     def read_maintenance(self) -> MaintenanceState:
         return MaintenanceState(*_MAINTENANCE.unpack_from(self._map, self._maintenance_at))
+
+    def write_last_words(self, area: int | None, text: str) -> None:
+        """Leave `text` (one line, cut to fit) for the supervisor: `area` is a shard slot, None the maintenance process."""
+        data = text.encode("utf-8", "replace")[: LAST_WORDS_BYTES - 2]
+        at = self._last_words_at + LAST_WORDS_BYTES * (self.slots if area is None else area)
+        self._map[at : at + 2] = len(data).to_bytes(2, "little")
+        self._map[at + 2 : at + 2 + len(data)] = data
+
+    def take_last_words(self, area: int | None) -> str:
+        """What the process of `area` left, cleared so that a later exit of that area cannot repeat it."""
+        at = self._last_words_at + LAST_WORDS_BYTES * (self.slots if area is None else area)
+        size = int.from_bytes(self._map[at : at + 2], "little")
+        text = self._map[at + 2 : at + 2 + size].decode("utf-8", "replace")
+        self._map[at : at + 2] = b"\x00\x00"
+        return text

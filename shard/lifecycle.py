@@ -51,6 +51,7 @@ class Shard:
     def __init__(self, settings: Settings, index: int, board: StatusBoard, consumer: str | None = None) -> None:
         self.settings = settings
         self.index = index
+        self.board = board
         self.consumer = consumer or consumer_name(settings.instance_id, index)
         self.panic = Panic(settings, f"shard-{index}", self.panic_state)
         self.report = Report(board, index, self.consumer)
@@ -91,6 +92,7 @@ class Shard:
             explained = privileges.explain(self.settings.database_url, denied) if denied is not None else None
             error = explained or acl_refusal(exc, self.settings.redis_url) or one_line(exc)
             log.critical("shard cannot work with this configuration", extra={"error": error})
+            self.board.write_last_words(self.index, error)
             logging.shutdown()
             os._exit(ExitCode.CONFIG)
         self.panic.crash(type(exc), exc, exc.__traceback__, where=where)

@@ -270,7 +270,8 @@ class Supervisor:
             log.info(f"shard {reason}", extra=extra)
             return
         if code == ExitCode.CONFIG:
-            self.halt(f"shard {handle.slot} reports a configuration or schema error", ExitCode.CONFIG)
+            said = self.board.take_last_words(handle.slot) or "a configuration or schema error"
+            self.halt(f"shard {handle.slot} cannot work with this configuration: {said}", ExitCode.CONFIG)
         due = self.restarts.record_crash(handle.slot, handle.started_at, now)
         self.restart_at[handle.slot] = due
         extra["restart_in_s"] = round(due - now, 2)
@@ -291,7 +292,8 @@ class Supervisor:
             log.info(f"{helper.role} process {reason}", extra=extra)
             return
         if code == ExitCode.CONFIG:
-            self.halt(f"the {helper.role} process reports a configuration error", ExitCode.CONFIG)
+            said = (self.board.take_last_words(None) if helper.role == "maintenance" else "") or "a configuration error"
+            self.halt(f"the {helper.role} process cannot work with this configuration: {said}", ExitCode.CONFIG)
         helper.restart_at = due = helper.restarts.restart_time(0, helper.started_at, now)
         extra["restart_in_s"] = round(due - now, 2)
         log.warning(f"{helper.role} process {reason}; restarting", extra=extra)

@@ -138,6 +138,7 @@ class Maintenance:
             if outcome is Outcome.REFUSED:
                 error = acl_refusal(exc, self.settings.redis_url) or one_line(exc)
                 log.critical("maintenance cannot work with this configuration", extra={"duty": duty.name, "error": error})
+                self.board.write_last_words(None, f"{duty.name}: {error}")
                 raise Refused(duty.name) from exc
             raise
         if duty.name in self.paused:

@@ -30,6 +30,7 @@ import psycopg
 from common.backoff import Backoff
 from common import privileges
 from common.errors import ConfigError, MigrationError
+from common.faults import one_line
 from common.keys import MIGRATION_LOCK_KEY
 from common.versions import check_postgres
 
@@ -295,7 +296,10 @@ def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:
                 _run_step(conn, migration, number, len(steps), step)
             conn.execute(_RECORD, record)
     except psycopg.errors.Error as exc:
-        raise MigrationError(f"migration {migration.version:04d}_{migration.name}.sql failed: {exc}") from exc
+        hint = exc.diag.message_hint if isinstance(exc, psycopg.errors.Error) and exc.diag else None
+        raise MigrationError(
+            f"migration {migration.version:04d}_{migration.name}.sql failed: {one_line(exc)}" + (f" ({hint})" if hint else "")
+        ) from exc
     log.info(
         "migration applied",
         extra={"version": migration.version, "migration": migration.name, "seconds": round(time.monotonic() - started, 3)},

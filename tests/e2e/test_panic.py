@@ -207,7 +207,8 @@ def test_a_table_missing_after_migration_halts_78_without_a_crash_loop(redis_cli
 
     assert processor.wait(30) == 78
     (halted,) = log_entries(processor, "supervisor halted")
-    assert "configuration or schema error" in halted["reason"]
+    assert halted["reason"].startswith("shard ") and "cannot work with this configuration" in halted["reason"]
+    assert '"positions" does not exist' in halted["reason"], "the halt names what the shard was refused"
     assert not log_entries(processor, "shard exited; restarting"), "no restarts: restarting cannot help"
     assert not dumps(env, re.compile(r"panic-.*\.json")), "a refusal is not a panic"
     assert redis_client.xlen(f"{stream_key}:dlq") == 0

@@ -66,6 +66,7 @@ def test_a_privilege_revoked_while_running_halts_78_without_a_crash_loop(
     assert critical and "lacks INSERT on table positions" in critical[0]["error"]
     assert env["DATABASE_URL"].split("//")[1].split("@")[0] in critical[0]["error"]  # the role's name
     assert processor.log_messages().count("shard spawned") == 1, "a refused shard must not be restarted"
+    assert "lacks INSERT on table positions" in halted_reason(processor), "the supervisor's halt says why"
     assert redis_client.xlen(f"{stream_key}:dlq") == 0 and stored_count(database_url) == 2_000
 
     owner_runs(database_url, "GRANT INSERT ON positions TO processor_runtime")
@@ -114,3 +115,28 @@ def test_an_operator_command_names_the_privilege_it_lacks(database_url, env, tmp
     assert result.returncode == ExitCode.CONFIG, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "lacks INSERT on table geofences" in lines[0], lines
+
+
+def test_an_owner_who_may_not_create_roles_is_told_what_a_superuser_runs(tmp_path, env):
+    """A plain owner (no superuser, no CREATEROLE) on a cluster without processor_runtime: one line, 78, and
+    the statement to run once; after it, the same owner migrates everything and its runtime login works."""
+    from scripts.toolkit.services import ThrowawayPostgres, with_database
+
+    with ThrowawayPostgres(fsync=False) as server:
+        admin = with_database(server.url, "postgres")
+        owner_runs(admin, "CREATE ROLE fleet_owner LOGIN")
+        owner_runs(admin, "CREATE DATABASE fleet OWNER fleet_owner")
+        owner_url = as_user(with_database(server.url, "fleet"), "fleet_owner")
+        run_env = {**env, "DATABASE_URL": owner_url, "MIGRATION_DATABASE_URL": owner_url}
+        refused = run_cli(run_env, "migrate")
+        assert refused.returncode == ExitCode.CONFIG, refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "may not create the role processor_runtime" in lines[0], lines
+        assert "CREATE ROLE processor_runtime NOLOGIN" in lines[0]
+
+        owner_runs(admin, "CREATE ROLE processor_runtime NOLOGIN")
+        owner_runs(admin, "CREATE ROLE fleet_app LOGIN IN ROLE processor_runtime")
+        assert run_cli(run_env, "migrate").returncode == 0
+        app_url = as_user(with_database(server.url, "fleet"), "fleet_app")
+        listed = run_cli({**env, "DATABASE_URL": app_url, "MIGRATION_DATABASE_URL": app_url}, "geofences", "list")
+        assert listed.returncode == 0, listed.stderr
