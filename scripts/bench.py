@@ -4,6 +4,9 @@
     .venv/bin/python -m scripts.bench --quick    # smoke test (backlog 20,000, latency 5 s)
     .venv/bin/python -m scripts.bench --only drain --shards 1,2,4 --json bench.json
     .venv/bin/python -m scripts.bench --only soak --json soak.json   # 20 minutes
+    .venv/bin/python -m scripts.bench --only peer --rounds 3          # the Processor beside the peer
+    .venv/bin/python -m scripts.bench --only growth                   # cost growth: devices, geofences
+    .venv/bin/python -m scripts.bench --only drain --shards 2 --profile prof/   # where the time goes
 
 Run it from the repository root. The code is the package scripts/benchmark/.
 
@@ -38,6 +41,25 @@ soak      Only with `--only soak` (scripts/benchmark/soak.py): SHARDS=2 and STRE
           trigger counts every row inserted, so produced = stored + expired + dead-lettered is
           exact. Reported: that sum, p50/p99 over the first and the last 2 minutes, flat
           verdicts, the time series; exit codes 0 after both SIGTERMs.
+peer      Only with `--only peer` (scripts/benchmark/versus.py): --rounds rounds (default 3), each
+          draining the same backlog with the Processor at SHARDS=2, with the best-effort peer
+          (scripts/benchmark/peer.py: two consumers, XREADGROUP 1,000, orjson, binary COPY into
+          a staging table, INSERT ... ON CONFLICT DO NOTHING, last_position upsert, XACK after
+          commit; nothing else) and with the Processor at SHARDS=1, each on a fresh database
+          and stream. Rates from the first entry read to the last row stored. Reported per round
+          and as medians: fixes/s, Processor/peer (target >= 0.85), SHARDS=1 (target >= 40,000/s).
+growth    Only with `--only growth` (scripts/benchmark/growth.py): the same --backlog drained at
+          --growth-shards (default 2) from 2,000, 20,000 and 100,000 devices, and from 2,000
+          devices with 0, 1,000 and 10,000 geofences, cases interleaved over --rounds; one
+          Markdown table of medians: fixes/s and shard CPU µs per fix (from /proc, start-up
+          apart), with ratios to 2,000 devices without geofences (targets: 100,000 devices
+          within 20 %, 10,000 geofences within 25 %).
+--profile DIR  For every Processor drain of the run: each shard under cProfile (benchmark-only
+          PROCESSOR_BENCH_PROFILE, shard/profiling.py) writing DIR/<nn-run>/shard-<n>.prof, its
+          self time summarised per stage (decode and validate, redis reply parsing, COPY
+          formatting, derived state, geofences, client code, other); and the throwaway Postgres
+          preloads pg_stat_statements, reset before the run, top statements printed after
+          (calls, total ms, mean µs, rows). Profiled runs are slower: compare stages, not rates.
 
 Servers
 -------

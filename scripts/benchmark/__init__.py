@@ -7,6 +7,9 @@ sandbox     the servers and one fresh database and stream per phase
 drain       drain throughput rows and their scenarios
 latency     end-to-end latency under a steady load
 membership  cost of the geofence membership test
+peer        the best-effort peer consumer (a process of its own); versus: the Processor beside it
+growth      cost growth with active devices and geofences
+profiles    --profile: the shards' cProfile by stage, pg_stat_statements
 report      the Markdown table, "where the time goes" and the JSON document
 soak        the soak (`--only soak`): soak_load (plan, device clock, sender), soak_layout
             (past partitions, the retention restart), soak_watch (samples, kills),

@@ -14,12 +14,14 @@ from pathlib import Path
 from common.logs import scrub
 from scripts.benchmark.base import PASSED_THROUGH, BenchError, Interrupted, Result, fmt_int, say
 from scripts.benchmark.drain import drain_scenarios, run_drain
+from scripts.benchmark.growth import growth_phases
 from scripts.benchmark.latency import run_latency
 from scripts.benchmark.machine import background_load, cpu_model
 from scripts.benchmark.membership import run_membership
 from scripts.benchmark.report import json_document, render_report
 from scripts.benchmark.sandbox import Bench
 from scripts.benchmark.soak import run_soak, soak_label
+from scripts.benchmark.versus import versus_phases
 from scripts.toolkit.services import add_url_secret
 
 
@@ -27,8 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m scripts.bench", description="Benchmark the Processor: drain throughput and end-to-end latency.",
     )
-    p.add_argument("--only", choices=("drain", "latency", "membership", "soak"),
-                   help="run one phase only (default: drain, membership and latency; soak runs only when named)")
+    p.add_argument("--only", choices=("drain", "latency", "membership", "soak", "peer", "growth"),
+                   help="run one phase only (default: drain, membership and latency; soak, peer and growth "
+                        "run only when named)")
     p.add_argument("--shards", default="1,2", help="SHARDS values of the drain runs, comma-separated (default 1,2)")
     p.add_argument("--backlog", type=int, default=None, help="fixes in the drain backlog (default 200000; --quick 20000)")
     p.add_argument("--devices", type=int, default=2000, help="simulated devices (default 2000)")
@@ -40,6 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--database-url", help="use this Postgres server instead of a throwaway one "
                    "(creates and drops its own databases bench_<random>)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="peer and growth: interleaved rounds, medians reported (default 3)")
+    p.add_argument("--growth-shards", type=int, default=2, help="growth: SHARDS of its drains (default 2)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="drain runs: a cProfile of each shard and pg_stat_statements, summarised; files in DIR")
     p.add_argument("--no-geofences", action="store_true", help="skip the drain row with 1,000 geofences")
     p.add_argument("--quick", action="store_true", help="smoke test: backlog 20,000 and latency 5 s unless given")
     p.add_argument("--soak-minutes", type=float, default=20.0, help="soak: minutes of steady load at --rate (default 20)")
@@ -60,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.latency_seconds = 5.0 if args.quick else 30.0
     if args.backlog < 1 or args.devices < 1 or args.rate <= 0 or args.latency_seconds <= 0 or args.latency_shards < 1:
         p.error("--backlog, --devices, --rate, --latency-seconds and --latency-shards must be positive")
+    if args.rounds < 1 or not 1 <= args.growth_shards <= 256:
+        p.error("--rounds must be 1 or more, --growth-shards 1..256")
     if args.soak_minutes <= 0 or args.kill_every_s < 0 or args.sample_every_s <= 0:
         p.error("--soak-minutes and --sample-every-s must be positive, --kill-every-s 0 or more")
     add_url_secret(args.redis_url)
@@ -106,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.devices, args.warmup_seconds)))
             if args.only == "soak":
                 phases.append((Result("soak", soak_label(args)), lambda r: run_soak(bench, r, args)))
+            if args.only == "peer":
+                phases += versus_phases(bench, args)
+            if args.only == "growth":
+                phases += growth_phases(bench, args)
             for result, phase in phases:
                 results.append(result)
                 try:

@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import orjson
 import psycopg
@@ -23,6 +24,7 @@ from scripts.benchmark.base import (
     fmt_int,
     say,
 )
+from scripts.benchmark.profiles import Profile
 from scripts.benchmark.run import ProcessorRun
 from scripts.benchmark.sandbox import Bench, Sandbox, Span
 from scripts.toolkit.harness import group_info
@@ -39,12 +41,12 @@ class DrainScenario:
     target: float | None = None  # records/s
 
 
-def import_geofences(box: Sandbox) -> None:
-    """1,000 geofences over the simulated fleet's area: circles of 100-600 m and squares, some with holes."""
+def import_geofences(box: Sandbox, count: int = GEOFENCES) -> None:
+    """`count` geofences over the simulated fleet's area: circles of 100-600 m and squares, some with holes."""
     rng = random.Random(SEED)
     center_lat, center_lon = 52.37, 4.90
     rows = []
-    for n in range(GEOFENCES):
+    for n in range(count):
         lat = center_lat + (rng.random() * 2 - 1) * 0.45
         lon = center_lon + (rng.random() * 2 - 1) * 0.45
         if n % 2:
@@ -81,6 +83,98 @@ def stream_done(client: redis.Redis, stream: str, total: int) -> tuple[bool, int
     return done, read
 
 
+def write_backlog(box: Sandbox, label: str, n: int, devices: int) -> tuple[int, int]:
+    """The backlog XADDed before any consumer starts (not timed); returns (valid fixes, entries)."""
+    produce_progress = Progress(f"{label}: producing backlog", n, noun="written")
+
+    def on_batch(counts: Counts) -> None:
+        if produce_progress.due():
+            produce_progress.report(counts.total)
+
+    t = time.monotonic()
+    counts = backlog(box.redis, box.stream, n, devices=devices, seed=SEED, progress=on_batch)
+    say(f"  backlog written in {time.monotonic() - t:.1f}s (not timed)")
+    if box.redis.xlen(box.stream) != counts.total:
+        raise BenchError(f"stream holds {box.redis.xlen(box.stream)} entries, expected {counts.total}")
+    return counts.valid, counts.total
+
+
+class Consumer(Protocol):
+    """What wait_drained needs of the processes under measurement."""
+
+    started: float
+
+    def sample(self) -> None: ...
+
+    def check_alive(self) -> None: ...
+
+    def log_tail(self, lines: int = 15) -> str: ...
+
+    def cpu_seconds(self) -> Any: ...
+
+
+@dataclass
+class Drained:
+    t_end: float  # the poll that saw everything stored
+    first_read_at: float | None  # the poll that first saw an entry read
+    cpu_at_first_read: Any  # the consumer's cpu_seconds() then: start-up (connections, geofences) is apart
+
+
+def wait_drained(box: Sandbox, consumer: Consumer, label: str, expected: int, total: int) -> Drained:
+    """Poll until the group has read everything, nothing is pending and positions holds `expected` rows."""
+    with psycopg.connect(box.database_url, autocommit=True) as db:
+        def stored() -> int:
+            return db.execute("select count(*) from positions").fetchone()[0]
+
+        progress = Progress(label, expected)
+        first_read_at: float | None = None
+        cpu_at_first_read: Any = None
+        last_change, last_read, count = consumer.started, -1, 0
+        while True:
+            now = time.monotonic()
+            consumer.sample()
+            done, read = stream_done(box.redis, box.stream, total)
+            if read and first_read_at is None:
+                first_read_at, cpu_at_first_read = now, consumer.cpu_seconds()
+            if read != last_read:
+                last_change, last_read = now, read
+            if done:
+                count = stored()
+                if count == expected:
+                    return Drained(time.monotonic(), first_read_at, cpu_at_first_read)
+                if count > expected:
+                    raise BenchError(f"positions holds {count} rows, more than the {expected} fixes sent")
+            if progress.due():
+                previous, count = count, stored()
+                progress.report(count, f"  (entries read {fmt_int(read)})")
+                if count != previous:
+                    last_change = now
+            if now - last_change > STALL_TIMEOUT_S:
+                raise BenchError(f"no progress for {STALL_TIMEOUT_S:.0f}s (stored {count}/{expected})\n"
+                                 f"{consumer.log_tail()}")
+            consumer.check_alive()
+            time.sleep(POLL_S)
+
+
+def drain_values(expected: int, started: float, drained: Drained) -> dict[str, float]:
+    """records_per_s counts from process start (start-up included); drain_per_s from the first entry read."""
+    wall = drained.t_end - started
+    first = drained.first_read_at or drained.t_end
+    return dict(
+        records=expected,
+        records_per_s=round(expected / wall, 1),
+        drain_per_s=round(expected / max(drained.t_end - first, 1e-3), 1),
+        wall_s=round(wall, 3),
+        startup_s=round(first - started, 3),
+    )
+
+
+def shard_cpu_s(cpu: dict[str, float]) -> float:
+    """CPU seconds of the shard processes alone (not the supervisor or its helpers). The per-fix
+    figure counts from the poll that saw the first entry read (up to POLL_S late)."""
+    return sum(v for k, v in cpu.items() if k.startswith("processor: shard "))
+
+
 def run_drain(bench: Bench, result: Result, scenario: DrainScenario, n: int, devices: int) -> None:
     """One drain row, filled into `result`; raises BenchError when the phase fails."""
     result.values.update(shards=scenario.shards, backlog=n, devices=devices, target_per_s=scenario.target)
@@ -89,72 +183,28 @@ def run_drain(bench: Bench, result: Result, scenario: DrainScenario, n: int, dev
         bench.migrate(box)
         if scenario.setup is not None:
             scenario.setup(box)
-        produce_progress = Progress(f"{scenario.label}: producing backlog", n, noun="written")
-
-        def on_batch(counts: Counts) -> None:
-            if produce_progress.due():
-                produce_progress.report(counts.total)
-
-        t = time.monotonic()
-        counts = backlog(box.redis, box.stream, n, devices=devices, seed=SEED, progress=on_batch)
-        say(f"  backlog written in {time.monotonic() - t:.1f}s (not timed)")
-        expected, total = counts.valid, counts.total
-        if box.redis.xlen(box.stream) != total:
-            raise BenchError(f"stream holds {box.redis.xlen(box.stream)} entries, expected {total}")
-
-        with psycopg.connect(box.database_url, autocommit=True) as db:
-            def stored() -> int:
-                return db.execute("select count(*) from positions").fetchone()[0]
-
-            span = Span(bench)
-            proc = ProcessorRun(box.env, box.workdir / "processor.log", scenario.shards)
-            t0 = proc.started
-            try:
-                progress = Progress(scenario.label, expected)
-                first_read_at: float | None = None
-                last_change, last_read, count = t0, -1, 0
-                while True:
-                    now = time.monotonic()
-                    proc.sample()
-                    done, read = stream_done(box.redis, box.stream, total)
-                    if read and first_read_at is None:
-                        first_read_at = now
-                    if read != last_read:
-                        last_change, last_read = now, read
-                    if done:
-                        count = stored()
-                        if count == expected:
-                            t_end = time.monotonic()
-                            break
-                        if count > expected:
-                            raise BenchError(f"positions holds {count} rows, more than the {expected} fixes sent")
-                    if progress.due():
-                        previous, count = count, stored()
-                        progress.report(count, f"  (entries read {fmt_int(read)})")
-                        if count != previous:
-                            last_change = now
-                    if now - last_change > STALL_TIMEOUT_S:
-                        raise BenchError(f"no progress for {STALL_TIMEOUT_S:.0f}s (stored {count}/{expected})\n"
-                                         f"{proc.log_tail()}")
-                    proc.check_alive()
-                    time.sleep(POLL_S)
-                cpu = proc.cpu_seconds()  # right before stopping
-                proc.sample()
-                span.stop(expected)
-                say(f"  drained {fmt_int(expected)} in {t_end - t0:.2f}s; stopping the processor (SIGTERM)")
-                exit_code = proc.stop()
-            finally:
-                proc.close()
-        wall = t_end - t0
+        expected, total = write_backlog(box, scenario.label, n, devices)
+        profile = Profile(bench, box, scenario.label)
+        span = Span(bench)
+        proc = ProcessorRun(box.env, box.workdir / "processor.log", scenario.shards)
+        try:
+            drained = wait_drained(box, proc, scenario.label, expected, total)
+            cpu = proc.cpu_seconds()  # right before stopping
+            proc.sample()
+            span.stop(expected)
+            say(f"  drained {fmt_int(expected)} in {drained.t_end - proc.started:.2f}s; stopping the processor (SIGTERM)")
+            exit_code = proc.stop()
+        finally:
+            proc.close()
         result.values.update(
-            records=expected,
-            records_per_s=round(expected / wall, 1),
-            wall_s=round(wall, 3),
-            startup_s=round((first_read_at or t_end) - t0, 3),
-            shard_processes_seen=len(proc.memory),
+            **drain_values(expected, proc.started, drained),
+            shard_processes_seen=len(proc.shards()),
+            shard_cpu_us_per_fix=round(1e6 * (shard_cpu_s(cpu) - shard_cpu_s(drained.cpu_at_first_read or {})) / expected, 2),
+            shard_cpu_startup_s=round(shard_cpu_s(drained.cpu_at_first_read or {}), 2),
             **span.values(proc, cpu, exit_code),
         )
+        profile.collect(result)
         if exit_code != 0:
             raise BenchError(f"processor exited {exit_code} after SIGTERM (expected 0)\n{proc.log_tail()}")
-        if len(proc.memory) != scenario.shards:
-            raise BenchError(f"saw {len(proc.memory)} shard processes, expected {scenario.shards} (restarts?)")
+        if len(proc.shards()) != scenario.shards:
+            raise BenchError(f"saw {len(proc.shards())} shard processes, expected {scenario.shards} (restarts?)")

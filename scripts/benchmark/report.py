@@ -7,7 +7,10 @@ import os
 from typing import Any
 
 from scripts.benchmark.base import PASSED_THROUGH, TARGET_DRAIN, TARGET_P99_MS, TARGET_RSS_MB, Result, fmt_int
+from scripts.benchmark.growth import render_growth
+from scripts.benchmark.profiles import render_profile
 from scripts.benchmark.soak_report import soak_rows, soak_series
+from scripts.benchmark.versus import render_versus
 
 
 def _ms(value: float | None) -> str:
@@ -28,6 +31,8 @@ def render_table(cores: int, model: str, results: list[Result]) -> str:
             rows += [
                 (f"{r.label}: throughput", f"{fmt_int(v['records_per_s'])} records/s",
                  f"≥ {fmt_int(target)}/s" if target else "", _met(v["records_per_s"] >= target if target else None)),
+                (f"{r.label}: after start-up", f"{fmt_int(v.get('drain_per_s', 0))} records/s "
+                 f"(first entry read to last row stored)", "", ""),
                 (f"{r.label}: wall time", f"{v['wall_s']:.2f} s ({v['startup_s']:.2f} s start-up) "
                  f"for {fmt_int(v['records'])}", "", ""),
                 (f"{r.label}: processor CPU", f"{v['cpu_s']:.1f} s ({v['cpu_s'] / v['wall_s']:.2f} cores)", "", ""),
@@ -75,7 +80,7 @@ def where_time_goes(results: list[Result]) -> list[str]:
         if "cpu_s" not in v:
             continue
         span = v["machine"]["span_s"]
-        parts = [f"processor {v['cpu_s']:.1f} s"]
+        parts = [f"{'peer' if v.get('side') == 'peer' else 'processor'} {v['cpu_s']:.1f} s"]
         if v.get("postgres_cpu_s") is not None:
             parts.append(f"Postgres {v['postgres_cpu_s']:.1f} s")
         parts.append(f"Redis {v['redis_cpu_s']:.1f} s")
@@ -119,6 +124,13 @@ def render_report(args: argparse.Namespace, cores: int, model: str, background: 
     for r in results:
         if r.kind == "soak":
             out += soak_series(r.label, r.values)
+        elif r.kind == "versus":
+            out += render_versus(r)
+        elif r.kind == "growth":
+            out += render_growth(r)
+    for r in results:
+        if "profile" in r.values:
+            out += render_profile(r.label, r.values["profile"])
     notes = where_time_goes(results)
     if notes:
         out += ["Where the time goes (CPU seconds during each measured span):", *notes, ""]
@@ -134,7 +146,8 @@ def json_document(args: argparse.Namespace, cores: int, model: str, background: 
         "background_busy_cores": background,
         "settings": {k: getattr(args, k) for k in ("backlog", "devices", "rate", "latency_seconds",
                                                   "latency_shards", "warmup_seconds", "shards", "quick",
-                                                  "soak_minutes", "kill_every_s", "sample_every_s")},
+                                                  "soak_minutes", "kill_every_s", "sample_every_s",
+                                                  "rounds", "growth_shards", "profile")},
         "processor_env": {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ},
         "targets": {"drain_per_s": TARGET_DRAIN, "p99_ms": TARGET_P99_MS, "rss_mb_per_shard": TARGET_RSS_MB},
         "results": [{"kind": r.kind, "label": r.label, **r.values, "error": r.error} for r in results],

@@ -57,6 +57,9 @@ class Bench:
         self.postgres: ThrowawayPostgres | None = None
         self.redis_server: ThrowawayRedis | None = None
         self.serial = 0
+        profile = getattr(args, "profile", None)
+        self.profile_dir = Path(profile).resolve() if profile else None
+        self.statements_tracked = False  # pg_stat_statements loaded (with --profile)
 
     def __enter__(self) -> Bench:
         try:
@@ -83,7 +86,8 @@ class Bench:
             self.redis_url = args.redis_url
         if args.database_url is None:
             say("starting a throwaway Postgres (fsync on) ...")
-            self.postgres = self.stack.enter_context(ThrowawayPostgres(fsync=True))
+            preload = {"shared_preload_libraries": "pg_stat_statements"} if self.profile_dir else None
+            self.postgres = self.stack.enter_context(ThrowawayPostgres(fsync=True, settings=preload))
             self.admin_url = self.postgres.url
         else:
             if not postgres_reachable(args.database_url):
@@ -93,6 +97,10 @@ class Bench:
         self.stack.callback(self.redis.close)
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             self.pg_version = conn.execute("show server_version").fetchone()[0]
+            preloaded = conn.execute("show shared_preload_libraries").fetchone()[0]
+        self.statements_tracked = self.profile_dir is not None and "pg_stat_statements" in preloaded
+        if self.profile_dir is not None and not self.statements_tracked:
+            say("--profile: this Postgres does not preload pg_stat_statements; no statement statistics")
         self.redis_version = self.redis.info("server").get("redis_version")
 
     def describe_servers(self) -> dict[str, str]:
