@@ -339,5 +339,6 @@ def _next_target(client: redis.Redis, settings: Settings, point: TrimPoint, now_
     aged = client.xrevrange(trim_history_key(settings.stream_key), max=str(now_ms - retention), min="-", count=1)
     if not aged:
         return None
-    recorded = text(aged[0][1][b"safe"])
+    fields = aged[0][1]  # a dict, or a flat [name, value, …] list from a client with keep_field_pairs (the CLI's)
+    recorded = text(dict(zip(fields[::2], fields[1::2]))[b"safe"] if isinstance(fields, list) else fields[b"safe"])
     return min(recorded, point.safe_id, key=id_key)
