@@ -52,6 +52,11 @@ REDIS_REFUSED = ("NOPERM", "NOAUTH", "WRONGPASS", "WRONGTYPE", "unknown command"
 # What Redis says when a command inside one of our Lua scripts is denied by the ACL: 7.0 in
 # its own words (without naming the command), 7.2 and later as "ACL failure in script: …".
 REDIS_SCRIPT_DENIED = ("The user executing the script can't", "ACL failure in script")
+# redis-py sends MULTI, the commands and EXEC at once: with MULTI denied, the commands run
+# one by one and EXEC fails thus. Our code sends no EXEC of its own.
+REDIS_MULTI_DENIED = "EXEC without MULTI"
+# redis-py puts this before the server's reply when a command of a pipeline failed.
+_PIPELINE_ERROR = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ", re.S)
 
 # Credentials or database refused; a failed connection often carries only the message.
 POSTGRES_REFUSED_SQLSTATES = frozenset(
@@ -126,8 +131,8 @@ def _classify_redis(exc: redis.exceptions.RedisError) -> Outcome:
     ):
         return Outcome.REFUSED
     if isinstance(exc, redis.exceptions.ResponseError):
-        message = str(exc).removeprefix("ERR ")
-        if message.startswith(REDIS_REFUSED) or message.startswith(REDIS_SCRIPT_DENIED):
+        message = redis_reply(str(exc))
+        if message.startswith((*REDIS_REFUSED, *REDIS_SCRIPT_DENIED, REDIS_MULTI_DENIED)):
             return Outcome.REFUSED
         if isinstance(exc, redis.exceptions.ReadOnlyError) or message.startswith(REDIS_NOT_NOW):
             return Outcome.OUTAGE
@@ -199,6 +204,11 @@ def one_line(exc: BaseException) -> str:
     return scrub(" ".join(text.split()) or type(exc).__name__)
 
 
+def redis_reply(message: str) -> str:
+    """What Redis replied, without redis-py's pipeline annotation and the "ERR " it sometimes leaves."""
+    return _PIPELINE_ERROR.sub("", message, count=1).removeprefix("ERR ")
+
+
 def acl_refusal(exc: BaseException, redis_url: str) -> str | None:
     """One line for a Redis ACL denial in `exc` or what caused it: which user may not do what.
 
@@ -208,13 +218,15 @@ def acl_refusal(exc: BaseException, redis_url: str) -> str | None:
     for link in _chain(exc):
         if not isinstance(link, redis.exceptions.RedisError):
             continue
-        message = one_line(link).removeprefix("ERR ").removeprefix("NOPERM ")
-        script = message.startswith(REDIS_SCRIPT_DENIED)
-        if not (script or isinstance(link, redis.exceptions.NoPermissionError) or str(link).startswith("NOPERM")):
+        message = redis_reply(one_line(link))
+        denied = isinstance(link, redis.exceptions.NoPermissionError) or message.startswith("NOPERM")
+        message = message.removeprefix("NOPERM ")
+        script, multi = message.startswith(REDIS_SCRIPT_DENIED), message.startswith(REDIS_MULTI_DENIED)
+        if not (denied or script or multi):
             continue
         command = re.search(r"run the '([^']+)' command", message)
-        if command:
-            what = f"run {command.group(1).upper()}"
+        if command or multi:
+            what = f"run {command.group(1).upper() if command else 'MULTI'}"
         elif "key" in message:
             what = "access one of the keys a command names"
         elif "channel" in message:

@@ -24,6 +24,14 @@ DENIALS = [
         rx.ResponseError("The user executing the script can't access at least one of the keys mentioned in the command arguments"),
         "may not access one of the keys a command names inside a Lua script",
     ),
+    (  # a script of a pipeline (a shard's ACK with its dead letters): redis-py puts the command first
+        rx.ResponseError(
+            "Command # 2 (EVALSHA 9f 3 s s:dlq s:failures processor\n1-1) of pipeline caused error: "
+            "The user executing the script can't run this command or subcommand script: 9f, on @user_script:6."
+        ),
+        "may not run a command inside a Lua script",
+    ),
+    (rx.ResponseError("EXEC without MULTI"), "may not run MULTI:"),  # MULTI refused: redis-py's EXEC fails so
     (  # Redis 7.2 and later, inside a script
         rx.ResponseError("ACL failure in script: User processor has no permissions to run the 'xautoclaim' command script: 9a"),
         "may not run XAUTOCLAIM inside a Lua script:",
@@ -66,3 +74,9 @@ def test_other_errors_are_no_acl_denial(exc: Exception) -> None:
 def test_unknown_command_as_redis_py_raises_it_is_refused() -> None:
     """redis-py strips the "ERR " of "ERR unknown command": a server too old for a command is still refused."""
     assert classify(rx.ResponseError("unknown command 'XAUTOCLAIM', with args beginning with: ")) is Outcome.REFUSED
+
+
+def test_a_pipeline_command_out_of_memory_is_an_outage() -> None:
+    """The pipeline annotation does not hide what Redis said."""
+    exc = rx.ResponseError("Command # 1 (XACK s g 1-1) of pipeline caused error: OOM command not allowed when used memory")
+    assert classify(exc) is Outcome.OUTAGE
