@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -68,8 +69,7 @@ class ProcessorRun:
                 if pid not in self.memory:
                     self.memory[pid] = ShardMemory(pid, proc_title(pid))
         for mem in self.memory.values():
-            if not mem.title.startswith("processor: ") or mem.title.startswith("processor: supervisor"):
-                # just forked: the child still has its parent's title
+            if not _settled(mem.title):  # just forked (its parent's title), or read while being rewritten
                 mem.title = proc_title(mem.pid)
             kb = status_kb(mem.pid, "VmRSS", "VmHWM")
             mem.rss_kb = max(mem.rss_kb, kb.get("VmRSS", 0))
@@ -116,6 +116,11 @@ class ProcessorRun:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
         self.log_file.close()
+
+
+def _settled(title: str) -> bool:
+    """A child's own whole title: `processor: <role> [<instance>]`, not the supervisor's."""
+    return re.fullmatch(r"processor: (?!supervisor )[a-z]+( \d+)? \[.*\]", title) is not None
 
 
 def wait_until(condition: Callable[[], bool], proc: ProcessorRun, what: str) -> None:
