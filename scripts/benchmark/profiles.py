@@ -6,7 +6,9 @@ module and function; a C function without a file of its own (orjson.loads, a hir
 goes to the stage of the Python code that called it, as does a helper several stages share
 (haversine). cProfile measures wall time, so the
 event loop's own time includes waiting for Redis and Postgres; it is shown, but the shares
-are of the busy time without it. Profiling slows the shards down: a profiled run's rates are
+are of the busy time without it. A coroutine's self time beyond its inclusive time (cProfile
+charging an await wrapper, such as redis' call_with_retry, with its suspension) is waiting too.
+Profiling slows the shards down: a profiled run's rates are
 not the Processor's.
 
 pg_stat_statements (the throwaway Postgres preloads it with --profile) is reset right before
@@ -109,7 +111,10 @@ def stage_summary(files: list[Path], fixes: int) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     functions: dict[str, list[tuple[float, str]]] = {}
     memo: dict[Any, dict[str, float]] = {}
-    for (file, line, func), (_cc, _nc, tottime, _ct, _callers) in stats.items():
+    for (file, line, func), (_cc, _nc, tottime, cumtime, _callers) in stats.items():
+        if tottime > cumtime:  # a coroutine charged with time it spent suspended: that part is waiting
+            seconds[IDLE] = seconds.get(IDLE, 0.0) + tottime - cumtime
+            tottime = cumtime
         for stage, share in _shares((file, line, func), stats, memo).items():
             seconds[stage] = seconds.get(stage, 0.0) + tottime * share
             where = func if file == "~" else f"{'/'.join(Path(file).parts[-2:])}:{line} {func}"
