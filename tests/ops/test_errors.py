@@ -22,8 +22,8 @@ PG_URL = "postgresql://app:s3cret-pw@db:5432/gps"
         (REDIS, REDIS_URL, rx.ResponseError("LOADING Redis is loading the dataset in memory"), ProcessorError,
          ExitCode.FAILED, "cannot reach Redis at redis://:***@cache:6379/0: LOADING"),
         (REDIS, REDIS_URL, rx.NoPermissionError("this user has no permissions to run the 'xadd' command"), Refused,
-         ExitCode.CONFIG, "Redis at redis://:***@cache:6379/0 refused the command: this user has no permissions"
-         " to run the 'xadd' command (the Redis user lacks this privilege)"),
+         ExitCode.CONFIG, "Redis user default may not run XADD: this user has no permissions"
+         " to run the 'xadd' command (OPERATIONS.md, Redis ACL user)"),
         (REDIS, REDIS_URL, rx.AuthenticationError("invalid username-password pair"), Refused, ExitCode.CONFIG,
          "Redis at redis://:***@cache:6379/0 refused the credentials: invalid username-password pair"),
         (REDIS, REDIS_URL, rx.ResponseError("ERR syntax error"), ProcessorError, ExitCode.FAILED,
