@@ -75,15 +75,20 @@ def env(redis_url: str, database_url: str, runtime_database_url: str, stream_key
     As in production, the shards and operator commands connect as the runtime role and only
     the migrations as the database's owner.
     """
+    return processor_env(redis_url, runtime_database_url, database_url, stream_key, tmp_path / "panic")
+
+
+def processor_env(redis_url: str, database_url: str, migration_url: str, stream_key: str, panic_dir) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The settings every processor under test starts from: its own stream, consumers and panic dir."""
     return {
         "REDIS_URL": redis_url,
-        "DATABASE_URL": runtime_database_url,
-        "MIGRATION_DATABASE_URL": database_url,
+        "DATABASE_URL": database_url,
+        "MIGRATION_DATABASE_URL": migration_url,
         "STREAM_KEY": stream_key,
         "INSTANCE_ID": f"t{uuid.uuid4().hex[:6]}",
         "SHARDS": "2",
         "HTTP_PORT": "0",
-        "PANIC_DIR": str(tmp_path / "panic"),
+        "PANIC_DIR": str(panic_dir),
         "DRAIN_TIMEOUT_S": "10",
         "LOG_LEVEL": "INFO",
     }

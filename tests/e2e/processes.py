@@ -63,6 +63,12 @@ class ProcessorProcess:
     def log_messages(self) -> list[str]:
         return [entry["msg"] for entry in self.logs()]
 
+    def halted_reason(self) -> str:
+        """The reason of the supervisor's `supervisor halted` line (there must be one)."""
+        halted = [entry for entry in self.logs() if entry["msg"] == "supervisor halted"]
+        assert halted, self.log_messages()[-10:]
+        return str(halted[0]["reason"])
+
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)
 

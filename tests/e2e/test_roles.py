@@ -30,12 +30,6 @@ def owner_runs(database_url: str, sql: str) -> None:
         conn.execute(sql)
 
 
-def halted_reason(processor) -> str:  # type: ignore[no-untyped-def]
-    halted = [entry for entry in processor.logs() if entry["msg"] == "supervisor halted"]
-    assert halted, processor.log_messages()[-10:]
-    return halted[0]["reason"]
-
-
 def test_a_login_outside_the_runtime_role_halts_78_before_any_shard(database_url, pg_admin_url, env, start_processor):
     """Start-up checks DATABASE_URL's privileges: one line naming the role and what it lacks; no shard is forked."""
     name = f"test_bare_{uuid.uuid4().hex[:10]}"
@@ -45,7 +39,7 @@ def test_a_login_outside_the_runtime_role_halts_78_before_any_shard(database_url
         assert processor.wait(30) == ExitCode.CONFIG
     finally:
         drop_login(pg_admin_url, name)
-    reason = halted_reason(processor)
+    reason = processor.halted_reason()
     assert f"Postgres role {name} lacks SELECT on table positions" in reason
     assert "GRANT processor_runtime" in reason
     assert "shard spawned" not in processor.log_messages()
@@ -66,7 +60,7 @@ def test_a_privilege_revoked_while_running_halts_78_without_a_crash_loop(
     assert critical and "lacks INSERT on table positions" in critical[0]["error"]
     assert env["DATABASE_URL"].split("//")[1].split("@")[0] in critical[0]["error"]  # the role's name
     assert processor.log_messages().count("shard spawned") == 1, "a refused shard must not be restarted"
-    assert "lacks INSERT on table positions" in halted_reason(processor), "the supervisor's halt says why"
+    assert "lacks INSERT on table positions" in processor.halted_reason(), "the supervisor's halt says why"
     assert redis_client.xlen(f"{stream_key}:dlq") == 0 and stored_count(database_url) == 2_000
 
     owner_runs(database_url, "GRANT INSERT ON positions TO processor_runtime")

@@ -23,7 +23,8 @@ from scripts.toolkit.certificates import Certificates, make_certificates, rediss
 from scripts.toolkit.roles import as_user, create_runtime_login
 from scripts.toolkit.services import ThrowawayPostgres, ThrowawayRedis, with_database
 from scripts.toolkit.writer import backlog
-from tests.e2e.processes import ProcessorProcess, wait_for
+from tests.conftest import processor_env
+from tests.e2e.processes import wait_for
 from tests.e2e.verify import assert_exact, wait_settled
 from tests.ops.letters import run_cli
 
@@ -69,24 +70,13 @@ def admin(tls_redis: ThrowawayRedis) -> Iterator[redis.Redis]:
 @pytest.fixture
 def tls_env(tls_redis: ThrowawayRedis, owner_url: str, certificates: Certificates, tmp_path) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """The Processor's environment: every URL over TLS, verified against the test CA."""
-    return {
-        "REDIS_URL": rediss_url(tls_redis.tls_port, certificates.ca),  # type: ignore[arg-type]
-        "DATABASE_URL": verify_full_url(as_user(owner_url, LOGIN), certificates.ca),
-        "MIGRATION_DATABASE_URL": verify_full_url(owner_url, certificates.ca),
-        "STREAM_KEY": f"tls:{uuid.uuid4().hex[:12]}:telemetry",
-        "INSTANCE_ID": f"t{uuid.uuid4().hex[:6]}",
-        "SHARDS": "2",
-        "HTTP_PORT": "0",
-        "PANIC_DIR": str(tmp_path / "panic"),
-        "DRAIN_TIMEOUT_S": "10",
-        "LOG_LEVEL": "INFO",
-    }
-
-
-def halted_reason(processor: ProcessorProcess) -> str:
-    halted = [entry for entry in processor.logs() if entry["msg"] == "supervisor halted"]
-    assert halted, processor.log_messages()[-10:]
-    return str(halted[0]["reason"])
+    return processor_env(
+        rediss_url(tls_redis.tls_port, certificates.ca),  # type: ignore[arg-type]
+        verify_full_url(as_user(owner_url, LOGIN), certificates.ca),
+        verify_full_url(owner_url, certificates.ca),
+        f"tls:{uuid.uuid4().hex[:12]}:telemetry",
+        tmp_path / "panic",
+    )
 
 
 def one_line(result) -> str:  # type: ignore[no-untyped-def]
@@ -146,7 +136,7 @@ def test_a_wrong_ca_for_redis_is_exit_78_at_once(tls_env, tls_redis, certificate
     started = time.monotonic()
     processor = start_processor(env)
     assert processor.wait(REFUSED_WITHIN_S) == ExitCode.CONFIG
-    assert halted_reason(processor).startswith(
+    assert processor.halted_reason().startswith(
         "TLS certificate of Redis at REDIS_URL not trusted: certificate verify failed: self-signed certificate"
     )
     assert "shard spawned" not in processor.log_messages()
@@ -170,7 +160,7 @@ def test_a_wrong_ca_for_postgres_is_exit_78_at_once(tls_env, certificates, start
     started = time.monotonic()
     processor = start_processor(env)
     assert processor.wait(REFUSED_WITHIN_S) == ExitCode.CONFIG
-    reason = halted_reason(processor)
+    reason = processor.halted_reason()
     assert reason.startswith("TLS certificate of Postgres at MIGRATION_DATABASE_URL not trusted:"), reason
     assert "certificate verify failed" in reason
     assert "shard spawned" not in processor.log_messages()
@@ -225,7 +215,7 @@ def test_a_certificate_rotated_to_an_unknown_ca_halts_78_without_a_crash_loop(  
         assert processor.wait(REFUSED_WITHIN_S) == ExitCode.CONFIG
     finally:
         admin.config_set("tls-cert-file", str(certificates.cert), "tls-key-file", str(certificates.key))
-    assert halted_reason(processor).startswith("shard ")
+    assert processor.halted_reason().startswith("shard ")
     refusals = [e["error"] for e in processor.logs() if e["msg"] == "shard cannot work with this configuration"]
     assert refusals and refusals[0].startswith("TLS certificate of redis not trusted: certificate verify failed"), refusals
     assert not [m for m in processor.log_messages() if m.endswith("; restarting")]
