@@ -41,14 +41,17 @@ class DrainScenario:
     target: float | None = None  # records/s
 
 
-def import_geofences(box: Sandbox, count: int = GEOFENCES) -> None:
-    """`count` geofences over the simulated fleet's area: circles of 100-600 m and squares, some with holes."""
+def import_geofences(box: Sandbox, count: int = GEOFENCES, spread: float = 1.0) -> None:
+    """`count` geofences over the simulated fleet's area: circles of 100-600 m and squares, some with holes.
+
+    `spread` scales the side of the square they are scattered over (1: the fleet's area).
+    """
     rng = random.Random(SEED)
     center_lat, center_lon = 52.37, 4.90
     rows = []
     for n in range(count):
-        lat = center_lat + (rng.random() * 2 - 1) * 0.45
-        lon = center_lon + (rng.random() * 2 - 1) * 0.45
+        lat = center_lat + (rng.random() * 2 - 1) * 0.45 * spread
+        lon = center_lon + (rng.random() * 2 - 1) * 0.45 * spread
         if n % 2:
             rows.append((f"bench-{n}", orjson.dumps({"type": "Point", "coordinates": [lon, lat]}).decode(),
                          100 + rng.random() * 500))
