@@ -59,6 +59,7 @@ class Shard:
         self.claimer = Claimer(settings, self.stream, self.report.entries_lost)
         self.geofences = GeofenceSource(settings.database_url, f"processor {self.consumer} geofences")
         self.writer = PositionWriter(settings, f"processor {self.consumer}", self.geofences)
+        self.report.derived = self.writer.devices.counts  # the same dict: the writer counts, the report tells
         self.pipeline = Pipeline(settings, self.stream, self.writer, self.report, crash_point(CRASH_PLACES, settings.panic_dir))
         self.reader = StreamReader(settings, self.stream, self.pipeline)
         self.duties = Duties(

@@ -33,6 +33,7 @@ class Report:
         self.batches = 0
         self.batch_seconds_sum = 0.0
         self.batch_buckets = [0] * (len(BATCH_BUCKETS_S) + 1)
+        self.derived: dict[str, int] = {}  # the writer's derived-state counts (shard/devices/states.py)
         self.base = board.read(index)
         self._summary_at = time.monotonic()
         self._summary_processed = 0
@@ -124,12 +125,13 @@ class Report:
                 "dead_lettered": self.dead_lettered,
                 "batches": self.batches,
                 "rate_per_s": round(rate, 1),
+                **self.derived,
             },
         )
         self._summary_at, self._summary_processed = now, self.processed
 
     def totals(self) -> dict[str, object]:
-        return {"consumer": self.consumer, "processed": self.processed, "dead_lettered": self.dead_lettered}
+        return {"consumer": self.consumer, "processed": self.processed, "dead_lettered": self.dead_lettered, **self.derived}
 
 
 def _log_expired(batch: Batch) -> None:

@@ -205,6 +205,7 @@ def run_drain(bench: Bench, result: Result, scenario: DrainScenario, n: int, dev
             shard_cpu_us_per_fix=round(1e6 * (shard_cpu_s(cpu) - shard_cpu_s(drained.cpu_at_first_read or {})) / expected, 2),
             shard_cpu_startup_s=round(shard_cpu_s(drained.cpu_at_first_read or {}), 2),
             **span.values(proc, cpu, exit_code),
+            derived=proc.derived_counts(),
         )
         profile.collect(result)
         if exit_code != 0:

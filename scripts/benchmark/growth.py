@@ -73,6 +73,10 @@ def summarise(result: Result, runs: list[Result]) -> None:
             "layout": case[2] or "same density", "runs": len(done), "allowed_growth": allowed,
             "drain_per_s": round(statistics.median(r.values["drain_per_s"] for r in done), 1),
             "shard_cpu_us_per_fix": round(statistics.median(r.values["shard_cpu_us_per_fix"] for r in done), 2),
+            "replays_per_1000": round(statistics.median(
+                1000 * r.values.get("derived", {}).get("devices_replayed", 0) / r.values["records"] for r in done), 1),
+            "visits_per_1000": round(statistics.median(
+                1000 * r.values.get("derived", {}).get("visits_written", 0) / r.values["records"] for r in done), 1),
         })
     base = next((row for row in rows if (row["devices"], row["geofences"]) == BASELINE[:2]), None)
     for row in rows:
@@ -93,14 +97,16 @@ def render_growth(result: Result) -> list[str]:
         return []
     out = [f"### {result.label}", "", "Medians; rates and the shards' CPU (from /proc) from the first entry read to "
            "the last row stored, start-up apart. Ratios are to 2,000 devices without geofences.", "",
-           "| devices (active) | geofences | fixes/s | shard CPU µs/fix | rate ÷ baseline | CPU ÷ baseline | target | met |",
-           "|---:|---:|---:|---:|---:|---:|---|---|"]
+           "| devices (active) | geofences | fixes/s | shard CPU µs/fix | rate ÷ baseline | CPU ÷ baseline | target | met "
+           "| late replays / 1,000 fixes | visits written / 1,000 fixes |",
+           "|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for row in rows:
         allowed = row["allowed_growth"]
         target = "" if allowed is None else f"rate ≥ {1 - allowed:.2f}, CPU ≤ {1 + allowed:.2f}"
         met = "" if "met" not in row else ("yes" if row["met"] else "**NO**")
         out.append(f"| {fmt_int(row['devices'])} ({fmt_int(row['active_devices'])}) | {fmt_int(row['geofences'])}{' (dense)' if row['layout'] == DENSE else ''} | {fmt_int(row['drain_per_s'])} | "
                    f"{row['shard_cpu_us_per_fix']:.1f} | {row.get('rate_vs_base', 0):.2f} | "
-                   f"{row.get('cpu_vs_base', 0):.2f} | {target} | {met} |")
+                   f"{row.get('cpu_vs_base', 0):.2f} | {target} | {met} | {row['replays_per_1000']:.1f} | "
+                   f"{row['visits_per_1000']:.1f} |")
     out.append("")
     return out

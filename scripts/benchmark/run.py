@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 from scripts.benchmark.base import POLL_S, READY_TIMEOUT_S, STOP_GRACE_S, BenchError
 from scripts.toolkit.processes import (
     CLK_TCK,
@@ -97,6 +99,18 @@ class ProcessorRun:
             return self.proc.wait(timeout=drain + STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             raise BenchError(f"processor did not exit within {drain + STOP_GRACE_S:.0f}s of SIGTERM") from None
+
+    def derived_counts(self) -> dict[str, int]:
+        """The shards' derived-state counts (reloads, late-fix replays, visits), summed over their
+        `shard stopped` lines: read after stop()."""
+        totals: dict[str, int] = {}
+        for line in self.log_path.read_bytes().splitlines():
+            if b'"shard stopped"' not in line:
+                continue
+            entry = orjson.loads(line)
+            for key in ("devices_reloaded", "devices_replayed", "visits_written"):
+                totals[key] = totals.get(key, 0) + int(entry.get(key, 0))
+        return totals
 
     def log_tail(self, lines: int = 15) -> str:
         last = tail(self.log_path, lines)

@@ -174,7 +174,7 @@ class Bench:
             SHARDS=str(shards),
             HTTP_PORT="0",
             INSTANCE_ID=f"bench-{self.token}",
-            LOG_LEVEL="WARNING",
+            LOG_LEVEL="INFO",  # a few lines per shard life (per-batch lines are DEBUG): `shard stopped` has its counts
             PANIC_DIR=str(workdir / "panic"),
             PYTHONPATH=str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
         )

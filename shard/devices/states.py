@@ -56,17 +56,22 @@ class DeviceStates:
 
     def __init__(self, cache_size: int) -> None:
         self.cache = DeviceCache(cache_size)
+        # Of committed batches: devices read from Postgres (not cached, or stale), devices replayed
+        # because of a late fix, visits written. What derived state costs a shard, for its logs.
+        self.counts = {"devices_reloaded": 0, "devices_replayed": 0, "visits_written": 0}
 
     def batch(self, fixes: Sequence[Fix]) -> DeviceBatch:
         """Start a batch: `with states.batch(fixes) as batch:` around the transaction."""
-        return DeviceBatch(self.cache, fixes)
+        return DeviceBatch(self.cache, fixes, self.counts)
 
 
 class DeviceBatch:
     """One batch's devices, from the cached states it starts with to the states it commits."""
 
-    def __init__(self, cache: DeviceCache, fixes: Sequence[Fix]) -> None:
+    def __init__(self, cache: DeviceCache, fixes: Sequence[Fix], counts: dict[str, int]) -> None:
         self.fixes = fixes
+        self.counts = counts
+        self.applied: Applied | None = None
         self.devices = sorted({fix.device_id for fix in fixes})
         self._cache = cache
         cache.begin_batch()
@@ -97,9 +102,10 @@ class DeviceBatch:
         for device_id, new_ts in derived.late.items():
             derived.add_visits(device_id, await replay_late(cur, self._states[device_id], new_ts, index))
         await store_derived(cur, derived, positions_inserted=inserted is not None)
-        return Applied(
+        self.applied = Applied(
             frozenset(reloaded), frozenset(derived.late), frozenset(derived.touched), len(derived.visits), index.revision
         )
+        return self.applied
 
     def __enter__(self) -> DeviceBatch:
         return self
@@ -113,3 +119,7 @@ class DeviceBatch:
             return
         for state in self._states.values():
             self._cache.put(state)
+        if self.applied is not None:
+            self.counts["devices_reloaded"] += len(self.applied.reloaded)
+            self.counts["devices_replayed"] += len(self.applied.late)
+            self.counts["visits_written"] += self.applied.visits

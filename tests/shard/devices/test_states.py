@@ -172,9 +172,10 @@ def test_a_stale_cached_state_is_not_used(migrated: str) -> None:
     """Shard B moves the device on; shard A's cached copy is then stale and reloaded, not continued."""
     zigzag = [point("d1", s * 10, -0.6 + s * 0.3, lat=0.2 + 0.6 * (s % 2)) for s in range(6)]
 
+    shard_a, shard_b = DeviceStates(100), DeviceStates(100)
+
     async def run() -> list[Applied]:
         async with connected(migrated) as (conn_a, geofences), connected(migrated) as (conn_b, _):
-            shard_a, shard_b = DeviceStates(100), DeviceStates(100)
             return [
                 await write(conn_a, shard_a, geofences, zigzag[:2]),
                 await write(conn_b, shard_b, geofences, zigzag[2:4]),
@@ -182,6 +183,7 @@ def test_a_stale_cached_state_is_not_used(migrated: str) -> None:
             ]
 
     a1, b, a2 = asyncio.run(run())
+    assert shard_a.counts["devices_reloaded"] == shard_b.counts["devices_reloaded"] == 1  # what the shard logs
     assert_same_result(stored_result(migrated), expected(zigzag))
     assert (a1.reloaded, b.reloaded, a2.reloaded) == (frozenset(), {"d1"}, {"d1"})
     assert version(migrated, "d1") == 3
@@ -212,9 +214,10 @@ def test_a_rolled_back_batch_leaves_nothing_behind(migrated: str) -> None:
     """A batch whose transaction fails changes neither Postgres nor what the next batch starts from."""
     track = [point("d1", s * 10, s * 0.3 - 0.4, lat=0.3 + 0.1 * s) for s in range(5)]
 
+    states = DeviceStates(100)
+
     async def run() -> Applied:
         async with connected(migrated) as (conn, geofences):
-            states = DeviceStates(100)
             await write(conn, states, geofences, track[:2])
             with pytest.raises(RolledBack):
                 await write(conn, states, geofences, [point("d1", 15, 9.0)], roll_back=True)
@@ -222,6 +225,7 @@ def test_a_rolled_back_batch_leaves_nothing_behind(migrated: str) -> None:
 
     applied = asyncio.run(run())
     assert applied.reloaded == {"d1"}
+    assert states.counts["devices_replayed"] == 0, "a rolled-back batch's late fix is not counted"
     assert_same_result(stored_result(migrated), expected(track))
 
 
