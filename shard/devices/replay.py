@@ -84,9 +84,11 @@ async def replay_late(
     visits: dict[tuple[int, datetime], Visit] = {}
     stop: TrackFix | None = None
     after = start.ts if start is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
-    while stop is None:
+    more = True
+    while stop is None and more:
         await cur.execute(_FIXES_AFTER, (state.device_id, after, REPLAY_CHUNK))
         chunk = [TrackFix(*row) for row in await cur.fetchall()]
+        more = len(chunk) == REPLAY_CHUNK  # a short chunk is the end: no round trip to learn it
         if not chunk:
             break
         inside = index.inside([f.lat for f in chunk], [f.lon for f in chunk])
@@ -106,7 +108,8 @@ async def replay_late(
         lower = start.ts
     else:  # from the device's first fix: every visit, but none entered below the floor (dropped fixes)
         lower = floor - _TICK if floor is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
-    await cur.execute(_DELETE_VISITS, (state.device_id, active, lower, upper))
+    if active:  # without active geofences there is no visit to replace
+        await cur.execute(_DELETE_VISITS, (state.device_id, active, lower, upper))
     adopt_replay(state, replay, old_distance, to_newest=stop is None, index=index)
     return list(visits.values())
 
@@ -115,8 +118,8 @@ async def _quiet_fix_before(cur: psycopg.AsyncCursor, device_id: str, before: da
     """The newest stored fix older than `before` that no visit of an active geofence covers."""
     while True:
         fix = await _previous_fix(cur, device_id, before)
-        if fix is None:
-            return None
+        if fix is None or not active:  # without active geofences no visit covers it
+            return fix
         await cur.execute(_EARLIEST_VISIT_AROUND, (device_id, active, fix.ts, fix.ts))
         (entered_at,) = await cur.fetchone()  # type: ignore[misc]
         if entered_at is None:
