@@ -58,23 +58,72 @@ WHERE device_id = %s AND geofence_id = ANY(%s) AND entered_at <= %s AND (exited_
 _FIXES_AFTER = """
 SELECT ts, lat, lon, speed FROM positions WHERE device_id = %s AND ts > %s ORDER BY ts LIMIT %s
 """
+# The common case of every late device of a batch in one statement: its newest stored fix before
+# the late ones within PREVIOUS_WINDOW, when no visit covers that fix (so the replay starts there),
+# and the first chunk of stored fixes after it. A device with no such fix gets no rows and takes
+# the step-by-step path of replay_late.
+_PREFETCH = """
+SELECT l.device_id, prev.ts, prev.lat, prev.lon, prev.speed, f.ts, f.lat, f.lon, f.speed
+FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[]) AS l(device_id, earliest)
+CROSS JOIN LATERAL (
+    SELECT ts, lat, lon, speed FROM positions p
+    WHERE p.device_id = l.device_id AND p.ts < l.earliest AND p.ts >= l.earliest - %(window)s
+    ORDER BY ts DESC LIMIT 1) AS prev
+CROSS JOIN LATERAL (
+    SELECT ts, lat, lon, speed FROM positions p
+    WHERE p.device_id = l.device_id AND p.ts > prev.ts ORDER BY ts LIMIT %(chunk)s) AS f
+WHERE NOT EXISTS (
+    SELECT 1 FROM timing_records tr
+    WHERE tr.device_id = l.device_id AND tr.geofence_id = ANY(%(active)s)
+      AND tr.entered_at <= prev.ts AND (tr.exited_at IS NULL OR tr.exited_at > prev.ts))
+ORDER BY l.device_id, f.ts
+"""
 _DELETE_VISITS = """
 DELETE FROM timing_records
 WHERE device_id = %s AND geofence_id = ANY(%s) AND entered_at > %s AND entered_at < %s
 """
 
 
+Prefetched = tuple[TrackFix, list[TrackFix]]  # where a replay starts, and the first chunk after it
+
+
+async def prefetch_replays(
+    cur: psycopg.AsyncCursor, late: dict[str, set[datetime]], index: GeofenceIndex
+) -> dict[str, Prefetched]:
+    """For every late device at once, what replay_late would read first (see _PREFETCH)."""
+    devices = sorted(late)
+    await cur.execute(_PREFETCH, {
+        "devices": devices, "earliest": [min(late[d]) for d in devices], "window": PREVIOUS_WINDOW,
+        "chunk": REPLAY_CHUNK, "active": list(index.by_id),
+    })
+    found: dict[str, Prefetched] = {}
+    for device_id, *row in await cur.fetchall():
+        if device_id not in found:
+            found[device_id] = (TrackFix(*row[:4]), [])
+        found[device_id][1].append(TrackFix(*row[4:]))
+    return found
+
+
 async def replay_late(
-    cur: psycopg.AsyncCursor, state: DeviceState, new_ts: set[datetime], index: GeofenceIndex
+    cur: psycopg.AsyncCursor,
+    state: DeviceState,
+    new_ts: set[datetime],
+    index: GeofenceIndex,
+    prefetched: Prefetched | None = None,
 ) -> list[Visit]:
     """Bring `state` (and timing_records) to what an in-order replay gives; returns visits to upsert.
 
     `new_ts` are the times of the device's fixes this batch stored (already in
-    `positions`, inside the caller's transaction, under the device's lock).
+    `positions`, inside the caller's transaction, under the device's lock). `prefetched`
+    is what prefetch_replays found for the device, if anything.
     """
     active = list(index.by_id)
     earliest = min(new_ts)
-    start = await _quiet_fix_before(cur, state.device_id, earliest, active)
+    first_chunk: list[TrackFix] | None = None
+    if prefetched is not None:
+        start, first_chunk = prefetched
+    else:
+        start = await _quiet_fix_before(cur, state.device_id, earliest, active)
     floor = await _floor(cur) if start is None else None
     if floor is not None and await _visit_across(cur, state.device_id, floor, active):
         return await _advance_newer(cur, state, earliest, index)
@@ -86,8 +135,11 @@ async def replay_late(
     after = start.ts if start is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
     more = True
     while stop is None and more:
-        await cur.execute(_FIXES_AFTER, (state.device_id, after, REPLAY_CHUNK))
-        chunk = [TrackFix(*row) for row in await cur.fetchall()]
+        if first_chunk is not None:
+            chunk, first_chunk = first_chunk, None
+        else:
+            await cur.execute(_FIXES_AFTER, (state.device_id, after, REPLAY_CHUNK))
+            chunk = [TrackFix(*row) for row in await cur.fetchall()]
         more = len(chunk) == REPLAY_CHUNK  # a short chunk is the end: no round trip to learn it
         if not chunk:
             break

@@ -34,7 +34,7 @@ import psycopg
 from shard.decode import Fix
 from shard.devices.cache import DeviceCache
 from shard.devices.live import derive, older_than_state
-from shard.devices.replay import replay_late
+from shard.devices.replay import prefetch_replays, replay_late
 from shard.devices.store import insert_positions_returning, lock_devices, store_derived
 from shard.devices.track import DeviceState
 from shard.geofences import GeofenceSource
@@ -99,8 +99,11 @@ class DeviceBatch:
         if safe or older_than_state(ordered, self._states):
             inserted = await insert_positions_returning(cur)
         derived = derive(ordered, self._states, index, inserted)
+        prefetched = await prefetch_replays(cur, derived.late, index) if derived.late else {}
         for device_id, new_ts in derived.late.items():
-            derived.add_visits(device_id, await replay_late(cur, self._states[device_id], new_ts, index))
+            derived.add_visits(
+                device_id, await replay_late(cur, self._states[device_id], new_ts, index, prefetched.get(device_id))
+            )
         await store_derived(cur, derived, positions_inserted=inserted is not None)
         self.applied = Applied(
             frozenset(reloaded), frozenset(derived.late), frozenset(derived.touched), len(derived.visits), index.revision

@@ -246,3 +246,33 @@ def test_bump_state_version_under_the_device_lock(migrated: str) -> None:
         assert bump_state_version(conn, "ghost") is None
         conn.commit()
     assert (version(migrated, "d1"), version(migrated, "ghost")) == (2, None)
+
+
+def test_late_devices_of_one_batch_replay_through_one_prefetch(migrated: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Devices outside every visit take the batch's one prefetch; one inside a visit, and one whose late
+    fix precedes all its history, take the step-by-step path: all end as an in-order pass gives."""
+    from shard.devices import replay, states
+
+    seen: list[tuple[int, int]] = []
+
+    async def spy(cur, late, index):  # type: ignore[no-untyped-def]
+        found = await replay.prefetch_replays(cur, late, index)
+        seen.append((len(late), len(found)))
+        return found
+
+    monkeypatch.setattr(states, "prefetch_replays", spy)
+    outside = [point(f"o{n}", s, -5.0 - n, lat=0.1 * s) for n in range(3) for s in (10, 20, 30, 40)]
+    inside = [point("in", s, 0.7) for s in (10, 20, 30)]  # in A and B from the first fix on
+    first = [point("first", s, -9.0, lat=s / 100) for s in (20, 30)]
+    late = [point(f"o{n}", 25, -5.5 - n, lat=3.0) for n in range(3)] + [point("in", 25, 0.8), point("first", 5, -9.5)]
+
+    async def run() -> Applied:
+        async with connected(migrated) as (conn, geofences):
+            states_ = DeviceStates(100)
+            await write(conn, states_, geofences, outside + inside + first)
+            return await write(conn, states_, geofences, late)
+
+    applied = asyncio.run(run())
+    assert applied.late == {"o0", "o1", "o2", "in", "first"}
+    assert seen == [(5, 3)], "three devices prefetched, two on the step-by-step path"
+    assert_same_result(stored_result(migrated), expected(outside + inside + first + late))
