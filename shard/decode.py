@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
+import msgspec
 import orjson
 
 from common.contract import device_id_problem
@@ -51,9 +53,27 @@ def decode_entry(fields: Sequence[bytes] | Mapping[bytes, bytes], not_after: dat
 
     `fields` is the entry's flat [name, value, …] list as Redis sent it (or a dict);
     a fix dated after `not_after` (the clock plus MAX_FUTURE_S) is poison too.
+    The fast path takes the common, valid entry; every other one takes the slow path
+    (`decode_entry_slow`'s), which alone decides what is poison and says why.
     """
-    flat = fields if not isinstance(fields, Mapping) else [item for pair in fields.items() for item in pair]
-    raw = _data_field(flat)
+    raw = _data_field(fields if type(fields) is list else _flat(fields))  # a list skips the ABC check
+    try:
+        fix = _decode_fast(raw)
+    except _UNUSUAL:
+        fix = _decode_slow(raw)
+    return _not_after(fix, not_after)
+
+
+def decode_entry_slow(fields: Sequence[bytes] | Mapping[bytes, bytes], not_after: datetime | None = None) -> Fix:
+    """decode_entry without the fast path: orjson, then every rule checked in Python (the reference)."""
+    return _not_after(_decode_slow(_data_field(_flat(fields))), not_after)
+
+
+def _flat(fields: Sequence[bytes] | Mapping[bytes, bytes]) -> Sequence[bytes]:
+    return fields if not isinstance(fields, Mapping) else [item for pair in fields.items() for item in pair]
+
+
+def _decode_slow(raw: bytes) -> Fix:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -62,11 +82,87 @@ def decode_entry(fields: Sequence[bytes] | Mapping[bytes, bytes], not_after: dat
         raise InvalidEntry("validate", f"data must be a JSON object, got {_json_type(obj)}")
     if len(obj) > MAX_DATA_MEMBERS:
         raise InvalidEntry("validate", f"data has {len(obj)} members, over the limit of {MAX_DATA_MEMBERS}")
-    fix = validate(obj, raw)
+    return validate(obj, raw)
+
+
+def _not_after(fix: Fix, not_after: datetime | None) -> Fix:
     if not_after is not None and fix.ts > not_after:
         ahead_s = (fix.ts - not_after).total_seconds()
         raise InvalidEntry("validate", f"ts in the future: {fix.ts.isoformat()} is {ahead_s:.0f}s beyond MAX_FUTURE_S")
     return fix
+
+
+# The fast path: msgspec reads `data` into _Data in C, checking each member's JSON type and
+# range (the limits `validate` applies); Python applies the rest with the same functions.
+# It must never accept what the slow path refuses, nor yield a different Fix, so it leaves
+# to the slow path whatever could differ:
+#   - unknown members (so never more than MAX_DATA_MEMBERS); a member of another JSON type
+#     (bools, strings or floats where ints go, null for a required member);
+#   - integers beyond int64 (orjson reads those beyond uint64 as floats, msgspec as ints);
+#   - an `io` that is not one flat object within MAX_IO_MEMBERS (flat, it is within the
+#     depth limit too);
+#   - a NUL anywhere (JSON can only carry it escaped, as \u0000).
+def _number_in(low: float, high: float) -> Any:
+    """A JSON number within [low, high]; integers stay int (so that -0 is 0, as orjson reads it)."""
+    meta = msgspec.Meta
+    return Annotated[int, meta(ge=max(math.ceil(low), -(2**63)), le=min(math.floor(high), 2**63 - 1))] | Annotated[
+        float, meta(ge=low, le=high)
+    ]
+
+
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+_FlatIo = Annotated[dict[str, _Int64 | float | str | bool | None], msgspec.Meta(max_length=MAX_IO_MEMBERS)]
+
+
+class _Data(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    device_id: str
+    ts: Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)] | str
+    lat: _number_in(-90.0, 90.0)  # type: ignore[valid-type]
+    lon: _number_in(-180.0, 180.0)  # type: ignore[valid-type]
+    alt: _number_in(-MAX_REAL, MAX_REAL) | None = None  # type: ignore[valid-type]
+    speed: _number_in(0.0, MAX_REAL) | None = None  # type: ignore[valid-type]
+    heading: _number_in(0.0, 360.0) | None = None  # type: ignore[valid-type]
+    sats: Annotated[int, msgspec.Meta(ge=0, le=MAX_SMALLINT)] | None = None
+    io: _FlatIo | None = None
+
+
+_read_data = msgspec.json.Decoder(_Data).decode
+
+
+class _Unusual(Exception):
+    """An entry the fast path leaves to the slow path."""
+
+
+# msgspec's refusals (ValidationError is a DecodeError), and _timestamp's for an ISO ts.
+_UNUSUAL = (_Unusual, msgspec.DecodeError, RecursionError, InvalidEntry)
+_new_fix = tuple.__new__  # Fix(...) runs a Python-level __new__; the same tuple, made in C
+
+
+def _decode_fast(raw: bytes) -> Fix:
+    """The entry's Fix, or one of _UNUSUAL when the slow path must judge it."""
+    if type(raw) is not bytes or b"\\u0000" in raw:
+        raise _Unusual
+    data = _read_data(raw)
+    device_id = data.device_id
+    if device_id_problem(device_id) is not None:
+        raise _Unusual
+    ts = data.ts  # an int is within 0..MAX_TS_MS: _timestamp's sum, without keyword arguments' cost
+    when = _EPOCH + timedelta(0, 0, 0, ts) if type(ts) is int else _timestamp(ts)
+    alt, speed, heading = data.alt, data.speed, data.heading
+    return _new_fix(
+        Fix,
+        (
+            device_id,
+            when,
+            float(data.lat),
+            float(data.lon),
+            None if alt is None else float(alt),
+            None if speed is None else float(speed),
+            None if heading is None else float(heading),
+            data.sats,
+            data.io,
+        ),
+    )
 
 
 def _data_field(flat: Sequence[bytes]) -> bytes:
