@@ -7,6 +7,7 @@ sandbox     the servers and one fresh database and stream per phase
 drain       drain throughput rows and their scenarios
 latency     end-to-end latency under a steady load
 membership  cost of the geofence membership test
+decode_micro  µs per entry of the shards' decoding (`python -m scripts.benchmark.decode_micro`)
 peer        the best-effort peer consumer (a process of its own); versus: the Processor beside it
 growth      cost growth with active devices and geofences
 profiles    --profile: the shards' cProfile by stage, pg_stat_statements
