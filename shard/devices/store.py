@@ -22,9 +22,6 @@ from common.keys import DEVICE_LOCK_CLASS
 from shard.devices.live import Derived
 
 STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS staging_devices (
-    device_id text COLLATE "C", odometer_m double precision, state_version bigint
-) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS staging_visits (
     device_id text COLLATE "C", geofence_id bigint, entered_at timestamptz, exited_at timestamptz,
     entry_crossing_at timestamptz, exit_crossing_at timestamptz, distance_m double precision,
@@ -32,8 +29,6 @@ CREATE TEMP TABLE IF NOT EXISTS staging_visits (
 ) ON COMMIT DELETE ROWS
 """
 _COPY_VISITS = "COPY staging_visits FROM STDIN (FORMAT BINARY)"
-_COPY_DEVICES = "COPY staging_devices FROM STDIN (FORMAT BINARY)"
-_DEVICE_TYPES = ("text", "float8", "int8")
 _VISIT_TYPES = ("text", "int8", "timestamptz", "timestamptz", "timestamptz", "timestamptz", "float8", "float4", "int4")
 
 # Every transaction that touches a device holds its lock until commit, so derived state
@@ -76,7 +71,9 @@ INSERT INTO last_position AS lp (device_id, ts, lat, lon, alt, speed, heading, s
                                  odometer_m, state_version, updated_at)
 SELECT DISTINCT ON (s.device_id) s.device_id, s.ts, s.lat, s.lon, s.alt, s.speed, s.heading, s.sats,
        s.attributes, d.odometer_m, d.state_version, now()
-FROM staging_positions s JOIN staging_devices d ON d.device_id = s.device_id
+FROM staging_positions s
+JOIN unnest(%(devices)s::text[], %(odometers)s::float8[], %(versions)s::int8[]) AS d(device_id, odometer_m, state_version)
+  ON d.device_id COLLATE "C" = s.device_id
 ORDER BY s.device_id, s.ts DESC, s.seq
 ON CONFLICT (device_id) DO UPDATE SET
     ts = CASE WHEN EXCLUDED.ts > lp.ts THEN EXCLUDED.ts ELSE lp.ts END,
@@ -150,11 +147,14 @@ async def store_derived(cur: psycopg.AsyncCursor, derived: Derived, positions_in
                     )
                 )
         await cur.execute(_UPSERT_VISITS)
-    async with cur.copy(_COPY_DEVICES) as copy:
-        copy.set_types(_DEVICE_TYPES)
-        for state in derived.touched.values():
-            await copy.write_row((state.device_id, state.odometer_m, state.version))
-    await cur.execute(_UPSERT_LAST if positions_inserted else _INSERT_POSITIONS_AND_UPSERT_LAST)
+    # The changed devices' derived columns travel as three arrays: no staging table to fill.
+    touched = derived.touched.values()
+    params = {
+        "devices": [state.device_id for state in touched],
+        "odometers": [state.odometer_m for state in touched],
+        "versions": [state.version for state in touched],
+    }
+    await cur.execute(_UPSERT_LAST if positions_inserted else _INSERT_POSITIONS_AND_UPSERT_LAST, params)
 
 
 def bump_state_version(conn: psycopg.Connection, device_id: str) -> int | None:
