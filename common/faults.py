@@ -166,7 +166,7 @@ def untrusted_certificate(exc: BaseException) -> str | None:
     redis-py wraps the ssl module's error in a ConnectionError raised while handling it, so
     the chain is searched; libpq reports it only in its message.
     """
-    for link in _chain(exc):
+    for link in chain(exc):
         if isinstance(link, ssl.SSLCertVerificationError):
             reason = getattr(link, "verify_message", None)  # set by the ssl module's handshake
             return f"certificate verify failed: {reason}" if reason else one_line(link)
@@ -175,7 +175,7 @@ def untrusted_certificate(exc: BaseException) -> str | None:
     return None
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def chain(exc: BaseException) -> Iterator[BaseException]:
     """`exc`, then what it was raised from or while handling, each once."""
     seen: set[int] = set()
     link: BaseException | None = exc
@@ -215,7 +215,7 @@ def acl_refusal(exc: BaseException, redis_url: str) -> str | None:
     None when `exc` is no ACL denial. Redis names the command it denied (XACK), not the key
     or channel; inside a script Redis 7.0 names neither, but its ACL LOG does.
     """
-    for link in _chain(exc):
+    for link in chain(exc):
         if not isinstance(link, redis.exceptions.RedisError):
             continue
         message = redis_reply(one_line(link))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import psycopg
 
+from common.faults import one_line
+
 RUNTIME_ROLE = "processor_runtime"
 
 # Table → the privileges the shards and operator commands use on it.
@@ -65,5 +67,5 @@ def explain(url: str, error: BaseException, timeout_s: int = 5) -> str | None:
     except psycopg.Error:
         return None
     if not lacking:
-        return f"Postgres role {role} was refused: {str(error).strip().splitlines()[0]}"
+        return f"Postgres role {role} was refused: {one_line(error)}"
     return refusal(role, lacking)

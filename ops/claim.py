@@ -15,7 +15,7 @@ import uvloop
 
 from common.config import Settings
 from common.errors import ConnectionRefusedForGood, ProcessorError
-from common.faults import acl_refusal
+from common import refusals
 from common.status import StatusBoard
 from shard.lifecycle import Shard
 from shard.stream import Entry
@@ -31,8 +31,8 @@ def claim_now(settings: Settings, min_idle_ms: int | None, from_consumer: str | 
     except asyncio.TimeoutError:
         raise ProcessorError(f"claiming did not finish within {CLAIM_DEADLINE_S:.0f}s; what is left stays pending") from None
     except Exception as exc:
-        # The claim runs a shard's own code, outside the commands' error boundary: name an ACL denial here.
-        denied = acl_refusal(exc, settings.redis_url)
+        # The claim runs a shard's own code, outside the commands' error boundary: name a refusal here.
+        denied = refusals.describe(exc, redis_url=settings.redis_url, database_url=settings.database_url)
         if denied is None:
             raise
         raise ConnectionRefusedForGood(denied) from None

@@ -21,10 +21,10 @@ from contextlib import contextmanager
 import psycopg
 import redis
 
-from common import privileges
+from common import refusals
 from common.config import redact_url
 from common.errors import ExitCode, ProcessorError
-from common.faults import Outcome, acl_refusal, classify, one_line, server_of, untrusted_certificate
+from common.faults import Outcome, classify, one_line, server_of, untrusted_certificate
 from common.redis_client import keep_field_pairs, sync_client
 
 REDIS_TIMEOUT_S = 10.0
@@ -125,8 +125,7 @@ def _refusal(server: str, url: str, exc: Exception, message: str, connecting: bo
     untrusted = untrusted_certificate(exc)
     if untrusted is not None:
         return Refused(f"TLS certificate of {server} at {redact_url(url)} not trusted: {untrusted}{note}")
-    explained = privileges.explain(url, exc) if sqlstate == PRIVILEGE_SQLSTATE and server == POSTGRES else None
-    explained = explained or (acl_refusal(exc, url) if server == REDIS else None)
+    explained = refusals.describe(exc, redis_url=url, database_url=url if server == POSTGRES else None)
     if explained:
         return Refused(f"{explained}{note}")
     what = "the connection" if connecting else "the command"

@@ -16,14 +16,13 @@ import time
 from collections.abc import Coroutine
 from typing import Any, NoReturn
 
-import psycopg
 import uvloop
 from setproctitle import setproctitle
 
-from common import logs, privileges
+from common import logs, refusals
 from common.config import Settings
 from common.errors import ExitCode
-from common.faults import Outcome, acl_refusal, classify, one_line
+from common.faults import Outcome, classify, one_line
 from common.keys import consumer_name
 from common.panic import Panic, crash_point
 from common.retry import retry
@@ -89,9 +88,8 @@ class Shard:
     def fail(self, exc: BaseException, where: str) -> NoReturn:
         """The end of a shard that cannot go on: exit 78 when refused (restarting will not help), else panic."""
         if classify(exc) is Outcome.REFUSED:
-            denied = _privilege_denied(exc)
-            explained = privileges.explain(self.settings.database_url, denied) if denied is not None else None
-            error = explained or acl_refusal(exc, self.settings.redis_url) or one_line(exc)
+            said = refusals.describe(exc, redis_url=self.settings.redis_url, database_url=self.settings.database_url)
+            error = said or one_line(exc)
             log.critical("shard cannot work with this configuration", extra={"error": error})
             self.board.write_last_words(self.index, error)
             logging.shutdown()
@@ -211,12 +209,3 @@ class Shard:
                 log.debug("connection dropped without a polite close", extra={"error": one_line(exc)})
         self.report.publish()  # the supervisor's drain report reads in_flight (left pending) from here
         log.info("shard stopped", extra=self.report.totals())
-
-
-def _privilege_denied(exc: BaseException | None) -> BaseException | None:
-    """Postgres' permission-denied error in `exc` or what caused it (a retry wraps its refusals)."""
-    while exc is not None:
-        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-            return exc
-        exc = exc.__cause__
-    return None

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 
 from common.config import Settings
 from common.errors import ExitCode
-from common.faults import Outcome, acl_refusal, classify, one_line
+from common import refusals
+from common.faults import Outcome, classify, one_line
 from common.panic import Panic
 from common.status import StatusBoard
 from supervisor.children import set_up_helper
@@ -136,7 +137,9 @@ class Maintenance:
                     log.warning("maintenance duty paused", extra={"duty": duty.name, "error": one_line(exc)})
                 return
             if outcome is Outcome.REFUSED:
-                error = acl_refusal(exc, self.settings.redis_url) or one_line(exc)
+                settings = self.settings  # partition maintenance uses MIGRATION_DATABASE_URL
+                said = refusals.describe(exc, redis_url=settings.redis_url, database_url=settings.migration_database_url)
+                error = said or one_line(exc)
                 log.critical("maintenance cannot work with this configuration", extra={"duty": duty.name, "error": error})
                 self.board.write_last_words(None, f"{duty.name}: {error}")
                 raise Refused(duty.name) from exc
