@@ -38,7 +38,7 @@ log = logging.getLogger("processor.migrations")
 
 LOCK_WAIT_S = 120.0
 LOCK_POLL_S = 0.2
-SCHEMA_WAIT_S = 120.0  # a role that may not migrate waits this long for the owner to
+SCHEMA_WAIT_S = 120.0  # how long a role that may not migrate waits for the owner to do it
 SCHEMA_POLL_S = 1.0
 CONNECT_TIMEOUT_S = 10
 NO_TRANSACTION = "-- processor: no-transaction"
@@ -116,18 +116,23 @@ def apply_migrations(url: str, migrations: list[Migration] | None = None) -> lis
     migrations = load_migrations() if migrations is None else migrations
     with _connect(url) as conn:
         check_postgres(conn)
-        _acquire_lock(conn)
-        try:
-            done = pending(conn, migrations)
-            if done:
-                _require_ddl(conn, done)
-                if to_regclass(conn, "schema_migrations") is None:
-                    conn.execute(_CREATE_LEDGER)
-            for migration in done:
-                _apply_one(conn, migration)
-            return done
-        finally:
-            _release_lock(conn)
+        return _migrate(conn, migrations)
+
+
+def _migrate(conn: psycopg.Connection, migrations: list[Migration]) -> list[Migration]:
+    """Under the advisory lock: apply what is missing (the ledger first, if there is none)."""
+    _acquire_lock(conn)
+    try:
+        done = pending(conn, migrations)
+        if done:
+            _require_ddl(done, ddl_refusal(conn))
+            if to_regclass(conn, "schema_migrations") is None:
+                conn.execute(_CREATE_LEDGER)
+        for migration in done:
+            _apply_one(conn, migration)
+        return done
+    finally:
+        _release_lock(conn)
 
 
 def ensure_schema(
@@ -142,15 +147,16 @@ def ensure_schema(
     migrations = load_migrations() if migrations is None else migrations
     with _connect(url) as conn:
         check_postgres(conn)
-        if ddl_refusal(conn) is None:
-            return apply_migrations(url, migrations)
+        why = ddl_refusal(conn)
+        if why is None:
+            return _migrate(conn, migrations)
         behind = pending(conn, migrations)
         if not behind:
             log.info("schema is current; this role does not change it, so it does not migrate", extra={"role": conn.info.user})
             return []
         log.warning(
             "schema is behind and this role may not change it: waiting for its owner to migrate it",
-            extra={"role": conn.info.user, "pending": _names(behind), "wait_s": wait_s, "why": ddl_refusal(conn)},
+            extra={"role": conn.info.user, "pending": _names(behind), "wait_s": wait_s, "why": why},
         )
         deadline = time.monotonic() + wait_s
         while behind and time.monotonic() < deadline:
@@ -158,7 +164,7 @@ def ensure_schema(
             time.sleep(SCHEMA_POLL_S)
             behind = pending(conn, migrations)
         if behind:
-            _require_ddl(conn, behind, f" and nobody migrated it within {wait_s:.0f}s")
+            _require_ddl(behind, why, f" and nobody migrated it within {wait_s:.0f}s")
         log.info("schema brought up to date by its owner", extra={"role": conn.info.user})
         return []
 
@@ -197,8 +203,8 @@ def ddl_refusal(conn: psycopg.Connection) -> str | None:
     return None
 
 
-def _require_ddl(conn: psycopg.Connection, behind: list[Migration], after: str = "") -> None:
-    why = ddl_refusal(conn)
+def _require_ddl(behind: list[Migration], why: str | None, after: str = "") -> None:
+    """A schema `behind` and a role that may not change it (`why`, from ddl_refusal): exit 78."""
     if why is not None:
         raise MigrationError(
             f"the schema is {len(behind)} migration(s) behind ({', '.join(_names(behind))}){after}, and {why}; "
@@ -296,7 +302,7 @@ def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:
                 _run_step(conn, migration, number, len(steps), step)
             conn.execute(_RECORD, record)
     except psycopg.errors.Error as exc:
-        hint = exc.diag.message_hint if isinstance(exc, psycopg.errors.Error) and exc.diag else None
+        hint = exc.diag.message_hint
         raise MigrationError(
             f"migration {migration.version:04d}_{migration.name}.sql failed: {one_line(exc)}" + (f" ({hint})" if hint else "")
         ) from exc
