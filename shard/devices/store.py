@@ -2,9 +2,9 @@
 
 Everything here runs inside the batch's transaction (or the rehydrate command's), after
 the writer staged the batch in `staging_positions(seq, cached_version, device_id, ts,
-lat, lon, alt, speed, heading, sats, attributes)`. Derived rows travel by binary COPY
-into the temporary tables of `STAGING` (created by the writer's prologue), then one
-statement each writes them.
+lat, lon, alt, speed, heading, sats, attributes)`. Visits travel by binary COPY into
+`staging_visits` (`STAGING`, created by the writer's prologue); the changed devices'
+odometers and versions as array parameters of the last_position upsert.
 
 Two rules keep cached copies honest (SPEC §5 "Rehydration"): every transaction that
 changes a device holds its advisory lock (`DEVICE_LOCK_CLASS`, hashtext(device_id))
