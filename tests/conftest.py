@@ -9,6 +9,7 @@ from contextlib import ExitStack
 import psycopg
 import pytest
 import redis
+from psycopg import sql
 
 from common.config import Settings
 from scripts.toolkit.roles import as_user, create_runtime_login, drop_login
@@ -43,6 +44,19 @@ def runtime_login(pg_admin_url: str) -> Iterator[str]:
     """A login role IN ROLE processor_runtime (SPEC §3): what the e2e tests' DATABASE_URL connects as."""
     name = f"test_app_{uuid.uuid4().hex[:12]}"
     create_runtime_login(pg_admin_url, name)
+    yield name
+    drop_login(pg_admin_url, name)
+
+
+@pytest.fixture
+def bare_login(pg_admin_url: str) -> Iterator[str]:
+    """A login role of its own that nobody granted processor_runtime, dropped afterwards.
+
+    Request it before `start_processor`, so that the processes connected as it are killed first.
+    """
+    name = f"test_bare_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
     yield name
     drop_login(pg_admin_url, name)
 

@@ -1,4 +1,5 @@
-"""Which Redis and Postgres the tests use: the given ones when they answer, else throwaway servers.
+"""Which Redis and Postgres the tests use: the given ones when they answer, else throwaway servers;
+and `execute`, one statement run as a URL's role.
 
 Tests never depend on the shared servers' state: each test gets its own database and its
 own stream keys. Tests that stop or restart a server start their own (ThrowawayRedis,
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import ExitStack
+
+import psycopg
 
 from scripts.toolkit.services import ThrowawayPostgres, ThrowawayRedis, postgres_reachable, redis_reachable, with_database
 
@@ -45,3 +48,9 @@ def provide_postgres(stack: ExitStack) -> str:
         container = stack.enter_context(PostgresContainer("postgres:15", driver=None))
         return with_database(container.get_connection_url(), "postgres")
     return stack.enter_context(ThrowawayPostgres(fsync=False)).url
+
+
+def execute(url: str, sql: str) -> None:
+    """One statement, committed at once, as the role of `url` (the owner's DDL and GRANTs, an admin's CREATE ROLE)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)

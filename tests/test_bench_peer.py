@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 
 import psycopg
@@ -15,6 +14,7 @@ from scripts.benchmark.versus import PeerRun
 from scripts.toolkit.fleet import Fleet
 from scripts.toolkit.harness import group_info
 from scripts.toolkit.writer import produce
+from tests.e2e.processes import wait_for
 
 pytestmark = pytest.mark.e2e
 DEADLINE_S = 30.0
@@ -37,22 +37,22 @@ def test_peer_stores_a_backlog_exactly(redis_url, redis_client, database_url, ru
     peer = PeerRun(env, tmp_path / "peer.log")
     try:
         with psycopg.connect(database_url, autocommit=True) as db:
-            deadline = time.monotonic() + DEADLINE_S
-            # Both connected (and so past their SIGTERM handler) before the backlog, so both take part.
-            while db.execute("select count(*) from pg_stat_activity where datname = current_database() "
-                             "and application_name like 'peer %'").fetchone()[0] < 2:
+
+            def connected() -> bool:
                 peer.check_alive()
-                assert time.monotonic() < deadline, "the peers did not connect"
-                time.sleep(0.05)
-            assert produce(redis_client, stream_key, sent).valid == len(sent)
-            while True:
+                return db.execute("select count(*) from pg_stat_activity where datname = current_database() "
+                                  "and application_name like 'peer %'").fetchone()[0] >= 2
+
+            def drained() -> bool:
                 peer.check_alive()
                 group = group_info(redis_client, stream_key) or {}
                 count = db.execute("select count(*) from positions").fetchone()[0]
-                if group.get("entries-read") == len(sent) and group.get("pending") == 0 and count >= len(fixes):
-                    break
-                assert time.monotonic() < deadline, f"not drained in {DEADLINE_S:.0f}s: {group}, {count} rows"
-                time.sleep(0.05)
+                return group.get("entries-read") == len(sent) and group.get("pending") == 0 and count >= len(fixes)
+
+            # Both connected (and so past their SIGTERM handler) before the backlog, so both take part.
+            wait_for(connected, DEADLINE_S, what="both peers connected")
+            assert produce(redis_client, stream_key, sent).valid == len(sent)
+            wait_for(drained, DEADLINE_S, what=f"{len(sent)} entries read, none pending, {len(fixes)} rows stored")
             assert peer.stop() == [0, 0]
 
             stored = db.execute("select device_id, (extract(epoch from ts) * 1000)::bigint, lat, lon, speed::float8, "

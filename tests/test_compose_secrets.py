@@ -14,12 +14,12 @@ import pytest
 
 from common.config import Settings
 from scripts import secrets as stack_secrets
+from tests.e2e.acl import USER, documented_rule
 from tests.test_deployment import COMPOSE, command_words, compose, environment, mounts, service
 
 ROOT = Path(__file__).parents[1]
 OPERATIONS = ROOT / "OPERATIONS.md"
 INIT_DIR = "/docker-entrypoint-initdb.d"
-ACL_BLOCK = re.compile(r"^## Redis ACL user\b.*?^```acl\n(?P<rule>.*?)\n```", re.M | re.S)
 SECRET_PATH = re.compile(r"/run/secrets/(\w+)")
 
 
@@ -169,13 +169,11 @@ def test_acl_users_have_the_permissions_of_operations_md(tmp_path: Path) -> None
     """The ACL file's `processor` and `ingestion` lines grant what OPERATIONS.md's ACL SETUSER rules grant
     (the processor's plus +client|setinfo, which OPERATIONS.md advises for Redis 7.2 and the stack runs 7.2)."""
     text = OPERATIONS.read_text()
-    match = ACL_BLOCK.search(text)
-    assert match, "OPERATIONS.md has no `## Redis ACL user` section with an ```acl block"
     producer = re.search(r"`(ACL SETUSER ingestion [^`]*)`", text)
     assert producer, "OPERATIONS.md gives no rule for the producer's user `ingestion`"
     stack_secrets.generate(tmp_path, "<STREAM_KEY>", "<DLQ_KEY>")
-    documented = documented_permissions(match.group("rule").strip(), "processor")
-    assert acl_line(tmp_path, "processor") == [*documented, stack_secrets.REDIS_7_2_PERMISSIONS]
+    documented = documented_permissions(documented_rule(), USER)
+    assert acl_line(tmp_path, USER) == [*documented, stack_secrets.REDIS_7_2_PERMISSIONS]
     assert f"add `{stack_secrets.REDIS_7_2_PERMISSIONS}`" in " ".join(text.split())
     major, minor = map(int, re.match(r"redis:(\d+)\.(\d+)", service("redis")["image"]).groups())  # type: ignore[union-attr]
     assert (major, minor) >= (7, 2), "Redis 7.0 rejects +client|setinfo: the ACL file would not load"

@@ -25,6 +25,7 @@ SPEC = Path(__file__).parents[1].parent / "shared" / "SPEC.md"
 DEFAULT_DRAIN_TIMEOUT_S = 20.0  # SPEC §4
 DURATION_UNITS_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|ns|h|m|s)")
+DEFAULTED_VARIABLE = re.compile(r"\$\{\w+:?-(?P<default>[^}]*)\}")  # ${NAME:-default} or ${NAME-default}
 PASSWORD_IN_URL = re.compile(r"://(?:\$\{[^}]*\}|[^/@:$]+):([^@]+)@")  # user (literal or ${...}):password@
 
 
@@ -101,11 +102,12 @@ def command_words(svc: dict) -> list[str]:
 
 
 def mounts(svc: dict) -> dict[str, str]:
-    """Container path → source, for the short and the long volume syntax."""
+    """Container path → source, for the short and the long volume syntax; a `${VARIABLE:-default}`
+    in the short syntax is read as Compose reads it with the variable unset: its default."""
     found = {}
     for volume in svc.get("volumes") or []:
         if isinstance(volume, str):
-            source, _, rest = volume.partition(":")
+            source, _, rest = DEFAULTED_VARIABLE.sub(r"\g<default>", volume).partition(":")
             found[rest.split(":")[0]] = source
         else:
             found[volume["target"]] = volume.get("source", "")

@@ -9,6 +9,7 @@ import pytest
 from common import logs
 from common.config import Settings, redact_url
 from common.errors import ConfigError, ExitCode
+from tests.files import secret_file
 
 SECRET = "f1le-s3cret"
 URLS = {
@@ -18,12 +19,7 @@ URLS = {
 }
 FIELDS = {"DATABASE_URL": "database_url", "MIGRATION_DATABASE_URL": "migration_database_url", "REDIS_URL": "redis_url"}
 
-
-def secret_file(tmp_path: Path, content: str, name: str = "secret") -> Path:
-    path = tmp_path / name
-    path.write_text(content)
-    path.chmod(0o600)
-    return path
+pytestmark = pytest.mark.usefixtures("fresh_secrets")  # each test's secrets are its own (common.logs._SECRETS)
 
 
 def config_error(env: dict[str, str]) -> str:

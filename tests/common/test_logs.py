@@ -15,6 +15,8 @@ from common import logs
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 NOISY = ("asyncio", "psycopg", "redis")
 
+pytestmark = pytest.mark.usefixtures("fresh_secrets")  # each test's secrets are its own (common.logs._SECRETS)
+
 
 @pytest.fixture
 def configured(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:

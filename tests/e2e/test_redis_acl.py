@@ -27,7 +27,8 @@ from supervisor.migrations import apply_migrations
 from tests.e2e.acl import acl_rule, create_user, denials, user_url
 from tests.e2e.processes import wait_for
 from tests.e2e.verify import assert_exact, stored_count, wait_settled
-from tests.ops.letters import run_cli
+from tests.files import collection, feature, geojson_file
+from tests.ops.letters import one_line, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -104,10 +105,8 @@ def prepare_database(env: dict[str, str], database_url: str, tmp_path) -> None: 
     ok(run_cli(env, "migrate"))
     with psycopg.connect(database_url) as conn:
         conn.execute(f"ALTER TABLE positions ADD CONSTRAINT no_reject CHECK (device_id <> '{REJECTED_DEVICE}')")
-    path = tmp_path / "depots.geojson"
-    feature = {"type": "Feature", "properties": {"name": "Depot", "radius_m": 500},
-               "geometry": {"type": "Point", "coordinates": [4.9, 52.37]}}
-    path.write_bytes(orjson.dumps({"type": "FeatureCollection", "features": [feature]}))
+    depot = feature("Depot", {"type": "Point", "coordinates": [4.9, 52.37]}, radius_m=500)
+    path = geojson_file(tmp_path / "depots.geojson", collection(depot))
     ok(run_cli(env, "geofences", "import", str(path)))
     assert "Depot" in ok(run_cli(env, "geofences", "list")).stdout
 
@@ -158,7 +157,11 @@ def test_the_pipeline_and_every_operator_command_run_as_the_acl_user(
     rehydrated = json_of(run_cli(env, "rehydrate", device, "--json"))
     assert rehydrated["shards_notified"] >= 1
     wait_for(lambda: "device state dropped on request" in processor.log_messages(), 10, what="a shard dropping the device")
-    assert json_of(run_cli(env, "lag", "--json"))
+    lag = json_of(run_cli(env, "lag", "--json"))
+    assert (lag["stream"], lag["group"], lag["dlq"], lag["stream_exists"], lag["group_exists"]) == (
+        stream, "processor", dlq, True, True)
+    assert f"{env['INSTANCE_ID']}-0" in {consumer["name"] for consumer in lag["consumers"]}, lag["consumers"]
+    assert lag["lost"] == 1, "the entry deleted while the ghost held it, counted by the claim"
     ok(run_cli(env, "retention"))
     _, dead = outcomes(admin, stream)
     wait_for(lambda: settled(admin, database_url, stream, len(dead)), 30, interval_s=0.2, what="everything settled")
@@ -252,6 +255,6 @@ def test_an_operator_command_missing_a_permission_exits_78_with_one_line(
     create_user(admin, rule_for(acl_env), without=(missing,))
     result = run_cli(acl_env, *command)
     assert result.returncode == ExitCode.CONFIG, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Redis user processor " in lines[0] and named in lines[0], lines
+    line = one_line(result)
+    assert "Redis user processor " in line and named in line, line
     assert password_of(acl_env) not in result.stderr

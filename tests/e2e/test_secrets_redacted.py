@@ -9,9 +9,7 @@ Postgres whose TCP connections need scram-sha-256 (the shared servers trust ever
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,15 +20,15 @@ import redis
 
 from common.errors import ExitCode
 from scripts.toolkit.services import ThrowawayPostgres, ThrowawayRedis
+from tests.files import secret_file
+from tests.ops.letters import run_cli
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).parents[2]
 RIGHT = "r1ght-" + uuid.uuid4().hex[:10]
 WRONG = "wr0ng-" + uuid.uuid4().hex[:10]
 KEY_PASSPHRASE = "k3y-" + uuid.uuid4().hex[:10]
 SECRETS = (RIGHT, WRONG, KEY_PASSPHRASE)
-CLI_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +54,27 @@ def locked_postgres() -> Iterator[str]:
         yield f"127.0.0.1:{server.port}"
 
 
-def run_cli(env: dict[str, str], *args: str, panic_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ops", *args],
-        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HTTP_PORT": "0",
-             "PANIC_DIR": str(panic_dir), "SHARDS": "1", "STREAM_KEY": f"test:{uuid.uuid4().hex[:8]}", **env},
-        capture_output=True, text=True, timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL,
-    )
+def cli_env(panic_dir: Path, **env: str) -> dict[str, str]:
+    """What every command here runs with: its own stream and panic dir, one shard, no HTTP port."""
+    return {"HTTP_PORT": "0", "PANIC_DIR": str(panic_dir), "SHARDS": "1", "STREAM_KEY": f"test:{uuid.uuid4().hex[:8]}",
+            **env}
+
+
+def url_file(tmp_path: Path, url: str) -> str:
+    """A secret file holding `url` as Docker and Kubernetes mount one: with a trailing newline."""
+    return str(secret_file(tmp_path, url + "\n"))
+
+
+# What the servers answer a wrong password with (Redis' WRONGPASS, libpq's FATAL), quoted in the line.
+CAUSES = {
+    "Redis": "invalid username-password pair or user is disabled",
+    "Postgres": 'password authentication failed for user "app"',
+}
 
 
 def assert_refused_without_secrets(result: subprocess.CompletedProcess[str], panic_dir: Path, server: str) -> None:
-    """Exit 78, one `processor:` line on stderr naming the server, and no secret anywhere."""
+    """Exit 78; one line (`processor:` on stderr, or `run`'s halt reason) naming the server and quoting
+    its refusal of the password; no secret anywhere."""
     everything = result.stdout + result.stderr
     dumps = [path.read_text() for path in panic_dir.glob("*")] if panic_dir.exists() else []
     for secret in SECRETS:
@@ -75,16 +83,25 @@ def assert_refused_without_secrets(result: subprocess.CompletedProcess[str], pan
     assert result.returncode == ExitCode.CONFIG, everything
     if result.args[-1] == "run":  # the supervisor logs JSON lines on stdout and halts with its reason
         halts = [json.loads(line) for line in result.stdout.splitlines() if '"supervisor halted"' in line]
-        assert len(halts) == 1 and server in halts[0]["reason"], result.stdout
-        return
-    errors = [line for line in result.stderr.splitlines() if line.startswith("processor")]
-    assert len(errors) == 1 and server in errors[0], result.stderr
+        assert len(halts) == 1, result.stdout
+        line = halts[0]["reason"]
+    else:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("processor")]
+        assert len(errors) == 1, result.stderr
+        line = errors[0]
+    assert f"{server} at " in line and CAUSES[server] in line, line
 
 
-def secret_file(tmp_path: Path, value: str) -> str:
-    path = tmp_path / f"secret-{uuid.uuid4().hex[:6]}"
-    path.write_text(value + "\n")
-    return str(path)
+def assert_wrong_password_refused(
+    tmp_path: Path, command: tuple[str, ...], service: str, name: str, template: str, env: dict[str, str], **values: str
+) -> None:
+    """`name` (or, for a "file:" template, `<name>_FILE`) holds the template filled in with WRONG and `values`,
+    beside the right `env`: `service` refuses the command's password, and no secret is shown."""
+    url = template.removeprefix("file:").format(wrong=WRONG, **values)
+    variable = {f"{name}_FILE": url_file(tmp_path, url)} if template.startswith("file:") else {name: url}
+    panic_dir = tmp_path / "panic"
+    result = run_cli(cli_env(panic_dir, **env, **variable), *command)
+    assert_refused_without_secrets(result, panic_dir, service)
 
 
 @pytest.mark.parametrize("command", [("lag",), ("dlq", "list"), ("run",)], ids=" ".join)
@@ -100,11 +117,8 @@ def secret_file(tmp_path: Path, value: str) -> str:
 )
 def test_wrong_redis_password(locked_redis, locked_postgres, tmp_path, command, template) -> None:  # type: ignore[no-untyped-def]
     """A wrong Redis password, however given, is exit 78 with one line; neither password is shown."""
-    url = template.removeprefix("file:").format(wrong=WRONG, server=locked_redis)
-    variable = {"REDIS_URL_FILE": secret_file(tmp_path, url)} if template.startswith("file:") else {"REDIS_URL": url}
-    env = {**variable, "DATABASE_URL": f"postgresql://app:{RIGHT}@{locked_postgres}/app"}
-    result = run_cli(env, *command, panic_dir=tmp_path / "panic")
-    assert_refused_without_secrets(result, tmp_path / "panic", "Redis")
+    right = {"DATABASE_URL": f"postgresql://app:{RIGHT}@{locked_postgres}/app"}
+    assert_wrong_password_refused(tmp_path, command, "Redis", "REDIS_URL", template, right, server=locked_redis)
 
 
 @pytest.mark.parametrize("command", [("migrate",), ("geofences", "list"), ("run",)], ids=" ".join)
@@ -119,24 +133,31 @@ def test_wrong_redis_password(locked_redis, locked_postgres, tmp_path, command, 
     ids=["userinfo", "query", "sslpassword", "from-file"],
 )
 def test_wrong_postgres_password(locked_redis, locked_postgres, tmp_path, command, template) -> None:  # type: ignore[no-untyped-def]
-    """A wrong Postgres password (with a key passphrase beside it) is exit 78 with one line, no secret shown."""
-    url = template.removeprefix("file:").format(wrong=WRONG, server=locked_postgres, passphrase=KEY_PASSPHRASE)
-    name = "MIGRATION_DATABASE_URL" if command == ("migrate",) else "DATABASE_URL"
-    variable = {f"{name}_FILE": secret_file(tmp_path, url)} if template.startswith("file:") else {name: url}
-    env = {"REDIS_URL": f"redis://:{RIGHT}@{locked_redis}/0", **variable}
-    result = run_cli(env, *command, panic_dir=tmp_path / "panic")
-    assert_refused_without_secrets(result, tmp_path / "panic", "Postgres")
+    """A wrong Postgres password (with a key passphrase beside it) is exit 78 with one line, no secret shown.
+
+    `migrate` connects with MIGRATION_DATABASE_URL alone: DATABASE_URL is the right URL there, so
+    that the only URL that could be refused is the wrong one (not the default of an unset DATABASE_URL).
+    """
+    right = {"REDIS_URL": f"redis://:{RIGHT}@{locked_redis}/0"}
+    if command == ("migrate",):
+        name = "MIGRATION_DATABASE_URL"
+        right["DATABASE_URL"] = f"postgresql://app:{RIGHT}@{locked_postgres}/app"
+    else:
+        name = "DATABASE_URL"
+    assert_wrong_password_refused(
+        tmp_path, command, "Postgres", name, template, right, server=locked_postgres, passphrase=KEY_PASSPHRASE
+    )
 
 
 def test_right_passwords_from_files_work(locked_redis, locked_postgres, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The same secrets, right this time and read from files: migrate and lag succeed and print no secret."""
     env = {
-        "REDIS_URL_FILE": secret_file(tmp_path, f"redis://default:{RIGHT}@{locked_redis}/0"),
-        "DATABASE_URL_FILE": secret_file(tmp_path, f"postgresql://app:{RIGHT}@{locked_postgres}/app"),
+        "REDIS_URL_FILE": url_file(tmp_path, f"redis://default:{RIGHT}@{locked_redis}/0"),
+        "DATABASE_URL_FILE": url_file(tmp_path, f"postgresql://app:{RIGHT}@{locked_postgres}/app"),
         "LOG_LEVEL": "DEBUG",
     }
     for command in (("migrate",), ("lag",), ("geofences", "list")):
-        result = run_cli(env, *command, panic_dir=tmp_path / "panic")
+        result = run_cli(cli_env(tmp_path / "panic", **env), *command)
         assert result.returncode == ExitCode.OK, result.stderr
         assert not any(secret in result.stdout + result.stderr for secret in SECRETS)
 
@@ -144,13 +165,13 @@ def test_right_passwords_from_files_work(locked_redis, locked_postgres, tmp_path
 def test_panic_dump_and_logs_hold_no_secret(locked_redis, locked_postgres, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A supervisor that panics with every kind of secret configured: exit 70, a dump, and no secret in it or the log."""
     env = {
-        "REDIS_URL_FILE": secret_file(tmp_path, f"redis://default:{RIGHT}@{locked_redis}/0"),
+        "REDIS_URL_FILE": url_file(tmp_path, f"redis://default:{RIGHT}@{locked_redis}/0"),
         "DATABASE_URL": f"postgresql://app:{RIGHT}@{locked_postgres}/app?sslmode=prefer&sslpassword={KEY_PASSPHRASE}",
-        "MIGRATION_DATABASE_URL_FILE": secret_file(tmp_path, f"postgresql://{locked_postgres}/app?user=app&password={RIGHT}"),
+        "MIGRATION_DATABASE_URL_FILE": url_file(tmp_path, f"postgresql://{locked_postgres}/app?user=app&password={RIGHT}"),
         "PROCESSOR_TEST_CRASH": "supervisor-uncaught",
         "LOG_LEVEL": "DEBUG",
     }
-    result = run_cli(env, "run", panic_dir=tmp_path / "panic")
+    result = run_cli(cli_env(tmp_path / "panic", **env), "run")
     assert result.returncode == ExitCode.SOFTWARE, result.stdout + result.stderr
     dumps = [path.read_text() for path in (tmp_path / "panic").glob("*.json")]
     assert len(dumps) == 1

@@ -68,8 +68,7 @@ def test_processor_run_refuses_redis_older_than_7(env, old_redis, start_processo
     """`processor run` against Redis 6.2: exit 78 with one line naming both versions, no shard forked."""
     processor = start_processor({**env, "REDIS_URL": old_redis})
     assert processor.wait(30) == ExitCode.CONFIG
-    halted = [entry for entry in processor.logs() if entry["msg"] == "supervisor halted"]
-    assert halted and "Redis 6.2.14 is older than the oldest supported, 7.0" in halted[0]["reason"]
+    assert "Redis 6.2.14 is older than the oldest supported, 7.0" in processor.halted_reason()
     assert "shard spawned" not in processor.log_messages()
 
 

@@ -26,7 +26,7 @@ from scripts.toolkit.writer import backlog
 from tests.conftest import processor_env
 from tests.e2e.processes import wait_for
 from tests.e2e.verify import assert_exact, wait_settled
-from tests.ops.letters import run_cli
+from tests.ops.letters import one_line, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -77,13 +77,6 @@ def tls_env(tls_redis: ThrowawayRedis, owner_url: str, certificates: Certificate
         f"tls:{uuid.uuid4().hex[:12]}:telemetry",
         tmp_path / "panic",
     )
-
-
-def one_line(result) -> str:  # type: ignore[no-untyped-def]
-    """An operator command's stderr, which must be exactly one line."""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return str(lines[0])
 
 
 def encrypted_backends(owner_url: str) -> list[tuple[str, bool]]:

@@ -1,5 +1,5 @@
-"""Helpers of the dead-letter tests: the command line in a child process, fixes, and letters
-written straight into the DLQ in either format."""
+"""Helpers of the dead-letter and command-line tests: the command line in a child process and
+its one-line error, fixes, and letters written straight into the DLQ in either format."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import orjson
 import redis
 
 from common.letters import letter_fields
+from scripts.toolkit.processes import ROOT
 
-ROOT = Path(__file__).parents[2]
 FAILED_AT = "2026-03-01T10:00:00.000Z"
 GROUP = "processor"
 
@@ -26,6 +25,13 @@ def run_cli(env: dict[str, str], *args: str, stdin: int | None = subprocess.DEVN
         [sys.executable, "-m", "ops", *args],
         env=full_env, stdin=stdin, capture_output=True, text=True, timeout=60, check=False,
     )
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """A command's stderr, which must be exactly one line."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
 
 
 def fix(device_id: str, **more: object) -> bytes:

@@ -23,6 +23,7 @@ from ops.geofences import import_file, list_geofences
 from ops.rehydrate import rehydrate
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import wait_for
+from tests.files import collection, feature, geojson_file
 
 ROOT = Path(__file__).parents[2]
 SECRET = "s3cret-pw"
@@ -37,14 +38,6 @@ DOCKS = {
 }
 YARD = {"type": "Point", "coordinates": [13.0, 53.0]}
 BOWTIE = {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}
-
-
-def feature(name: object, geometry: object, **properties: object) -> dict[str, object]:
-    return {"type": "Feature", "properties": {"name": name, **properties}, "geometry": geometry}
-
-
-def collection(*features: dict[str, object]) -> dict[str, object]:
-    return {"type": "FeatureCollection", "features": list(features)}
 
 
 WriteGeojson = Callable[[object], Path]
@@ -64,9 +57,7 @@ def write_geojson(tmp_path: Path) -> WriteGeojson:
     counter = iter(range(1000))
 
     def write(document: object) -> Path:
-        path = tmp_path / f"fences-{next(counter)}.geojson"
-        path.write_bytes(orjson.dumps(document))
-        return path
+        return geojson_file(tmp_path / f"fences-{next(counter)}.geojson", document)
 
     return write
 

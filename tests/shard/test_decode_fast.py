@@ -63,6 +63,17 @@ def assert_same(fields: object, not_after: datetime | None = NOT_AFTER) -> str:
     return f"{fast[0]}, {'fast' if took_fast_path(fields) else 'slow'} path"
 
 
+def assert_fast_path(raw: bytes) -> None:
+    """The fast path itself takes `raw` (no fallback to the slow path) and gives the reference's Fix."""
+    try:
+        fix = _decode_fast(raw)
+    except _UNUSUAL as exc:
+        pytest.fail(f"the fast path left it to the slow path ({type(exc).__name__}: {exc}): {raw[:200]!r}")
+    reference = decode_entry_slow([b"data", raw])
+    assert fix == reference
+    assert repr(fix) == repr(reference)
+
+
 def took_fast_path(fields: object) -> bool:
     flat = [item for pair in fields.items() for item in pair] if isinstance(fields, dict) else fields
     if not (len(flat) == 2 and flat[0] == b"data"):
@@ -163,8 +174,9 @@ def data_text(draw: st.DrawFn) -> bytes:
 def test_fleet_entries_are_identical_fixes() -> None:
     """What tcp-ingestion sends, io included, decodes to equal fixes (floats, datetimes, dicts)."""
     for fix in Fleet(50).fixes(500):
-        assert_same([b"data", orjson.dumps(fix)])
-        assert_same([b"data", json.dumps(fix, indent=1).encode()])
+        for raw in (orjson.dumps(fix), json.dumps(fix, indent=1).encode()):
+            assert_same([b"data", raw])
+            assert_fast_path(raw)
 
 
 def test_every_member_with_every_edge_value() -> None:
@@ -206,7 +218,13 @@ def test_hostile_entries(flat: list[bytes]) -> None:
     assert_same(dict(zip(flat[::2], flat[1::2])))
 
 
-@pytest.mark.parametrize("size", [MAX_IO_MEMBERS, MAX_IO_MEMBERS + 1])
-def test_flat_io_at_and_over_the_member_limit(size: int) -> None:
+@pytest.mark.parametrize(("size", "fast"), [(MAX_IO_MEMBERS, True), (MAX_IO_MEMBERS + 1, False)])
+def test_flat_io_at_and_over_the_member_limit(size: int, fast: bool) -> None:
+    """At the limit the fast path takes the entry; one member over, it leaves it to the slow path."""
     io = {f"k{i}": i for i in range(size)}
-    assert_same([b"data", orjson.dumps({"device_id": "d", "ts": 1, "lat": 1, "lon": 1, "io": io})])
+    raw = orjson.dumps({"device_id": "d", "ts": 1, "lat": 1, "lon": 1, "io": io})
+    assert_same([b"data", raw])
+    if fast:
+        assert_fast_path(raw)
+    else:
+        assert not took_fast_path([b"data", raw])

@@ -15,6 +15,7 @@ import pytest
 
 from common.errors import MigrationError
 from supervisor.migrations import apply_migrations, load_migrations
+from tests.services import execute
 
 ROOT = Path(__file__).parents[2]
 
@@ -22,11 +23,6 @@ ROOT = Path(__file__).parents[2]
 def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(sql, params).fetchall()
-
-
-def execute(url: str, sql: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(sql)
 
 
 def columns(url: str, table: str) -> dict[str, str]:

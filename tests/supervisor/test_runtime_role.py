@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import psycopg
 import pytest
 
 from common import privileges
 from common.errors import ConfigError, ExitCode, MigrationError
-from scripts.toolkit.roles import as_user, drop_login
-from supervisor.migrations import apply_migrations, check_runtime_role, ensure_schema, load_migrations
+from scripts.toolkit.roles import as_user
+from supervisor.migrations import Migration, apply_migrations, check_runtime_role, ensure_schema, load_migrations
 
 _GRANTS = """
 SELECT table_name, privilege_type FROM information_schema.role_table_grants
@@ -81,32 +80,31 @@ def test_runtime_role_waits_for_the_owner_to_migrate(database_url: str, runtime_
     migrations = load_migrations()
     apply_migrations(database_url, migrations[:2])
     looks: list[int] = []
+    owner: list[Future[list[Migration]]] = []
 
-    def between() -> None:  # the supervisor's signal check; here: the owner migrates at the second look
-        looks.append(1)
-        if len(looks) == 2:
-            threading.Thread(target=apply_migrations, args=(database_url,)).start()
+    with ThreadPoolExecutor(max_workers=1) as pool:
 
-    assert ensure_schema(runtime_database_url, migrations, wait_s=60, between=between) == []
-    assert len(looks) >= 2
+        def between() -> None:  # the supervisor's signal check; here: the owner migrates at the second look
+            looks.append(1)
+            if len(looks) == 2:
+                owner.append(pool.submit(apply_migrations, database_url))
+
+        assert ensure_schema(runtime_database_url, migrations, wait_s=60, between=between) == []
+        assert len(looks) >= 2 and len(owner) == 1
+        applied = owner[0].result(timeout=60)  # the owner's exception, if it raised one, fails the test here
+    assert [m.version for m in applied] == [m.version for m in migrations[2:]]
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == len(migrations)
 
 
-def test_a_login_outside_the_runtime_role_is_named_with_what_it_lacks(database_url: str, pg_admin_url: str) -> None:
+def test_a_login_outside_the_runtime_role_is_named_with_what_it_lacks(database_url: str, bare_login: str) -> None:
     """A login role nobody granted processor_runtime: start-up says which privileges, and how to grant them."""
     apply_migrations(database_url)
-    name = f"test_bare_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE ROLE "{name}" LOGIN')
-    try:
-        with pytest.raises(ConfigError) as refused:
-            check_runtime_role(as_user(database_url, name))
-    finally:
-        drop_login(pg_admin_url, name)
+    with pytest.raises(ConfigError) as refused:
+        check_runtime_role(as_user(database_url, bare_login))
     message = str(refused.value)
-    assert message.startswith(f"Postgres role {name} lacks SELECT on table positions, INSERT on table positions")
-    assert f"GRANT processor_runtime TO {name}" in message and refused.value.exit_code == ExitCode.CONFIG
+    assert message.startswith(f"Postgres role {bare_login} lacks SELECT on table positions, INSERT on table positions")
+    assert f"GRANT processor_runtime TO {bare_login}" in message and refused.value.exit_code == ExitCode.CONFIG
 
 
 def test_partition_maintenance_as_the_runtime_role_changes_nothing(database_url: str, runtime_database_url: str) -> None:
