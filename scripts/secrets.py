@@ -60,8 +60,24 @@ REDIS_7_2_PERMISSIONS = "+client|setinfo"
 INGESTION_PERMISSIONS = "resetkeys ~<STREAM_KEY> resetchannels -@all +xadd"
 
 
+# Redis reads a key or channel pattern as a glob: these stand for themselves only behind a `\`
+# (OPERATIONS.md, "Redis ACL user"). The backslash goes first, or it would escape the escapes.
+GLOB_SPECIAL = ("\\", "*", "?", "[")
+
+
+def glob_literal(key: str) -> str:
+    """`key` as a Redis ACL pattern that matches that key only. A key with whitespace is refused:
+    it would split the ACL file's line (and ACL SETUSER's arguments) in two."""
+    if any(c.isspace() for c in key):
+        raise ValueError(f"a Redis key in the ACL rules cannot hold whitespace: {key!r}")
+    for special in GLOB_SPECIAL:
+        key = key.replace(special, "\\" + special)
+    return key
+
+
 def fill(permissions: str, stream_key: str, dlq_key: str) -> str:
-    return permissions.replace("<STREAM_KEY>", stream_key).replace("<DLQ_KEY>", dlq_key)
+    """`permissions` with <STREAM_KEY> and <DLQ_KEY> filled in as literal patterns."""
+    return permissions.replace("<STREAM_KEY>", glob_literal(stream_key)).replace("<DLQ_KEY>", glob_literal(dlq_key))
 
 
 def acl_user(name: str, password: str, permissions: str) -> str:
@@ -108,6 +124,8 @@ def write(path: Path, text: str) -> None:
 
 def generate(directory: Path, stream_key: str, dlq_key: str) -> dict[str, str]:
     """Make or complete every secret file in `directory`; returns what each file says it is."""
+    for key in (stream_key, dlq_key):
+        glob_literal(key)  # a key the ACL file cannot hold is refused before anything is written
     directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     os.chmod(directory, DIR_MODE)
     passwords, report = {}, {}
@@ -130,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-key", default="telemetry:t", help="the stack's STREAM_KEY (default telemetry:t)")
     parser.add_argument("--dlq-key", help="the stack's DLQ_KEY (default <STREAM_KEY>:dlq)")
     args = parser.parse_args(argv)
-    report = generate(args.dir, args.stream_key, args.dlq_key or f"{args.stream_key}:dlq")
+    try:
+        report = generate(args.dir, args.stream_key, args.dlq_key or f"{args.stream_key}:dlq")
+    except ValueError as exc:  # a key the ACL file cannot hold
+        parser.error(str(exc))
     for name, what in report.items():
         print(f"{args.dir / name}: {what}")  # names only: a secret is never printed
     return 0

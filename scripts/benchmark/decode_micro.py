@@ -6,7 +6,7 @@ Each row is the best of --rounds passes over the same entries (the least disturb
 work on the machine):
 
     decode_entry        the shards' decoder (the msgspec fast path, where there is one)
-    decode_entry_slow   the reference decoder (orjson + validation in Python), when present
+    decode_entry_slow   the reference decoder (orjson + validation in Python)
     decode_batch        decode_entry plus the batch loop around it (shard/batch.py)
 """
 
@@ -19,10 +19,9 @@ from datetime import datetime, timedelta, timezone
 
 import orjson
 
-import shard.decode
 from scripts.toolkit.fleet import Fleet
 from shard.batch import decode_batch
-from shard.decode import decode_entry
+from shard.decode import decode_entry, decode_entry_slow
 
 BATCH = 1_000  # entries per decode_batch call, as a shard reads them (BATCH_SIZE's default)
 
@@ -45,10 +44,9 @@ def measure(entries: list[list[bytes]], rounds: int) -> dict[str, float]:
     """Every row decodes BATCH entries at a time and keeps their fixes until the next, as a shard does."""
     not_after = datetime.now(timezone.utc) + timedelta(days=365 * 50)  # Fleet dates are fixed: none in the future
     chunks = [entries[i : i + BATCH] for i in range(0, len(entries), BATCH)]
-    rows: dict[str, Callable[[list[bytes], datetime], object]] = {"decode_entry": decode_entry}
-    slow = getattr(shard.decode, "decode_entry_slow", None)
-    if slow is not None:
-        rows["decode_entry_slow"] = slow
+    rows: dict[str, Callable[[list[bytes], datetime], object]] = {
+        "decode_entry": decode_entry, "decode_entry_slow": decode_entry_slow,
+    }
     results = {}
     for name, decoder in rows.items():
         results[name] = best_us(

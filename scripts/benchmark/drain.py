@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import orjson
 import psycopg
@@ -25,7 +25,7 @@ from scripts.benchmark.base import (
     say,
 )
 from scripts.benchmark.profiles import Profile
-from scripts.benchmark.run import ProcessorRun
+from scripts.benchmark.run import ProcessorRun, shard_cpu_s
 from scripts.benchmark.sandbox import Bench, Sandbox, Span
 from scripts.toolkit.harness import group_info
 from scripts.toolkit.writer import Counts, backlog
@@ -97,8 +97,9 @@ def write_backlog(box: Sandbox, label: str, n: int, devices: int) -> tuple[int, 
     t = time.monotonic()
     counts = backlog(box.redis, box.stream, n, devices=devices, seed=SEED, progress=on_batch)
     say(f"  backlog written in {time.monotonic() - t:.1f}s (not timed)")
-    if box.redis.xlen(box.stream) != counts.total:
-        raise BenchError(f"stream holds {box.redis.xlen(box.stream)} entries, expected {counts.total}")
+    entries = box.redis.xlen(box.stream)
+    if entries != counts.total:
+        raise BenchError(f"stream holds {entries} entries, expected {counts.total}")
     return counts.valid, counts.total
 
 
@@ -113,14 +114,16 @@ class Consumer(Protocol):
 
     def log_tail(self, lines: int = 15) -> str: ...
 
-    def cpu_seconds(self) -> Any: ...
+    def busy_cpu_s(self) -> float: ...  # CPU seconds so far of the processes doing the work
 
 
 @dataclass
 class Drained:
     t_end: float  # the poll that saw everything stored
     first_read_at: float | None  # the poll that first saw an entry read
-    cpu_at_first_read: Any  # the consumer's cpu_seconds() then: start-up (connections, geofences) is apart
+    # the consumer's busy_cpu_s() then (0 if none was): start-up (connections, geofences) is apart.
+    # The per-fix CPU counts from this poll, up to POLL_S after the first entry was read.
+    cpu_at_first_read: float
 
 
 def wait_drained(box: Sandbox, consumer: Consumer, label: str, expected: int, total: int) -> Drained:
@@ -131,14 +134,14 @@ def wait_drained(box: Sandbox, consumer: Consumer, label: str, expected: int, to
 
         progress = Progress(label, expected)
         first_read_at: float | None = None
-        cpu_at_first_read: Any = None
+        cpu_at_first_read = 0.0
         last_change, last_read, count = consumer.started, -1, 0
         while True:
             now = time.monotonic()
             consumer.sample()
             done, read = stream_done(box.redis, box.stream, total)
             if read and first_read_at is None:
-                first_read_at, cpu_at_first_read = now, consumer.cpu_seconds()
+                first_read_at, cpu_at_first_read = now, consumer.busy_cpu_s()
             if read != last_read:
                 last_change, last_read = now, read
             if done:
@@ -172,12 +175,6 @@ def drain_values(expected: int, started: float, drained: Drained) -> dict[str, f
     )
 
 
-def shard_cpu_s(cpu: dict[str, float]) -> float:
-    """CPU seconds of the shard processes alone (not the supervisor or its helpers). The per-fix
-    figure counts from the poll that saw the first entry read (up to POLL_S late)."""
-    return sum(v for k, v in cpu.items() if k.startswith("processor: shard "))
-
-
 def run_drain(bench: Bench, result: Result, scenario: DrainScenario, n: int, devices: int) -> None:
     """One drain row, filled into `result`; raises BenchError when the phase fails."""
     result.values.update(shards=scenario.shards, backlog=n, devices=devices, target_per_s=scenario.target)
@@ -199,11 +196,12 @@ def run_drain(bench: Bench, result: Result, scenario: DrainScenario, n: int, dev
             exit_code = proc.stop()
         finally:
             proc.close()
+        startup = drained.cpu_at_first_read
         result.values.update(
             **drain_values(expected, proc.started, drained),
             shard_processes_seen=len(proc.shards()),
-            shard_cpu_us_per_fix=round(1e6 * (shard_cpu_s(cpu) - shard_cpu_s(drained.cpu_at_first_read or {})) / expected, 2),
-            shard_cpu_startup_s=round(shard_cpu_s(drained.cpu_at_first_read or {}), 2),
+            shard_cpu_us_per_fix=round(1e6 * (shard_cpu_s(cpu) - startup) / expected, 2),
+            shard_cpu_startup_s=round(startup, 2),
             **span.values(proc, cpu, exit_code),
             derived=proc.derived_counts(),
         )

@@ -27,7 +27,7 @@ from scripts.benchmark.drain import DrainScenario, import_geofences, run_drain
 from scripts.benchmark.sandbox import Bench
 from scripts.benchmark.versus import Phase
 
-BASELINE = (2_000, 0, "")
+BASELINE = (2_000, 0)  # (devices, geofences): the case the others are compared with
 DENSE = "dense"  # all geofences within the fleet's area, whatever their number
 # (devices, geofences, layout) -> allowed growth over BASELINE (None: no target)
 CASES: dict[tuple[int, int, str], float | None] = {
@@ -78,7 +78,7 @@ def summarise(result: Result, runs: list[Result]) -> None:
             "visits_per_1000": round(statistics.median(
                 1000 * r.values.get("derived", {}).get("visits_written", 0) / r.values["records"] for r in done), 1),
         })
-    base = next((row for row in rows if (row["devices"], row["geofences"]) == BASELINE[:2]), None)
+    base = next((row for row in rows if (row["devices"], row["geofences"]) == BASELINE), None)
     for row in rows:
         if base is not None:
             row["rate_vs_base"] = round(row["drain_per_s"] / base["drain_per_s"], 3)

@@ -40,7 +40,9 @@ CREATE TEMP TABLE IF NOT EXISTS peer_staging (
 """
 _COPY = "COPY peer_staging FROM STDIN (FORMAT BINARY)"
 _TYPES = ("text", "int8", "float8", "float8", "float4", "float4", "float4", "int2", "jsonb")
-# Rows go in device order, so two peers upserting the same devices lock them in the same order.
+# The last_position upsert goes in device order (DISTINCT ON ... ORDER BY device_id), so two peers
+# upserting the same devices lock those rows in the same order. The positions insert is unordered:
+# a deadlock between two peers inserting the same fixes there is retried by store().
 _STORE = """
 INSERT INTO positions (device_id, ts, lat, lon, alt, speed, heading, sats, attributes)
 SELECT device_id, timestamptz 'epoch' + ts_ms * interval '1 millisecond', lat, lon, alt, speed, heading, sats, attributes

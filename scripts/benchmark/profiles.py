@@ -11,8 +11,9 @@ charging an await wrapper, such as redis' call_with_retry, with its suspension) 
 Profiling slows the shards down: a profiled run's rates are
 not the Processor's.
 
-pg_stat_statements (the throwaway Postgres preloads it with --profile) is reset right before
-the run; the top statements by total execution time are kept, in this run's database only,
+pg_stat_statements (the throwaway Postgres preloads it with --profile) is reset for this run's
+database only (another database on a shared server keeps its statistics) right before the run;
+the top statements by total execution time are kept, in this run's database only,
 summed over sessions by text (a statement on a temporary table has another queryid in each).
 """
 
@@ -77,7 +78,9 @@ class Profile:
         if self.statements:
             with psycopg.connect(box.database_url, autocommit=True) as db:
                 db.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-                db.execute("SELECT pg_stat_statements_reset()")
+                # userid 0 and queryid 0 are wildcards: every entry of this database, none of another's.
+                db.execute("SELECT pg_stat_statements_reset(0::oid, d.oid, 0::bigint)"
+                           " FROM pg_database d WHERE d.datname = current_database()")
 
     def collect(self, result: Any) -> None:
         """Adds `profile` to the result's values: stages (from the .prof files) and statements."""
@@ -128,7 +131,7 @@ def stage_summary(files: list[Path], fixes: int) -> dict[str, Any]:
             {"stage": name, "s": round(seconds[name], 3),
              "us_per_fix": round(1e6 * seconds[name] / fixes, 2) if fixes else None,
              "share": None if name == IDLE else round(seconds[name] / busy, 3),
-             "largest": [f"{where} ({t:.3f} s)" for t, where in sorted(functions[name], reverse=True)[:TOP_FUNCTIONS]]}
+             "largest": [f"{where} ({t:.3f} s)" for t, where in sorted(functions.get(name, []), reverse=True)[:TOP_FUNCTIONS]]}
             for name in order if name in seconds
         ],
     }

@@ -108,7 +108,9 @@ def render_report(args: argparse.Namespace, cores: int, model: str, background: 
                   servers: dict[str, str], results: list[Result]) -> str:
     """The Markdown report printed at the end (not yet scrubbed of passwords)."""
     title = f"## Processor benchmark: {cores} cores, {model}"
-    settings = (f"backlog {fmt_int(args.backlog)} fixes / {fmt_int(args.devices)} devices; latency "
+    # growth sets the devices of each case itself (its table gives them), whatever --devices says
+    devices = "" if args.only == "growth" else f" / {fmt_int(args.devices)} devices"
+    settings = (f"backlog {fmt_int(args.backlog)} fixes{devices}; latency "
                 f"{fmt_int(args.rate)}/s x {args.latency_seconds:g} s" + ("; --quick" if args.quick else ""))
     if args.only == "soak":
         settings = (f"soak: {fmt_int(args.rate)} fixes/s from {fmt_int(args.devices)} devices for "

@@ -34,6 +34,7 @@ class ShardMemory:
     title: str
     rss_kb: int = 0  # highest VmRSS seen while sampling
     hwm_kb: int = 0  # VmHWM, the kernel's peak
+    gone: bool = False  # exited (its /proc entry is gone): title and figures stay as last read
 
 
 class ProcessorRun:
@@ -62,17 +63,27 @@ class ProcessorRun:
             raise BenchError(f"processor exited early with code {code}\n{self.log_tail()}")
 
     def sample(self) -> None:
-        """Memory of every shard; the children are re-listed at most once a second."""
+        """Memory of every shard; the children are re-listed at most once a second, or at every
+        call while fewer live shards than expected are known."""
         now = time.monotonic()
-        live = [m for m in self.memory.values() if stat_fields(m.pid) is not None]
-        if len(live) < self.shards_expected or now - self.last_scan >= 1.0:
+        for mem in self.memory.values():
+            mem.gone = mem.gone or stat_fields(mem.pid) is None
+        # a helper (maintenance, http) is no shard: counted, it would hide a shard forked after it
+        live = sum(not m.gone and (_is_shard(m.title) or not _settled(m.title)) for m in self.memory.values())
+        if live < self.shards_expected or now - self.last_scan >= 1.0:
             self.last_scan = now
             for pid in children(self.pid):
                 if pid not in self.memory:
                     self.memory[pid] = ShardMemory(pid, proc_title(pid))
         for mem in self.memory.values():
+            if mem.gone:
+                continue
             if not _settled(mem.title):  # just forked (its parent's title), or read while being rewritten
-                mem.title = proc_title(mem.pid)
+                title = proc_title(mem.pid)
+                if title == "?":  # exited since: keep the title last read
+                    mem.gone = True
+                    continue
+                mem.title = title or mem.title  # empty while it has no memory map (mid-exec, a zombie): read again
             kb = status_kb(mem.pid, "VmRSS", "VmHWM")
             mem.rss_kb = max(mem.rss_kb, kb.get("VmRSS", 0))
             mem.hwm_kb = max(mem.hwm_kb, kb.get("VmHWM", 0))
@@ -84,9 +95,13 @@ class ProcessorRun:
             out[f"{proc_title(pid)} (pid {pid})"] = cpu_ticks(pid) / CLK_TCK
         return out
 
+    def busy_cpu_s(self) -> float:
+        """CPU seconds so far of the shard processes, the ones doing the work."""
+        return shard_cpu_s(self.cpu_seconds())
+
     def shards(self) -> list[ShardMemory]:
         """The shard processes seen (the supervisor's helpers, such as maintenance, apart)."""
-        return [m for m in self.memory.values() if m.title.startswith("processor: shard ")]
+        return [m for m in self.memory.values() if _is_shard(m.title)]
 
     def peak_rss_mb(self) -> list[float]:
         return [round(max(m.hwm_kb, m.rss_kb) / 1024, 1) for m in self.shards()]
@@ -130,6 +145,16 @@ class ProcessorRun:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
         self.log_file.close()
+
+
+def shard_cpu_s(cpu: dict[str, float]) -> float:
+    """CPU seconds of the shard processes alone (not the supervisor or its helpers) in a
+    ProcessorRun.cpu_seconds() reading."""
+    return sum(v for k, v in cpu.items() if _is_shard(k))
+
+
+def _is_shard(title: str) -> bool:
+    return title.startswith("processor: shard ")
 
 
 def _settled(title: str) -> bool:

@@ -223,6 +223,15 @@ class Span:
         self.fixes = fixes() if callable(fixes) else fixes
         self.batches = self.bench.batches_between(self.calls0, self.fixes)
 
+    def measured(self) -> dict[str, Any]:
+        """The span's own result values, whatever ran in it: batches, Postgres' and Redis' CPU, the machine."""
+        return dict(
+            batches=self.batches,
+            postgres_cpu_s=None if self.pg_cpu0 is None else round(self.pg_cpu1 - self.pg_cpu0, 2),
+            redis_cpu_s=round(self.redis_cpu1 - self.redis_cpu0, 2),
+            machine=self.machine,
+        )
+
     def values(self, proc: ProcessorRun, cpu: dict[str, float], exit_code: int) -> dict[str, Any]:
         """The result values every measured phase reports, from the span and the processor run."""
         panic = Path(proc.env["PANIC_DIR"])
@@ -231,9 +240,6 @@ class Span:
             cpu_by_process_s={k: round(v, 2) for k, v in cpu.items()},
             peak_rss_mb_per_shard=proc.peak_rss_mb(),
             exit_code=exit_code,
-            batches=self.batches,
-            postgres_cpu_s=None if self.pg_cpu0 is None else round(self.pg_cpu1 - self.pg_cpu0, 2),
-            redis_cpu_s=round(self.redis_cpu1 - self.redis_cpu0, 2),
-            machine=self.machine,
+            **self.measured(),
             panic_files=sorted(p.name for p in panic.iterdir()) if panic.is_dir() else [],
         )

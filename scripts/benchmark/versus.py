@@ -30,6 +30,8 @@ from scripts.toolkit.processes import CLK_TCK, ROOT, cpu_ticks, status_kb, tail
 PEER_PROCESSES = 2
 TARGET_RATIO = 0.85
 Phase = tuple[Result, Callable[[Result], None]]
+# Each round's drains in turn: (side, the Processor's SHARDS or None for the peer).
+SIDES: tuple[tuple[str, int | None], ...] = (("processor-2", 2), ("peer", None), ("processor-1", 1))
 
 
 class PeerRun:
@@ -60,7 +62,8 @@ class PeerRun:
     def log_tail(self, lines: int = 15) -> str:
         return "peer log tail:\n  " + "\n  ".join(tail(self.log_path, lines))
 
-    def cpu_seconds(self) -> float:
+    def busy_cpu_s(self) -> float:
+        """CPU seconds so far of the peer's processes (all of them do the work)."""
         return sum(cpu_ticks(proc.pid) for proc in self.procs) / CLK_TCK
 
     def stop(self) -> list[int]:
@@ -94,7 +97,7 @@ def run_peer(bench: Bench, result: Result, n: int, devices: int) -> None:
         peer = PeerRun(box.env, box.workdir / "peer.log")
         try:
             drained = wait_drained(box, peer, result.label, expected, total)
-            cpu = peer.cpu_seconds()
+            cpu = peer.busy_cpu_s()
             span.stop(expected)
             say(f"  drained {fmt_int(expected)} in {drained.t_end - peer.started:.2f}s; stopping the peer")
             codes = peer.stop()
@@ -103,13 +106,10 @@ def run_peer(bench: Bench, result: Result, n: int, devices: int) -> None:
         result.values.update(
             **drain_values(expected, peer.started, drained),
             cpu_s=round(cpu, 2),
-            cpu_us_per_fix=round(1e6 * (cpu - (drained.cpu_at_first_read or 0.0)) / expected, 2),
+            cpu_us_per_fix=round(1e6 * (cpu - drained.cpu_at_first_read) / expected, 2),
             peak_rss_mb_per_process=[round(kb / 1024, 1) for kb in peer.hwm_kb],
             exit_codes=codes,
-            batches=span.batches,
-            postgres_cpu_s=None if span.pg_cpu0 is None else round(span.pg_cpu1 - span.pg_cpu0, 2),
-            redis_cpu_s=round(span.redis_cpu1 - span.redis_cpu0, 2),
-            machine=span.machine,
+            **span.measured(),
         )
         profile.collect(result)
         if any(codes):
@@ -121,12 +121,11 @@ def versus_phases(bench: Bench, args: argparse.Namespace) -> list[Phase]:
     runs: list[Result] = []
     phases: list[Phase] = []
     for r in range(1, args.rounds + 1):
-        for side in ("processor-2", "peer", "processor-1"):
-            if side == "peer":
+        for side, shards in SIDES:
+            if shards is None:
                 result = Result("run", f"round {r}: peer ({PEER_PROCESSES} processes)", {"side": side, "round": r})
                 phases.append((result, lambda res: run_peer(bench, res, args.backlog, args.devices)))
             else:
-                shards = int(side[-1])
                 scenario = DrainScenario(f"round {r}: Processor SHARDS={shards}", shards)
                 result = Result("run", scenario.label, {"side": side, "round": r})
                 phases.append((result, lambda res, s=scenario: run_drain(bench, res, s, args.backlog, args.devices)))

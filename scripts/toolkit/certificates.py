@@ -9,7 +9,6 @@ signed anything: a client that trusts only it must refuse the server.
 from __future__ import annotations
 
 import os
-import pwd
 import shlex
 import shutil
 import subprocess
@@ -94,13 +93,13 @@ def redis_arguments(certs: Certificates, tls_port: int) -> list[str]:
             "--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "no"]
 
 
-def postgres_options(certs: Certificates, directory: Path) -> str:
+def postgres_options(certs: Certificates, directory: Path, owner: tuple[int, int] | None = None) -> str:
     """postgres -c options for ssl=on, after copying the pair into `directory` (the server's own).
 
     Postgres refuses a key others may read, and runs as the `postgres` OS user, who may not
-    reach a test's private temp dir: the copies are its own, key 0600.
+    reach a test's private temp dir: the copies are its own (`owner`, its (uid, gid) when we
+    are root), key 0600.
     """
-    owner = _postgres_owner()
     for source, mode in ((certs.cert, 0o644), (certs.key, 0o600)):
         target = directory / f"tls-{source.name}"
         shutil.copyfile(source, target)
@@ -111,15 +110,6 @@ def postgres_options(certs: Certificates, directory: Path) -> str:
     return "-c ssl=on " + " ".join(f"-c {shlex.quote(setting)}" for setting in files)
 
 
-def _postgres_owner() -> tuple[int, int] | None:
-    """(uid, gid) of the `postgres` OS user when we are root (Postgres then runs as it), else None."""
-    if os.geteuid() != 0:
-        return None
-    user = pwd.getpwnam("postgres")
-    return user.pw_uid, user.pw_gid
-
-
-
 def rediss_url(tls_port: int, ca: Path) -> str:
     """rediss:// by host name, trusting `ca`; redis-py takes ssl_ca_certs from the query."""
     return f"rediss://localhost:{tls_port}/0?ssl_ca_certs={quote(str(ca))}"
@@ -128,7 +118,10 @@ def rediss_url(tls_port: int, ca: Path) -> str:
 def verify_full_url(url: str, ca: Path) -> str:
     """The Postgres `url` by host name (verify-full checks it against the certificate), trusting `ca`."""
     parts = urlsplit(url)
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    netloc = f"{userinfo}@" * bool(userinfo) + "localhost:" + hostport.rpartition(":")[2]
+    # username and password as the URL spells them (urlsplit does not unquote them)
+    userinfo = "" if parts.username is None else parts.username
+    if parts.password is not None:
+        userinfo += f":{parts.password}"
+    netloc = (f"{userinfo}@" if userinfo else "") + "localhost" + (f":{parts.port}" if parts.port else "")
     query = f"sslmode=verify-full&sslrootcert={quote(str(ca))}"
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=""))

@@ -40,6 +40,14 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
 
 
+def postgres_owner() -> tuple[int, int] | None:
+    """(uid, gid) of the `postgres` OS user when we are root (Postgres then runs as it), else None."""
+    if os.geteuid() != 0:
+        return None
+    user = pwd.getpwnam("postgres")
+    return user.pw_uid, user.pw_gid
+
+
 def free_port() -> int:
     """An unused local port, so throwaway servers never collide with the shared ones."""
     with socket.socket() as s:
@@ -200,7 +208,11 @@ class ThrowawayRedis(_Throwaway):
     def __init__(self, *, appendonly: bool = False, tls: Certificates | None = None) -> None:
         super().__init__()
         self.appendonly = appendonly
-        self.tls, self.tls_port = tls, free_port() if tls else None
+        self.tls, self.tls_port = tls, None
+        self._tls_arguments: list[str] = []
+        if tls is not None:
+            self.tls_port = free_port()
+            self._tls_arguments = redis_arguments(tls, self.tls_port)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -223,8 +235,7 @@ class ThrowawayRedis(_Throwaway):
             log = d / "redis.log"
             cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
                    "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no"]
-            if self.tls and self.tls_port:
-                cmd += redis_arguments(self.tls, self.tls_port)
+            cmd += self._tls_arguments
             with open(log, "ab") as out:
                 # own session: a Ctrl-C aimed at the test run must not kill it mid-test
                 proc = self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
@@ -326,9 +337,8 @@ class ThrowawayPostgres(_Throwaway):
             data, log = self.data_dir, d / "log"
             if fresh:
                 os.chmod(d, 0o755)  # the postgres user must reach it
-                if os.geteuid() == 0:
-                    pw = pwd.getpwnam("postgres")
-                    os.chown(d, pw.pw_uid, pw.pw_gid)  # it holds data dir, log and socket
+                if (owner := postgres_owner()) is not None:
+                    os.chown(d, *owner)  # it holds data dir, log and socket
                 r = self._run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
                               "--no-instructions", timeout=120)
                 if r.returncode:
@@ -339,7 +349,7 @@ class ThrowawayPostgres(_Throwaway):
             opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {shlex.quote(str(d))} "
                     f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200 -c shared_buffers=256MB")
             if self.tls:
-                opts += " " + postgres_options(self.tls, d)
+                opts += " " + postgres_options(self.tls, d, postgres_owner())
             opts += "".join(f" -c {name}={shlex.quote(value)}" for name, value in self.settings.items())
             r = self._run(pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "30", "-o", opts, "start",
                           timeout=60)
