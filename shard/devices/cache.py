@@ -11,7 +11,7 @@ only where the versions differ.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 import orjson
@@ -19,26 +19,29 @@ import psycopg
 
 from shard.devices.track import DeviceState, TrackFix, Visit
 
-# Every device of the batch gets its row version back; the open visits only for those whose
-# cached copy is missing or differs (the cached version came in with the staged fixes).
-# Every row also carries the geofence revision, read here because this is the batch's
-# first statement after its device locks (shard/geofences.py says why that matters); the
-# one-row relation on the left gives one row even when no device is stored yet. (Joining
-# the table itself would do too, but its missing statistics make the planner expect
-# thousands of rows and switch JIT on: ten milliseconds per batch.) One query per batch.
+# Every device of the batch gets its row version back; its stored state (newest fix, odometer,
+# open visits) only where its cached copy is missing or differs (the cached version came in
+# with the staged fixes). The state comes as plain columns, which psycopg reads in C; the open
+# visits, rare, as JSON (NULL when there are none). Every row also carries the geofence
+# revision, read here because this is the batch's first statement after its device locks
+# (shard/geofences.py says why that matters); the one-row relation on the left gives one row
+# even when no device is stored yet. (Joining the table itself would do too, but its missing
+# statistics make the planner expect thousands of rows and switch JIT on: ten milliseconds
+# per batch.) One query per batch.
 _LOAD = """
-SELECT r.revision, lp.device_id, lp.state_version,
-       CASE WHEN lp.state_version IS DISTINCT FROM c.version THEN json_build_array(
-           lp.ts, lp.lat, lp.lon, lp.speed, lp.odometer_m,
-           (SELECT coalesce(json_agg(json_build_array(
-                       tr.geofence_id, tr.entered_at, tr.entry_crossing_at,
-                       tr.distance_m, tr.max_speed, tr.samples) ORDER BY tr.entered_at), '[]')
-            FROM timing_records tr WHERE tr.device_id = lp.device_id AND tr.exited_at IS NULL))
-       END
+SELECT r.revision, s.device_id, s.state_version,
+       CASE WHEN s.stale THEN s.ts END, CASE WHEN s.stale THEN s.lat END, CASE WHEN s.stale THEN s.lon END,
+       CASE WHEN s.stale THEN s.speed END, CASE WHEN s.stale THEN s.odometer_m END,
+       CASE WHEN s.stale THEN (
+           SELECT json_agg(json_build_array(tr.geofence_id, tr.entered_at, tr.entry_crossing_at,
+                                            tr.distance_m, tr.max_speed, tr.samples) ORDER BY tr.entered_at)
+           FROM timing_records tr WHERE tr.device_id = s.device_id AND tr.exited_at IS NULL) END
 FROM (SELECT (SELECT revision FROM geofence_revision) AS revision) AS r LEFT JOIN (
-    (SELECT DISTINCT ON (device_id) device_id, cached_version AS version FROM staging_positions) AS c
+    SELECT lp.device_id, lp.state_version, lp.ts, lp.lat, lp.lon, lp.speed, lp.odometer_m,
+           lp.state_version IS DISTINCT FROM c.version AS stale
+    FROM (SELECT DISTINCT ON (device_id) device_id, cached_version AS version FROM staging_positions) AS c
     JOIN last_position lp ON lp.device_id = c.device_id
-) ON true
+) AS s ON true
 """
 
 
@@ -79,27 +82,26 @@ class DeviceCache:
         return {device_id: self._states.get(device_id) for device_id in device_ids}
 
     async def load(
-        self, cur: psycopg.AsyncCursor, cached: dict[str, DeviceState | None]
+        self, cur: psycopg.AsyncCursor, cached: dict[str, DeviceState | None], after: Callable[[str], str]
     ) -> tuple[dict[str, DeviceState], set[str], int]:
         """The current state of each device, from `cached` where it is fresh, else from Postgres.
 
         Also returns the devices whose state was read from Postgres, and the geofence
         revision committed before this statement. The cached versions travel in the staging
-        table. Must run after the devices are locked (the statement right after the lock),
-        so that nobody changes them before commit.
+        table. `after` puts the statement that locks the devices in front of the load, in
+        the same round trip (store.locked_then): nobody changes them before commit.
         """
-        await cur.execute(_LOAD)
+        await cur.execute(after(_LOAD))
+        cur.nextset()  # past the locks' result
         found: dict[str, DeviceState] = {}
         loaded: set[str] = set()
         revision = -1
-        for revision, device_id, version, stored in await cur.fetchall():
+        for revision, device_id, version, ts, lat, lon, speed, odometer_m, visits in await cur.fetchall():
             if device_id is None:
                 continue  # no device of the batch is stored yet
             state = cached.get(device_id)
-            if stored is not None or state is None:
-                ts, lat, lon, speed, odometer_m, visits = stored
-                last = TrackFix(_time(ts), lat, lon, speed)
-                state = DeviceState(device_id, version, last, odometer_m, _open_visits(visits))
+            if ts is not None:  # stale or not cached: its stored state came along (ts is NOT NULL)
+                state = DeviceState(device_id, version, TrackFix(ts, lat, lon, speed), odometer_m, _open_visits(visits))
                 loaded.add(device_id)
             found[device_id] = state
         return {d: found.get(d) or DeviceState(d) for d in cached}, loaded, revision

@@ -35,7 +35,7 @@ from shard.decode import Fix
 from shard.devices.cache import DeviceCache
 from shard.devices.live import derive, older_than_state
 from shard.devices.replay import prefetch_replays, replay_late
-from shard.devices.store import insert_positions_returning, lock_devices, store_derived
+from shard.devices.store import insert_positions_returning, locked_then, store_derived
 from shard.devices.track import DeviceState
 from shard.geofences import GeofenceSource
 
@@ -90,10 +90,9 @@ class DeviceBatch:
         """
         # Stable sort: fixes with the same key keep entry order, as `seq` does in SQL.
         ordered = sorted(self.fixes, key=lambda fix: (fix.device_id, fix.ts))
-        await lock_devices(cur)
-        # The first statement after the locks: its snapshot follows every earlier transaction
-        # of these devices, so the revision it reads is the one this batch must use.
-        self._states, reloaded, revision = await self._cache.load(cur, self._cached)
+        # The locks, then the first statement after them: its snapshot follows every earlier
+        # transaction of these devices, so the revision it reads is the one this batch must use.
+        self._states, reloaded, revision = await self._cache.load(cur, self._cached, after=locked_then)
         index = await geofences.for_revision(cur, revision)
         inserted: set[tuple[str, datetime]] | None = None
         if safe or older_than_state(ordered, self._states):

@@ -4,12 +4,12 @@ Everything here runs inside the batch's transaction (or the rehydrate command's)
 the writer staged the batch in `staging_positions(seq, cached_version, device_id, ts,
 lat, lon, alt, speed, heading, sats, attributes)`. Visits travel by binary COPY into
 `staging_visits` (`STAGING`, created by the writer's prologue); the changed devices'
-odometers and versions as array parameters of the last_position upsert.
+odometers and versions as one JSON parameter of the last_position upsert.
 
 Two rules keep cached copies honest (SPEC §5 "Rehydration"): every transaction that
 changes a device holds its advisory lock (`DEVICE_LOCK_CLASS`, hashtext(device_id))
 until commit, and bumps `last_position.state_version`. Both live here, for the writer
-(`lock_devices`, `store_derived`) and for `processor rehydrate` (`bump_state_version`).
+(`locked_then`, `store_derived`) and for `processor rehydrate` (`bump_state_version`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import psycopg
+from psycopg.types.json import Json
 
 from common.keys import DEVICE_LOCK_CLASS
 from shard.devices.live import Derived
@@ -32,9 +33,11 @@ _COPY_VISITS = "COPY staging_visits FROM STDIN (FORMAT BINARY)"
 _VISIT_TYPES = ("text", "int8", "timestamptz", "timestamptz", "timestamptz", "timestamptz", "float8", "float4", "int4")
 
 # Every transaction that touches a device holds its lock until commit, so derived state
-# is computed from the truth. Locks are taken in one global order: no deadlocks.
-_LOCK_DEVICES = """
-SELECT count(pg_advisory_xact_lock(%s, h))
+# is computed from the truth. Locks are taken in one global order: no deadlocks. Without
+# parameters (the lock class is a constant), so that it can share a round trip with the
+# statement that must follow it (`locked_then`).
+_LOCK_DEVICES = f"""
+SELECT count(pg_advisory_xact_lock({int(DEVICE_LOCK_CLASS)}, h))
 FROM (SELECT DISTINCT hashtext(device_id) AS h FROM staging_positions ORDER BY 1) AS devices
 """
 # The same lock for one device. The rehydrate command takes it so that its bump cannot
@@ -72,7 +75,7 @@ INSERT INTO last_position AS lp (device_id, ts, lat, lon, alt, speed, heading, s
 SELECT DISTINCT ON (s.device_id) s.device_id, s.ts, s.lat, s.lon, s.alt, s.speed, s.heading, s.sats,
        s.attributes, d.odometer_m, d.state_version, now()
 FROM staging_positions s
-JOIN unnest(%(devices)s::text[], %(odometers)s::float8[], %(versions)s::int8[]) AS d(device_id, odometer_m, state_version)
+JOIN json_to_recordset(%s::json) AS d(device_id text, odometer_m float8, state_version int8)
   ON d.device_id COLLATE "C" = s.device_id
 ORDER BY s.device_id, s.ts DESC, s.seq
 ON CONFLICT (device_id) DO UPDATE SET
@@ -107,9 +110,15 @@ ON CONFLICT (device_id, geofence_id, entered_at) DO UPDATE SET
 """
 
 
-async def lock_devices(cur: psycopg.AsyncCursor) -> None:
-    """Lock every staged device until commit (one statement, in hash order)."""
-    await cur.execute(_LOCK_DEVICES, (DEVICE_LOCK_CLASS,))
+def locked_then(statement: str) -> str:
+    """`statement` (without parameters) preceded by the lock of every staged device, as one query.
+
+    One round trip, two statements: the second takes its snapshot after the locks are
+    granted (READ COMMITTED takes one per statement), so it reads every earlier
+    transaction of these devices. Its rows are the query's second result (`cur.nextset()`).
+    The locks are held until commit.
+    """
+    return f"{_LOCK_DEVICES};{statement}"
 
 
 async def insert_positions_returning(cur: psycopg.AsyncCursor) -> set[tuple[str, datetime]]:
@@ -147,14 +156,13 @@ async def store_derived(cur: psycopg.AsyncCursor, derived: Derived, positions_in
                     )
                 )
         await cur.execute(_UPSERT_VISITS)
-    # The changed devices' derived columns travel as three arrays: no staging table to fill.
-    touched = derived.touched.values()
-    params = {
-        "devices": [state.device_id for state in touched],
-        "odometers": [state.odometer_m for state in touched],
-        "versions": [state.version for state in touched],
-    }
-    await cur.execute(_UPSERT_LAST if positions_inserted else _INSERT_POSITIONS_AND_UPSERT_LAST, params)
+    # The changed devices' derived columns travel as one JSON parameter, written by orjson in C:
+    # no staging table to fill, and none of the per-element work psycopg's array dumpers do
+    # (JSON numbers carry a float8 exactly: shortest round-trip digits both ways).
+    derived_columns = Json(
+        [{"device_id": s.device_id, "odometer_m": s.odometer_m, "state_version": s.version} for s in derived.touched.values()]
+    )
+    await cur.execute(_UPSERT_LAST if positions_inserted else _INSERT_POSITIONS_AND_UPSERT_LAST, (derived_columns,))
 
 
 def bump_state_version(conn: psycopg.Connection, device_id: str) -> int | None:

@@ -21,7 +21,7 @@ from common.keys import DEVICE_LOCK_CLASS
 from shard.decode import Fix, decode_entry
 from shard.devices import Applied, DeviceStates, bump_state_version
 from shard.geofences import GeofenceSource
-from shard.writer import stage
+from shard.writer import batch_transaction, stage
 from supervisor.migrations import apply_migrations
 from tests.e2e.fleet import Scenario, assert_same_result, build_scenario, insert_geofences, serial_replay, stored_result
 
@@ -78,12 +78,11 @@ async def write(
     """One batch, as the writer runs it; `roll_back` fails its transaction after the apply."""
     fixes = decoded(points)
     with states.batch(fixes) as batch:
-        async with conn.transaction():
-            async with conn.cursor() as cur:
-                await stage(cur, fixes, batch.cached_versions())
-                applied = await batch.apply(cur, geofences)
-                if roll_back:
-                    raise RolledBack
+        async with batch_transaction(conn) as cur:
+            await stage(cur, fixes, batch.cached_versions())
+            applied = await batch.apply(cur, geofences)
+            if roll_back:
+                raise RolledBack
     return applied
 
 
