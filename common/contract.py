@@ -19,7 +19,8 @@ def device_id_problem(device_id: str) -> str | None:
     """Why `device_id` breaks SPEC §2's rule, or None when it is fine."""
     if not 0 < len(device_id) <= MAX_DEVICE_ID_CHARS:
         return f"must be 1-{MAX_DEVICE_ID_CHARS} characters, got {len(device_id)}"
-    if CONTROL_CHARACTERS.search(device_id):
+    # isprintable() (in C) is False for every control character; the pattern decides only then.
+    if not device_id.isprintable() and CONTROL_CHARACTERS.search(device_id):
         return "must not contain control characters"
     return None
 

@@ -13,6 +13,7 @@ names the CA that signed the server's certificate (host name checked too, by def
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -68,12 +69,40 @@ def async_client(url: str, timeout_s: float, name: str | None = None, health_che
     """An asyncio client (shards) that returns bytes; `health_check_s` pings a pooled
     connection idle that long before using it, so one from before a restart is checked."""
     check_tls_files(url)
-    return redis.asyncio.Redis.from_url(
+    client = redis.asyncio.Redis.from_url(
         url,
         retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
         health_check_interval=health_check_s,
         **_options(timeout_s, name),
     )
+    pool = client.connection_pool
+    pool.connection_class = _packing_in_one_join(pool.connection_class)  # TCP, TLS or Unix socket alike
+    return client
+
+
+class _OneJoinPacking:
+    """redis-py's asyncio `pack_command` joins its growing buffer again for every argument,
+    up to 6 KB: an XACK of 500 ids cost a shard 0.3-0.4 ms. The same bytes, in one join."""
+
+    encoder: Any
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        # As redis-py does: a command name with a space ("CLIENT SETINFO") is several arguments.
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        encode = self.encoder.encode
+        pieces = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            value = encode(arg)
+            pieces += (b"$%d\r\n" % len(value), value, b"\r\n")
+        return [b"".join(pieces)]
+
+
+@functools.cache
+def _packing_in_one_join(connection_class: type) -> type:
+    return type(connection_class.__name__, (_OneJoinPacking, connection_class), {})
 
 
 def _entries(response: list[Any] | None, **_options: Any) -> list[tuple[bytes, list[bytes] | None]]:

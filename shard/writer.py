@@ -19,11 +19,11 @@ from psycopg.pq import TransactionStatus
 from psycopg.types.json import set_json_dumps, set_json_loads
 
 from common.config import Settings
-from common.errors import RowRejected
-from common.faults import Outcome, classify, one_line
+from common.faults import Outcome, classify
 from shard.decode import Fix
 from shard.devices import STAGING, DeviceStates
 from shard.geofences import GeofenceSource
+from shard.staging_rows import COLUMNS, copy_data
 
 log = logging.getLogger("processor.writer")
 
@@ -53,8 +53,7 @@ SET LOCAL lock_timeout = '60s';
 SET LOCAL idle_in_transaction_session_timeout = '60s';
 SET LOCAL jit = off
 """
-_COPY_POSITIONS = "COPY staging_positions FROM STDIN (FORMAT BINARY)"
-_POSITION_TYPES = ("int4", "int8", "text", "timestamptz", "float8", "float8", "float4", "float4", "float4", "int2", "jsonb")
+_COPY_POSITIONS = f"COPY staging_positions ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 
 
 @contextlib.asynccontextmanager
@@ -81,16 +80,10 @@ async def batch_transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[psyc
 
 async def stage(cur: psycopg.AsyncCursor, fixes: Sequence[Fix], cached_versions: Mapping[str, int | None]) -> None:
     """Begin the transaction (its prologue), then stage the fixes with their devices' cached versions."""
+    data = copy_data(fixes, cached_versions)  # before anything is sent: a RowRejected costs no round trip
     await cur.execute(_PROLOGUE)
     async with cur.copy(_COPY_POSITIONS) as copy:
-        copy.set_types(_POSITION_TYPES)
-        for seq, fix in enumerate(fixes):
-            try:
-                await copy.write_row((seq, cached_versions[fix.device_id], *fix))
-            except psycopg.Error:
-                raise
-            except Exception as exc:  # this row cannot be encoded: its failure, not the batch's
-                raise RowRejected(f"row cannot be staged: {type(exc).__name__}: {one_line(exc)}") from exc
+        await copy.write(data)
 
 
 class PositionWriter:
@@ -112,6 +105,7 @@ class PositionWriter:
             autocommit=True,
             connect_timeout=CONNECT_TIMEOUT_S,
             application_name=self.application_name,
+            client_encoding="UTF8",  # the staging rows' text is UTF-8 (shard/staging_rows.py)
             **TCP_KEEPALIVES,
         )
         set_json_dumps(orjson.dumps, context=conn)

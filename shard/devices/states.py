@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from datetime import datetime
 from types import TracebackType
 
@@ -38,6 +39,8 @@ from shard.devices.replay import prefetch_replays, replay_late
 from shard.devices.store import insert_positions_returning, locked_then, store_derived
 from shard.devices.track import DeviceState
 from shard.geofences import GeofenceSource
+
+_DEVICE_AND_TS = itemgetter(0, 1)  # a Fix's (device_id, ts), read in C
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class DeviceBatch:
         the positions with ON CONFLICT even when every fix looks new.
         """
         # Stable sort: fixes with the same key keep entry order, as `seq` does in SQL.
-        ordered = sorted(self.fixes, key=lambda fix: (fix.device_id, fix.ts))
+        ordered = sorted(self.fixes, key=_DEVICE_AND_TS)
         # The locks, then the first statement after them: its snapshot follows every earlier
         # transaction of these devices, so the revision it reads is the one this batch must use.
         self._states, reloaded, revision = await self._cache.load(cur, self._cached, after=locked_then)

@@ -68,3 +68,24 @@ def test_async_client_sends_a_command_once(dropping_server) -> None:
 
     asyncio.run(go())
     assert len(commands) == 1
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "unix:///tmp/no.sock", "rediss://127.0.0.1:1/0"])
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(url: str) -> None:
+    """The one-join packing keeps the connection class (TCP, Unix socket, TLS) and redis-py's bytes."""
+    import redis.asyncio.connection as connections
+
+    client = async_client(url, 1.0)
+    ours = client.connection_pool.make_connection()
+    theirs_class = next(c for c in type(ours).__mro__[1:] if c.__module__ == connections.__name__)
+    assert theirs_class.__name__ == type(ours).__name__
+    theirs = theirs_class(**client.connection_pool.connection_kwargs)
+    for args in [
+        ("XACK", "stream", "group", *[f"1700000000000-{i}".encode() for i in range(2_000)]),
+        ("CLIENT SETINFO", "LIB-NAME", "processor"),
+        (b"CONFIG GET", "maxmemory"),
+        ("SET", "ü-key", memoryview(b"\x00\xff" * 5_000)),
+        ("XADD", b"s", 1, 2.5, -7, "x" * 10_000),
+    ]:
+        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args)), args[0]
+    asyncio.run(client.aclose())
