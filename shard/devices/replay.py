@@ -49,11 +49,11 @@ WHERE i.inhparent = 'positions'::regclass AND NOT i.inhdetachpending
 """
 _VISIT_ACROSS = """
 SELECT EXISTS (SELECT 1 FROM timing_records
-               WHERE device_id = %s AND geofence_id = ANY(%s) AND entered_at < %s AND (exited_at IS NULL OR exited_at > %s))
+               WHERE device_id = %s AND geofence_id = ANY(%s::bigint[]) AND entered_at < %s AND (exited_at IS NULL OR exited_at > %s))
 """
 _EARLIEST_VISIT_AROUND = """
 SELECT min(entered_at) FROM timing_records
-WHERE device_id = %s AND geofence_id = ANY(%s) AND entered_at <= %s AND (exited_at IS NULL OR exited_at > %s)
+WHERE device_id = %s AND geofence_id = ANY(%s::bigint[]) AND entered_at <= %s AND (exited_at IS NULL OR exited_at > %s)
 """
 _FIXES_AFTER = """
 SELECT ts, lat, lon, speed FROM positions WHERE device_id = %s AND ts > %s ORDER BY ts LIMIT %s
@@ -74,13 +74,13 @@ CROSS JOIN LATERAL (
     WHERE p.device_id = l.device_id AND p.ts > prev.ts ORDER BY ts LIMIT %(chunk)s) AS f
 WHERE NOT EXISTS (
     SELECT 1 FROM timing_records tr
-    WHERE tr.device_id = l.device_id AND tr.geofence_id = ANY(%(active)s)
+    WHERE tr.device_id = l.device_id AND tr.geofence_id = ANY(%(active)s::bigint[])
       AND tr.entered_at <= prev.ts AND (tr.exited_at IS NULL OR tr.exited_at > prev.ts))
 ORDER BY l.device_id, f.ts
 """
 _DELETE_VISITS = """
 DELETE FROM timing_records
-WHERE device_id = %s AND geofence_id = ANY(%s) AND entered_at > %s AND entered_at < %s
+WHERE device_id = %s AND geofence_id = ANY(%s::bigint[]) AND entered_at > %s AND entered_at < %s
 """
 
 
@@ -94,7 +94,7 @@ async def prefetch_replays(
     devices = sorted(late)
     await cur.execute(_PREFETCH, {
         "devices": devices, "earliest": [min(late[d]) for d in devices], "window": PREVIOUS_WINDOW,
-        "chunk": REPLAY_CHUNK, "active": list(index.by_id),
+        "chunk": REPLAY_CHUNK, "active": index.ids_array,
     })
     found: dict[str, Prefetched] = {}
     for device_id, *row in await cur.fetchall():
@@ -117,7 +117,7 @@ async def replay_late(
     `positions`, inside the caller's transaction, under the device's lock). `prefetched`
     is what prefetch_replays found for the device, if anything.
     """
-    active = list(index.by_id)
+    active = index.ids_array if len(index) else None  # the active geofences' ids, as an array literal
     earliest = min(new_ts)
     first_chunk: list[TrackFix] | None = None
     if prefetched is not None:
@@ -166,7 +166,7 @@ async def replay_late(
     return list(visits.values())
 
 
-async def _quiet_fix_before(cur: psycopg.AsyncCursor, device_id: str, before: datetime, active: list[int]) -> TrackFix | None:
+async def _quiet_fix_before(cur: psycopg.AsyncCursor, device_id: str, before: datetime, active: str | None) -> TrackFix | None:
     """The newest stored fix older than `before` that no visit of an active geofence covers."""
     while True:
         fix = await _previous_fix(cur, device_id, before)
@@ -195,7 +195,7 @@ async def _floor(cur: psycopg.AsyncCursor) -> datetime | None:
     return (await cur.fetchone())[0]  # type: ignore[index]
 
 
-async def _visit_across(cur: psycopg.AsyncCursor, device_id: str, floor: datetime, active: list[int]) -> bool:
+async def _visit_across(cur: psycopg.AsyncCursor, device_id: str, floor: datetime, active: str | None) -> bool:
     """Whether a visit of the device reaches across the floor: its start lies in dropped history."""
     await cur.execute(_VISIT_ACROSS, (device_id, active, floor, floor))
     return bool((await cur.fetchone())[0])  # type: ignore[index]
