@@ -21,7 +21,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from common.config import Settings
 from common.faults import Outcome, classify
 from shard.decode import Fix
-from shard.devices import STAGING, DeviceStates
+from shard.devices import DeviceStates
 from shard.geofences import GeofenceSource
 from shard.staging_rows import COLUMNS, copy_data
 
@@ -47,7 +47,7 @@ CREATE TEMP TABLE IF NOT EXISTS staging_positions (
 # The staging tables are never analysed, so the planner's guesses can cross jit_above_cost
 # and spend 10-20 ms compiling a statement that runs in a fraction of that: no JIT.
 # The BEGIN goes out with it: one round trip fewer (`batch_transaction` ends the transaction).
-_PROLOGUE = f"""BEGIN;{_STAGING_POSITIONS};{STAGING};
+_PROLOGUE = f"""BEGIN;{_STAGING_POSITIONS};
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL lock_timeout = '60s';
 SET LOCAL idle_in_transaction_session_timeout = '60s';

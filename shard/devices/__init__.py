@@ -15,6 +15,6 @@ The writer calls `DeviceStates` inside its batch transaction; `processor rehydra
 """
 
 from shard.devices.states import Applied, DeviceBatch, DeviceStates
-from shard.devices.store import STAGING, bump_state_version
+from shard.devices.store import bump_state_version
 
-__all__ = ["STAGING", "Applied", "DeviceBatch", "DeviceStates", "bump_state_version"]
+__all__ = ["Applied", "DeviceBatch", "DeviceStates", "bump_state_version"]

@@ -2,9 +2,9 @@
 
 Everything here runs inside the batch's transaction (or the rehydrate command's), after
 the writer staged the batch in `staging_positions(seq, cached_version, device_id, ts,
-lat, lon, alt, speed, heading, sats, attributes)`. Visits travel by binary COPY into
-`staging_visits` (`STAGING`, created by the writer's prologue); the changed devices'
-odometers and versions as one JSON parameter of the last_position upsert.
+lat, lon, alt, speed, heading, sats, attributes)`. Visits travel as one JSON parameter of
+their upsert, and the changed devices' odometers and versions as one of the last_position
+upsert: no second staging table, no second COPY.
 
 Two rules keep cached copies honest (SPEC §5 "Rehydration"): every transaction that
 changes a device holds its advisory lock (`DEVICE_LOCK_CLASS`, hashtext(device_id))
@@ -16,21 +16,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import orjson
 import psycopg
 from psycopg.types.json import Json
 
 from common.keys import DEVICE_LOCK_CLASS
 from shard.devices.live import Derived
-
-STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS staging_visits (
-    device_id text COLLATE "C", geofence_id bigint, entered_at timestamptz, exited_at timestamptz,
-    entry_crossing_at timestamptz, exit_crossing_at timestamptz, distance_m double precision,
-    max_speed real, samples integer
-) ON COMMIT DELETE ROWS
-"""
-_COPY_VISITS = "COPY staging_visits FROM STDIN (FORMAT BINARY)"
-_VISIT_TYPES = ("text", "int8", "timestamptz", "timestamptz", "timestamptz", "timestamptz", "float8", "float4", "int4")
 
 # Every transaction that touches a device holds its lock until commit, so derived state
 # is computed from the truth. Locks are taken in one global order: no deadlocks. Without
@@ -101,7 +92,10 @@ INSERT INTO timing_records AS tr (device_id, geofence_id, entered_at, exited_at,
                                   exit_crossing_at, distance_m, max_speed, samples)
 SELECT s.device_id, s.geofence_id, s.entered_at, s.exited_at, s.entry_crossing_at,
        s.exit_crossing_at, s.distance_m, s.max_speed, s.samples
-FROM staging_visits s WHERE EXISTS (SELECT 1 FROM geofences g WHERE g.id = s.geofence_id)
+FROM json_to_recordset(%s::json) AS s(
+    device_id text COLLATE "C", geofence_id bigint, entered_at timestamptz, exited_at timestamptz,
+    entry_crossing_at timestamptz, exit_crossing_at timestamptz, distance_m float8, max_speed float8, samples integer)
+WHERE EXISTS (SELECT 1 FROM geofences g WHERE g.id = s.geofence_id)
 ORDER BY s.device_id, s.geofence_id, s.entered_at
 ON CONFLICT (device_id, geofence_id, entered_at) DO UPDATE SET
     exited_at = EXCLUDED.exited_at, entry_crossing_at = EXCLUDED.entry_crossing_at,
@@ -139,28 +133,29 @@ async def store_derived(cur: psycopg.AsyncCursor, derived: Derived, positions_in
     for state in derived.touched.values():
         state.version += 1
     if derived.visits:
-        async with cur.copy(_COPY_VISITS) as copy:
-            copy.set_types(_VISIT_TYPES)
-            for (device_id, geofence_id, entered_at), visit in derived.visits.items():
-                await copy.write_row(
-                    (
-                        device_id,
-                        geofence_id,
-                        entered_at,
-                        visit.exited_at,
-                        visit.entry_crossing_at,
-                        visit.exit_crossing_at,
-                        visit.distance_m,
-                        visit.max_speed,
-                        visit.samples,
-                    )
-                )
-        await cur.execute(_UPSERT_VISITS)
+        # One JSON parameter, written by orjson: times as RFC 3339 with microseconds, and
+        # max_speed as a float8 that Postgres rounds to real as a binary float4 would be.
+        rows = [
+            {
+                "device_id": device_id,
+                "geofence_id": geofence_id,
+                "entered_at": entered_at,
+                "exited_at": visit.exited_at,
+                "entry_crossing_at": visit.entry_crossing_at,
+                "exit_crossing_at": visit.exit_crossing_at,
+                "distance_m": visit.distance_m,
+                "max_speed": visit.max_speed,
+                "samples": visit.samples,
+            }
+            for (device_id, geofence_id, entered_at), visit in derived.visits.items()
+        ]
+        await cur.execute(_UPSERT_VISITS, (Json(rows, dumps=orjson.dumps),))
     # The changed devices' derived columns travel as one JSON parameter, written by orjson in C:
     # no staging table to fill, and none of the per-element work psycopg's array dumpers do
     # (JSON numbers carry a float8 exactly: shortest round-trip digits both ways).
     derived_columns = Json(
-        [{"device_id": s.device_id, "odometer_m": s.odometer_m, "state_version": s.version} for s in derived.touched.values()]
+        [{"device_id": s.device_id, "odometer_m": s.odometer_m, "state_version": s.version} for s in derived.touched.values()],
+        dumps=orjson.dumps,
     )
     await cur.execute(_UPSERT_LAST if positions_inserted else _INSERT_POSITIONS_AND_UPSERT_LAST, (derived_columns,))
 
