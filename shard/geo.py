@@ -111,6 +111,9 @@ def _check_polygon_coordinates(kind: str, coordinates: object) -> None:
                 raise GeometryError(f"{kind} {where} is not closed: its first and last positions differ")
 
 
+_NONE: frozenset[int] = frozenset()
+
+
 class GeofenceIndex:
     """Which geofences cover which points, through an STRtree over areas and circle boxes."""
 
@@ -128,33 +131,43 @@ class GeofenceIndex:
             owners.extend([geofence] * len(boxes))
         self._owners = owners
         self._tree = shapely.STRtree(entries) if entries else None
+        # Per tree entry, for the vectorised part of `inside`: the geometry, whether it is a
+        # circle's box (tested exactly afterwards), and its geofence's id.
+        self._entries = np.array(entries, dtype=object)
+        self._is_circle = np.array([g.area is None for g in owners], dtype=bool)
+        self._ids = np.array([g.id for g in owners], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.by_id)
 
     def inside(self, lats: Sequence[float], lons: Sequence[float]) -> list[frozenset[int]]:
         """For each point, the ids of the geofences that cover it."""
-        found: list[set[int]] = [set() for _ in lats]
-        if self._tree is None or not found:
-            return [frozenset()] * len(found)
+        count = len(lats)
+        if self._tree is None or not count:
+            return [_NONE] * count
         lat_arr, lon_arr = np.asarray(lats, dtype=float), np.asarray(lons, dtype=float)
         points = shapely.points(lon_arr, lat_arr)
         point_idx, entry_idx = self._tree.query(points)
-        areas = [(p, self._owners[e]) for p, e in zip(point_idx.tolist(), entry_idx.tolist())]
-        polygon_pairs = [(p, g) for p, g in areas if g.area is not None]
-        circle_pairs = [(p, g) for p, g in areas if g.area is None]
-        if polygon_pairs:
-            covered = shapely.covers([g.area for _, g in polygon_pairs], points[[p for p, _ in polygon_pairs]])
-            for (p, g), hit in zip(polygon_pairs, covered.tolist()):
-                if hit:
-                    found[p].add(g.id)
+        found: dict[int, set[int]] = {}
+        circle = self._is_circle[entry_idx]
+        polygon_points, polygon_entries = point_idx[~circle], entry_idx[~circle]
+        if len(polygon_points):
+            hit = shapely.covers(self._entries[polygon_entries], points[polygon_points])
+            for p, geofence_id in zip(polygon_points[hit].tolist(), self._ids[polygon_entries[hit]].tolist()):
+                found.setdefault(p, set()).add(geofence_id)
         # Circles through the scalar haversine_m, like Geofence.covers: numpy's vectorised
         # sin/cos can differ from libm's in the last bit, which flips a fix on the rim.
-        lat_list, lon_list = lat_arr.tolist(), lon_arr.tolist()
-        for p, g in circle_pairs:
-            if g.covers(lat_list[p], lon_list[p]):
-                found[p].add(g.id)
-        return [frozenset(ids) for ids in found]
+        circle_points = point_idx[circle].tolist()
+        if circle_points:
+            lat_list, lon_list, owners = lat_arr.tolist(), lon_arr.tolist(), self._owners
+            for p, e in zip(circle_points, entry_idx[circle].tolist()):
+                geofence = owners[e]
+                if geofence.covers(lat_list[p], lon_list[p]):
+                    found.setdefault(p, set()).add(geofence.id)
+        result = [_NONE] * count
+        for p, ids in found.items():
+            result[p] = frozenset(ids)
+        return result
 
     def crossing_at(
         self, geofence_id: int, a: tuple[datetime, float, float], b: tuple[datetime, float, float]
