@@ -14,6 +14,7 @@ until commit, and bumps `last_position.state_version`. Both live here, for the w
 
 from __future__ import annotations
 
+import struct
 from datetime import datetime
 
 import orjson
@@ -134,7 +135,7 @@ async def store_derived(cur: psycopg.AsyncCursor, derived: Derived, positions_in
         state.version += 1
     if derived.visits:
         # One JSON parameter, written by orjson: times as RFC 3339 with microseconds, and
-        # max_speed as a float8 that Postgres rounds to real as a binary float4 would be.
+        # max_speed as the float4 value it will be stored as (`_real`).
         rows = [
             {
                 "device_id": device_id,
@@ -144,7 +145,7 @@ async def store_derived(cur: psycopg.AsyncCursor, derived: Derived, positions_in
                 "entry_crossing_at": visit.entry_crossing_at,
                 "exit_crossing_at": visit.exit_crossing_at,
                 "distance_m": visit.distance_m,
-                "max_speed": visit.max_speed,
+                "max_speed": _real(visit.max_speed),
                 "samples": visit.samples,
             }
             for (device_id, geofence_id, entered_at), visit in derived.visits.items()
@@ -158,6 +159,19 @@ async def store_derived(cur: psycopg.AsyncCursor, derived: Derived, positions_in
         dumps=orjson.dumps,
     )
     await cur.execute(_UPSERT_LAST if positions_inserted else _INSERT_POSITIONS_AND_UPSERT_LAST, (derived_columns,))
+
+
+def _real(value: float | None) -> float | None:
+    """The float4 a real column stores for `value`, rounded to nearest as a binary COPY packs it.
+
+    Sent as that exact value, the float8 in JSON converts to real without a second rounding,
+    and a speed too small for a float4 arrives as the 0 it becomes rather than failing the
+    batch with Postgres' underflow error.
+    """
+    return None if value is None else _unpack_f4(_pack_f4(value))[0]
+
+
+_pack_f4, _unpack_f4 = struct.Struct("f").pack, struct.Struct("f").unpack
 
 
 def bump_state_version(conn: psycopg.Connection, device_id: str) -> int | None:

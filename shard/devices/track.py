@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from shard.geo import GeofenceIndex, haversine_m
 
@@ -28,9 +29,8 @@ class Visit:
     samples: int = 0
 
 
-@dataclass(frozen=True)
-class TrackFix:
-    """What the derived state needs of a fix."""
+class TrackFix(NamedTuple):
+    """What the derived state needs of a fix (a tuple: made in C, for every state loaded)."""
 
     ts: datetime
     lat: float

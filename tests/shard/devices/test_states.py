@@ -8,6 +8,7 @@ and compares what Postgres holds with a serial, in-order replay of the same fixe
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -125,6 +126,24 @@ def test_live_path_advances_the_odometer_and_opens_and_closes_visits(migrated: s
     rows, odometers = expected(first + second)
     assert [(r[0], r[1], r[8]) for r in rows] == [("d1", "A", 2), ("d1", "B", 1)]
     assert_same_result(stored_result(migrated), (rows, odometers))
+
+
+@pytest.mark.parametrize("speed", [1e-46, 1.4e-45, 3.4028234663852886e38, 0.1])
+def test_a_visit_stores_any_valid_speed_as_its_real(migrated: str, speed: float) -> None:
+    """A speed beyond float4's precision or range below is stored as the real it rounds to
+    (0 for one too small), never failing the batch with an underflow."""
+    points = [point("d1", 0, -0.5), point("d1", 10, 0.25, speed=speed)]
+
+    async def run() -> Applied:
+        async with connected(migrated) as (conn, geofences):
+            return await write(conn, DeviceStates(100), geofences, points)
+
+    assert asyncio.run(run()).visits == 1
+    with psycopg.connect(migrated) as conn:
+        (max_speed,) = conn.execute("SELECT max_speed FROM timing_records", binary=True).fetchone()  # type: ignore[misc]
+        (last_speed,) = conn.execute("SELECT speed FROM last_position", binary=True).fetchone()  # type: ignore[misc]
+    as_float4 = struct.unpack("f", struct.pack("f", speed))[0]
+    assert max_speed == last_speed == as_float4
 
 
 def test_late_fixes_are_replayed_to_what_an_in_order_pass_gives(migrated: str) -> None:
