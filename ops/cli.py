@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from common import logs
+from common import early_signals, logs
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
 from common.faults import Outcome, classify, one_line
@@ -25,6 +25,8 @@ SERVICE_COMMANDS = ("run", "migrate")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
+    if args.command != "run":
+        early_signals.release()  # only the supervisor takes over the stop signals held at launch
     try:
         settings = Settings.from_env()
     except ProcessorError as exc:

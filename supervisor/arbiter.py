@@ -1,15 +1,15 @@
 """The supervisor: start-up checks, migrations, then forking and watching the shards.
 
-It stays single-threaded and never waits on a client or on Redis: /healthz and /metrics
-are answered by the HTTP process it forks (supervisor/http_process.py), fed through the
-status board; periodic duties (stream trimming, …) run in the maintenance process it
-forks (supervisor/maintenance.py). Both helpers are reaped and restarted like shards,
-with their own backoff.
+It stays single-threaded and never waits on a client or on Redis: /healthz and /metrics are
+answered by the HTTP process it forks (supervisor/http_process.py), fed through the status
+board; periodic duties (stream trimming, …) run in the maintenance process it forks
+(supervisor/maintenance.py). Both helpers are reaped and restarted like shards, with their own backoff.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import faulthandler
 import logging
 import os
@@ -20,6 +20,7 @@ import time
 
 from setproctitle import setproctitle
 
+from common import early_signals
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
 from common.faults import acl_refusal
@@ -124,6 +125,7 @@ class Supervisor:
         signal.set_wakeup_fd(self.wakeup_w)
         for signum in self.handlers:
             signal.signal(signum, self._queue_signal)
+        self.signals.extend(early_signals.taken())  # a stop asked for while we were starting
 
     def _queue_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
@@ -217,11 +219,9 @@ class Supervisor:
         """Sleep until a signal or the timeout."""
         if not self.signals:
             select.select([self.wakeup_r], [], [], timeout_s)
-        try:
+        with contextlib.suppress(BlockingIOError):  # the wake-up pipe drained
             while os.read(self.wakeup_r, 512):
                 pass
-        except BlockingIOError:
-            pass
 
     def dispatch_signals(self) -> None:
         while self.signals:

@@ -1,0 +1,84 @@
+"""A stop signal sent while `processor` is still importing (0.3-1 s) is honoured, not fatal."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from common.errors import ExitCode
+from tests.e2e.processes import ROOT, wait_for
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for `signum` (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+# Loaded by the child as its sitecustomize: the import of psycopg (the first slow one, after
+# the launcher's first line) waits for the gate file, so the test signals at a known point
+# of start-up however busy the machine is.
+GATE = """
+import os, sys, time
+
+class _Gate:
+    def find_spec(self, name, path=None, target=None):
+        if name == "psycopg":
+            while not os.path.exists(os.environ["IMPORT_GATE"]):
+                time.sleep(0.01)
+        return None
+
+sys.meta_path.insert(0, _Gate())
+"""
+
+
+def gated(env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """`env` with imports held at psycopg until the returned file exists."""
+    site = tmp_path / "gate"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(GATE)
+    gate = tmp_path / "open"
+    return {**env, "PYTHONPATH": f"{site}:{ROOT}", "IMPORT_GATE": str(gate)}, gate
+
+
+def signal_while_importing(processor, gate: Path) -> None:  # type: ignore[no-untyped-def]
+    wait_for(lambda: catches(processor.pid, signal.SIGTERM), 30, 0.01, "the launcher holds SIGTERM")
+    processor.signal(signal.SIGTERM)
+    gate.touch()
+
+
+def test_sigterm_during_start_up_stops_run_with_exit_0(env, start_processor, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    gated_env, gate = gated(env, tmp_path)
+    processor = start_processor(gated_env)
+    signal_while_importing(processor, gate)
+    assert processor.wait(30) == ExitCode.OK
+    messages = processor.log_messages()
+    assert "supervisor starting" in messages and "shard spawned" not in messages, messages
+
+
+def test_an_operator_command_keeps_the_default_stop(env, start_processor, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Only `run` takes over the signals: a command stopped while starting still dies by the signal."""
+    gated_env, gate = gated(env, tmp_path)
+    processor = start_processor(gated_env, "lag")
+    signal_while_importing(processor, gate)
+    assert processor.wait(30) == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_the_supervisor_takes_what_arrived_before_its_handlers(signum: int) -> None:
+    """Held signals are handed over once (to the supervisor's queue), then nothing is held."""
+    from common import early_signals
+
+    before = signal.getsignal(signum)
+    early_signals.hold()
+    try:
+        signal.raise_signal(signum)
+        assert early_signals.taken() == [signum]
+        assert early_signals.taken() == []
+    finally:
+        early_signals.release()
+    assert signal.getsignal(signum) == before
