@@ -1,10 +1,10 @@
 """The shard's side of Postgres: one transaction per batch, idempotent under redelivery.
 
-A batch's transaction: the prologue (temporary staging tables, settings), a binary COPY
-of the fixes into `staging_positions`, then `shard.devices` stores the positions and the
-derived state they cause (with the geofence index of the revision it reads after the device
-locks: shard/geofences.py); commit. Only then is anything ACKed. Rows Postgres rejects are
-isolated by bisection, so that every other row commits.
+A batch's transaction: the prologue (BEGIN, the temporary staging table, settings), a
+binary COPY of the fixes into `staging_positions`, then `shard.devices` stores the
+positions and the derived state they cause (with the geofence index of the revision it
+reads after the device locks: shard/geofences.py); commit. Only then is anything ACKed.
+Rows Postgres rejects are isolated by bisection, so that every other row commits.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ CREATE TEMP TABLE IF NOT EXISTS staging_positions (
 # land on a server connection that has not seen our temporary tables or settings yet.
 # A partitioned client's locks are released after a minute; a lock waited for a minute
 # fails the batch as an outage (retried), rather than stalling the shard.
-# The staging tables are never analysed, so the planner's guesses can cross jit_above_cost
+# The staging table is never analysed, so the planner's guesses can cross jit_above_cost
 # and spend 10-20 ms compiling a statement that runs in a fraction of that: no JIT.
 # The BEGIN goes out with it: one round trip fewer (`batch_transaction` ends the transaction).
 _PROLOGUE = f"""BEGIN;{_STAGING_POSITIONS};
