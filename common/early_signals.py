@@ -40,7 +40,8 @@ def taken() -> list[int]:
 def release() -> None:
     """Give the stop signals their handling from before `hold`, and raise any that arrived."""
     for signum, handler in _previous.items():
-        signal.signal(signum, handler)  # type: ignore[arg-type]
+        if handler is not None:  # None: installed from C, nothing Python can put back
+            signal.signal(signum, handler)  # type: ignore[arg-type]
     _previous.clear()
     for signum in taken():
         signal.raise_signal(signum)
