@@ -1,7 +1,7 @@
 """What the runtime role may do in Postgres (SPEC §3), and the one line that names a privilege it lacks.
 
 The migrations grant `processor_runtime` exactly `TABLES` (plus USAGE on the schema and
-TEMPORARY on the database, for the writer's staging tables); a test holds the two in step.
+TEMPORARY on the database, for the writer's staging table); a test holds the two in step.
 Shards and operator commands connect with DATABASE_URL as a login role in that role, so a
 privilege an operator forgot to grant is named here rather than surfacing as a crash.
 """

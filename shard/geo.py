@@ -131,9 +131,8 @@ class GeofenceIndex:
             owners.extend([geofence] * len(boxes))
         self._owners = owners
         self._tree = shapely.STRtree(entries) if entries else None
-        # Per tree entry, for the vectorised part of `inside`: the geometry, whether it is a
-        # circle's box (tested exactly afterwards), and its geofence's id.
-        self._entries = np.array(entries, dtype=object)
+        # Per tree entry, for the vectorised part of `inside`: whether it is a circle's box
+        # (tested exactly afterwards), and its geofence's id.
         self._is_circle = np.array([g.area is None for g in owners], dtype=bool)
         self._ids = np.array([g.id for g in owners], dtype=np.int64)
 
@@ -152,7 +151,7 @@ class GeofenceIndex:
         circle = self._is_circle[entry_idx]
         polygon_points, polygon_entries = point_idx[~circle], entry_idx[~circle]
         if len(polygon_points):
-            hit = shapely.covers(self._entries[polygon_entries], points[polygon_points])
+            hit = shapely.covers(self._tree.geometries[polygon_entries], points[polygon_points])
             for p, geofence_id in zip(polygon_points[hit].tolist(), self._ids[polygon_entries[hit]].tolist()):
                 found.setdefault(p, set()).add(geofence_id)
         # Circles through the scalar haversine_m, like Geofence.covers: numpy's vectorised

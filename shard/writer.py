@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import orjson
 import psycopg
@@ -41,12 +41,12 @@ CREATE TEMP TABLE IF NOT EXISTS staging_positions (
 ) ON COMMIT DELETE ROWS
 """
 # Every transaction starts with this: behind a transaction-pooling PgBouncer a batch may
-# land on a server connection that has not seen our temporary tables or settings yet.
+# land on a server connection that has not seen our temporary table or settings yet.
 # A partitioned client's locks are released after a minute; a lock waited for a minute
 # fails the batch as an outage (retried), rather than stalling the shard.
 # The staging table is never analysed, so the planner's guesses can cross jit_above_cost
 # and spend 10-20 ms compiling a statement that runs in a fraction of that: no JIT.
-# The BEGIN goes out with it: one round trip fewer (`batch_transaction` ends the transaction).
+# The BEGIN goes out with it: one round trip fewer (`batch_transaction` sends it, and ends the transaction).
 _PROLOGUE = f"""BEGIN;{_STAGING_POSITIONS};
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL lock_timeout = '60s';
@@ -58,7 +58,7 @@ _COPY_POSITIONS = f"COPY staging_positions ({', '.join(COLUMNS)}) FROM STDIN (FO
 
 @contextlib.asynccontextmanager
 async def batch_transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[psycopg.AsyncCursor]:
-    """A cursor inside one batch's transaction: `stage` begins it, a clean exit commits it.
+    """A cursor inside one batch's transaction, begun by the prologue; a clean exit commits it.
 
     Otherwise it is rolled back; a connection that cannot even do that (broken, or a
     statement cut off by a cancellation) is closed, so that no later batch could run inside
@@ -68,6 +68,7 @@ async def batch_transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[psyc
         raise psycopg.InterfaceError(f"connection not idle before a batch: {conn.info.transaction_status.name}")
     try:
         async with conn.cursor() as cur:
+            await cur.execute(_PROLOGUE)
             yield cur
         await conn.commit()
     except BaseException:
@@ -78,10 +79,8 @@ async def batch_transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[psyc
         raise
 
 
-async def stage(cur: psycopg.AsyncCursor, fixes: Sequence[Fix], cached_versions: Mapping[str, int | None]) -> None:
-    """Begin the transaction (its prologue), then stage the fixes with their devices' cached versions."""
-    data = copy_data(fixes, cached_versions)  # before anything is sent: a RowRejected costs no round trip
-    await cur.execute(_PROLOGUE)
+async def stage(cur: psycopg.AsyncCursor, data: bytes) -> None:
+    """Stage a batch: `data` is its fixes with their devices' cached versions, as `copy_data` packs them."""
     async with cur.copy(_COPY_POSITIONS) as copy:
         await copy.write(data)
 
@@ -148,8 +147,9 @@ class PositionWriter:
         conn = self.conn
         assert conn is not None
         with self.devices.batch(fixes) as batch:  # the cache keeps the states only after commit
+            data = copy_data(fixes, batch.cached_versions())  # a RowRejected here costs no round trip
             async with batch_transaction(conn) as cur:
-                await stage(cur, fixes, batch.cached_versions())
+                await stage(cur, data)
                 # The geofence index is chosen inside, after the device locks.
                 await batch.apply(cur, self.geofences, safe=safe)
 

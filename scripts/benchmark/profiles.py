@@ -27,8 +27,8 @@ from typing import Any
 import psycopg
 
 from scripts.benchmark.sandbox import Bench, Sandbox
+from shard.profiling import PROFILE_ENV
 
-PROFILE_ENV = "PROCESSOR_BENCH_PROFILE"  # shard/profiling.py reads it
 TOP_STATEMENTS = 12
 IDLE = "event loop (incl. waiting)"
 OTHER = "other"

@@ -26,6 +26,7 @@ from scripts.toolkit.processes import (
     status_kb,
     tail,
 )
+from shard.devices import DERIVED_COUNTS
 
 
 @dataclass
@@ -123,7 +124,7 @@ class ProcessorRun:
             if b'"shard stopped"' not in line:
                 continue
             entry = orjson.loads(line)
-            for key in ("devices_reloaded", "devices_replayed", "visits_written"):
+            for key in DERIVED_COUNTS:
                 totals[key] = totals.get(key, 0) + int(entry.get(key, 0))
         return totals
 

@@ -11,12 +11,13 @@ only where the versions differ.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 
 import orjson
 import psycopg
 
+from shard.devices.store import LOCK_DEVICES
 from shard.devices.track import DeviceState, TrackFix, Visit
 
 # Every device of the batch gets its row version back; its stored state (newest fix, odometer,
@@ -82,16 +83,16 @@ class DeviceCache:
         return {device_id: self._states.get(device_id) for device_id in device_ids}
 
     async def load(
-        self, cur: psycopg.AsyncCursor, cached: dict[str, DeviceState | None], after: Callable[[str], str]
+        self, cur: psycopg.AsyncCursor, cached: dict[str, DeviceState | None]
     ) -> tuple[dict[str, DeviceState], set[str], int]:
         """The current state of each device, from `cached` where it is fresh, else from Postgres.
 
         Also returns the devices whose state was read from Postgres, and the geofence
         revision committed before this statement. The cached versions travel in the staging
-        table. `after` puts the statement that locks the devices in front of the load, in
-        the same round trip (store.locked_then): nobody changes them before commit.
+        table. The devices are locked first, in the same round trip (store.LOCK_DEVICES):
+        nobody changes them before commit.
         """
-        await cur.execute(after(_LOAD))
+        await cur.execute(f"{LOCK_DEVICES};{_LOAD}")
         cur.nextset()  # past the locks' result
         found: dict[str, DeviceState] = {}
         loaded: set[str] = set()

@@ -36,11 +36,12 @@ from shard.decode import Fix
 from shard.devices.cache import DeviceCache
 from shard.devices.live import derive, older_than_state
 from shard.devices.replay import prefetch_replays, replay_late
-from shard.devices.store import insert_positions_returning, locked_then, store_derived
+from shard.devices.store import insert_positions_returning, store_derived
 from shard.devices.track import DeviceState
 from shard.geofences import GeofenceSource
 
 _DEVICE_AND_TS = itemgetter(0, 1)  # a Fix's (device_id, ts), read in C
+DERIVED_COUNTS = ("devices_reloaded", "devices_replayed", "visits_written")  # DeviceStates.counts, in the shard's logs
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class DeviceStates:
         self.cache = DeviceCache(cache_size)
         # Of committed batches: devices read from Postgres (not cached, or stale), devices replayed
         # because of a late fix, visits written. What derived state costs a shard, for its logs.
-        self.counts = {"devices_reloaded": 0, "devices_replayed": 0, "visits_written": 0}
+        self.counts = dict.fromkeys(DERIVED_COUNTS, 0)
 
     def batch(self, fixes: Sequence[Fix]) -> DeviceBatch:
         """Start a batch: `with states.batch(fixes) as batch:` around the transaction."""
@@ -95,7 +96,7 @@ class DeviceBatch:
         ordered = sorted(self.fixes, key=_DEVICE_AND_TS)
         # The locks, then the first statement after them: its snapshot follows every earlier
         # transaction of these devices, so the revision it reads is the one this batch must use.
-        self._states, reloaded, revision = await self._cache.load(cur, self._cached, after=locked_then)
+        self._states, reloaded, revision = await self._cache.load(cur, self._cached)
         index = await geofences.for_revision(cur, revision)
         inserted: set[tuple[str, datetime]] | None = None
         if safe or older_than_state(ordered, self._states):

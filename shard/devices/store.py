@@ -8,8 +8,9 @@ upsert: no second staging table, no second COPY.
 
 Two rules keep cached copies honest (SPEC §5 "Rehydration"): every transaction that
 changes a device holds its advisory lock (`DEVICE_LOCK_CLASS`, hashtext(device_id))
-until commit, and bumps `last_position.state_version`. Both live here, for the writer
-(`locked_then`, `store_derived`) and for `processor rehydrate` (`bump_state_version`).
+until commit, and bumps `last_position.state_version`. Both live here, for the batches
+(`LOCK_DEVICES`, sent by the state load; `store_derived`) and for `processor rehydrate`
+(`bump_state_version`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from shard.devices.live import Derived
 
 # Every transaction that touches a device holds its lock until commit, so derived state
 # is computed from the truth. Locks are taken in one global order: no deadlocks. Without
-# parameters (the lock class is a constant), so that it can share a round trip with the
-# statement that must follow it (`locked_then`).
-_LOCK_DEVICES = f"""
+# parameters (the lock class is a constant), so that the state load (cache.py) can follow
+# it in the same round trip: as a statement of its own, the load takes its snapshot once the
+# locks are granted (READ COMMITTED takes one per statement) and reads every earlier
+# transaction of these devices.
+LOCK_DEVICES = f"""
 SELECT count(pg_advisory_xact_lock({int(DEVICE_LOCK_CLASS)}, h))
 FROM (SELECT DISTINCT hashtext(device_id) AS h FROM staging_positions ORDER BY 1) AS devices
 """
@@ -103,17 +106,6 @@ ON CONFLICT (device_id, geofence_id, entered_at) DO UPDATE SET
     exit_crossing_at = EXCLUDED.exit_crossing_at, distance_m = EXCLUDED.distance_m,
     max_speed = EXCLUDED.max_speed, samples = EXCLUDED.samples
 """
-
-
-def locked_then(statement: str) -> str:
-    """`statement` (without parameters) preceded by the lock of every staged device, as one query.
-
-    One round trip, two statements: the second takes its snapshot after the locks are
-    granted (READ COMMITTED takes one per statement), so it reads every earlier
-    transaction of these devices. Its rows are the query's second result (`cur.nextset()`).
-    The locks are held until commit.
-    """
-    return f"{_LOCK_DEVICES};{statement}"
 
 
 async def insert_positions_returning(cur: psycopg.AsyncCursor) -> set[tuple[str, datetime]]:

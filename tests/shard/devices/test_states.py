@@ -22,6 +22,7 @@ from common.keys import DEVICE_LOCK_CLASS
 from shard.decode import Fix, decode_entry
 from shard.devices import Applied, DeviceStates, bump_state_version
 from shard.geofences import GeofenceSource
+from shard.staging_rows import copy_data
 from shard.writer import batch_transaction, stage
 from supervisor.migrations import apply_migrations
 from tests.e2e.fleet import Scenario, assert_same_result, build_scenario, insert_geofences, serial_replay, stored_result
@@ -80,7 +81,7 @@ async def write(
     fixes = decoded(points)
     with states.batch(fixes) as batch:
         async with batch_transaction(conn) as cur:
-            await stage(cur, fixes, batch.cached_versions())
+            await stage(cur, copy_data(fixes, batch.cached_versions()))
             applied = await batch.apply(cur, geofences)
             if roll_back:
                 raise RolledBack
