@@ -55,18 +55,12 @@ class Settings:
         """Read and validate every setting; the first bad one raises ConfigError."""
         env = os.environ if env is None else env
         reader = _Reader(env)
-        database_url = reader.url(
-            "DATABASE_URL", "postgresql://localhost/processor", POSTGRES_SCHEMES, file_variable="DATABASE_URL_FILE"
-        )
+        database_url = reader.url("DATABASE_URL", "postgresql://localhost/processor", POSTGRES_SCHEMES)
         stream_key = reader.name("STREAM_KEY", "telemetry:t")
         return cls(
-            redis_url=reader.url(
-                "REDIS_URL", "redis://localhost:6379/0", REDIS_SCHEMES, file_variable="REDIS_URL_FILE"
-            ),
+            redis_url=reader.url("REDIS_URL", "redis://localhost:6379/0", REDIS_SCHEMES),
             database_url=database_url,
-            migration_database_url=reader.url(
-                "MIGRATION_DATABASE_URL", database_url, POSTGRES_SCHEMES, file_variable="MIGRATION_DATABASE_URL_FILE"
-            ),
+            migration_database_url=reader.url("MIGRATION_DATABASE_URL", database_url, POSTGRES_SCHEMES),
             stream_key=stream_key,
             consumer_group=reader.name("CONSUMER_GROUP", "processor"),
             dlq_key=reader.name("DLQ_KEY", f"{stream_key}:dlq"),
@@ -193,10 +187,10 @@ class _Reader:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
 
-    def url(self, name: str, default: str, schemes: tuple[str, ...], *, file_variable: str) -> str:
-        """A URL from `name`, or read from the file that `file_variable` names (a Docker or
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        """A URL from `name`, or read from the file that `<name>_FILE` names (a Docker or
         Kubernetes secret); its secrets are registered for masking."""
-        value, label = self.text_or_file(name, default, file_variable)
+        value, label = self.text_or_file(name, default)
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -223,11 +217,11 @@ class _Reader:
             add_secret(secret)
         return value
 
-    def text_or_file(self, name: str, default: str, file_variable: str) -> tuple[str, str]:
-        """The value of `name` or the contents of the file `file_variable` names (never both),
+    def text_or_file(self, name: str, default: str) -> tuple[str, str]:
+        """The value of `name` or the contents of the file `<name>_FILE` names (never both),
         and how to name it in an error."""
-        path = self.env.get(file_variable)
-        if path is None:
+        file_variable = f"{name}_FILE"
+        if file_variable not in self.env:
             return self.text(name, default), name
         if name in self.env:
             raise ConfigError(f"both {name} and {file_variable} are set: set only one of them")

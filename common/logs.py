@@ -19,22 +19,24 @@ _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | 
 
 
 # Passwords read from the configuration, masked wherever they appear (a driver's error
-# message may quote one outside any URL).
-_SECRETS: set[str] = set()
+# message may quote one outside any URL). Kept longest first, so that a secret inside a longer
+# one cannot leave the rest of that one showing; sorted when one is added (at start-up), not
+# for every string `scrub` sees.
+_SECRETS: list[str] = []
 MIN_SECRET_CHARS = 4  # shorter values would mask ordinary words
 
 
 def add_secret(value: str | None) -> None:
-    if value and len(value) >= MIN_SECRET_CHARS:
-        _SECRETS.add(value)
+    if value and len(value) >= MIN_SECRET_CHARS and value not in _SECRETS:
+        _SECRETS.append(value)
+        _SECRETS.sort(key=len, reverse=True)
 
 
 def scrub(text: str) -> str:
     """Mask passwords in URLs and `password=` pairs, and every configured password."""
     text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
     text = _KEYWORD_PASSWORD.sub(r"\g<head>***", text)
-    # Longest first: a secret inside a longer one must not leave the rest of that one showing.
-    for secret in sorted(_SECRETS, key=len, reverse=True):
+    for secret in _SECRETS:
         if secret in text:
             text = text.replace(secret, "***")
     return text

@@ -5,8 +5,9 @@ restarted shard continues its slot's counters, which therefore only ever grow. A
 part holds what only the supervisor knows (which slots run, their pids, start times and
 restarts, whether it is stopping, its own beat); it writes that part from its loop. A third
 part is the maintenance process's (its counters and beat), written by it alone. The HTTP
-process the supervisor forks reads all three for /healthz and /metrics; no shard needs an
-HTTP server of its own.
+process the supervisor forks reads these three for /healthz and /metrics; no shard needs an
+HTTP server of its own. A fourth part holds last words: the one line a shard or the
+maintenance process leaves when it exits 78, which the supervisor takes into its halt reason.
 """
 
 from __future__ import annotations
@@ -168,14 +169,17 @@ class StatusBoard:
     def write_last_words(self, area: int | None, text: str) -> None:
         """Leave `text` (one line, cut to fit) for the supervisor: `area` is a shard slot, None the maintenance process."""
         data = text.encode("utf-8", "replace")[: LAST_WORDS_BYTES - 2]
-        at = self._last_words_at + LAST_WORDS_BYTES * (self.slots if area is None else area)
+        at = self._words_at(area)
         self._map[at : at + 2] = len(data).to_bytes(2, "little")
         self._map[at + 2 : at + 2 + len(data)] = data
 
     def take_last_words(self, area: int | None) -> str:
         """What the process of `area` left, cleared so that a later exit of that area cannot repeat it."""
-        at = self._last_words_at + LAST_WORDS_BYTES * (self.slots if area is None else area)
+        at = self._words_at(area)
         size = int.from_bytes(self._map[at : at + 2], "little")
         text = self._map[at + 2 : at + 2 + size].decode("utf-8", "replace")
         self._map[at : at + 2] = b"\x00\x00"
         return text
+
+    def _words_at(self, area: int | None) -> int:
+        return self._last_words_at + LAST_WORDS_BYTES * (self.slots if area is None else area)

@@ -23,8 +23,7 @@ class UnsupportedServer(ConfigError):
 
 def redis_version(info: dict) -> tuple[int, ...]:
     """(major, minor, patch) from INFO server's `redis_version`."""
-    raw = info.get("redis_version", info.get(b"redis_version", ""))
-    raw = raw.decode() if isinstance(raw, bytes) else str(raw)
+    raw = str(info.get("redis_version", ""))  # redis-py's INFO parser gives str keys, whatever decode_responses
     try:
         return tuple(int(part) for part in raw.split(".")[:3])
     except ValueError:

@@ -88,10 +88,10 @@ def cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
-    from supervisor.migrations import apply_migrations
+    from supervisor.migrations import apply_migrations, migration_names
 
     with translated(POSTGRES, settings.migration_database_url, unreachable="cannot connect to"):
         applied = apply_migrations(settings.migration_database_url)
-    names = [f"{m.version:04d}_{m.name}" for m in applied]
+    names = migration_names(applied)
     log.info("migrations applied" if names else "schema already up to date", extra={"applied": names})
     return ExitCode.OK

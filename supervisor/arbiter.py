@@ -35,7 +35,7 @@ from supervisor.children import HelperHandle, ShardHandle, describe_exit, drain_
 from supervisor.http import listen
 from supervisor.http_process import HttpProcess
 from supervisor.maintenance import Maintenance
-from supervisor.migrations import SCHEMA_WAIT_S, check_runtime_role, ensure_schema
+from supervisor.migrations import SCHEMA_WAIT_S, check_runtime_role, ensure_schema, migration_names
 from supervisor.restarts import RestartPolicy
 
 log = logging.getLogger("processor.supervisor")
@@ -131,7 +131,7 @@ class Supervisor:
         self.signals.append(signum)
 
     def check_redis(self) -> None:
-        """Redis must answer before we fork; wrong credentials halt at once."""
+        """Redis must answer, and be 7.0 or newer, before we fork; wrong credentials halt at once."""
         client = sync_client(self.settings.redis_url, REDIS_PROBE_TIMEOUT_S, "processor-supervisor")
         try:
             self.until_reachable("Redis at REDIS_URL", check_redis, client)
@@ -149,7 +149,7 @@ class Supervisor:
             self.stop_if_asked,
         )
         if applied:
-            log.info("schema up to date", extra={"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
+            log.info("schema up to date", extra={"applied": migration_names(applied)})
         self.until_reachable("Postgres at DATABASE_URL", check_runtime_role, self.settings.database_url)
 
     def until_reachable(self, what: str, operation, *args):  # type: ignore[no-untyped-def]

@@ -156,7 +156,7 @@ def ensure_schema(
             return []
         log.warning(
             "schema is behind and this role may not change it: waiting for its owner to migrate it",
-            extra={"role": conn.info.user, "pending": _names(behind), "wait_s": wait_s, "why": why},
+            extra={"role": conn.info.user, "pending": migration_names(behind), "wait_s": wait_s, "why": why},
         )
         deadline = time.monotonic() + wait_s
         while behind and time.monotonic() < deadline:
@@ -207,12 +207,13 @@ def _require_ddl(behind: list[Migration], why: str | None, after: str = "") -> N
     """A schema `behind` and a role that may not change it (`why`, from ddl_refusal): exit 78."""
     if why is not None:
         raise MigrationError(
-            f"the schema is {len(behind)} migration(s) behind ({', '.join(_names(behind))}){after}, and {why}; "
+            f"the schema is {len(behind)} migration(s) behind ({', '.join(migration_names(behind))}){after}, and {why}; "
             "run `processor migrate` with MIGRATION_DATABASE_URL of the schema's owner"
         )
 
 
-def _names(migrations: list[Migration]) -> list[str]:
+def migration_names(migrations: list[Migration]) -> list[str]:
+    """How logs and errors name migrations: `0004_runtime_role`."""
     return [f"{m.version:04d}_{m.name}" for m in migrations]
 
 

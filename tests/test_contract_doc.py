@@ -24,8 +24,8 @@ SOURCE_DIRS = ("common", "ops", "supervisor")
 # env.get("X"), os.getenv("X"); and os.environ["X"].
 ENV_READ = re.compile(r"""\b\w+\(\s*["']([A-Z][A-Z0-9_]*)["']""")
 ENV_INDEX = re.compile(r"""\benviron\[\s*["']([A-Z][A-Z0-9_]*)["']\s*\]""")
-# A secret's file variable passed by keyword: reader.url("REDIS_URL", …, file_variable="REDIS_URL_FILE").
-ENV_FILE_KEYWORD = re.compile(r"""\bfile_variable=\s*["']([A-Z][A-Z0-9_]*)["']""")
+# A URL setting, which may also be read from the file its `<name>_FILE` names: reader.url("REDIS_URL", …).
+ENV_URL = re.compile(r"""\.url\(\s*["']([A-Z][A-Z0-9_]*)["']""")
 METRIC_NAME = re.compile(r"""["'](processor_[a-z0-9_]+)["']""")
 METRIC_CALL = re.compile(r"""\b(Counter|Gauge|Histogram|Summary|Info)MetricFamily\(\s*["'](processor_[a-z0-9_]+)["']""")
 # A family whose name is a variable, `CounterMetricFamily(name, …)`: its names are the
@@ -112,7 +112,7 @@ def settings_read() -> set[str]:
     assert files, f"no config.py (or from_env) under {SOURCE_DIRS}: did the configuration move? update this test"
     names = set()
     for text in files.values():
-        names |= set(ENV_READ.findall(text)) | set(ENV_INDEX.findall(text)) | set(ENV_FILE_KEYWORD.findall(text))
+        names |= set(ENV_READ.findall(text)) | set(ENV_INDEX.findall(text)) | {f"{name}_FILE" for name in ENV_URL.findall(text)}
     assert {"REDIS_URL", "DATABASE_URL", "STREAM_KEY"} <= names, f"the settings were not found in {list(files)}"
     return names
 

@@ -8,9 +8,9 @@ from common import logs
 
 
 @pytest.fixture
-def fresh_secrets(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    """An empty set of registered secrets (common.logs._SECRETS) for this test only: what it masks
+def fresh_secrets(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """No registered secrets (common.logs._SECRETS) but this test's own: what it masks
     was registered by the test itself, not left behind by an earlier one."""
-    secrets: set[str] = set()
+    secrets: list[str] = []
     monkeypatch.setattr(logs, "_SECRETS", secrets)
     return secrets
