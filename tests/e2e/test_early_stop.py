@@ -10,6 +10,8 @@ import pytest
 from common.errors import ExitCode
 from tests.e2e.processes import ROOT, wait_for
 
+pytestmark = pytest.mark.e2e
+
 
 def catches(pid: int, signum: int) -> bool:
     """Whether the process has a handler for `signum` (its SigCgt mask in /proc)."""
@@ -66,19 +68,3 @@ def test_an_operator_command_keeps_the_default_stop(env, start_processor, tmp_pa
     processor = start_processor(gated_env, "lag")
     signal_while_importing(processor, gate)
     assert processor.wait(30) == -signal.SIGTERM
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_the_supervisor_takes_what_arrived_before_its_handlers(signum: int) -> None:
-    """Held signals are handed over once (to the supervisor's queue), then nothing is held."""
-    from common import early_signals
-
-    before = signal.getsignal(signum)
-    early_signals.hold()
-    try:
-        signal.raise_signal(signum)
-        assert early_signals.taken() == [signum]
-        assert early_signals.taken() == []
-    finally:
-        early_signals.release()
-    assert signal.getsignal(signum) == before

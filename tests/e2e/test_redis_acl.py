@@ -22,11 +22,11 @@ from scripts.toolkit.fleet import Fleet
 from scripts.toolkit.processes import proc_title
 from scripts.toolkit.services import ThrowawayRedis, free_port
 from scripts.toolkit.writer import backlog, produce, steady
-from shard.decode import decode_entry
 from supervisor.migrations import apply_migrations
 from tests.e2e.acl import acl_rule, create_user, denials, user_url
 from tests.e2e.processes import wait_for
-from tests.e2e.verify import assert_exact, stored_count, wait_settled
+from tests.e2e.verify import assert_exact, entries_by_outcome, stored_count, wait_settled
+from tests.e2e.verify import settled as all_settled
 from tests.files import collection, feature, geojson_file
 from tests.ops.letters import one_line, run_cli
 
@@ -75,25 +75,15 @@ def json_of(result):  # type: ignore[no-untyped-def]
 
 def outcomes(admin: redis.Redis, stream: str) -> tuple[set[tuple[str, object]], set[bytes]]:
     """(the distinct fixes to be stored, the ids of entries to be dead-lettered): poison, and rows Postgres rejects."""
-    stored, dead = set(), set()
-    for entry_id, fields in admin.xrange(stream):
-        try:
-            fix = decode_entry(fields)
-        except ValueError:
-            dead.add(entry_id)
-            continue
-        (dead.add(entry_id) if fix.device_id == REJECTED_DEVICE else stored.add((fix.device_id, fix.ts)))
-    return stored, dead
+    valid, poison = entries_by_outcome(admin, stream)
+    rejected = {entry_id for entry_id, fix in valid.items() if fix.device_id == REJECTED_DEVICE}
+    stored = {(fix.device_id, fix.ts) for entry_id, fix in valid.items() if entry_id not in rejected}
+    return stored, set(poison) | rejected
 
 
 def settled(admin: redis.Redis, database_url: str, stream: str, letters: int) -> bool:
-    group = next(g for g in admin.xinfo_groups(stream) if g["name"] == b"processor")
-    last = admin.xinfo_stream(stream)["last-generated-id"]
     stored, _ = outcomes(admin, stream)
-    return (
-        group["pending"] == 0 and group["last-delivered-id"] == last
-        and admin.xlen(f"{stream}:dlq") == letters and stored_count(database_url) == len(stored)
-    )
+    return all_settled(admin, database_url, stream, len(stored), letters)
 
 
 def consumers(admin: redis.Redis, stream: str) -> dict[str, int]:
@@ -174,10 +164,11 @@ def test_the_pipeline_and_every_operator_command_run_as_the_acl_user(
     # entry and is dead-lettered again), purge a rejected row's letter.
     letters = {fields[b"source_id"]: letter_id for letter_id, fields in admin.xrange(dlq)}
     assert len(json_of(run_cli(env, "dlq", "list", "--limit", "1000", "--json"))["letters"]) == len(dead)
-    small = next(i for i in dead if i != huge_id and decode_failed(admin, stream, i))
+    _, poison = entries_by_outcome(admin, stream)
+    small = next(i for i in dead if i != huge_id and i in poison)
     ok(run_cli(env, "dlq", "show", letters[small].decode()))
     ok(run_cli(env, "dlq", "replay", letters[small].decode(), letters[huge_id].decode()))
-    rejected = next(i for i in dead if not decode_failed(admin, stream, i))
+    rejected = next(i for i in dead if i not in poison)
     ok(run_cli(env, "dlq", "purge", "--yes", letters[rejected].decode()))
     _, dead_now = outcomes(admin, stream)
     expected_letters = dead_now - {small, huge_id, rejected}
@@ -196,15 +187,6 @@ def test_the_pipeline_and_every_operator_command_run_as_the_acl_user(
     assert admin.get(f"{stream}:lost") == b"1", "the entry deleted while pending is counted once"
     assert processor.log_messages().count("shard spawned") == 3, "the killed shard alone was restarted"
     assert denials(admin) == []
-
-
-def decode_failed(admin: redis.Redis, stream: str, entry_id: bytes) -> bool:
-    [(_, fields)] = admin.xrange(stream, entry_id, entry_id)
-    try:
-        decode_entry(fields)
-    except ValueError:
-        return True
-    return False
 
 
 @pytest.mark.parametrize(
