@@ -69,6 +69,17 @@ def status_kb(pid: int, *keys: str) -> dict[str, int]:
     return out
 
 
+def catches(pid: int, signum: int) -> bool:
+    """True once `pid` has a handler for `signum` (its SigCgt mask); False if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def proc_title(pid: int) -> str:
     """The command line (or the title a process set for itself), "?" if gone."""
     try:

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import orjson
 
-from scripts.toolkit.processes import PROCESSOR, ROOT, children, proc_title
+from scripts.toolkit.processes import PROCESSOR, ROOT, catches, children, proc_title
 
 T = TypeVar("T")
 
@@ -70,6 +70,15 @@ class ProcessorProcess:
         return str(halted[0]["reason"])
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Send `signum`; SIGTERM only once the entry point holds it (ops/launch.py).
+
+        Before the launcher's first line the interpreter is still starting (~20-30 ms), and
+        SIGTERM meets the kernel's default there: death by the signal. A test that stops a
+        processor whose work an earlier one had already settled would land there now and then.
+        """
+        if signum == signal.SIGTERM:
+            wait_for(lambda: self.proc.poll() is not None or catches(self.pid, signum), 30,
+                     what="the entry point to hold SIGTERM")
         self.proc.send_signal(signum)
 
     def wait(self, timeout_s: float = 60.0) -> int:
