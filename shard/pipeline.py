@@ -1,8 +1,11 @@
 """The shard's pipeline: entries in (read or claimed) → decode → write → settle.
 
 Entries enter through `submit`, from the stream reader, the claimer, or `processor claim`.
-One batch is written at a time, in one transaction; its ACK (with its dead letters) goes
-out while the next batch is written, in batch order. Once a batch has committed, its
+Each batch is written in one transaction. Two are written at once, each on its own
+connection, so that Postgres works on one while this process prepares the other; the
+later asks for its device locks only once the earlier holds them (`LockTurn`), so a
+device's fixes still apply in the order they were read. A batch's ACK (with its dead
+letters) goes out once it has committed, in batch order. Once a batch has committed, its
 settling is a task of its own, shielded from cancellation, so a shutdown never tears the
 commit-then-ACK step in half: what is not ACKed stays pending and is delivered again,
 which the idempotent writes make harmless.
@@ -20,6 +23,7 @@ from common.contract import retention_horizon
 from common.keys import failures_key
 from common.retry import retry
 from shard.batch import Batch, decode_batch
+from shard.devices import LockTurn
 from shard.failures import FailureCounts, new_attempt
 from shard.reporting import Report
 from shard.stream import ConsumerStream, Entry
@@ -45,6 +49,9 @@ class Pipeline:
         self.crash_point = crash_point  # test-only fault injection; None in production
         self.queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)  # read-ahead of one batch
         self.settle_task: asyncio.Task[None] | None = None
+        self.writing: list[asyncio.Task[None]] = []  # at most two, in batch order
+        self.last_turn = LockTurn()
+        self.last_turn.granted.set()
         self.accepting = True
 
     @property
@@ -71,27 +78,50 @@ class Pipeline:
 
     async def run(self) -> None:
         """Write every submitted batch until `end_input`; then wait for the last ACKs."""
-        while (batch := await self.queue.get()) is not None:
-            await self.process(batch)
+        try:
+            while (batch := await self.queue.get()) is not None:
+                await self.process(batch)
+            for writing in self.writing:
+                await writing
+        except BaseException:
+            for writing in self.writing:
+                writing.cancel()  # not committed: its entries stay pending
+            raise
         await self.flush()
 
     async def process(self, batch: Batch) -> None:
-        """Write in one transaction; then settle while the next batch is written."""
+        """Start writing the batch (its settling follows on its own once it has committed);
+        then wait while two batches are being written, or two settlings are still due."""
         if self.crash_point is not None:
             self.crash_point()
+        turn = self.last_turn = LockTurn(self.last_turn.granted)
+        writing = None
         if batch.fixes:
-            await self.write(batch)
-        # Created before anything else is awaited: once committed, the ACK must go out.
-        previous, self.settle_task = self.settle_task, asyncio.create_task(self.settle(batch, self.settle_task))
+            writing = asyncio.create_task(self.write(batch, turn))
+            writing.add_done_callback(self._wake_if_failed)
+            self.writing.append(writing)
+        else:
+            turn.granted.set()
+        previous, self.settle_task = self.settle_task, asyncio.create_task(self.settle(batch, writing, self.settle_task))
         self.settle_task.add_done_callback(self._wake_if_failed)
+        self.writing = [task for task in self.writing if not task.done() or task.cancelled() or task.exception() is not None]
+        if len(self.writing) > 1:
+            await self.writing[0]  # raises what the write raised
         if previous is not None:
-            await asyncio.shield(previous)  # at most two ACKs in flight
+            await asyncio.shield(previous)  # at most two settlings due
 
-    async def write(self, batch: Batch) -> None:
+    async def write(self, batch: Batch, turn: LockTurn | None = None) -> None:
         """Store the batch's fixes. Rows Postgres refuses are counted and retried at once (a
         rejection is deterministic) until MAX_FAILURES, then dead-lettered; the counts live
         in Redis, so they survive restarts."""
-        rejected = await self.write_entries(batch, list(batch.fixes))
+        try:
+            await self._write(batch, turn)
+        finally:
+            if turn is not None:
+                turn.granted.set()  # given up or done: the next batch must not wait for ever
+
+    async def _write(self, batch: Batch, turn: LockTurn | None) -> None:
+        rejected = await self.write_entries(batch, list(batch.fixes), turn)
         while rejected:
             counts = await retry("redis", self.report.reach, self.failures.count, list(rejected), new_attempt())
             again = []
@@ -105,7 +135,7 @@ class Pipeline:
             rejected = await self.write_entries(batch, again)
             batch.recovered.extend(entry_id for entry_id in again if entry_id not in rejected)
 
-    async def write_entries(self, batch: Batch, entry_ids: list[bytes]) -> dict[bytes, str]:
+    async def write_entries(self, batch: Batch, entry_ids: list[bytes], turn: LockTurn | None = None) -> dict[bytes, str]:
         """Write these entries' fixes; returns {entry id: error} for rows rejected on their own.
 
         Each attempt first sets aside the fixes older than the retention horizon by its own
@@ -119,12 +149,17 @@ class Pipeline:
             ids = [entry_id for entry_id in entry_ids if entry_id in batch.fixes]
             if not ids:
                 return {}
-            rejected = await self.writer.write_isolating([batch.fixes[entry_id] for entry_id in ids])
+            rejected = await self.writer.write_isolating([batch.fixes[entry_id] for entry_id in ids], turn)
             return {ids[position]: error for position, error in rejected.items()}
 
         return await retry("postgres", self.report.reach, attempt)
 
-    async def settle(self, batch: Batch, previous: asyncio.Task[None] | None) -> None:
+    async def settle(self, batch: Batch, writing: asyncio.Task[None] | None, previous: asyncio.Task[None] | None) -> None:
+        """Once the batch has committed (if it had fixes), ACK it and write its dead letters."""
+        if writing is not None:
+            await asyncio.wait({writing})
+            if writing.cancelled() or writing.exception() is not None:
+                return  # not committed: its entries stay pending (`run` raises the error)
         if previous is not None:
             await previous  # ACKs (and counters) in batch order
         written = await retry("redis", self.report.reach, self.stream.settle, batch.acked, batch.dead, batch.recovered)
@@ -134,8 +169,8 @@ class Pipeline:
         self.report.settled(batch, written)
 
     def _wake_if_failed(self, task: asyncio.Task[None]) -> None:
-        """A failed settle (a refusal: exit 78) ends `run` even when no batch follows, through
-        flush(), which raises its error; otherwise it would surface only with the next entry."""
+        """A failed write or settle (a refusal: exit 78, say) ends `run` even when no batch
+        follows, which raises its error; otherwise it would surface only with the next entry."""
         if not task.cancelled() and task.exception() is not None:
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(None)

@@ -21,7 +21,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from common.config import Settings
 from common.faults import Outcome, classify
 from shard.decode import Fix
-from shard.devices import DeviceStates
+from shard.devices import CachedStateDiscarded, DeviceStates, LockTurn
 from shard.geofences import GeofenceSource
 from shard.staging_rows import COLUMNS, copy_data
 
@@ -42,15 +42,18 @@ CREATE TEMP TABLE IF NOT EXISTS staging_positions (
 """
 # Every transaction starts with this: behind a transaction-pooling PgBouncer a batch may
 # land on a server connection that has not seen our temporary table or settings yet.
-# A partitioned client's locks are released after a minute; a lock waited for a minute
-# fails the batch as an outage (retried), rather than stalling the shard.
+# The device locks of a client that went quiet inside a batch (partitioned, frozen by
+# SIGSTOP or a debugger, starved) are released after 10 s, so every other shard waits at
+# most that long for them; between the statements of a batch a shard needs milliseconds.
+# A lock waited for a minute fails the batch as an outage (retried), rather than stalling
+# the shard.
 # The staging table is never analysed, so the planner's guesses can cross jit_above_cost
 # and spend 10-20 ms compiling a statement that runs in a fraction of that: no JIT.
 # The BEGIN goes out with it: one round trip fewer (`batch_transaction` sends it, and ends the transaction).
 _PROLOGUE = f"""BEGIN;{_STAGING_POSITIONS};
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL lock_timeout = '60s';
-SET LOCAL idle_in_transaction_session_timeout = '60s';
+SET LOCAL idle_in_transaction_session_timeout = '10s';
 SET LOCAL jit = off
 """
 _COPY_POSITIONS = f"COPY staging_positions ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
@@ -86,19 +89,26 @@ async def stage(cur: psycopg.AsyncCursor, data: bytes) -> None:
 
 
 class PositionWriter:
-    """Writes batches of fixes; the connection is opened lazily and again after it breaks."""
+    """Writes batches of fixes, each on a connection of its own while two are in flight.
+
+    Connections are opened lazily, kept while they work, and replaced after they break.
+    """
 
     def __init__(self, settings: Settings, application_name: str, geofences: GeofenceSource) -> None:
         self.url = settings.database_url
         self.application_name = application_name
-        self.conn: psycopg.AsyncConnection | None = None
         self.devices = DeviceStates(settings.device_cache_size)
         self.cache = self.devices.cache
         self.geofences = geofences
+        self._idle: list[psycopg.AsyncConnection] = []
+        self._open: set[psycopg.AsyncConnection] = set()
 
-    async def connect(self) -> None:
-        if self.conn is not None and not self.conn.closed:
-            return
+    async def _take(self) -> psycopg.AsyncConnection:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
+            self._open.discard(conn)
         conn = await psycopg.AsyncConnection.connect(
             self.url,
             autocommit=True,
@@ -109,15 +119,17 @@ class PositionWriter:
         )
         set_json_dumps(orjson.dumps, context=conn)
         set_json_loads(orjson.loads, context=conn)
-        self.conn = conn
+        self._open.add(conn)
+        return conn
 
-    async def write_isolating(self, fixes: Sequence[Fix]) -> dict[int, str]:
+    async def write_isolating(self, fixes: Sequence[Fix], turn: LockTurn | None = None) -> dict[int, str]:
         """Store a batch; rows Postgres rejects are isolated so that every other row commits.
 
         Returns {position in `fixes`: error} for the rows that were rejected on their own.
+        `turn` orders the batch's device locks after those of the batch before it.
         """
         try:
-            await self.write(fixes)
+            await self.write(fixes, turn)
             return {}
         except Exception as exc:
             if classify(exc) is not Outcome.ROW_REJECTED:
@@ -129,31 +141,46 @@ class PositionWriter:
         right = await self.write_isolating(fixes[middle:])
         return left | {middle + position: error for position, error in right.items()}
 
-    async def write(self, fixes: Sequence[Fix]) -> None:
+    async def write(self, fixes: Sequence[Fix], turn: LockTurn | None = None) -> None:
         """Store a batch and its derived state in one transaction."""
+        conn: psycopg.AsyncConnection | None = await self._take()
         try:
-            try:
-                await self._write(fixes, safe=False)
-            except psycopg.errors.UniqueViolation:
-                log.warning("positions held rows newer than their devices' state; batch written the safe way")
-                await self._write(fixes, safe=True)
+            safe = False
+            while True:
+                try:
+                    await self._write(conn, fixes, safe, turn)
+                    return
+                except psycopg.errors.UniqueViolation:
+                    if safe:
+                        raise
+                    log.warning("positions held rows newer than their devices' state; batch written the safe way")
+                    safe = True
+                except CachedStateDiscarded as exc:
+                    log.debug("cached state changed under the batch; writing it again", extra={"device_id": str(exc)})
         except Exception as exc:
             if classify(exc) is Outcome.OUTAGE:
-                await self.close()  # the next attempt starts from a fresh connection
+                self._open.discard(conn)
+                conn, closing = None, conn
+                await closing.close()  # the next attempt starts from a fresh connection
             raise
+        finally:
+            if conn is not None:
+                if conn.closed:
+                    self._open.discard(conn)
+                else:
+                    self._idle.append(conn)
 
-    async def _write(self, fixes: Sequence[Fix], safe: bool) -> None:
-        await self.connect()
-        conn = self.conn
-        assert conn is not None
+    async def _write(self, conn: psycopg.AsyncConnection, fixes: Sequence[Fix], safe: bool, turn: LockTurn | None) -> None:
         with self.devices.batch(fixes) as batch:  # the cache keeps the states only after commit
             data = copy_data(fixes, batch.cached_versions())  # a RowRejected here costs no round trip
+            if turn is not None:
+                await turn.come()
             async with batch_transaction(conn) as cur:
                 await stage(cur, data)
                 # The geofence index is chosen inside, after the device locks.
-                await batch.apply(cur, self.geofences, safe=safe)
+                await batch.apply(cur, self.geofences, safe=safe, turn=turn)
 
     async def close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
+        opened, self._open, self._idle = self._open, set(), []
+        for conn in opened:
             await conn.close()

@@ -46,40 +46,48 @@ FROM (SELECT (SELECT revision FROM geofence_revision) AS revision) AS r LEFT JOI
 """
 
 
+class CachedStateDiscarded(Exception):
+    """A cached state this batch picked is dirty (an earlier batch that changes it in place has
+    not committed, or the cache let go of it): the batch starts again from a fresh pick."""
+
+
 class DeviceCache:
-    """An LRU of DeviceState; a hit is only used when its version matches the database's."""
+    """An LRU of DeviceState; a hit is only used when its version matches the database's.
+
+    Two batches of a shard may be in flight at once (shard/pipeline.py), and a batch changes
+    the states it derives in place, version included, before it commits. A picked state whose
+    version matches the database's is therefore used only if it is not dirty: the version of
+    a copy changed by a transaction that did not commit (or not yet) proves nothing.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._states: OrderedDict[str, DeviceState] = OrderedDict()
-        self._dropped_in_batch: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._states)
 
-    def begin_batch(self) -> None:
-        self._dropped_in_batch.clear()
-
     def put(self, state: DeviceState) -> None:
-        """Keep a state that was just committed, unless it was dropped while its batch ran."""
-        if state.device_id in self._dropped_in_batch:
-            return
+        """Keep a state that was just committed."""
+        state.dirty = False
         self._states[state.device_id] = state
         self._states.move_to_end(state.device_id)
         while len(self._states) > self.capacity:
             self._states.popitem(last=False)
 
     def drop(self, device_ids: Iterable[str]) -> None:
+        """Forget these devices; a batch that picked their copies may no longer use them."""
         for device_id in device_ids:
-            self._states.pop(device_id, None)
-            self._dropped_in_batch.add(device_id)
+            state = self._states.pop(device_id, None)
+            if state is not None:
+                state.dirty = True
 
     def snapshot(self, limit: int = 1000) -> dict[str, object]:
         """Part of the cache in plain JSON terms, for panic dumps."""
         return {device_id: _describe(state) for device_id, state in list(self._states.items())[-limit:]}
 
     def pick(self, device_ids: list[str]) -> dict[str, DeviceState | None]:
-        """The cached states a batch starts from; a drop while the batch runs does not change them."""
+        """The cached states a batch starts from (their versions are staged with its fixes)."""
         return {device_id: self._states.get(device_id) for device_id in device_ids}
 
     async def load(
@@ -104,6 +112,8 @@ class DeviceCache:
             if ts is not None:  # stale or not cached: its stored state came along (ts is NOT NULL)
                 state = DeviceState(device_id, version, TrackFix(ts, lat, lon, speed), odometer_m, _open_visits(visits))
                 loaded.add(device_id)
+            elif state is not None and state.dirty:
+                raise CachedStateDiscarded(device_id)
             found[device_id] = state
         return {d: found.get(d) or DeviceState(d) for d in cached}, loaded, revision
 

@@ -24,8 +24,9 @@ context manager exits cleanly); otherwise the batch's devices are dropped from i
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 from datetime import datetime
 from types import TracebackType
@@ -55,6 +56,25 @@ class Applied:
     revision: int  # the geofence revision the batch was derived with
 
 
+@dataclass
+class LockTurn:
+    """A batch's place in its shard's order of device locks: after the batch before it.
+
+    A shard writes two batches at once (shard/pipeline.py); the later one asks for its
+    locks only once the earlier one's are granted, so where both hold fixes of a device,
+    Postgres makes the later wait for the earlier's commit, and each device's fixes are
+    applied in the order the shard read them (rather than the earlier batch's looking late).
+    """
+
+    previous: asyncio.Event | None = None
+    granted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def come(self) -> None:
+        """Wait until the batch before this one holds its locks (or has given up on them)."""
+        if self.previous is not None:
+            await self.previous.wait()
+
+
 class DeviceStates:
     """The derived state of every device a shard meets: its cache and how batches change it."""
 
@@ -78,7 +98,6 @@ class DeviceBatch:
         self.applied: Applied | None = None
         self.devices = sorted({fix.device_id for fix in fixes})
         self._cache = cache
-        cache.begin_batch()
         self._cached = cache.pick(self.devices)
         self._states: dict[str, DeviceState] = {}
 
@@ -86,17 +105,24 @@ class DeviceBatch:
         """Device → version of its cached copy (None: not cached), to stage beside each fix."""
         return {device_id: (state.version if state is not None else None) for device_id, state in self._cached.items()}
 
-    async def apply(self, cur: psycopg.AsyncCursor, geofences: GeofenceSource, *, safe: bool = False) -> Applied:
+    async def apply(
+        self, cur: psycopg.AsyncCursor, geofences: GeofenceSource, *, safe: bool = False, turn: LockTurn | None = None
+    ) -> Applied:
         """Store the staged positions and the derived state they cause (steps 1-5 above).
 
         `geofences` gives the index of the revision read after the locks. `safe` inserts
-        the positions with ON CONFLICT even when every fix looks new.
+        the positions with ON CONFLICT even when every fix looks new. `turn` is told once
+        the locks are granted.
         """
         # Stable sort: fixes with the same key keep entry order, as `seq` does in SQL.
         ordered = sorted(self.fixes, key=_DEVICE_AND_TS)
         # The locks, then the first statement after them: its snapshot follows every earlier
         # transaction of these devices, so the revision it reads is the one this batch must use.
         self._states, reloaded, revision = await self._cache.load(cur, self._cached)
+        if turn is not None:
+            turn.granted.set()
+        for state in self._states.values():
+            state.dirty = True  # until commit: changed in place from here on
         index = await geofences.for_revision(cur, revision)
         inserted: set[tuple[str, datetime]] | None = None
         if safe or older_than_state(ordered, self._states):
@@ -120,7 +146,8 @@ class DeviceBatch:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc_type is not None:
-            # States were changed in place for a transaction that did not commit.
+            # States may have been changed in place for a transaction that did not commit:
+            # they stay dirty, and the cache forgets its copies.
             self._cache.drop(self.devices)
             return
         for state in self._states.values():

@@ -47,6 +47,9 @@ class DeviceState:
     last: TrackFix | None = None
     odometer_m: float = 0.0
     open: dict[int, Visit] = field(default_factory=dict)
+    # True while a transaction that changes this copy in place has not committed, and for
+    # good once the cache let go of it: its version then proves nothing (cache.py).
+    dirty: bool = field(default=False, compare=False, repr=False)
 
 
 def advance(state: DeviceState, fix: TrackFix, inside: frozenset[int], index: GeofenceIndex) -> list[Visit]:
