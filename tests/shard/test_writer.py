@@ -1,16 +1,19 @@
-"""The writer against a real Postgres: a row that cannot even be staged is isolated like a rejected one."""
+"""The writer against a real Postgres: a row that cannot even be staged is isolated like a rejected
+one; two batches in flight take their device locks in turn."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import psycopg
+import pytest
 
 from common.config import Settings
 from shard.decode import Fix
 from shard.geofences import GeofenceSource
-from shard.writer import PositionWriter
+from shard.devices import LockTurn
+from shard.writer import PositionWriter, stage
 from supervisor.migrations import apply_migrations
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=timezone.utc)
@@ -36,3 +39,42 @@ def test_a_row_that_cannot_be_encoded_is_rejected_alone(database_url: str, setti
     assert list(rejected) == [1] and rejected[1].startswith("RowRejected: row cannot be staged")
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT device_id FROM positions").fetchall() == [("d1",)]
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["in-turn", "without-turn"])
+def test_the_later_of_two_batches_in_flight_locks_its_devices_after_the_earlier(
+    database_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch, ordered: bool
+) -> None:
+    """The earlier batch is slow to stage; in turn (LockTurn), the later waits for its locks, so the
+    device's fixes apply in read order and none looks late. Without, the later locks first and
+    the earlier batch's fixes must be replayed: what the turn is there to avoid."""
+    apply_migrations(database_url)
+    earlier = [Fix("d1", T0 + timedelta(seconds=s), 1.0 + s / 1000, 2.0, None, None, None, None, None) for s in range(3)]
+    later = [Fix("d1", T0 + timedelta(seconds=s), 1.0 + s / 1000, 2.0, None, None, None, None, None) for s in range(3, 6)]
+    slow_first = {"staged": 0}
+
+    async def slow_stage(cur, data: bytes) -> None:  # type: ignore[no-untyped-def]
+        slow_first["staged"] += 1
+        if slow_first["staged"] == 1:
+            await asyncio.sleep(0.3)
+        await stage(cur, data)
+
+    monkeypatch.setattr("shard.writer.stage", slow_stage)
+
+    async def go() -> dict[str, int]:
+        geofences = GeofenceSource(database_url, "test")
+        writer = PositionWriter(settings, "test", geofences)
+        try:
+            await geofences.refresh()
+            first = LockTurn()
+            second = LockTurn(first.granted) if ordered else None
+            await asyncio.gather(writer.write_isolating(earlier, first), writer.write_isolating(later, second))
+            return writer.devices.counts
+        finally:
+            await writer.close()
+            await geofences.close()
+
+    counts = asyncio.run(go())
+    assert counts["devices_replayed"] == (0 if ordered else 1)
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM positions").fetchone() == (6,)

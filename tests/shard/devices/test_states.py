@@ -20,7 +20,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 
 from common.keys import DEVICE_LOCK_CLASS
 from shard.decode import Fix, decode_entry
-from shard.devices import Applied, DeviceStates, bump_state_version
+from shard.devices import Applied, CachedStateDiscarded, DeviceStates, bump_state_version
 from shard.geofences import GeofenceSource
 from shard.staging_rows import copy_data
 from shard.writer import batch_transaction, stage
@@ -295,3 +295,29 @@ def test_late_devices_of_one_batch_replay_through_one_prefetch(migrated: str, mo
     assert applied.late == {"o0", "o1", "o2", "in", "first"}
     assert seen == [(5, 3)], "three devices prefetched, two on the step-by-step path"
     assert_same_result(stored_result(migrated), expected(outside + inside + first + late))
+
+
+def test_a_state_changed_in_place_by_an_uncommitted_batch_is_not_trusted(migrated: str) -> None:
+    """Two batches in flight (shard/pipeline.py): the later picked the cached state before the
+    earlier changed it in place and rolled back. Its version still matches Postgres's, yet the
+    later batch must not derive from it; written again, it gives the serial result."""
+    track = [point("d1", s * 10, s * 0.3 - 0.4, lat=0.3 + 0.1 * s) for s in range(5)]
+
+    async def run() -> Applied:
+        async with connected(migrated) as (conn, geofences), connected(migrated) as (other, _):
+            states = DeviceStates(100)
+            await write(conn, states, geofences, track[:2])
+            later_fixes = decoded(track[2:])
+            with pytest.raises(CachedStateDiscarded):
+                with states.batch(later_fixes) as later:
+                    staged = copy_data(later_fixes, later.cached_versions())  # picked: the committed version
+                    with pytest.raises(RolledBack):
+                        await write(other, states, geofences, [point("d1", 15, 9.0)], roll_back=True)
+                    async with batch_transaction(conn) as cur:
+                        await stage(cur, staged)
+                        await later.apply(cur, geofences)
+            return await write(conn, states, geofences, track[2:])
+
+    applied = asyncio.run(run())
+    assert applied.reloaded == {"d1"}
+    assert_same_result(stored_result(migrated), expected(track))
