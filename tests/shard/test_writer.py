@@ -13,6 +13,7 @@ from common.config import Settings
 from shard.decode import Fix
 from shard.geofences import GeofenceSource
 from shard.devices import LockTurn
+from shard.staging_rows import copy_data
 from shard.writer import PositionWriter, stage
 from supervisor.migrations import apply_migrations
 
@@ -51,12 +52,11 @@ def test_the_later_of_two_batches_in_flight_locks_its_devices_after_the_earlier(
     apply_migrations(database_url)
     earlier = [Fix("d1", T0 + timedelta(seconds=s), 1.0 + s / 1000, 2.0, None, None, None, None, None) for s in range(3)]
     later = [Fix("d1", T0 + timedelta(seconds=s), 1.0 + s / 1000, 2.0, None, None, None, None, None) for s in range(3, 6)]
-    slow_first = {"staged": 0}
+    earlier_data = copy_data(earlier, {"d1": None})  # neither batch finds d1 cached
 
     async def slow_stage(cur, data: bytes) -> None:  # type: ignore[no-untyped-def]
-        slow_first["staged"] += 1
-        if slow_first["staged"] == 1:
-            await asyncio.sleep(0.3)
+        if data == earlier_data:
+            await asyncio.sleep(1.0)  # ample for the later batch to reach its locks meanwhile
         await stage(cur, data)
 
     monkeypatch.setattr("shard.writer.stage", slow_stage)
