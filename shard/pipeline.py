@@ -104,9 +104,11 @@ class Pipeline:
             turn.granted.set()
         previous, self.settle_task = self.settle_task, asyncio.create_task(self.settle(batch, writing, self.settle_task))
         self.settle_task.add_done_callback(self._wake_if_failed)
+        # Committed writes leave the list; a failed one stays, and is awaited (raising its error)
+        # at once, however many batches follow without fixes.
         self.writing = [task for task in self.writing if not task.done() or task.cancelled() or task.exception() is not None]
-        if len(self.writing) > 1:
-            await self.writing[0]  # raises what the write raised
+        if len(self.writing) > 1 or self.writing and self.writing[0].done():
+            await self.writing[0]
         if previous is not None:
             await asyncio.shield(previous)  # at most two settlings due
 
