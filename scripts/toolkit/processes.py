@@ -56,28 +56,24 @@ def cpu_ticks(pid: int, with_children: bool = False) -> int:
     return ticks
 
 
+def status(pid: int) -> dict[str, str]:
+    """The fields of /proc/<pid>/status, values unparsed; empty if gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
 def status_kb(pid: int, *keys: str) -> dict[str, int]:
     """The named kB values of /proc/<pid>/status (VmRSS, VmHWM, ...); missing ones left out."""
-    out: dict[str, int] = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in keys:
-                out[key] = int(value.split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
+    fields = status(pid)
+    return {key: int(fields[key].split()[0]) for key in keys if key in fields}
 
 
 def catches(pid: int, signum: int) -> bool:
     """True once `pid` has a handler for `signum` (its SigCgt mask); False if gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
+    return bool(int(status(pid).get("SigCgt", "0"), 16) >> (signum - 1) & 1)
 
 
 def proc_title(pid: int) -> str:
