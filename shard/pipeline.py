@@ -49,9 +49,8 @@ class Pipeline:
         self.crash_point = crash_point  # test-only fault injection; None in production
         self.queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)  # read-ahead of one batch
         self.settle_task: asyncio.Task[None] | None = None
-        self.writing: list[asyncio.Task[None]] = []  # at most two, in batch order
-        self.last_turn = LockTurn()
-        self.last_turn.granted.set()
+        self.last_write: asyncio.Task[None] | None = None  # the latest batch's; every earlier one has ended
+        self.last_granted: asyncio.Event | None = None  # the latest batch's locks are held (or given up)
         self.accepting = True
 
     @property
@@ -81,36 +80,33 @@ class Pipeline:
         try:
             while (batch := await self.queue.get()) is not None:
                 await self.process(batch)
-            for writing in self.writing:
-                await writing
+            if self.last_write is not None:
+                await self.last_write
         except BaseException:
-            for writing in self.writing:
-                writing.cancel()  # not committed: its entries stay pending
+            if self.last_write is not None:
+                self.last_write.cancel()  # not committed: its entries stay pending
             raise
         await self.flush()
 
     async def process(self, batch: Batch) -> None:
         """Start writing the batch (its settling follows on its own once it has committed);
-        then wait while two batches are being written, or two settlings are still due."""
+        return once the batch before it has committed and settled, so two are written at once."""
         if self.crash_point is not None:
             self.crash_point()
-        turn = self.last_turn = LockTurn(self.last_turn.granted)
-        writing = None
+        turn = LockTurn(self.last_granted)
+        self.last_granted = turn.granted
+        earlier, writing = self.last_write, None
         if batch.fixes:
-            writing = asyncio.create_task(self.write(batch, turn))
+            writing = self.last_write = asyncio.create_task(self.write(batch, turn))
             writing.add_done_callback(self._wake_if_failed)
-            self.writing.append(writing)
         else:
             turn.granted.set()
         previous, self.settle_task = self.settle_task, asyncio.create_task(self.settle(batch, writing, self.settle_task))
         self.settle_task.add_done_callback(self._wake_if_failed)
-        # Committed writes leave the list; a failed one stays, and is awaited (raising its error)
-        # at once, however many batches follow without fixes.
-        self.writing = [task for task in self.writing if not task.done() or task.cancelled() or task.exception() is not None]
-        if len(self.writing) > 1 or self.writing and self.writing[0].done():
-            await self.writing[0]
         if previous is not None:
-            await asyncio.shield(previous)  # at most two settlings due
+            await asyncio.shield(previous)  # every earlier write has ended, and its batch is settled
+        if earlier is not None:
+            await earlier  # ended: raises what it raised, however many batches without fixes followed
 
     async def write(self, batch: Batch, turn: LockTurn | None = None) -> None:
         """Store the batch's fixes. Rows Postgres refuses are counted and retried at once (a

@@ -21,7 +21,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from common.config import Settings
 from common.faults import Outcome, classify
 from shard.decode import Fix
-from shard.devices import CachedStateDiscarded, DeviceStates, LockTurn
+from shard.devices import CachedStateDirty, DeviceStates, LockTurn
 from shard.geofences import GeofenceSource
 from shard.staging_rows import COLUMNS, copy_data
 
@@ -104,11 +104,8 @@ class PositionWriter:
         self._open: set[psycopg.AsyncConnection] = set()
 
     async def _take(self) -> psycopg.AsyncConnection:
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed:
-                return conn
-            self._open.discard(conn)
+        if self._idle:
+            return self._idle.pop()  # one broken since fails its batch as an outage, and is closed
         conn = await psycopg.AsyncConnection.connect(
             self.url,
             autocommit=True,
@@ -143,7 +140,7 @@ class PositionWriter:
 
     async def write(self, fixes: Sequence[Fix], turn: LockTurn | None = None) -> None:
         """Store a batch and its derived state in one transaction."""
-        conn: psycopg.AsyncConnection | None = await self._take()
+        conn = await self._take()
         try:
             safe = False
             while True:
@@ -155,20 +152,17 @@ class PositionWriter:
                         raise
                     log.warning("positions held rows newer than their devices' state; batch written the safe way")
                     safe = True
-                except CachedStateDiscarded as exc:
+                except CachedStateDirty as exc:
                     log.debug("cached state changed under the batch; writing it again", extra={"device_id": str(exc)})
         except Exception as exc:
             if classify(exc) is Outcome.OUTAGE:
-                self._open.discard(conn)
-                conn, closing = None, conn
-                await closing.close()  # the next attempt starts from a fresh connection
+                await conn.close()  # the next attempt starts from a fresh connection
             raise
         finally:
-            if conn is not None:
-                if conn.closed:
-                    self._open.discard(conn)
-                else:
-                    self._idle.append(conn)
+            if conn.closed:
+                self._open.discard(conn)
+            else:
+                self._idle.append(conn)
 
     async def _write(self, conn: psycopg.AsyncConnection, fixes: Sequence[Fix], safe: bool, turn: LockTurn | None) -> None:
         with self.devices.batch(fixes) as batch:  # the cache keeps the states only after commit

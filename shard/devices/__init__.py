@@ -14,14 +14,14 @@ The writer calls `DeviceStates` inside its batch transaction; `processor rehydra
 - states.py  `DeviceStates`/`DeviceBatch`: the order of all of the above in a transaction
 """
 
-from shard.devices.cache import CachedStateDiscarded
+from shard.devices.cache import CachedStateDirty
 from shard.devices.states import DERIVED_COUNTS, Applied, DeviceBatch, DeviceStates, LockTurn
 from shard.devices.store import bump_state_version
 
 __all__ = [
     "DERIVED_COUNTS",
     "Applied",
-    "CachedStateDiscarded",
+    "CachedStateDirty",
     "DeviceBatch",
     "DeviceStates",
     "LockTurn",

@@ -46,7 +46,7 @@ FROM (SELECT (SELECT revision FROM geofence_revision) AS revision) AS r LEFT JOI
 """
 
 
-class CachedStateDiscarded(Exception):
+class CachedStateDirty(Exception):
     """A cached state this batch picked is dirty (an earlier batch that changes it in place has
     not committed, or the cache let go of it): the batch starts again from a fresh pick."""
 
@@ -113,7 +113,7 @@ class DeviceCache:
                 state = DeviceState(device_id, version, TrackFix(ts, lat, lon, speed), odometer_m, _open_visits(visits))
                 loaded.add(device_id)
             elif state is not None and state.dirty:
-                raise CachedStateDiscarded(device_id)
+                raise CachedStateDirty(device_id)
             found[device_id] = state
         return {d: found.get(d) or DeviceState(d) for d in cached}, loaded, revision
 

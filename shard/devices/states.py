@@ -7,7 +7,8 @@ shards and instances, are redelivered, or arrive late. Inside the batch's transa
 
 1. locks the batch's devices (whoever else touches them waits until commit);
 2. loads their state: the cached copy where its version still matches
-   `last_position.state_version`, otherwise from Postgres, one query for the batch; the
+   `last_position.state_version` (and no uncommitted batch changed it: cache.py),
+   otherwise from Postgres, one query for the batch; the
    same query reads the geofence revision, and the batch derives with the index of that
    revision, loaded in this transaction if the shard holds another (shard/geofences.py:
    this is what makes each device switch geofence sets at one point of its history);

@@ -20,7 +20,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 
 from common.keys import DEVICE_LOCK_CLASS
 from shard.decode import Fix, decode_entry
-from shard.devices import Applied, CachedStateDiscarded, DeviceStates, bump_state_version
+from shard.devices import Applied, CachedStateDirty, DeviceStates, bump_state_version
 from shard.geofences import GeofenceSource
 from shard.staging_rows import copy_data
 from shard.writer import batch_transaction, stage
@@ -308,7 +308,7 @@ def test_a_state_changed_in_place_by_an_uncommitted_batch_is_not_trusted(migrate
             states = DeviceStates(100)
             await write(conn, states, geofences, track[:2])
             later_fixes = decoded(track[2:])
-            with pytest.raises(CachedStateDiscarded):
+            with pytest.raises(CachedStateDirty):
                 with states.batch(later_fixes) as later:
                     staged = copy_data(later_fixes, later.cached_versions())  # picked: the committed version
                     with pytest.raises(RolledBack):
