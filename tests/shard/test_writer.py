@@ -46,29 +46,45 @@ def test_a_row_that_cannot_be_encoded_is_rejected_alone(database_url: str, setti
 def test_the_later_of_two_batches_in_flight_locks_its_devices_after_the_earlier(
     database_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch, ordered: bool
 ) -> None:
-    """The earlier batch is slow to stage; in turn (LockTurn), the later waits for its locks, so the
-    device's fixes apply in read order and none looks late. Without, the later locks first and
-    the earlier batch's fixes must be replayed: what the turn is there to avoid."""
+    """The earlier batch stages only once the later one holds its locks or waits for its turn.
+    In turn (LockTurn), the later waits for the earlier's locks, so the device's fixes apply in
+    read order and none looks late. Without the turn, the later locks first and the earlier
+    batch's fixes must be replayed: what the turn is there to avoid."""
     apply_migrations(database_url)
     earlier = [Fix("d1", T0 + timedelta(seconds=s), 1.0 + s / 1000, 2.0, None, None, None, None, None) for s in range(3)]
     later = [Fix("d1", T0 + timedelta(seconds=s), 1.0 + s / 1000, 2.0, None, None, None, None, None) for s in range(3, 6)]
     earlier_data = copy_data(earlier, {"d1": None})  # neither batch finds d1 cached
 
-    async def slow_stage(cur, data: bytes) -> None:  # type: ignore[no-untyped-def]
-        if data == earlier_data:
-            await asyncio.sleep(1.0)  # ample for the later batch to reach its locks meanwhile
-        await stage(cur, data)
-
-    monkeypatch.setattr("shard.writer.stage", slow_stage)
-
     async def go() -> dict[str, int]:
+        held_back = asyncio.Event()  # the later batch waits for its turn
+
+        class Watched(LockTurn):
+            async def come(self) -> None:
+                waiting = asyncio.ensure_future(super().come())
+                await asyncio.sleep(0)  # its first step: done at once unless it must wait
+                if not waiting.done():
+                    held_back.set()
+                await waiting
+
+        first = LockTurn()
+        second = Watched(first.granted if ordered else None)  # no previous: locks at once
+
+        async def stage_earlier_last(cur, data: bytes) -> None:  # type: ignore[no-untyped-def]
+            if data == earlier_data:
+                signals = {asyncio.ensure_future(held_back.wait()), asyncio.ensure_future(second.granted.wait())}
+                _, pending = await asyncio.wait(signals, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+            await stage(cur, data)
+
+        monkeypatch.setattr("shard.writer.stage", stage_earlier_last)
         geofences = GeofenceSource(database_url, "test")
         writer = PositionWriter(settings, "test", geofences)
         try:
             await geofences.refresh()
-            first = LockTurn()
-            second = LockTurn(first.granted) if ordered else None
-            await asyncio.gather(writer.write_isolating(earlier, first), writer.write_isolating(later, second))
+            await asyncio.wait_for(
+                asyncio.gather(writer.write_isolating(earlier, first), writer.write_isolating(later, second)), 30
+            )
             return writer.devices.counts
         finally:
             await writer.close()
