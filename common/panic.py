@@ -94,11 +94,30 @@ class Panic:
             text = orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(scrub(text.decode()).encode())
+            publish(path, scrub(text.decode()).encode())
         except OSError as exc:
             log.error("panic dump could not be written", extra={"path": str(path), "error": str(exc)})
             return None
         return path
+
+
+def publish(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all.
+
+    Whoever watches PANIC_DIR (a log shipper, an alert, `jq` in a loop) must never read a
+    half-written dump, and a process killed mid-write must not leave one behind: the bytes go
+    to a hidden name that no `panic-*.json` glob matches, reach the disk, and are renamed in.
+    """
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def crash_point(places: tuple[str, ...], panic_dir: Path) -> Callable[[], None] | None:

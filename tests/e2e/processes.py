@@ -57,7 +57,8 @@ class ProcessorProcess:
         return wait_for(lambda: len(p := self.shard_pids()) == count and p, timeout_s, what=f"{count} shards")
 
     def logs(self) -> list[dict]:
-        lines = self.log_path.read_bytes().splitlines()
+        # The last piece is either empty or a line some process is still writing: not yet a log line.
+        *lines, _ = self.log_path.read_bytes().split(b"\n")
         return [orjson.loads(line) for line in lines if line.startswith(b"{")]
 
     def log_messages(self) -> list[str]:

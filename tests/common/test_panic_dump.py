@@ -1,0 +1,46 @@
+"""Panic dumps appear in PANIC_DIR whole or not at all (SPEC §5)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+import pytest
+
+from common import panic
+from common.config import Settings
+
+
+def dumper(folder: Path) -> panic.Panic:
+    settings = Settings.from_env({"PANIC_DIR": str(folder), "DATABASE_URL": "postgresql://app:hunter2@db/gps"})
+    return panic.Panic(settings, "shard-0", state=lambda: {"in_flight": ["1-0", "2-0"]})
+
+
+def test_a_dump_is_complete_json_and_leaves_nothing_else_behind(tmp_path: Path) -> None:
+    path = dumper(tmp_path / "panic").dump("Traceback: boom", where="main task")
+
+    assert path is not None
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    document = orjson.loads(path.read_bytes())
+    assert document["state"] == {"in_flight": ["1-0", "2-0"]}
+    assert "hunter2" not in path.read_text()
+
+
+def test_a_dump_that_cannot_be_finished_leaves_no_file_a_reader_would_pick_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader polling for panic-*.json (the e2e tests, a log shipper) once read an empty
+    file the shard had created but not yet written; now the name appears only when the
+    bytes are all there, and a failed write is logged, not left half done."""
+    observed: list[list[str]] = []
+
+    def failing_replace(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+        observed.append(sorted(p.name for p in (tmp_path / "panic").glob("panic-*.json")))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(panic.os, "replace", failing_replace)
+
+    assert dumper(tmp_path / "panic").dump("Traceback: boom", where="main task") is None
+    assert observed == [[]]  # the bytes were written before the dump's name existed
+    assert list((tmp_path / "panic").iterdir()) == []
