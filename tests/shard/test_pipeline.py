@@ -6,9 +6,11 @@ import asyncio
 
 import orjson
 import psycopg
+import pytest
 import redis
 
 from common.config import Settings
+from common.errors import ConnectionRefusedForGood
 from common.status import StatusBoard
 from shard.lifecycle import Shard
 from supervisor.migrations import apply_migrations
@@ -73,3 +75,48 @@ def test_claimed_entries_already_in_flight_are_not_submitted_twice(redis_client,
     run_pipeline(shard, [entries, entries], claimed=True)
     assert shard.report.claimed == 2 and shard.report.processed == 2
     assert redis_client.xpending(stream_key, "processor")["pending"] == 0
+
+
+def test_a_failed_write_ends_the_pipeline_though_only_batches_without_fixes_follow(
+    redis_client, database_url, stream_key, settings: Settings
+):
+    """The write of the one batch with a fix is refused (the runtime role lost INSERT on
+    positions) while the batch after it waits in the full read-ahead queue, so the failed
+    write's wake-up finds no room; the batches that follow hold only poison, so no later
+    write would fail in its stead. `run` still ends with the refusal, and the fix stays
+    pending rather than being acknowledged."""
+    apply_migrations(database_url)
+    entries = read_as(
+        redis_client, stream_key, "t-0", [{b"data": fix("d1", 1_000)}, {b"data": b"poison 1"}, {b"data": b"poison 2"}]
+    )
+    shard = Shard(settings, 0, StatusBoard(1), consumer="t-0")
+    writer = shard.pipeline.writer
+    write_now = writer.write_isolating
+
+    async def go() -> None:
+        release = asyncio.Event()
+
+        async def held_write(fixes, turn=None):  # type: ignore[no-untyped-def]
+            await release.wait()
+            return await write_now(fixes, turn)
+
+        writer.write_isolating = held_write  # type: ignore[method-assign]
+        running = asyncio.create_task(shard.pipeline.run())
+        for batch in ([entries[0]], [entries[1]], [entries[2]]):
+            await shard.pipeline.submit(batch)
+        # The third submit returned, so the second batch is taken and the third fills the queue.
+        assert shard.pipeline.queue.full() and not running.done()
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("REVOKE INSERT ON positions FROM processor_runtime")
+        release.set()
+        try:
+            with pytest.raises(ConnectionRefusedForGood, match="permission denied for table positions"):
+                await asyncio.wait_for(running, 30)
+        finally:
+            await shard.close()
+
+    asyncio.run(go())
+    pending = redis_client.xpending_range(stream_key, "processor", "-", "+", 10)
+    assert entries[0][0] in [p["message_id"] for p in pending]
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM positions").fetchone() == (0,)
