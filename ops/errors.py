@@ -25,6 +25,7 @@ from common import refusals
 from common.config import redact_url
 from common.errors import ExitCode, ProcessorError
 from common.faults import Outcome, classify, one_line, server_of, untrusted_certificate
+from common.postgres import POOLER_SAFE
 from common.redis_client import keep_field_pairs, sync_client
 
 REDIS_TIMEOUT_S = 10.0
@@ -76,7 +77,7 @@ def redis_client(url: str, *, unreachable: str = "cannot reach", note: str = "")
 def postgres(url: str) -> Iterator[psycopg.Connection]:
     """A connection, committed when the block ends (rolled back on an error); failures as in `redis_client`."""
     with translated(POSTGRES, url, unreachable="cannot connect to", connecting=True):
-        conn = psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S, application_name=CLIENT_NAME)
+        conn = psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S, application_name=CLIENT_NAME, **POOLER_SAFE)
     with translated(POSTGRES, url), conn:
         yield conn
 

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 
 import psycopg
 
+from common.postgres import POOLER_SAFE
 from shard.geo import GeofenceIndex, GeometryError, parse_geofence
 
 log = logging.getLogger("processor.geofences")
@@ -75,7 +76,7 @@ class GeofenceSource:
         """The poll: reload if the geofences changed; returns whether it did."""
         if self.conn is None or self.conn.closed:
             self.conn = await psycopg.AsyncConnection.connect(
-                self.database_url, autocommit=True, connect_timeout=10, application_name=self.application_name
+                self.database_url, autocommit=True, connect_timeout=10, application_name=self.application_name, **POOLER_SAFE
             )
         held = self.index
         try:

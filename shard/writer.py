@@ -20,6 +20,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 
 from common.config import Settings
 from common.faults import Outcome, classify
+from common.postgres import POOLER_SAFE
 from shard.decode import Fix
 from shard.devices import CachedStateDirty, DeviceStates, LockTurn
 from shard.geofences import GeofenceSource
@@ -113,6 +114,7 @@ class PositionWriter:
             application_name=self.application_name,
             client_encoding="UTF8",  # the staging rows' text is UTF-8 (shard/staging_rows.py)
             **TCP_KEEPALIVES,
+            **POOLER_SAFE,
         )
         set_json_dumps(orjson.dumps, context=conn)
         set_json_loads(orjson.loads, context=conn)

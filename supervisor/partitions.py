@@ -43,6 +43,7 @@ from common.config import Settings
 from common.contract import retention_horizon
 from common.faults import Outcome, classify, one_line
 from common.keys import PARTITION_LOCK_KEY
+from common.postgres import POOLER_SAFE
 from common.status import StatusBoard
 from supervisor.maintenance import Duty
 from supervisor.migrations import ddl_refusal
@@ -183,7 +184,7 @@ def maintain(url: str, retention_days: int, max_future_s: float, now: datetime |
     """One pass under the advisory lock; None when another instance holds it, positions is not
     partitioned, or this role may not change the schema (it then only warns of partitions running short)."""
     with psycopg.connect(
-        url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="processor maintenance"
+        url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="processor maintenance", **POOLER_SAFE
     ) as conn:
         conn.execute("SET TimeZone = 'UTC'")
         conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
