@@ -75,7 +75,7 @@ class RetentionReport:
 def retention_report(settings: Settings) -> RetentionReport:
     now = datetime.now(timezone.utc)
     with postgres(settings.database_url) as conn:
-        conn.execute("SET TimeZone = 'UTC'")
+        conn.execute("SET LOCAL TimeZone = 'UTC'")  # this transaction only: a pooled server connection keeps no trace
         partitions = read_partitions(conn)
         rows = [_counted(conn, part) for part in partitions]
     next_pass = plan(partitions, now, settings.positions_retention_days, settings.max_future_s) if partitions else None

@@ -52,6 +52,8 @@ def test_the_pipeline_and_operator_commands_work_through_a_transaction_pooler(
     for _ in range(6):  # more than psycopg's five executions before it prepares
         listed = run_cli(run_env, "geofences", "list")
         assert listed.returncode == 0 and "Depot 7" in listed.stdout, listed.stderr
+    report = run_cli(run_env, "retention")
+    assert report.returncode == 0, report.stderr
     processor.signal()
     assert processor.wait(60) == 0
 
