@@ -20,7 +20,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 
 from common.config import Settings
 from common.faults import Outcome, classify
-from common.postgres import POOLER_SAFE
+from common.postgres import POOLER_SAFE, prepare_if_direct
 from shard.decode import Fix
 from shard.devices import CachedStateDirty, DeviceStates, LockTurn
 from shard.geofences import GeofenceSource
@@ -118,6 +118,11 @@ class PositionWriter:
         )
         set_json_dumps(orjson.dumps, context=conn)
         set_json_loads(orjson.loads, context=conn)
+        try:
+            await prepare_if_direct(conn)
+        except BaseException:
+            await conn.close()
+            raise
         self._open.add(conn)
         return conn
 

@@ -4,12 +4,14 @@ transactions in turn. Nothing a session keeps may be relied on from one transact
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 
+from common.postgres import POOLER_SAFE, prepare_if_direct
 from scripts.toolkit.pgbouncer import ThrowawayPgBouncer, pgbouncer_binary
 from scripts.toolkit.writer import backlog
 from tests.e2e.verify import assert_exact, wait_settled
@@ -62,3 +64,17 @@ def test_the_pipeline_and_operator_commands_work_through_a_transaction_pooler(
     assert not troubles, troubles
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM timing_records").fetchone()[0] > 0, "no visit was written"
+
+
+def test_only_a_direct_connection_prepares_statements(database_url, pooler):  # type: ignore[no-untyped-def]
+    """A batch connection prepares its statements (saving Postgres the planning) only where the
+    process id Postgres announced at connect time is its backend's: never through the pooler."""
+    database = urlsplit(database_url).path.lstrip("/")
+    user = urlsplit(database_url).username or "postgres"
+
+    async def threshold(url: str) -> tuple[bool, int | None]:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True, **POOLER_SAFE) as conn:
+            return await prepare_if_direct(conn), conn.prepare_threshold
+
+    assert asyncio.run(threshold(database_url)) == (True, 5)
+    assert asyncio.run(threshold(pooler.url(user, database))) == (False, None)
