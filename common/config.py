@@ -191,11 +191,13 @@ class _Reader:
         """A URL from `name`, or read from the file that `<name>_FILE` names (a Docker or
         Kubernetes secret); its secrets are registered for masking."""
         value, label = self.text_or_file(name, default)
+        bad = ConfigError(f"{label} is not a valid URL (bad host or port): {redact_url(value)}")
         try:
             parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
+            if parts.scheme not in POSTGRES_SCHEMES:  # a libpq URL may name several hosts: its ports are checked below
+                parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError:
-            raise ConfigError(f"{label} is not a valid URL (bad host or port): {redact_url(value)}") from None
+            raise bad from None
         if parts.scheme not in schemes:
             raise ConfigError(
                 f"{label} must start with {' or '.join(s + '://' for s in schemes)}, got {redact_url(value)}"
@@ -212,6 +214,9 @@ class _Reader:
                     f"{label} is not a valid libpq URL (check the percent-encoding of the password): "
                     f"{redact_url(value)}"
                 ) from None
+            # `host1:5432,host2:5433` (libpq tries them in turn): one port, or none, per host.
+            if not all(port.isdigit() and int(port) <= 65535 for port in str(conninfo.get("port") or "").split(",") if port):
+                raise bad
             secrets |= {str(conninfo.get(key) or "") for key in ("password", "sslpassword")}
         for secret in secrets:
             add_secret(secret)

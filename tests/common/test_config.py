@@ -69,6 +69,15 @@ def test_positions_retention_days() -> None:
             Settings.from_env({"POSITIONS_RETENTION_DAYS": bad})
 
 
+def test_a_libpq_url_may_name_several_hosts() -> None:
+    """SPEC §4: DATABASE_URL is a libpq URL: hosts to try in turn, each with its port or none."""
+    url = "postgresql://app:s3cret@db1:5432,db2:5433,db3/gps?target_session_attrs=read-write"
+    assert Settings.from_env({"DATABASE_URL": url}).database_url == url
+    with pytest.raises(ConfigError, match="DATABASE_URL is not a valid URL") as info:
+        Settings.from_env({"DATABASE_URL": "postgresql://app:s3cret@db1:5432,db2:fifty/gps"})
+    assert "s3cret" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [

@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import psycopg
@@ -21,6 +22,7 @@ from ops.errors import SchemaMissing
 from ops.geofence_file import InvalidGeofences, check_feature
 from ops.geofences import import_file, list_geofences
 from ops.rehydrate import rehydrate
+from scripts.toolkit.services import free_port
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import wait_for
 from tests.files import collection, feature, geojson_file
@@ -208,6 +210,20 @@ def test_cli_import_end_to_end(env: dict[str, str], migrated: str, write_geojson
     summary = orjson.loads(again.stdout)
     assert (summary["inserted"], summary["updated"]) == (0, 3)
     assert sorted(g["name"] for g in summary["geofences"]) == ["Depot", "Docks", "Yard"]
+
+
+def test_cli_reaches_postgres_through_a_libpq_url_naming_two_hosts(
+    env: dict[str, str], migrated: str, write_geojson: WriteGeojson
+) -> None:
+    """SPEC §4: DATABASE_URL is a libpq URL, which may list hosts to try in turn (a failover
+    pair). The first one here refuses connections; the second is the test's server."""
+    parts = urlsplit(env["DATABASE_URL"])
+    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    hosts = f"127.0.0.1:{free_port()},{parts.hostname}:{parts.port or 5432}"
+    two_hosts = urlunsplit((parts.scheme, userinfo + hosts, parts.path, parts.query, ""))
+    done = run_cli({**env, "DATABASE_URL": two_hosts}, "geofences", "import", str(write_geojson(THREE)))
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert done.stdout.splitlines()[0].endswith("inserted 3, updated 0")
 
 
 def test_cli_invalid_file_exits_1_with_one_line_per_problem(
