@@ -22,7 +22,7 @@ from scripts.toolkit.services import _runuser, _tail, _Throwaway, postgres_owner
 
 def pgbouncer_binary() -> str | None:
     """The pgbouncer executable (Debian installs it in /usr/sbin), or None."""
-    return shutil.which("pgbouncer") or next((p for p in ("/usr/sbin/pgbouncer",) if os.access(p, os.X_OK)), None)
+    return shutil.which("pgbouncer", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
 
 
 class ThrowawayPgBouncer(_Throwaway):
@@ -80,6 +80,11 @@ class ThrowawayPgBouncer(_Throwaway):
             os.kill(pid, signal.SIGKILL)
 
     def _shutdown(self) -> None:
+        # SIGTERM is an immediate shutdown up to 1.22; from 1.23 on it waits for every client
+        # to leave, so a straggler (a killed test's connection) gets SIGKILL after a few seconds.
         if (pid := self._pid()) is not None:
-            os.kill(pid, signal.SIGTERM)  # PgBouncer exits at once on SIGTERM in 1.18 ("immediate shutdown")
-            self._wait(lambda: not alive(pid), 10, 0.05, lambda: f"pgbouncer {pid} did not exit")
+            os.kill(pid, signal.SIGTERM)
+            try:
+                self._wait(lambda: not alive(pid), 5, 0.05, lambda: f"pgbouncer {pid} did not exit")
+            except RuntimeError:
+                self.kill()
