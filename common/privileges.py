@@ -1,8 +1,7 @@
 """What the runtime role may do in Postgres (SPEC §3), and the one line that names a privilege it lacks.
 
-The migrations grant `processor_runtime` exactly `TABLES` (plus USAGE on the schema, and
-TEMPORARY on the database, which nothing uses any more: batches have no staging table);
-a test holds the two in step.
+The migrations grant `processor_runtime` exactly `TABLES` (plus USAGE on the schema and
+TEMPORARY on the database, for the writer's staging table); a test holds the two in step.
 Shards and operator commands connect with DATABASE_URL as a login role in that role, so a
 privilege an operator forgot to grant is named here rather than surfacing as a crash.
 """
@@ -34,6 +33,9 @@ WHERE to_regclass(quote_ident(p.tbl)) IS NOT NULL
   AND NOT has_table_privilege(quote_ident(p.tbl), p.privilege)
 UNION ALL
 SELECT 'USAGE on schema ' || current_schema() WHERE NOT has_schema_privilege(current_schema(), 'USAGE')
+UNION ALL
+SELECT 'TEMPORARY on database ' || current_database()
+WHERE NOT has_database_privilege(current_database(), 'TEMPORARY')
 """
 
 

@@ -35,7 +35,7 @@ _MAX_TS = _EPOCH + timedelta(milliseconds=MAX_TS_MS)
 
 
 class Fix(NamedTuple):
-    """One position fix, in the column order of `positions`."""
+    """One position fix, in the column order of `positions` (and of the COPY into staging)."""
 
     device_id: str
     ts: datetime

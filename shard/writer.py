@@ -1,11 +1,10 @@
 """The shard's side of Postgres: one transaction per batch, idempotent under redelivery.
 
-A batch's transaction: the prologue (BEGIN, settings), sent with the device locks and the
-state load; then `shard.devices` stores the positions (a binary COPY straight into
-`positions` when every fix is new) and the derived state they cause (with the geofence
-index of the revision it reads after the device locks: shard/geofences.py); commit. Only
-then is anything ACKed. Rows Postgres rejects are isolated by bisection, so that every
-other row commits.
+A batch's transaction: the prologue (BEGIN, the temporary staging table, settings), a
+binary COPY of the fixes into `staging_positions`, then `shard.devices` stores the
+positions and the derived state they cause (with the geofence index of the revision it
+reads after the device locks: shard/geofences.py); commit. Only then is anything ACKed.
+Rows Postgres rejects are isolated by bisection, so that every other row commits.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from common.postgres import POOLER_SAFE, prepare_if_direct
 from shard.decode import Fix
 from shard.devices import CachedStateDirty, DeviceStates, LockTurn
 from shard.geofences import GeofenceSource
-from shard.copy_rows import copy_data
+from shard.staging_rows import COLUMNS, copy_data
 
 log = logging.getLogger("processor.writer")
 
@@ -33,28 +32,37 @@ CONNECT_TIMEOUT_S = 10
 # A server that vanished without closing the connection is noticed within ~30 s.
 TCP_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
-# Every transaction starts with this, sent in one round trip with the device locks and the
-# state load (shard/devices/cache.py). Behind a transaction-pooling PgBouncer a batch may
-# land on any server connection: nothing here outlives the transaction.
+# `cached_version` is the version of the shard's cached state of the fix's device: the
+# state load compares it with the stored one (shard/devices/cache.py).
+_STAGING_POSITIONS = """
+CREATE TEMP TABLE IF NOT EXISTS staging_positions (
+    seq integer, cached_version bigint, device_id text COLLATE "C", ts timestamptz,
+    lat double precision, lon double precision, alt real, speed real, heading real, sats smallint,
+    attributes jsonb
+) ON COMMIT DELETE ROWS
+"""
+# Every transaction starts with this: behind a transaction-pooling PgBouncer a batch may
+# land on a server connection that has not seen our temporary table or settings yet.
 # The device locks of a client that went quiet inside a batch (partitioned, frozen by
 # SIGSTOP or a debugger, starved) are released after 10 s, so every other shard waits at
 # most that long for them; between the statements of a batch a shard needs milliseconds.
 # A lock waited for a minute fails the batch as an outage (retried), rather than stalling
 # the shard.
-# The planner's row estimates for the JSON the statements read are guesses (100 rows): they
-# could cross jit_above_cost and spend 10-20 ms compiling a statement that runs in a
-# fraction of that, so no JIT.
-PROLOGUE = """BEGIN;
+# The staging table is never analysed, so the planner's guesses can cross jit_above_cost
+# and spend 10-20 ms compiling a statement that runs in a fraction of that: no JIT.
+# The BEGIN goes out with it: one round trip fewer (`batch_transaction` sends it, and ends the transaction).
+_PROLOGUE = f"""BEGIN;{_STAGING_POSITIONS};
 SET LOCAL TimeZone = 'UTC';
 SET LOCAL lock_timeout = '60s';
 SET LOCAL idle_in_transaction_session_timeout = '10s';
-SET LOCAL jit = off;
+SET LOCAL jit = off
 """
+_COPY_POSITIONS = f"COPY staging_positions ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 
 
 @contextlib.asynccontextmanager
 async def batch_transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[psycopg.AsyncCursor]:
-    """A cursor for one batch's transaction, which its first statement begins (PROLOGUE); a clean exit commits it.
+    """A cursor inside one batch's transaction, begun by the prologue; a clean exit commits it.
 
     Otherwise it is rolled back; a connection that cannot even do that (broken, or a
     statement cut off by a cancellation) is closed, so that no later batch could run inside
@@ -64,6 +72,7 @@ async def batch_transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[psyc
         raise psycopg.InterfaceError(f"connection not idle before a batch: {conn.info.transaction_status.name}")
     try:
         async with conn.cursor() as cur:
+            await cur.execute(_PROLOGUE)
             yield cur
         await conn.commit()
     except BaseException:
@@ -72,6 +81,12 @@ async def batch_transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[psyc
         except Exception:
             await conn.close()
         raise
+
+
+async def stage(cur: psycopg.AsyncCursor, data: bytes) -> None:
+    """Stage a batch: `data` is its fixes with their devices' cached versions, as `copy_data` packs them."""
+    async with cur.copy(_COPY_POSITIONS) as copy:
+        await copy.write(data)
 
 
 class PositionWriter:
@@ -97,7 +112,7 @@ class PositionWriter:
             autocommit=True,
             connect_timeout=CONNECT_TIMEOUT_S,
             application_name=self.application_name,
-            client_encoding="UTF8",  # the COPY rows' text is UTF-8 (shard/copy_rows.py)
+            client_encoding="UTF8",  # the staging rows' text is UTF-8 (shard/staging_rows.py)
             **TCP_KEEPALIVES,
             **POOLER_SAFE,
         )
@@ -158,12 +173,13 @@ class PositionWriter:
 
     async def _write(self, conn: psycopg.AsyncConnection, fixes: Sequence[Fix], safe: bool, turn: LockTurn | None) -> None:
         with self.devices.batch(fixes) as batch:  # the cache keeps the states only after commit
-            data = copy_data(batch.fixes)  # a RowRejected here costs no round trip
+            data = copy_data(fixes, batch.cached_versions())  # a RowRejected here costs no round trip
             if turn is not None:
                 await turn.come()
             async with batch_transaction(conn) as cur:
+                await stage(cur, data)
                 # The geofence index is chosen inside, after the device locks.
-                await batch.apply(cur, self.geofences, data, safe=safe, turn=turn, begin=PROLOGUE)
+                await batch.apply(cur, self.geofences, safe=safe, turn=turn)
 
     async def close(self) -> None:
         opened, self._open, self._idle = self._open, set(), []

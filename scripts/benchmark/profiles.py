@@ -37,7 +37,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decode and validate", ("shard/decode", "shard/batch.py", "common/contract", "orjson.loads", "msgspec")),
     ("redis reply parsing", ("redis/_parsers", "hiredis", "shard/stream.py")),
     ("COPY formatting", ("psycopg/copy", "psycopg/_copy", "psycopg/types", "psycopg_binary", "shard/writer.py",
-                         "shard/copy_rows.py", "_struct.Struct")),
+                         "shard/staging_rows.py", "_struct.Struct")),
     ("derived state", ("shard/devices/",)),
     ("geofences", ("shard/geo", "shapely", "numpy")),
     ("Redis client (commands, sending)", ("/redis/", "asyncio/streams.py", "common/redis_client")),

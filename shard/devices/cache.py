@@ -4,8 +4,8 @@ SPEC §5 "Rehydration": a device met for the first time, or whose cached copy is
 (another shard, instance or `processor rehydrate` changed it since), is loaded from
 `last_position` and its open `timing_records`, with one query per batch. Staleness is
 decided by `last_position.state_version`, which every change of a device bumps: the
-cached versions travel with the query, and Postgres sends the stored state back only
-where the versions differ.
+cached version travels with the staged fixes, and Postgres sends the stored state back
+only where the versions differ.
 """
 
 from __future__ import annotations
@@ -16,20 +16,19 @@ from datetime import datetime
 
 import orjson
 import psycopg
-from psycopg import sql
 
-from shard.devices.store import lock_devices
+from shard.devices.store import LOCK_DEVICES
 from shard.devices.track import DeviceState, TrackFix, Visit
 
 # Every device of the batch gets its row version back; its stored state (newest fix, odometer,
-# open visits) only where its cached copy is missing or differs (`devices`: a JSON literal of
-# the batch's devices and their cached versions, null where none is cached). The state comes as plain columns, which psycopg reads in C; the open
+# open visits) only where its cached copy is missing or differs (the cached version came in
+# with the staged fixes). The state comes as plain columns, which psycopg reads in C; the open
 # visits, rare, as JSON (NULL when there are none). Every row also carries the geofence
 # revision, read here because this is the batch's first statement after its device locks
 # (shard/geofences.py says why that matters); the one-row relation on the left gives one row
-# even when no device is stored yet. One query per batch, sent with the locks (and the
-# transaction's beginning): literals rather than parameters let the three go as one simple
-# query, one round trip.
+# even when no device is stored yet. (Joining the table itself would do too, but its missing
+# statistics make the planner expect thousands of rows and switch JIT on: ten milliseconds
+# per batch.) One query per batch.
 _LOAD = """
 SELECT r.revision, s.device_id, s.state_version,
        CASE WHEN s.stale THEN s.ts END, CASE WHEN s.stale THEN s.lat END, CASE WHEN s.stale THEN s.lon END,
@@ -41,7 +40,7 @@ SELECT r.revision, s.device_id, s.state_version,
 FROM (SELECT (SELECT revision FROM geofence_revision) AS revision) AS r LEFT JOIN (
     SELECT lp.device_id, lp.state_version, lp.ts, lp.lat, lp.lon, lp.speed, lp.odometer_m,
            lp.state_version IS DISTINCT FROM c.version AS stale
-    FROM json_to_recordset({devices}) AS c(device_id text, version int8)
+    FROM (SELECT DISTINCT ON (device_id) device_id, cached_version AS version FROM staging_positions) AS c
     JOIN last_position lp ON lp.device_id = c.device_id
 ) AS s ON true
 """
@@ -92,23 +91,17 @@ class DeviceCache:
         return {device_id: self._states.get(device_id) for device_id in device_ids}
 
     async def load(
-        self, cur: psycopg.AsyncCursor, cached: dict[str, DeviceState | None], begin: str = ""
+        self, cur: psycopg.AsyncCursor, cached: dict[str, DeviceState | None]
     ) -> tuple[dict[str, DeviceState], set[str], int]:
         """The current state of each device, from `cached` where it is fresh, else from Postgres.
 
         Also returns the devices whose state was read from Postgres, and the geofence
-        revision committed before this statement. The devices are locked first, in the same
-        round trip (store.lock_devices): nobody changes them before commit. `begin`, SQL
-        without results, goes first in that round trip (the writer's BEGIN and settings).
+        revision committed before this statement. The cached versions travel in the staging
+        table. The devices are locked first, in the same round trip (store.LOCK_DEVICES):
+        nobody changes them before commit.
         """
-        devices = orjson.dumps(
-            [{"device_id": d, "version": s.version if s is not None else None} for d, s in cached.items()]
-        ).decode()
-        literal = sql.Literal(devices).as_string(cur) + "::json"
-        await cur.execute(f"{begin}{lock_devices(literal)};{_LOAD.format(devices=literal)}".encode())
-        while cur.nextset():
-            pass  # to the last result, the load's: past `begin`'s and the locks'
-
+        await cur.execute(f"{LOCK_DEVICES};{_LOAD}")
+        cur.nextset()  # past the locks' result
         found: dict[str, DeviceState] = {}
         loaded: set[str] = set()
         revision = -1

@@ -12,9 +12,8 @@ shards and instances, are redelivered, or arrive late. Inside the batch's transa
    same query reads the geofence revision, and the batch derives with the index of that
    revision, loaded in this transaction if the shard holds another (shard/geofences.py:
    this is what makes each device switch geofence sets at one point of its history);
-3. stores the positions: copied straight into `positions` when every fix is newer than
-   its device's state, otherwise by an insert with ON CONFLICT and RETURNING, to tell late
-   fixes from duplicates;
+3. stores the positions (with ON CONFLICT and RETURNING only when some fix is not newer
+   than its device's state, to tell late fixes from duplicates);
 4. advances every device by its new fixes in `ts` order (live.py), and replays devices
    with late fixes from their stored history (replay.py), both through `advance` and
    with the same index;
@@ -27,7 +26,7 @@ context manager exits cleanly); otherwise the batch's devices are dropped from i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from datetime import datetime
@@ -39,7 +38,7 @@ from shard.decode import Fix
 from shard.devices.cache import DeviceCache
 from shard.devices.live import derive, older_than_state
 from shard.devices.replay import prefetch_replays, replay_late
-from shard.devices.store import copy_positions, insert_positions_returning, store_derived
+from shard.devices.store import insert_positions_returning, store_derived
 from shard.devices.track import DeviceState
 from shard.geofences import GeofenceSource
 
@@ -95,54 +94,47 @@ class DeviceBatch:
     """One batch's devices, from the cached states it starts with to the states it commits."""
 
     def __init__(self, cache: DeviceCache, fixes: Sequence[Fix], counts: dict[str, int]) -> None:
+        self.fixes = fixes
         self.counts = counts
         self.applied: Applied | None = None
-        # Stable sort: fixes with the same key keep entry order, so the first entry of a key
-        # repeated within the batch is the one kept (stored, and derived from).
-        self.fixes = _first_of_each_key(sorted(fixes, key=_DEVICE_AND_TS))
-        self.devices = sorted({fix.device_id for fix in self.fixes})
+        self.devices = sorted({fix.device_id for fix in fixes})
         self._cache = cache
         self._cached = cache.pick(self.devices)
         self._states: dict[str, DeviceState] = {}
 
-    async def apply(
-        self,
-        cur: psycopg.AsyncCursor,
-        geofences: GeofenceSource,
-        data: bytes,
-        *,
-        safe: bool = False,
-        turn: LockTurn | None = None,
-        begin: str = "",
-    ) -> Applied:
-        """Store the batch's positions and the derived state they cause (steps 1-5 above).
+    def cached_versions(self) -> dict[str, int | None]:
+        """Device → version of its cached copy (None: not cached), to stage beside each fix."""
+        return {device_id: (state.version if state is not None else None) for device_id, state in self._cached.items()}
 
-        `data` is `self.fixes` as COPY data (copy_rows.copy_data: packed before the
-        transaction, so that a row it cannot encode costs no round trip). `geofences` gives
-        the index of the revision read after the locks. `safe` inserts the positions with ON
-        CONFLICT even when every fix looks new. `turn` is told once the locks are granted.
-        `begin` (SQL without results: the transaction's start) goes out with the locks.
+    async def apply(
+        self, cur: psycopg.AsyncCursor, geofences: GeofenceSource, *, safe: bool = False, turn: LockTurn | None = None
+    ) -> Applied:
+        """Store the staged positions and the derived state they cause (steps 1-5 above).
+
+        `geofences` gives the index of the revision read after the locks. `safe` inserts
+        the positions with ON CONFLICT even when every fix looks new. `turn` is told once
+        the locks are granted.
         """
+        # Stable sort: fixes with the same key keep entry order, as `seq` does in SQL.
+        ordered = sorted(self.fixes, key=_DEVICE_AND_TS)
         # The locks, then the first statement after them: its snapshot follows every earlier
         # transaction of these devices, so the revision it reads is the one this batch must use.
-        self._states, reloaded, revision = await self._cache.load(cur, self._cached, begin)
+        self._states, reloaded, revision = await self._cache.load(cur, self._cached)
         if turn is not None:
             turn.granted.set()
         for state in self._states.values():
             state.dirty = True  # until commit: changed in place from here on
         index = await geofences.for_revision(cur, revision)
         inserted: set[tuple[str, datetime]] | None = None
-        if safe or older_than_state(self.fixes, self._states):
-            inserted = await insert_positions_returning(cur, self.fixes)
-        else:
-            await copy_positions(cur, data)
-        derived = derive(self.fixes, self._states, index, inserted)
+        if safe or older_than_state(ordered, self._states):
+            inserted = await insert_positions_returning(cur)
+        derived = derive(ordered, self._states, index, inserted)
         prefetched = await prefetch_replays(cur, derived.late, index) if derived.late else {}
         for device_id, new_ts in derived.late.items():
             derived.add_visits(
                 device_id, await replay_late(cur, self._states[device_id], new_ts, index, prefetched.get(device_id))
             )
-        await store_derived(cur, derived, _newest(self.fixes, derived.touched))
+        await store_derived(cur, derived, positions_inserted=inserted is not None)
         self.applied = Applied(
             frozenset(reloaded), frozenset(derived.late), frozenset(derived.touched), len(derived.visits), index.revision
         )
@@ -165,25 +157,3 @@ class DeviceBatch:
             self.counts["devices_reloaded"] += len(self.applied.reloaded)
             self.counts["devices_replayed"] += len(self.applied.late)
             self.counts["visits_written"] += self.applied.visits
-
-
-def _first_of_each_key(ordered: list[Fix]) -> list[Fix]:
-    """`ordered` (by device and time) without the later fixes of a repeated (device_id, ts)."""
-    kept: list[Fix] = []
-    previous: tuple[str, datetime] | None = None
-    for fix in ordered:
-        key = (fix[0], fix[1])
-        if key != previous:
-            kept.append(fix)
-            previous = key
-    return kept
-
-
-def _newest(ordered: list[Fix], devices: Iterable[str]) -> dict[str, Fix]:
-    """Each of `devices`' newest fix in `ordered` (by device and time, each key once)."""
-    wanted = set(devices)
-    newest: dict[str, Fix] = {}
-    for fix in ordered:
-        if fix[0] in wanted:
-            newest[fix[0]] = fix  # the last of a device's run is its newest
-    return newest

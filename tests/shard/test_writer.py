@@ -13,9 +13,8 @@ from common.config import Settings
 from shard.decode import Fix
 from shard.geofences import GeofenceSource
 from shard.devices import LockTurn
-from shard.copy_rows import copy_data
-from shard.devices import DeviceBatch
-from shard.writer import PositionWriter
+from shard.staging_rows import copy_data
+from shard.writer import PositionWriter, stage
 from supervisor.migrations import apply_migrations
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=timezone.utc)
@@ -47,15 +46,14 @@ def test_a_row_that_cannot_be_encoded_is_rejected_alone(database_url: str, setti
 def test_the_later_of_two_batches_in_flight_locks_its_devices_after_the_earlier(
     database_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch, ordered: bool
 ) -> None:
-    """The earlier batch asks for its locks only once the later one holds its locks or waits for its turn.
+    """The earlier batch stages only once the later one holds its locks or waits for its turn.
     In turn (LockTurn), the later waits for the earlier's locks, so the device's fixes apply in
     read order and none looks late. Without the turn, the later locks first and the earlier
     batch's fixes must be replayed: what the turn is there to avoid."""
     apply_migrations(database_url)
     earlier = [Fix("d1", T0 + timedelta(seconds=s), 1.0 + s / 1000, 2.0, None, None, None, None, None) for s in range(3)]
     later = [Fix("d1", T0 + timedelta(seconds=s), 1.0 + s / 1000, 2.0, None, None, None, None, None) for s in range(3, 6)]
-    earlier_data = copy_data(earlier)
-    apply = DeviceBatch.apply
+    earlier_data = copy_data(earlier, {"d1": None})  # neither batch finds d1 cached
 
     async def go() -> dict[str, int]:
         held_back = asyncio.Event()  # the later batch waits for its turn
@@ -71,15 +69,15 @@ def test_the_later_of_two_batches_in_flight_locks_its_devices_after_the_earlier(
         first = LockTurn()
         second = Watched(first.granted if ordered else None)  # no previous: locks at once
 
-        async def apply_earlier_last(batch, cur, geofences, data: bytes, **options):  # type: ignore[no-untyped-def]
+        async def stage_earlier_last(cur, data: bytes) -> None:  # type: ignore[no-untyped-def]
             if data == earlier_data:
                 signals = {asyncio.ensure_future(held_back.wait()), asyncio.ensure_future(second.granted.wait())}
                 _, pending = await asyncio.wait(signals, return_when=asyncio.FIRST_COMPLETED)
                 for task in pending:
                     task.cancel()
-            return await apply(batch, cur, geofences, data, **options)
+            await stage(cur, data)
 
-        monkeypatch.setattr(DeviceBatch, "apply", apply_earlier_last)
+        monkeypatch.setattr("shard.writer.stage", stage_earlier_last)
         geofences = GeofenceSource(database_url, "test")
         writer = PositionWriter(settings, "test", geofences)
         try:

@@ -1,10 +1,10 @@
-"""A batch's fixes as binary COPY data for `positions`, formatted in one pass.
+"""A batch's fixes as binary COPY data for `staging_positions`, formatted in one pass.
 
-psycopg's `write_row` finds a dumper for each of a row's nine values and calls it
+psycopg's `write_row` finds a dumper for each of a row's eleven values and calls it
 from Python; here one precompiled `struct` packs a row's fixed-width columns at once,
-which halves what the COPY costs the shard. The bytes are what psycopg's binary dumpers
-write for the same values (tests/shard/test_copy_rows.py compares them in Postgres):
-int2 big-endian, float8 and float4 IEEE (float4 rounded as `struct` does),
+which halves what staging costs the shard. The bytes are what psycopg's binary dumpers
+write for the same values (tests/shard/test_staging_rows.py compares them in Postgres):
+int4/int8/int2 big-endian, float8 and float4 IEEE (float4 rounded as `struct` does),
 timestamptz as microseconds since 2000-01-01 UTC, text as UTF-8, jsonb as version 1
 then the JSON text orjson writes.
 """
@@ -12,7 +12,7 @@ then the JSON text orjson writes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from functools import cache
 
@@ -23,7 +23,7 @@ from common.faults import one_line
 from shard.decode import Fix
 
 # The order the rows are packed in; the COPY statement names it (the table's own order differs).
-COLUMNS = ("ts", "lat", "lon", "alt", "speed", "heading", "sats", "device_id", "attributes")
+COLUMNS = ("seq", "cached_version", "ts", "lat", "lon", "alt", "speed", "heading", "sats", "device_id", "attributes")
 
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # no flags, no header extension
 _TRAILER = b"\xff\xff"
@@ -31,9 +31,9 @@ _NULL = b"\xff\xff\xff\xff"
 _JSONB_VERSION = b"\x01"
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 _length = struct.Struct(">i").pack
-# Field count, then (length, value) for ts .. sats; the nullable ones may be a -1 length alone.
-_FIELDS = (("q", 8), ("d", 8), ("d", 8), ("f", 4), ("f", 4), ("f", 4), ("h", 2))
-_NULLABLE = (3, 4, 5, 6)  # alt, speed, heading, sats
+# Field count, then (length, value) for seq .. sats; the nullable ones may be a -1 length alone.
+_FIELDS = (("i", 4), ("q", 8), ("q", 8), ("d", 8), ("d", 8), ("f", 4), ("f", 4), ("f", 4), ("h", 2))
+_NULLABLE = (1, 5, 6, 7, 8)  # cached_version, alt, speed, heading, sats
 
 
 @cache
@@ -47,8 +47,8 @@ def _head(nulls: tuple[bool, ...]) -> struct.Struct:
 _ALL_PRESENT = _head((False,) * len(_NULLABLE)).pack
 
 
-def copy_data(fixes: Sequence[Fix]) -> bytes:
-    """The whole COPY stream (signature, rows, trailer) of `fixes`, in the order of COLUMNS.
+def copy_data(fixes: Sequence[Fix], cached_versions: Mapping[str, int | None]) -> bytes:
+    """The whole COPY stream (signature, rows, trailer) of `fixes` with their devices' cached versions.
 
     A row that cannot be encoded raises RowRejected: its failure, not the batch's
     (the writer isolates it like a row Postgres refuses).
@@ -56,15 +56,16 @@ def copy_data(fixes: Sequence[Fix]) -> bytes:
     # One growing buffer: orjson's results are freed as soon as they are copied. (Keeping them
     # alive for a join costs ~2 µs each: every one holds a fresh, oversized allocation.)
     out = bytearray(_SIGNATURE)
-    for fix in fixes:
+    for seq, fix in enumerate(fixes):
         try:
             device_id, ts, lat, lon, alt, speed, heading, sats, attributes = fix
+            version = cached_versions[device_id]
             since = ts - _PG_EPOCH
             micros = (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
-            if alt is not None and speed is not None and heading is not None and sats is not None:
-                out += _ALL_PRESENT(9, 8, micros, 8, lat, 8, lon, 4, alt, 4, speed, 4, heading, 2, sats)
+            if version is not None and alt is not None and speed is not None and heading is not None and sats is not None:
+                out += _ALL_PRESENT(11, 4, seq, 8, version, 8, micros, 8, lat, 8, lon, 4, alt, 4, speed, 4, heading, 2, sats)
             else:
-                out += _head_with_nulls(micros, lat, lon, alt, speed, heading, sats)
+                out += _head_with_nulls(seq, version, micros, lat, lon, alt, speed, heading, sats)
             name = device_id.encode()
             out += _length(len(name))
             out += name
@@ -81,10 +82,10 @@ def copy_data(fixes: Sequence[Fix]) -> bytes:
     return bytes(out)
 
 
-def _head_with_nulls(*values: object) -> bytes:
-    """The fixed-width part of a row with some NULL among alt, speed, heading, sats."""
-    nulls = tuple(values[i] is None for i in _NULLABLE)
-    args: list[object] = [9]
-    for (_, size), value in zip(_FIELDS, values):
+def _head_with_nulls(seq: int, *values: object) -> bytes:
+    """The fixed-width part of a row with some NULL among cached_version, alt, speed, heading, sats."""
+    nulls = tuple(values[i - 1] is None for i in _NULLABLE)
+    args: list[object] = [11, 4, seq]
+    for (_, size), value in zip(_FIELDS[1:], values):
         args.extend((-1,) if value is None else (size, value))
     return _head(nulls).pack(*args)

@@ -1,8 +1,7 @@
-"""The hand-packed COPY rows store exactly what psycopg's own dumpers store, in a real Postgres."""
+"""The hand-packed COPY rows stage exactly what psycopg's own dumpers stage, in a real Postgres."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta, timezone
 
 import orjson
@@ -14,13 +13,12 @@ from psycopg.types.json import set_json_dumps
 
 from common.errors import RowRejected
 from shard.decode import MAX_REAL, MAX_SMALLINT, MAX_TS_MS, Fix
-from shard.copy_rows import COLUMNS, copy_data
-from shard.devices.store import copy_positions, insert_positions_returning
+from shard.staging_rows import COLUMNS, copy_data
 
-_TYPES = {"ts": "timestamptz", "lat": "float8", "lon": "float8",
+_TYPES = {"seq": "int4", "cached_version": "int8", "ts": "timestamptz", "lat": "float8", "lon": "float8",
           "alt": "float4", "speed": "float4", "heading": "float4", "sats": "int2", "device_id": "text",
           "attributes": "jsonb"}
-_TABLE = "(seq serial, ts timestamptz, lat float8, lon float8, alt real, speed real, " \
+_TABLE = "(seq integer, cached_version bigint, ts timestamptz, lat float8, lon float8, alt real, speed real, " \
          "heading real, sats smallint, device_id text COLLATE \"C\", attributes jsonb)"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -42,23 +40,23 @@ EDGES = [
 ]
 
 
-def _copied(conn: psycopg.Connection, table: str) -> list[tuple[object, ...]]:
+def _staged(conn: psycopg.Connection, table: str) -> list[tuple[object, ...]]:
     return conn.execute(f"SELECT {', '.join(COLUMNS)} FROM {table} ORDER BY seq").fetchall()
 
 
-def _both(conn: psycopg.Connection, fixes: list[Fix]) -> None:
-    """Copy `fixes` both ways and assert the tables are equal, value for value."""
+def _both(conn: psycopg.Connection, fixes: list[Fix], versions: dict[str, int | None]) -> None:
+    """Stage `fixes` both ways and assert the tables are equal, value for value."""
     conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS ours {_TABLE}; CREATE TEMP TABLE IF NOT EXISTS theirs {_TABLE}")
-    conn.execute("TRUNCATE ours, theirs RESTART IDENTITY")
+    conn.execute("TRUNCATE ours, theirs")
     columns = ", ".join(COLUMNS)
     with conn.cursor().copy(f"COPY ours ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
-        copy.write(copy_data(fixes))
+        copy.write(copy_data(fixes, versions))
     with conn.cursor().copy(f"COPY theirs ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types([_TYPES[c] for c in COLUMNS])
-        for fix in fixes:
-            row = fix._asdict()
+        for seq, fix in enumerate(fixes):
+            row = {"seq": seq, "cached_version": versions[fix.device_id], **fix._asdict()}
             copy.write_row([row[c] for c in COLUMNS])
-    ours, theirs = _copied(conn, "ours"), _copied(conn, "theirs")
+    ours, theirs = _staged(conn, "ours"), _staged(conn, "theirs")
     assert len(ours) == len(fixes)
     assert ours == theirs
     # Bit for bit where equality could hide a difference (-0.0 == 0.0; jsonb compared as text).
@@ -73,20 +71,23 @@ def conn(database_url: str):  # type: ignore[no-untyped-def]
         yield connection
 
 
-def test_edge_values_copy_as_psycopg_copies_them(conn: psycopg.Connection) -> None:
-    _both(conn, EDGES)
+def test_edge_values_stage_as_psycopg_stages_them(conn: psycopg.Connection) -> None:
+    versions: dict[str, int | None] = {fix.device_id: None for fix in EDGES}
+    versions["plain"] = 2**63 - 1
+    versions["io"] = 0
+    _both(conn, EDGES, versions)
 
 
 def test_an_empty_batch_is_a_valid_copy(conn: psycopg.Connection) -> None:
-    _both(conn, [])
+    _both(conn, [], {})
 
 
 def test_a_row_that_cannot_be_encoded_is_rejected() -> None:
     bad = _fix("d", 1, attributes={"a": {1, 2}})  # a set: not JSON
     with pytest.raises(RowRejected, match="row cannot be staged: TypeError"):
-        copy_data([_fix("ok", 1), bad])
+        copy_data([_fix("ok", 1), bad], {"ok": None, "d": None})
     with pytest.raises(RowRejected, match="row cannot be staged: UnicodeEncodeError"):
-        copy_data([_fix("\ud800", 1)])
+        copy_data([_fix("\ud800", 1)], {"\ud800": 1})
 
 
 def _io_text(size: int) -> st.SearchStrategy[str]:
@@ -111,41 +112,6 @@ _fixes = st.builds(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fixes=st.lists(_fixes, max_size=30))
-def test_any_fixes_copy_as_psycopg_copies_them(conn: psycopg.Connection, fixes: list[Fix]) -> None:
-    _both(conn, fixes)
-
-
-# The late path inserts, and last_position takes, the same fixes as one JSON parameter
-# (shard/devices/store.py): each value must arrive as the COPY stores it.
-_POSITIONS = """CREATE TABLE IF NOT EXISTS positions (device_id text, ts timestamptz, lat float8, lon float8,
-    alt real, speed real, heading real, sats smallint, attributes jsonb, PRIMARY KEY (device_id, ts))"""
-
-
-def _by_json_and_by_copy(conn: psycopg.Connection, fixes: list[Fix]) -> None:
-    async def both() -> list[list[str]]:
-        async with await psycopg.AsyncConnection.connect(conn.info.dsn, autocommit=True) as aconn:
-            set_json_dumps(orjson.dumps, context=aconn)
-            tables = []
-            for store in (lambda cur: insert_positions_returning(cur, fixes), lambda cur: copy_positions(cur, copy_data(fixes))):
-                async with aconn.cursor() as cur:
-                    await cur.execute(_POSITIONS)
-                    await cur.execute("TRUNCATE positions")
-                    await store(cur)
-                    await cur.execute("SELECT * FROM positions ORDER BY device_id COLLATE \"C\", ts")
-                    tables.append([repr(row) for row in await cur.fetchall()])
-            return tables
-
-    by_json, by_copy = asyncio.run(both())
-    assert len(by_copy) == len({(fix.device_id, fix.ts) for fix in fixes})
-    assert by_json == by_copy
-
-
-def test_edge_values_arrive_by_json_as_by_copy(conn: psycopg.Connection) -> None:
-    _by_json_and_by_copy(conn, EDGES)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fixes=st.lists(_fixes, max_size=30, unique_by=lambda fix: (fix.device_id, fix.ts)))
-def test_any_fixes_arrive_by_json_as_by_copy(conn: psycopg.Connection, fixes: list[Fix]) -> None:
-    _by_json_and_by_copy(conn, fixes)
+@given(fixes=st.lists(_fixes, max_size=30), version=st.none() | st.integers(0, 2**63 - 1))
+def test_any_fixes_stage_as_psycopg_stages_them(conn: psycopg.Connection, fixes: list[Fix], version: int | None) -> None:
+    _both(conn, fixes, {fix.device_id: version for fix in fixes})
