@@ -19,7 +19,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.types.json import set_json_dumps, set_json_loads
 
 from common.config import Settings
-from common.faults import Outcome, classify
+from common.faults import Outcome, classify, one_line
 from common.postgres import POOLER_SAFE, prepare_if_direct
 from shard.decode import Fix
 from shard.devices import CachedStateDirty, DeviceStates, LockTurn
@@ -139,7 +139,7 @@ class PositionWriter:
             if classify(exc) is not Outcome.ROW_REJECTED:
                 raise
             if len(fixes) == 1:
-                return {0: f"{type(exc).__name__}: {exc}".strip()}
+                return {0: f"{type(exc).__name__}: {one_line(exc)}"}  # a letter's `error` is one line
         middle = len(fixes) // 2
         left = await self.write_isolating(fixes[:middle])
         right = await self.write_isolating(fixes[middle:])

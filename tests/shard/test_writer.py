@@ -42,6 +42,32 @@ def test_a_row_that_cannot_be_encoded_is_rejected_alone(database_url: str, setti
         assert conn.execute("SELECT device_id FROM positions").fetchall() == [("d1",)]
 
 
+def test_a_row_postgres_refuses_is_rejected_with_a_one_line_error(database_url: str, settings: Settings) -> None:
+    """Postgres adds a DETAIL line to a constraint's refusal: the error that becomes the dead
+    letter's `error` (docs/contract.md: one line) is the primary message alone."""
+    apply_migrations(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE positions ADD CONSTRAINT no_rejects CHECK (device_id <> 'reject-me')")
+    fixes = [Fix(device_id, T0, 1.0, 2.0, None, None, None, None, None) for device_id in ("d1", "reject-me", "d2")]
+
+    async def go() -> dict[int, str]:
+        geofences = GeofenceSource(database_url, "test")
+        writer = PositionWriter(settings, "test", geofences)
+        try:
+            await geofences.refresh()
+            return await writer.write_isolating(fixes)
+        finally:
+            await writer.close()
+            await geofences.close()
+
+    rejected = asyncio.run(go())
+    assert list(rejected) == [1]
+    assert rejected[1].startswith("CheckViolation: new row for relation") and "no_rejects" in rejected[1]
+    assert "\n" not in rejected[1] and "DETAIL" not in rejected[1]
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT device_id FROM positions ORDER BY 1").fetchall() == [("d1",), ("d2",)]
+
+
 @pytest.mark.parametrize("ordered", [True, False], ids=["in-turn", "without-turn"])
 def test_the_later_of_two_batches_in_flight_locks_its_devices_after_the_earlier(
     database_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch, ordered: bool
