@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import select
 import sys
 
 from common import early_signals, logs
@@ -36,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     # Operator commands keep stdout for their output (and --json); their logs go to stderr.
     logs.configure(settings.log_level, args.command, sys.stdout if service else sys.stderr)
     try:
-        return int(args.func(settings, args))
+        code = int(args.func(settings, args))
+        sys.stdout.flush()  # here rather than at exit, where a reader gone away could not be told apart
+        return code
     except ProcessorError as exc:
         if service:
             log.error(str(exc))
@@ -45,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.command == "run":
             raise  # the supervisor's panic handler dumps its state and exits 70
+        if isinstance(exc, BrokenPipeError) and _output_closed():
+            # Whoever read the output stopped early (`processor dlq list | head`): no server is
+            # to blame, and a shell pipeline expects silence. Exit 1: not all was written.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
+            return ExitCode.FAILED
         # What no command's own boundary translated: an outage or refusal is still one line;
         # anything else is a bug (exit 70), logged with its traceback, passwords masked.
         outcome = classify(exc)
@@ -57,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         log.critical("internal error", extra={"error": f"{type(exc).__name__}: {one_line(exc)}"}, exc_info=True)
         print(f"processor: internal error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
         return ExitCode.SOFTWARE
+
+
+def _output_closed() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (the pipe then polls as an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,12 +18,14 @@ FAILED_AT = "2026-03-01T10:00:00.000Z"
 GROUP = "processor"
 
 
-def run_cli(env: dict[str, str], *args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    env: dict[str, str], *args: str, stdin: int | None = subprocess.DEVNULL, stdout: int = subprocess.PIPE
+) -> subprocess.CompletedProcess[str]:
     """The real `processor` command line in a child process."""
     full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
         [sys.executable, "-m", "ops", *args],
-        env=full_env, stdin=stdin, capture_output=True, text=True, timeout=60, check=False,
+        env=full_env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
     )
 
 

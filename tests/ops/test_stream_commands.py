@@ -195,6 +195,22 @@ def test_cli_show_and_list_json(redis_client: redis.Redis, stream_key: str, redi
     assert run_cli(redis_env, "dlq", "list", "--limit", "0").returncode == ExitCode.USAGE
 
 
+@pytest.mark.parametrize("command", [("dlq", "show", "LETTER"), ("dlq", "list"), ("lag",)], ids=" ".join)
+def test_cli_output_closed_early_is_nobody_s_outage(
+    redis_client: redis.Redis, stream_key: str, redis_env: dict[str, str], command: tuple[str, ...]
+) -> None:
+    """`processor dlq show ID | head -1`: the reader leaves before the output is written. That
+    is no server's fault: exit 1 (not all was written), and nothing on stderr, as a pipeline expects."""
+    letter_id = add_letter(redis_client, stream_key, {b"data": fix("dev-1", io={"pad": "x" * 300_000})})
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `head` does once it has its line
+    try:
+        result = run_cli(redis_env, *(letter_id if arg == "LETTER" else arg for arg in command), stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (ExitCode.FAILED, "")
+
+
 # --- dlq replay --------------------------------------------------------------------------
 
 
