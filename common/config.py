@@ -12,9 +12,11 @@ from pathlib import Path
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 import psycopg
+import redis
 from psycopg.conninfo import conninfo_to_dict
 
 from common.errors import ConfigError
+from common.keys import reserved_keys
 from common.logs import add_secret
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -24,6 +26,19 @@ MAX_SHARDS = 256
 MAX_STREAM_RETENTION_MS = 30 * 86_400_000  # 30 days
 MAX_POSITIONS_RETENTION_DAYS = 36_500  # a hundred years
 MAX_SECRET_FILE_BYTES = 65_536  # a URL; more is the wrong file (or /dev/zero)
+# What libpq accepts for its parameters with a fixed set of values. libpq checks them only
+# when it connects, and says so as an outage would; checked here, a typo is exit 78 at once.
+LIBPQ_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+    "load_balance_hosts": ("disable", "random"),
+    "sslcertmode": ("disable", "allow", "require"),
+    "sslnegotiation": ("postgres", "direct"),
+}
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")  # int() would also take 1_000 and non-ASCII digits
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -57,13 +72,17 @@ class Settings:
         reader = _Reader(env)
         database_url = reader.url("DATABASE_URL", "postgresql://localhost/processor", POSTGRES_SCHEMES)
         stream_key = reader.name("STREAM_KEY", "telemetry:t")
+        dlq_key = reader.name("DLQ_KEY", f"{stream_key}:dlq")
+        if dlq_key in reserved_keys(stream_key) or dlq_key.startswith(f"{stream_key}:alive:"):
+            # Dead letters written into the input would be read, and dead-lettered, for ever.
+            raise ConfigError(f"DLQ_KEY must not be STREAM_KEY or a key the Processor keeps for it, got {dlq_key!r}")
         return cls(
             redis_url=reader.url("REDIS_URL", "redis://localhost:6379/0", REDIS_SCHEMES),
             database_url=database_url,
             migration_database_url=reader.url("MIGRATION_DATABASE_URL", database_url, POSTGRES_SCHEMES),
             stream_key=stream_key,
             consumer_group=reader.name("CONSUMER_GROUP", "processor"),
-            dlq_key=reader.name("DLQ_KEY", f"{stream_key}:dlq"),
+            dlq_key=dlq_key,
             instance_id=reader.name("INSTANCE_ID", socket.gethostname() or "processor"),
             shards=reader.integer("SHARDS", os.cpu_count() or 1, 1, MAX_SHARDS),
             batch_size=reader.integer("BATCH_SIZE", 500, 1, 100_000),
@@ -72,7 +91,7 @@ class Settings:
             max_failures=reader.integer("MAX_FAILURES", 5, 1, 1_000),
             drain_timeout_s=reader.number("DRAIN_TIMEOUT_S", 20.0, 0.0, 3_600.0),
             device_cache_size=reader.integer("DEVICE_CACHE_SIZE", 100_000, 1, 100_000_000),
-            panic_dir=Path(reader.text("PANIC_DIR", "./panic")),
+            panic_dir=reader.directory("PANIC_DIR", "./panic"),
             log_level=reader.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
             http_port=reader.integer("HTTP_PORT", 8080, 0, 65_535),
             heartbeat_timeout_s=reader.number("HEARTBEAT_TIMEOUT_S", 15.0, 1.0, 3_600.0),
@@ -131,6 +150,21 @@ def url_secrets(url: str) -> set[str]:
     return found
 
 
+def _check_redis_url(label: str, url: str, path: str, secrets: set[str]) -> None:
+    """What redis-py makes of the URL, checked without connecting: it would take an unknown
+    query parameter to its connection's constructor (a TypeError at the first command), and
+    a database that is not a number for 0."""
+    if path not in ("", "/") and not re.fullmatch(r"/[0-9]+", path):
+        raise ConfigError(f"{label}: the database after the host must be a number, got {redact_url(url)}")
+    try:
+        redis.ConnectionPool.from_url(url).make_connection()
+    except (TypeError, ValueError, redis.RedisError) as exc:
+        problem = " ".join(str(exc).split())
+        for secret in secrets:
+            problem = problem.replace(secret, "***")
+        raise ConfigError(f"{label} is not a URL redis-py can use ({problem}): {redact_url(url)}") from None
+
+
 class _Reader:
     """Parses one variable at a time; each error names the variable, never its secret."""
 
@@ -152,12 +186,21 @@ class _Reader:
             raise ConfigError(f"{name} must be 1-200 printable characters without spaces, got {value!r}")
         return value
 
+    def directory(self, name: str, default: str) -> Path:
+        """A directory that exists, or could be made: nothing on the way to it is a file."""
+        path = Path(self.text(name, default))
+        for existing in (path, *path.absolute().parents):
+            if existing.exists():
+                if not existing.is_dir():
+                    raise ConfigError(f"{name} must name a directory, but {existing} is a file")
+                break
+        return path
+
     def integer(self, name: str, default: int, low: int, high: int) -> int:
         raw = self.text(name, str(default))
-        try:
-            value = int(raw, 10)
-        except ValueError:
-            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if not _WHOLE_NUMBER.fullmatch(raw):
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}")
+        value = int(raw, 10)
         if not low <= value <= high:
             raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
         return value
@@ -173,10 +216,9 @@ class _Reader:
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
         raw = self.text(name, str(default))
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not _NUMBER.fullmatch(raw):
+            raise ConfigError(f"{name} must be a number, got {raw!r}")
+        value = float(raw)
         if not low <= value <= high:  # also rejects nan
             raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {raw}")
         return value
@@ -191,11 +233,16 @@ class _Reader:
         """A URL from `name`, or read from the file that `<name>_FILE` names (a Docker or
         Kubernetes secret); its secrets are registered for masking."""
         value, label = self.text_or_file(name, default)
+        if any(ch.isspace() or not ch.isprintable() for ch in value):
+            # A URL carries these percent-encoded; raw, they are a paste gone wrong.
+            raise ConfigError(f"{label} contains spaces or control characters: {redact_url(value)!r}")
         bad = ConfigError(f"{label} is not a valid URL (bad host or port): {redact_url(value)}")
         try:
             parts = urlsplit(value)
-            if parts.scheme not in POSTGRES_SCHEMES:  # a libpq URL may name several hosts: its ports are checked below
-                parts.port  # noqa: B018 - raises ValueError on a bad port
+            # a libpq URL may name several hosts: its ports are checked below. Port 0 is no port:
+            # redis-py would quietly take the default, 6379, of some other server.
+            if parts.scheme not in POSTGRES_SCHEMES and parts.port == 0:
+                raise bad
         except ValueError:
             raise bad from None
         if parts.scheme not in schemes:
@@ -215,11 +262,17 @@ class _Reader:
                     f"{redact_url(value)}"
                 ) from None
             # `host1:5432,host2:5433` (libpq tries them in turn): one port, or none, per host.
-            if not all(port.isdigit() and int(port) <= 65535 for port in str(conninfo.get("port") or "").split(",") if port):
+            ports = str(conninfo.get("port") or "").split(",")
+            if not all(_WHOLE_NUMBER.fullmatch(port) and 0 < int(port) <= 65535 for port in ports if port):
                 raise bad
+            for key, choices in LIBPQ_CHOICES.items():
+                if key in conninfo and conninfo[key] not in choices:
+                    raise ConfigError(f"{label}: {key} must be one of {', '.join(choices)}: {redact_url(value)}")
             secrets |= {str(conninfo.get(key) or "") for key in ("password", "sslpassword")}
         for secret in secrets:
             add_secret(secret)
+        if parts.scheme in REDIS_SCHEMES:
+            _check_redis_url(label, value, parts.path if parts.scheme != "unix" else "", secrets)
         return value
 
     def text_or_file(self, name: str, default: str) -> tuple[str, str]:

@@ -48,7 +48,8 @@ REDIS_NOT_NOW = ("READONLY", "LOADING", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUST
 # Replies that mean "never, as configured": our ACL user lacks a command or key, the
 # password is wrong, the server is too old for a command, or a key holds another type.
 # Matched with any leading "ERR " removed: redis-py strips it from most replies, not all.
-REDIS_REFUSED = ("NOPERM", "NOAUTH", "WRONGPASS", "WRONGTYPE", "unknown command")
+# (A database number beyond the server's `databases` is only known once SELECT fails.)
+REDIS_REFUSED = ("NOPERM", "NOAUTH", "WRONGPASS", "WRONGTYPE", "unknown command", "DB index is out of range")
 # What Redis says when a command inside one of our Lua scripts is denied by the ACL: 7.0 in
 # its own words (without naming the command), 7.2 and later as "ACL failure in script: …".
 REDIS_SCRIPT_DENIED = ("The user executing the script can't", "ACL failure in script")
@@ -77,6 +78,10 @@ POSTGRES_REFUSED_MESSAGES = (
     "no pg_hba.conf entry",
     "does not exist",  # also libpq's "root certificate file … does not exist" (sslrootcert)
     "server does not support SSL",  # sslmode=require or stricter against a server without TLS
+    # libpq checks its parameters' values only when it connects (common/config.py checks the
+    # ones with a fixed set of values before): `connect_timeout=abc`, a port beyond 65535.
+    "invalid integer value",
+    "invalid port number",
 )
 # libpq says that it does not trust the server's certificate only in words (no SQLSTATE,
 # no exception type): signed by a CA other than sslrootcert's, expired, or for another host.

@@ -63,4 +63,13 @@ def loss_watch_key(stream_key: str) -> str:
 
 # The first key of the two-key advisory lock every transaction that changes a device's
 # state holds (second key: hashtext(device_id)): the writer and `processor rehydrate`.
+def reserved_keys(stream_key: str) -> frozenset[str]:
+    """The stream and every key the Processor keeps beside it (liveness keys apart: a prefix,
+    `<stream_key>:alive:`): none of them may double as the dead-letter stream."""
+    return frozenset(
+        {stream_key, failures_key(stream_key), lost_key(stream_key), trim_history_key(stream_key),
+         trim_last_key(stream_key), loss_watch_key(stream_key)}
+    )
+
+
 DEVICE_LOCK_CLASS = 0x50524F44  # "PROD"

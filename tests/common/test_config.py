@@ -69,6 +69,17 @@ def test_positions_retention_days() -> None:
             Settings.from_env({"POSITIONS_RETENTION_DAYS": bad})
 
 
+def test_well_formed_values_that_look_unusual_are_accepted() -> None:
+    """The stricter checks take what operators do write."""
+    s = Settings.from_env({
+        "SHARDS": "+3", "DRAIN_TIMEOUT_S": "1e1", "MAX_FUTURE_S": ".5", "REDIS_URL": "rediss://h:6380/?ssl_cert_reqs=required",
+        "DATABASE_URL": "postgresql://u@h1:5432,h2:5433/db?sslmode=verify-full&target_session_attrs=read-write",
+        "DLQ_KEY": "telemetry:t:dead", "PANIC_DIR": "/tmp/not/yet/made",
+    })
+    assert (s.shards, s.drain_timeout_s, s.max_future_s, s.dlq_key) == (3, 10.0, 0.5, "telemetry:t:dead")
+    assert Settings.from_env({"REDIS_URL": "unix:///run/redis.sock?db=2"}).redis_url == "unix:///run/redis.sock?db=2"
+
+
 def test_a_libpq_url_may_name_several_hosts() -> None:
     """SPEC §4: DATABASE_URL is a libpq URL: hosts to try in turn, each with its port or none."""
     url = "postgresql://app:s3cret@db1:5432,db2:5433,db3/gps?target_session_attrs=read-write"
@@ -91,6 +102,24 @@ def test_a_libpq_url_may_name_several_hosts() -> None:
         ("DATABASE_URL", "mysql://u@h/db"), ("DATABASE_URL", "postgresql://h:port/db"),
         ("MIGRATION_DATABASE_URL", "redis://h/0"),
         ("MAX_FUTURE_S", "-1"), ("MAX_FUTURE_S", "soon"), ("MAX_FUTURE_S", "inf"),
+        # int() and float() take these; an operator would not mean them.
+        ("SHARDS", "1_0"), ("SHARDS", "\uff15"), ("BATCH_SIZE", "\u0661\u0660"), ("DRAIN_TIMEOUT_S", "1_0"),
+        ("MAX_FUTURE_S", "\u0665"),
+        # redis-py would pass an unknown parameter to its connection (TypeError at the first
+        # command), fail on a malformed value at the first command, take a database that is
+        # not a number for 0, and port 0 for 6379.
+        ("REDIS_URL", "redis://127.0.0.1:6379/0?bogus=1"), ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc"),
+        ("REDIS_URL", "rediss://127.0.0.1:6379/0?ssl_cert_reqs=bogus"), ("REDIS_URL", "redis://127.0.0.1:6379/abc"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/-1"), ("REDIS_URL", "redis://127.0.0.1:0/0"),
+        # libpq checks these values only when it connects, and says so as an outage would.
+        ("DATABASE_URL", "postgresql://u@h:5432/db?sslmode=bogus"),
+        ("DATABASE_URL", "postgresql://u@h:5432/db?target_session_attrs=bogus"),
+        ("DATABASE_URL", "postgresql://u@h:0/db"), ("MIGRATION_DATABASE_URL", "postgresql://u@h1:5432,h2:0/db"),
+        ("DATABASE_URL", "postgresql://u@h:5432/db\nfoo"), ("REDIS_URL", "redis://h :6379/0"),
+        # Dead letters written into the input stream would be read and dead-lettered for ever.
+        ("DLQ_KEY", "telemetry:t"), ("DLQ_KEY", "telemetry:t:failures"), ("DLQ_KEY", "telemetry:t:alive:a-0"),
+        # Panic dumps could never be written there.
+        ("PANIC_DIR", "/etc/passwd"), ("PANIC_DIR", "/etc/passwd/panic"),
     ],
 )
 def test_malformed_value_names_the_variable(name: str, value: str) -> None:
@@ -114,8 +143,9 @@ def test_malformed_value_names_the_variable(name: str, value: str) -> None:
         "mysql://u@host/db?password=s3cret",  # wrong scheme, password in the query
         "{scheme}://u:s3/cret@host:5432/db",  # unencoded '/' in the password
         "{scheme}://u:s3#cret@host:5432/db",  # unencoded '#' in the password
+        "{scheme}://u:s3cret@host:5432/db?bogus=1",  # a parameter no client takes
     ],
-    ids=["bad-port", "port-nan", "ipv6", "scheme", "query", "slash-in-password", "hash-in-password"],
+    ids=["bad-port", "port-nan", "ipv6", "scheme", "query", "slash-in-password", "hash-in-password", "parameter"],
 )
 def test_url_errors_never_contain_the_password(name: str, template: str) -> None:
     """A URL that is rejected or accepted never has its password in an error message."""

@@ -39,6 +39,7 @@ CASES = [
     (rx.NoPermissionError("this user has no permissions to run the 'xadd' command"), O.REFUSED),
     (rx.ResponseError("NOPERM this user has no permissions to access one of the keys"), O.REFUSED),
     (rx.ResponseError("WRONGPASS invalid username-password pair"), O.REFUSED),
+    (rx.ResponseError("DB index is out of range"), O.REFUSED),  # REDIS_URL's /99999 beyond `databases`
     (rx.ResponseError("NOAUTH Authentication required."), O.REFUSED),
     (rx.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), O.REFUSED),
     (rx.ResponseError("ERR unknown command 'XAUTOCLAIM', with args beginning with:"), O.REFUSED),
@@ -62,6 +63,8 @@ CASES = [
     (pg(psycopg.InterfaceError, "the connection is closed"), O.OUTAGE),
     # Postgres: refused for good
     (pg(psycopg.OperationalError, 'FATAL: password authentication failed for user "x"'), O.REFUSED),
+    (pg(psycopg.OperationalError, 'invalid integer value "x" for connection option "keepalives_idle"'), O.REFUSED),
+    (pg(psycopg.OperationalError, 'invalid port number: "70000"'), O.REFUSED),
     (pg(psycopg.OperationalError, 'FATAL: database "nope" does not exist'), O.REFUSED),
     (pg(psycopg.OperationalError, "no pg_hba.conf entry for host"), O.REFUSED),
     (pg(psycopg.errors.InvalidPassword), O.REFUSED),
