@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -99,6 +100,17 @@ class Panic:
             log.error("panic dump could not be written", extra={"path": str(path), "error": str(exc)})
             return None
         return path
+
+
+def dump_dir_problem(directory: Path) -> str | None:
+    """Why panic dumps could not be written into `directory` (made if missing), or None."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
 
 
 def publish(path: Path, data: bytes) -> None:

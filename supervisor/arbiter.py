@@ -24,7 +24,7 @@ from common import early_signals
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
 from common.faults import acl_refusal
-from common.panic import Panic, crash_point
+from common.panic import Panic, crash_point, dump_dir_problem
 from common.redis_client import sync_client
 from common.retry import retry_blocking
 from common.status import SlotState, StatusBoard, SupervisorState
@@ -84,6 +84,10 @@ class Supervisor:
         Panic(self.settings, "supervisor", self.panic_state).install()
         self.install_signal_handlers()
         log.info("supervisor starting", extra={"config": self.settings.redacted()})
+        if (problem := dump_dir_problem(self.settings.panic_dir)) is not None:
+            # Said now, while nothing has crashed: a panic would find out too late. Not fatal:
+            # a read-only file system must not keep the pipeline from running.
+            log.warning("panic dumps cannot be written", extra={"panic_dir": str(self.settings.panic_dir), "error": problem})
         self.check_redis()
         self.migrate()
         if self.signals:

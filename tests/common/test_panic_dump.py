@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from common import panic
+from common.panic import dump_dir_problem
 from common.config import Settings
 
 
@@ -44,3 +45,11 @@ def test_a_dump_that_cannot_be_finished_leaves_no_file_a_reader_would_pick_up(
     assert dumper(tmp_path / "panic").dump("Traceback: boom", where="main task") is None
     assert observed == [[]]  # the bytes were written before the dump's name existed
     assert list((tmp_path / "panic").iterdir()) == []
+
+
+def test_a_dump_directory_that_cannot_be_written_is_named(tmp_path: Path) -> None:
+    """The supervisor says at start-up that dumps cannot be written (a read-only or virtual file
+    system): a panic would find out too late. A directory it may make is made, and left clean."""
+    made = tmp_path / "new" / "panic"
+    assert dump_dir_problem(made) is None and made.is_dir() and not list(made.iterdir())
+    assert dump_dir_problem(Path("/proc/processor-panic")) is not None
