@@ -6,7 +6,10 @@ import argparse
 
 from common.config import Settings
 from common.errors import ExitCode
+from ops.arguments import bounded
 from ops.terminal import emit, format_counts
+
+MAX_MIN_IDLE_MS = 100 * 365 * 86_400_000  # 100 years: any entry, and far below what Redis refuses (2**63)
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -16,8 +19,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         description="Claim entries pending in the group longer than --min-idle-ms and process them through "
         "the shards' path (store or dead-letter), then exit.",
     )
-    parser.add_argument("--min-idle-ms", type=_non_negative, metavar="N",
-                        help="claim entries idle at least N ms (default: CLAIM_THRESHOLD_MS)")
+    parser.add_argument("--min-idle-ms", type=bounded(0, MAX_MIN_IDLE_MS), metavar="N",
+                        help=f"claim entries idle at least N ms, 0 to {MAX_MIN_IDLE_MS} (100 years; "
+                        "default: CLAIM_THRESHOLD_MS)")
     parser.add_argument("--from", dest="from_consumer", metavar="CONSUMER",
                         help="claim only this consumer's entries (default: every consumer's)")
     parser.add_argument("--json", action="store_true", help="print the counts as a JSON object")
@@ -30,9 +34,3 @@ def cmd_claim(settings: Settings, args: argparse.Namespace) -> int:
     counts = claim_now(settings, args.min_idle_ms, args.from_consumer)
     emit(counts if args.json else [format_counts(counts)], args.json)
     return ExitCode.OK
-
-
-def _non_negative(value: str) -> int:
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"a whole number of at least 0 expected, got {value!r}")
-    return int(value)

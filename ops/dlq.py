@@ -12,7 +12,8 @@ import sys
 from common.config import Settings
 from common.errors import ExitCode
 from ops import dlq_purge, dlq_replay
-from ops.dlq_letters import DLQ_LIST_DEFAULT, check_entry_id, format_letter, format_letter_page, list_letters, show_letter
+from ops.arguments import bounded, stream_id
+from ops.dlq_letters import DLQ_LIST_DEFAULT, DLQ_LIST_MAX, format_letter, format_letter_page, list_letters, show_letter
 from ops.errors import UsageError
 from ops.terminal import confirmer, emit
 
@@ -31,9 +32,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description="List dead letters, oldest first: id, failed_at, error_kind, source_id, the device_id "
         "(when `data` parses) and the error (shortened; --json gives it whole).",
     )
-    show_list.add_argument("--limit", type=_positive, default=DLQ_LIST_DEFAULT, metavar="N",
-                           help=f"list at most N letters (default {DLQ_LIST_DEFAULT})")
-    show_list.add_argument("--after", type=_entry_id, metavar="ID", help="start after this letter id (next page)")
+    show_list.add_argument("--limit", type=bounded(1, DLQ_LIST_MAX), default=DLQ_LIST_DEFAULT, metavar="N",
+                           help=f"list at most N letters, 1 to {DLQ_LIST_MAX} (default {DLQ_LIST_DEFAULT})")
+    show_list.add_argument("--after", type=stream_id, metavar="ID", help="start after this letter id (next page)")
     show_list.add_argument("--json", action="store_true", help="print a JSON object")
     show_list.set_defaults(func=cmd_list)
     show = actions.add_parser(
@@ -43,7 +44,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "names too); `data` pretty-printed when it is JSON. Control characters and bytes that are not UTF-8 "
         "are shown escaped (--json adds their exact bytes in base64).",
     )
-    show.add_argument("letter_id", metavar="ID", type=_entry_id, help="the letter's id in DLQ_KEY")
+    show.add_argument("letter_id", metavar="ID", type=stream_id, help="the letter's id in DLQ_KEY")
     show.add_argument("--json", action="store_true", help="print a JSON object")
     show.set_defaults(func=cmd_show)
     replay = actions.add_parser(
@@ -71,7 +72,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_letter_selection(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("letter_ids", metavar="ID", nargs="*", type=_entry_id, help=f"letter ids to {verb}")
+    parser.add_argument("letter_ids", metavar="ID", nargs="*", type=stream_id, help=f"letter ids to {verb}")
     parser.add_argument("--all", action="store_true", help=f"{verb} every dead letter")
 
 
@@ -115,16 +116,3 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
 def _check_selection(args: argparse.Namespace, verb: str) -> None:
     if bool(args.letter_ids) == args.all:
         raise UsageError(f"dlq {verb}: give one or more letter IDs, or --all (not both)")
-
-
-def _entry_id(value: str) -> str:
-    try:
-        return check_entry_id(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"a whole number of at least 1 expected, got {value!r}")
-    return int(value)

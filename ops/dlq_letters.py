@@ -9,7 +9,6 @@ ops.dlq_purge.
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,14 +19,14 @@ from common.config import Settings
 from common.errors import ProcessorError
 from common.keys import DATA_FIELD, DLQ_ERROR_FIELDS
 from common.letters import LetterParts, split_letter
+from ops.arguments import MAX_STREAM_ID_PART, whole_number
 from ops.errors import UsageError, redis_client
 from ops.terminal import cell, is_utf8, printable, table_lines, text
 
 DLQ_LIST_DEFAULT = 20
+DLQ_LIST_MAX = 100_000  # read in one XRANGE and held in memory; more pages on with --after
 MAX_IDS = 10_000  # explicit ids per command, checked and written in one script call
 ERROR_COLUMN_CHARS = 60
-
-_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
 class UnknownLetters(ProcessorError):
@@ -38,13 +37,6 @@ class UnknownLetters(ProcessorError):
         shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
         super().__init__(f"no {noun} with id {shown} in {dlq}{extra}; nothing was {action}")
         self.ids = list(ids)
-
-
-def check_entry_id(value: str) -> str:
-    """A complete stream id `<ms>-<seq>`; raises ValueError otherwise (argparse turns it into exit 2)."""
-    if not _STREAM_ID.match(value):
-        raise ValueError(f"not a stream entry id (<milliseconds>-<sequence>, e.g. 1718000000000-0): {value!r}")
-    return value
 
 
 def checked_ids(ids: Sequence[str]) -> list[str]:
@@ -108,7 +100,7 @@ class Letter:
             "error_kind": self.get("error_kind"),
             "source_id": self.get("source_id"),
             "source_stream": self.get("source_stream"),
-            "failures": int(failures) if failures and failures.isdigit() else failures,
+            "failures": _count(failures),
             "consumer": self.get("consumer"),
             "device_id": self.device_id,
             "error": self.get("error"),
@@ -141,6 +133,16 @@ def parsed(raw: bytes) -> object | None:
     return value
 
 
+def _is_last_id(entry_id: str) -> bool:
+    return all(int(part) == MAX_STREAM_ID_PART for part in entry_id.split("-"))
+
+
+def _count(value: str | None) -> int | str | None:
+    """A letter's `failures` as a number, or as written when it is not one (a letter anyone may have added)."""
+    number = None if value is None else whole_number(value, MAX_STREAM_ID_PART)
+    return value if number is None else number
+
+
 def _base64(value: bytes) -> str:
     return base64.b64encode(value).decode()
 
@@ -165,7 +167,9 @@ def list_letters(settings: Settings, limit: int, after: str | None = None) -> Le
     """Up to `limit` dead letters, oldest first, after the id `after` (exclusive) if given."""
     with redis_client(settings.redis_url) as client:
         start = f"({after}" if after else "-"
-        entries = client.xrange(settings.dlq_key, min=start, max="+", count=limit + 1)
+        entries = []  # after the largest id: nothing can follow it, and Redis refuses to start there
+        if not (after and _is_last_id(after)):
+            entries = client.xrange(settings.dlq_key, min=start, max="+", count=limit + 1)
         length = int(client.xlen(settings.dlq_key))
     letters = [Letter(text(i), f) for i, f in entries[:limit]]
     return LetterPage(settings.dlq_key, length, letters, len(entries) > limit)

@@ -1,0 +1,99 @@
+"""The operator commands' ids and numbers follow one rule (ops/arguments.py): ASCII digits, within
+what Redis takes; anything else is a usage error (exit 2) before a server sees it."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from common.config import Settings
+from common.errors import ExitCode
+from ops.arguments import MAX_STREAM_ID_PART
+from ops.cli import build_parser
+from ops.dlq_letters import DLQ_LIST_MAX, list_letters
+from tests.ops.letters import add_letter, fix, run_cli
+
+LARGEST_ID = f"{MAX_STREAM_ID_PART}-{MAX_STREAM_ID_PART}"
+BAD_IDS = [
+    "99999999999999999999-0",
+    f"{MAX_STREAM_ID_PART + 1}-0",
+    f"0-{MAX_STREAM_ID_PART + 1}",
+    "1-1\n",  # a regular expression's $ matches before a final newline
+    "١-0",  # \d, isdigit() and int() take Arabic-Indic digits
+    "1-²",
+    "1-1x",
+    "1",
+    "-1-0",
+    "1_0-0",
+    "0" * 5000 + "-0",
+]
+# Every place an id is given: `dlq show ID`, `dlq list --after ID`, `dlq replay|purge ID…`.
+ID_ARGUMENTS = [
+    lambda letter_id: ["dlq", "show", letter_id],
+    lambda letter_id: ["dlq", "list", "--after", letter_id],
+    lambda letter_id: ["dlq", "replay", letter_id],
+    lambda letter_id: ["dlq", "purge", "--yes", "1-0", letter_id],
+]
+
+
+def usage_error(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(argv)
+    assert caught.value.code == ExitCode.USAGE
+
+
+@pytest.mark.parametrize("letter_id", BAD_IDS)
+@pytest.mark.parametrize("argv", ID_ARGUMENTS)
+def test_a_malformed_id_is_a_usage_error(argv, letter_id: str) -> None:  # type: ignore[no-untyped-def]
+    usage_error(argv(letter_id))
+
+
+@pytest.mark.parametrize("argv", ID_ARGUMENTS)
+def test_ids_up_to_the_largest_are_taken(argv) -> None:  # type: ignore[no-untyped-def]
+    for letter_id in ("0-0", "1718000000000-5", LARGEST_ID):
+        build_parser().parse_args(argv(letter_id))
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", str(DLQ_LIST_MAX + 1), "99999999999999999999999", "١٠", "1e3", "5\n"])
+def test_a_limit_out_of_range_is_a_usage_error(limit: str) -> None:
+    usage_error(["dlq", "list", "--limit", limit])
+
+
+def test_limits_within_the_bound_are_taken() -> None:
+    for limit in (1, DLQ_LIST_MAX):
+        assert build_parser().parse_args(["dlq", "list", "--limit", str(limit)]).limit == limit
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dlq", "show", "99999999999999999999-0"],
+        ["dlq", "show", "18446744073709551616-0"],
+        ["dlq", "show", "1-1\n"],
+        ["dlq", "show", "١-0"],
+        ["dlq", "list", "--after", "99999999999999999999-0"],
+        ["dlq", "list", "--limit", "99999999999999999999999"],
+    ],
+)
+def test_cli_rejects_what_redis_would_refuse_with_exit_2(redis_env: dict[str, str], argv: list[str]) -> None:
+    """The reproduced cases, whole: argparse's exit 2, not Redis' refusal (exit 1)."""
+    result = run_cli(redis_env, *argv)
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert "error: argument" in result.stderr
+
+
+def test_list_after_the_largest_id_is_empty(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
+    """Nothing follows the largest id; Redis refuses to start after it, the page is just empty."""
+    add_letter(redis_client, stream_key, {b"data": fix("dev-1")})
+    page = list_letters(stream_settings, 10, LARGEST_ID)
+    assert (page.letters, page.length, page.more) == ([], 1, False)
+
+
+def test_a_failures_field_of_other_digits_is_shown_as_written(
+    redis_client: redis.Redis, stream_key: str, stream_settings: Settings
+) -> None:
+    """A letter anyone wrote may hold `failures` of '²': shown as text, not a crash of int()."""
+    redis_client.xadd(f"{stream_key}:dlq", {"error": "x", "failures": "²", "data": fix("dev-1")})
+    add_letter(redis_client, stream_key, {b"data": fix("dev-2")})
+    summaries = [letter.summary() for letter in list_letters(stream_settings, 10).letters]
+    assert [summary["failures"] for summary in summaries] == ["²", 5]
