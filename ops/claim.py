@@ -4,28 +4,64 @@ The entries are claimed into consumer `<INSTANCE_ID>-claim`, which keeps a liven
 while the command runs (else an instance's claimer would take them back as a dead
 consumer's). What the command cannot finish stays pending on that consumer; once its key
 has expired, the running instances claim it at their next pass.
+
+The shard's code waits out an outage for as long as it lasts; the command gives up on a
+server that stays unreachable for UNREACHABLE_AFTER_S, as the other commands do (exit 1).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import uvloop
 
 from common.config import Settings
 from common.errors import ConnectionRefusedForGood, ProcessorError
 from common import refusals
+from common.faults import one_line
+from common.retry import Reachability
 from common.status import StatusBoard
+from ops.errors import CONNECT_TIMEOUT_S, POSTGRES, REDIS, translate
 from shard.lifecycle import Shard
 from shard.stream import Entry
 
 CLAIM_DEADLINE_S = 300.0
+UNREACHABLE_AFTER_S = float(CONNECT_TIMEOUT_S)  # as long as the other commands wait to connect
+
+
+class Impatient(Reachability):
+    """A shard's Reachability that raises once a server has been unreachable UNREACHABLE_AFTER_S.
+
+    Every retry loop of the shard reports its failures here, so raising here ends whichever
+    loop is waiting, and the command with it.
+    """
+
+    def __init__(self, name: str, on_change: Callable[[], None], settings: Settings) -> None:
+        super().__init__(name, on_change)
+        self.urls = {"redis": (REDIS, settings.redis_url, "cannot reach"),
+                     "postgres": (POSTGRES, settings.database_url, "cannot connect to")}
+        self.down_since: dict[str, float] = {}
+
+    def failed(self, server: str, exc: BaseException) -> None:
+        super().failed(server, exc)
+        since = self.down_since.setdefault(server, time.monotonic())
+        if time.monotonic() - since >= UNREACHABLE_AFTER_S:
+            name, url, unreachable = self.urls[server]
+            error = translate(name, url, exc, unreachable=unreachable) if isinstance(exc, Exception) else None
+            raise error or ProcessorError(f"{name} unreachable: {one_line(exc)}")
+
+    def recovered(self, server: str, attempts: int) -> None:
+        self.down_since.pop(server, None)
+        super().recovered(server, attempts)
 
 
 def claim_now(settings: Settings, min_idle_ms: int | None, from_consumer: str | None) -> dict[str, int]:
     """Claim (XAUTOCLAIM, or one consumer's entries) and process them; returns the counts."""
     shard = Shard(settings, 0, StatusBoard(1), consumer=f"{settings.instance_id}-claim")
+    # Before anything runs: the shard's parts look the Reachability up on the report at each call.
+    shard.report.reach = Impatient(shard.consumer, shard.report.publish, settings)
     try:
         return uvloop.run(asyncio.wait_for(_claim(shard, min_idle_ms, from_consumer), CLAIM_DEADLINE_S))
     except asyncio.TimeoutError:
@@ -40,20 +76,15 @@ def claim_now(settings: Settings, min_idle_ms: int | None, from_consumer: str | 
 
 async def _claim(shard: Shard, min_idle_ms: int | None, from_consumer: str | None) -> dict[str, int]:
     alive = asyncio.create_task(shard.duties.keep_alive())
+    tasks = [alive]
     try:
         await shard.join()
         writing = asyncio.create_task(shard.pipeline.run())
         feeding = asyncio.create_task(_feed(shard, min_idle_ms, from_consumer))
-        # Whichever fails first ends both: a failed write must not leave the feeder waiting.
-        await asyncio.wait({writing, feeding}, return_when=asyncio.FIRST_EXCEPTION)
-        for task in (writing, feeding):
-            if task.done() and task.exception() is not None:
-                writing.cancel()
-                feeding.cancel()
-                raise task.exception()  # type: ignore[misc]
-        await writing
+        tasks += [writing, feeding]
+        await _until_done([writing, feeding], alive)
     finally:
-        alive.cancel()
+        await _stopped(tasks)
         await shard.close()
     return {
         "claimed": shard.report.claimed,
@@ -62,6 +93,24 @@ async def _claim(shard: Shard, min_idle_ms: int | None, from_consumer: str | Non
         "expired": shard.report.expired,
         "gone": shard.claimer.gone,
     }
+
+
+async def _until_done(work: list[asyncio.Task[None]], duty: asyncio.Task[None]) -> None:
+    """Until every task of `work` is done. Whichever of them fails first raises here, and so
+    does `duty` failing (without the liveness key, the instances would claim the entries back)."""
+    waiting: set[asyncio.Task[None]] = {*work, duty}
+    while not all(task.done() for task in work):
+        done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+
+
+async def _stopped(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the tasks and wait for them, their errors taken: a failure not raised already is
+    one the command has no use for, and asyncio would log it with a traceback at exit."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _feed(shard: Shard, min_idle_ms: int | None, from_consumer: str | None) -> None:

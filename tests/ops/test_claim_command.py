@@ -1,0 +1,96 @@
+"""`processor claim` ends like every operator command: a bounded wait, one line, the contract's exit code.
+
+It runs a shard's own pipeline, which waits out outages for ever and starts tasks of its
+own; the command must neither wait for ever nor let a task's error reach the logs as a traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from common.errors import ExitCode
+from ops.claim_command import MAX_MIN_IDLE_MS
+from ops.cli import build_parser
+from scripts.toolkit.services import ThrowawayRedis
+from tests.ops.letters import run_cli
+
+PASSWORD = "r1ght-" + uuid.uuid4().hex[:10]
+# Connecting and the retries take a few seconds more than the command's patience (ops/claim.py).
+BOUND_S = 30
+
+
+@pytest.fixture
+def claim_env(redis_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    return {**redis_env, "INSTANCE_ID": f"t{uuid.uuid4().hex[:6]}", "PANIC_DIR": str(tmp_path / "panic")}
+
+
+@pytest.fixture(scope="module")
+def locked_redis() -> Iterator[ThrowawayRedis]:
+    """A private Redis whose default user needs PASSWORD (the shared one must stay open)."""
+    with ThrowawayRedis() as server:
+        with redis.Redis.from_url(server.url) as admin:
+            admin.config_set("requirepass", PASSWORD)
+        yield server
+
+
+def the_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The command's own stderr line; the shard's JSON logs around it are allowed, a traceback is not."""
+    assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("setting", "url", "message"),
+    [
+        ("REDIS_URL", "redis://127.0.0.1:1/0", "processor: cannot reach Redis at redis://127.0.0.1:1/0: "),
+        ("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/db",
+         "processor: cannot connect to Postgres at postgresql://postgres@127.0.0.1:1/db: "),
+    ],
+)
+def test_claim_gives_up_on_an_unreachable_server(claim_env: dict[str, str], setting: str, url: str, message: str) -> None:
+    """An unreachable Redis or Postgres: exit 1 with one line within a bounded time, not a wait for ever."""
+    started = time.monotonic()
+    result = run_cli({**claim_env, setting: url}, "claim")
+    assert time.monotonic() - started < BOUND_S
+    assert result.returncode == ExitCode.FAILED, result.stderr
+    assert the_line(result).startswith(message)
+
+
+def test_claim_refused_password_is_one_line(claim_env: dict[str, str], locked_redis: ThrowawayRedis) -> None:
+    """A wrong password: exit 78 and one line, and no 'Task exception was never retrieved' from the
+    liveness task (it raced the join for the same refusal; three runs, as it lost most races)."""
+    wrong = f"redis://:wrong@127.0.0.1:{locked_redis.port}/0"
+    for _ in range(3):
+        result = run_cli({**claim_env, "REDIS_URL": wrong}, "claim")
+        assert result.returncode == ExitCode.CONFIG, result.stderr
+        assert the_line(result).startswith("processor: ")
+        assert "wrong" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999999999", str(MAX_MIN_IDLE_MS + 1), "-1", "1e3", "١٠", " 5", "5\n"])
+def test_claim_min_idle_out_of_range_is_a_usage_error(value: str) -> None:
+    """--min-idle-ms takes ASCII digits up to 100 years; anything else is exit 2, before Redis sees it."""
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["claim", "--min-idle-ms", value])
+    assert caught.value.code == ExitCode.USAGE
+
+
+def test_claim_min_idle_bounds_are_taken() -> None:
+    for value in (0, MAX_MIN_IDLE_MS):
+        assert build_parser().parse_args(["claim", "--min-idle-ms", str(value)]).min_idle_ms == value
+
+
+def test_cli_claim_huge_min_idle_exits_2(claim_env: dict[str, str]) -> None:
+    """The reproduced case, whole: exit 2 from argparse, not 70 with XAUTOCLAIM's traceback."""
+    result = run_cli(claim_env, "claim", "--min-idle-ms", "99999999999999999999999999")
+    assert result.returncode == ExitCode.USAGE
+    assert "--min-idle-ms" in result.stderr and "Traceback" not in result.stderr
