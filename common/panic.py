@@ -113,6 +113,13 @@ def dump_dir_problem(directory: Path) -> str | None:
     return None
 
 
+def warn_if_dumps_cannot_be_written(directory: Path) -> None:
+    """Said at start-up, while nothing has crashed: a panic would find out too late. Not
+    fatal: a read-only file system must not keep the pipeline from running."""
+    if (problem := dump_dir_problem(directory)) is not None:
+        log.warning("panic dumps cannot be written", extra={"panic_dir": str(directory), "error": problem})
+
+
 def publish(path: Path, data: bytes) -> None:
     """Write `data` to `path` whole or not at all.
 

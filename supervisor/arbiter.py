@@ -1,9 +1,8 @@
 """The supervisor: start-up checks, migrations, then forking and watching the shards.
 
-It stays single-threaded and never waits on a client or on Redis: /healthz and /metrics are
-answered by the HTTP process it forks (supervisor/http_process.py), fed through the status
-board; periodic duties (stream trimming, …) run in the maintenance process it forks
-(supervisor/maintenance.py). Both helpers are reaped and restarted like shards, with their own backoff.
+It stays single-threaded and never waits on a client or on Redis: /healthz and /metrics are answered by the
+HTTP process it forks (supervisor/http_process.py), fed through the status board; periodic duties (stream
+trimming, …) run in the maintenance process (supervisor/maintenance.py). Both are restarted like shards, with backoff.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from common import early_signals
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
 from common.faults import acl_refusal
-from common.panic import Panic, crash_point, dump_dir_problem
+from common.panic import Panic, crash_point, warn_if_dumps_cannot_be_written
 from common.redis_client import sync_client
 from common.retry import retry_blocking
 from common.status import SlotState, StatusBoard, SupervisorState
@@ -84,10 +83,7 @@ class Supervisor:
         Panic(self.settings, "supervisor", self.panic_state).install()
         self.install_signal_handlers()
         log.info("supervisor starting", extra={"config": self.settings.redacted()})
-        if (problem := dump_dir_problem(self.settings.panic_dir)) is not None:
-            # Said now, while nothing has crashed: a panic would find out too late. Not fatal:
-            # a read-only file system must not keep the pipeline from running.
-            log.warning("panic dumps cannot be written", extra={"panic_dir": str(self.settings.panic_dir), "error": problem})
+        warn_if_dumps_cannot_be_written(self.settings.panic_dir)
         self.check_redis()
         self.migrate()
         if self.signals:
