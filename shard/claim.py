@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from redis.exceptions import ResponseError
 
 from common.config import Settings
 from common.keys import liveness_key, lost_key
 from common.timing import LIVENESS_TTL_S
-from shard.stream import ConsumerStream, Entry
+from shard.stream import ConsumerStream, Entry, stream_or_group_gone
 
 log = logging.getLogger("processor.claim")
 
@@ -91,7 +94,7 @@ class Claimer:
 
     async def from_dead(self) -> AsyncIterator[list[Entry]]:
         """Every pending entry of consumers whose liveness key expired."""
-        for consumer in await self.redis.xinfo_consumers(self.stream.stream, self.stream.group):
+        for consumer in await self._consumers():
             name = _text(consumer["name"])
             if name == self.stream.consumer or not consumer["pending"]:
                 continue
@@ -104,14 +107,19 @@ class Claimer:
     async def pending_of(self, consumer: str, min_idle_ms: int) -> AsyncIterator[list[Entry]]:
         """One consumer's pending entries idle at least `min_idle_ms`, claimed page by page."""
         while True:
-            pending = await self.redis.xpending_range(
-                self.stream.stream, self.stream.group, "-", "+", self.page, consumername=consumer, idle=min_idle_ms
-            )
-            if not pending:
-                return
-            ids = [p["message_id"] for p in pending]
-            keys = [self.stream.stream, self.lost_key]
-            entries, gone = await self._claim(keys=keys, args=[self.stream.group, self.stream.consumer, min_idle_ms, *ids])
+            try:
+                pending = await self.redis.xpending_range(
+                    self.stream.stream, self.stream.group, "-", "+", self.page, consumername=consumer, idle=min_idle_ms
+                )
+                if not pending:
+                    return
+                ids = [p["message_id"] for p in pending]
+                keys = [self.stream.stream, self.lost_key]
+                entries, gone = await self._claim(keys=keys, args=[self.stream.group, self.stream.consumer, min_idle_ms, *ids])
+            except ResponseError as exc:
+                if stream_or_group_gone(exc):
+                    return  # nothing is pending in a group that is gone
+                raise
             entries = [(entry_id, fields) for entry_id, fields in entries]
             self._count_gone(gone)
             if entries:  # an empty page still made progress: those ids left the consumer's list
@@ -124,7 +132,12 @@ class Claimer:
         while True:
             keys = [self.stream.stream, self.lost_key]
             args = [self.stream.group, self.stream.consumer, threshold, cursor, self.page]
-            cursor, entries, deleted = await self._autoclaim(keys=keys, args=args)
+            try:
+                cursor, entries, deleted = await self._autoclaim(keys=keys, args=args)
+            except ResponseError as exc:
+                if stream_or_group_gone(exc):
+                    return  # nothing is pending in a group that is gone
+                raise
             entries = [(entry_id, fields) for entry_id, fields in entries]
             # Redis already dropped the deleted ones from the pending list; nothing is left to store.
             self._count_gone(deleted)
@@ -137,7 +150,7 @@ class Claimer:
         """Remove long-idle, dead consumers that hold nothing; never one with pending entries."""
         limit_ms = self.settings.claim_threshold_ms * FORGET_AFTER_THRESHOLDS
         forgotten = []
-        for consumer in await self.redis.xinfo_consumers(self.stream.stream, self.stream.group):
+        for consumer in await self._consumers():
             name = _text(consumer["name"])
             if name == self.stream.consumer or consumer["pending"] or consumer["idle"] < limit_ms:
                 continue
@@ -147,6 +160,16 @@ class Claimer:
         if forgotten:
             log.info("idle consumers removed from the group", extra={"consumers": forgotten})
         return forgotten
+
+    async def _consumers(self) -> list[dict[str, Any]]:
+        """The group's consumers; none while the stream or the group is gone (deleted, or Redis
+        restarted without its data), which the reader creates again at its next read."""
+        try:
+            return await self.redis.xinfo_consumers(self.stream.stream, self.stream.group)  # type: ignore[no-any-return]
+        except ResponseError as exc:
+            if stream_or_group_gone(exc):
+                return []
+            raise
 
     def _alive(self, consumer: str) -> str:
         return liveness_key(self.stream.stream, consumer)

@@ -23,11 +23,19 @@ from datetime import datetime, timezone
 import redis.asyncio
 from redis.exceptions import ResponseError, WatchError
 
+from common.faults import redis_reply
 from common.letters import SCRIPT_MAX_VALUES, letter_fields
 
 
+# A group that is gone (the stream deleted, or Redis restarted without its data) holds nothing
+# pending: NOGROUP reads as "not pending", and any other error is the script's reply.
 _DEAD_LETTER = """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then
+local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if type(pending) == 'table' and pending.err then
+  if string.sub(pending.err, 1, 7) ~= 'NOGROUP' then return pending end
+  pending = {}
+end
+if #pending == 0 then
   redis.call('HDEL', KEYS[3], ARGV[2])
   return 0
 end
@@ -86,7 +94,7 @@ class DeadLetters:
             while True:
                 try:
                     await pipe.watch(self.dlq)
-                    if not await pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1):
+                    if not await self._pending(pipe, entry_id):
                         await pipe.unwatch()
                         await self.client.hdel(self.failures, entry_id)
                         return 0
@@ -101,3 +109,12 @@ class DeadLetters:
                     return 1
                 except WatchError:
                     continue  # another letter was added meanwhile: check again
+
+    async def _pending(self, pipe: redis.asyncio.client.Pipeline, entry_id: bytes) -> bool:
+        """Whether the entry is still pending in the group; not when the group is gone."""
+        try:
+            return bool(await pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1))
+        except ResponseError as exc:
+            if redis_reply(str(exc)).startswith("NOGROUP"):
+                return False
+            raise

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from scripts.toolkit.fleet import DEFAULT_START_MS
 from scripts.toolkit.writer import backlog, steady
 from tests.e2e.processes import wait_for
 from tests.e2e.verify import assert_exact, stored_count, wait_settled
@@ -113,3 +114,22 @@ def test_second_signal_cuts_the_drain_short(redis_client, database_url, stream_k
     assert_exact(redis_client, database_url, stream_key)
     again.signal(signal.SIGTERM)
     assert again.wait(30) == 0
+
+
+def test_a_stream_deleted_while_running_is_created_again(redis_client, database_url, stream_key, env, start_processor):
+    """An operator deletes the stream (or Redis restarts without its data). A read blocked on it
+    is told UNBLOCKED: a shard panic (exit 70), and three in a minute halted the instance. Now the
+    stream and group are created again at id 0 and what is written next is stored, with no panic
+    and no restart. (A claim pass that meets the gap: tests/shard/test_claim.py.)"""
+    backlog(redis_client, stream_key, 2_000, devices=50, seed=21)
+    processor = start_processor(env)
+    wait_settled(redis_client, database_url, stream_key, 90)
+    redis_client.delete(stream_key)
+    wait_for(lambda: redis_client.exists(stream_key) == 1, what="the stream created again")
+    backlog(redis_client, stream_key, 2_000, devices=50, seed=22, start_ms=DEFAULT_START_MS + 86_400_000)
+    wait_for(lambda: stored_count(database_url) == 4_000, timeout_s=90, what="both backlogs stored")
+    wait_for(lambda: redis_client.xpending(stream_key, "processor")["pending"] == 0, what="nothing pending")
+    troubles = [e for e in processor.logs() if e["level"] in ("ERROR", "CRITICAL") or "restarting" in e["msg"]]
+    assert troubles == []
+    processor.signal(signal.SIGTERM)
+    assert processor.wait(30) == 0

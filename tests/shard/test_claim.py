@@ -157,3 +157,26 @@ def test_gone_pending_entries_are_acked_and_counted_once(redis_client, stream_ke
     assert asyncio.run(go()) == (1, 0)
     assert int(redis_client.get(f"{stream_key}:lost")) == 1
     assert redis_client.xpending(stream_key, "processor")["pending"] == 2
+
+
+def test_a_stream_or_group_that_is_gone_has_nothing_to_claim(redis_client, stream_key, settings):
+    """The stream deleted, or Redis restarted without its data: Redis answers `no such key` or
+    NOGROUP, and a claim pass finds nothing rather than failing (it was a shard panic, exit 70,
+    and three in a minute halted the instance). The reader creates both again at its next read."""
+    for setup in ("no stream", "no group"):
+        redis_client.delete(stream_key)
+        if setup == "no group":
+            redis_client.xadd(stream_key, {"data": b"{}"})
+
+        async def go() -> tuple[list[bytes], list[bytes], list[bytes], list[str]]:
+            stream = ConsumerStream(settings, "survivor-0")
+            claimer = Claimer(settings, stream)
+            try:
+                return (
+                    await collect(claimer.from_dead()), await collect(claimer.idle_entries(0)),
+                    await collect(claimer.pending_of("dead-0", 0)), await claimer.forget_idle_consumers(),
+                )
+            finally:
+                await stream.close()
+
+        assert asyncio.run(go()) == ([], [], [], []), setup

@@ -104,3 +104,20 @@ def test_an_entry_acknowledged_elsewhere_gets_no_letter(raw_client: redis.Redis,
     raw_client.xack(stream_key, "processor", entry_id)
     assert settle(settings, [DeadLetter(entry_id, [b"data", b"x"], "not JSON", "decode", 5)]) == 0
     assert raw_client.xlen(f"{stream_key}:dlq") == 0
+
+
+@pytest.mark.parametrize("gone", ["stream", "group"])
+@pytest.mark.parametrize("size", ["script", "watch"])
+def test_an_entry_whose_stream_or_group_is_gone_gets_no_letter(
+    raw_client: redis.Redis, stream_key: str, settings: Settings, gone: str, size: str
+) -> None:
+    """Deleted while its batch was in flight (or Redis restarted without its data): nothing is
+    pending in a group that is gone, so no letter, and no NOGROUP error (a shard panic)."""
+    fields = [b"data", b"x"] if size == "script" else [b"data", b"x"] + [b"f%d" % i for i in range(2 * SCRIPT_MAX_VALUES)]
+    entry_id = pending_entry(raw_client, stream_key, fields)
+    if gone == "stream":
+        raw_client.delete(stream_key)
+    else:
+        raw_client.xgroup_destroy(stream_key, "processor")
+    assert settle(settings, [DeadLetter(entry_id, fields, "not JSON", "decode", 5)]) == 0
+    assert raw_client.xlen(f"{stream_key}:dlq") == 0
