@@ -209,6 +209,17 @@ def one_line(exc: BaseException) -> str:
     return scrub(" ".join(text.split()) or type(exc).__name__)
 
 
+# What Redis replies when the stream or the group is gone (deleted, or Redis restarted
+# without its data): NOGROUP from the commands that name the group (inside our scripts too),
+# `no such key` from XINFO, and UNBLOCKED to a read that was blocked on a stream deleted meanwhile.
+_GONE_REPLIES = ("NOGROUP", "no such key", "UNBLOCKED")
+
+
+def stream_or_group_gone(exc: BaseException) -> bool:
+    """Whether `exc` is Redis saying the stream or the consumer group does not exist (any more)."""
+    return isinstance(exc, redis.exceptions.ResponseError) and redis_reply(str(exc)).startswith(_GONE_REPLIES)
+
+
 def redis_reply(message: str) -> str:
     """What Redis replied, without redis-py's pipeline annotation and the "ERR " it sometimes leaves."""
     return _PIPELINE_ERROR.sub("", message, count=1).removeprefix("ERR ")

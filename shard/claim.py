@@ -18,7 +18,8 @@ from redis.exceptions import ResponseError
 from common.config import Settings
 from common.keys import liveness_key, lost_key
 from common.timing import LIVENESS_TTL_S
-from shard.stream import ConsumerStream, Entry, stream_or_group_gone
+from common.faults import stream_or_group_gone
+from shard.stream import ConsumerStream, Entry
 
 log = logging.getLogger("processor.claim")
 

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 import redis.asyncio
 from redis.exceptions import ResponseError, WatchError
 
-from common.faults import redis_reply
+from common.faults import stream_or_group_gone
 from common.letters import SCRIPT_MAX_VALUES, letter_fields
 
 
@@ -115,6 +115,6 @@ class DeadLetters:
         try:
             return bool(await pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1))
         except ResponseError as exc:
-            if redis_reply(str(exc)).startswith("NOGROUP"):
+            if stream_or_group_gone(exc):
                 return False
             raise

@@ -9,7 +9,7 @@ from redis.exceptions import ResponseError
 
 from common.config import Settings
 from common.keys import failures_key, lost_key
-from common.faults import redis_reply
+from common.faults import stream_or_group_gone
 from common.redis_client import async_client, keep_field_pairs
 from shard.dead_letters import DeadLetter, DeadLetters
 
@@ -20,16 +20,6 @@ Entry = tuple[bytes, list[bytes] | None]
 log = logging.getLogger("processor.stream")
 
 READ_BLOCK_MS = 2_000
-
-# What Redis replies when the stream or the group is gone (deleted, or Redis restarted
-# without its data): NOGROUP from the commands that name the group (inside our scripts too),
-# `no such key` from XINFO, and UNBLOCKED to a read that was blocked on a stream deleted meanwhile.
-_GONE_REPLIES = ("NOGROUP", "no such key", "UNBLOCKED")
-
-
-def stream_or_group_gone(exc: BaseException) -> bool:
-    """Whether `exc` is Redis saying the stream or the consumer group does not exist (any more)."""
-    return isinstance(exc, ResponseError) and redis_reply(str(exc)).startswith(_GONE_REPLIES)
 
 # Pending entries whose stream entry is gone: ACKed, and counted in <STREAM_KEY>:lost by the
 # number XACK really removed, so a retried call (or a claimer that got there first) never

@@ -57,6 +57,7 @@ from typing import Any
 import redis
 
 from common.config import Settings
+from common.faults import stream_or_group_gone
 from common.keys import trim_history_key, trim_last_key
 from common.lag import group_lag
 from common.redis_client import sync_client
@@ -301,11 +302,24 @@ class StreamState:
         }
 
 
-def read_stream_state(client: redis.Redis, settings: Settings) -> StreamState | None:
-    """Everything `processor lag` and the stream gauges show of trimming; None when the stream does not exist."""
+def read_stream_state(client: redis.Redis, settings: Settings, looks: int = 3) -> StreamState | None:
+    """Everything `processor lag` and the stream gauges show of trimming; None when the stream does not exist.
+
+    The look takes several commands: a stream or group deleted meanwhile is looked at again.
+    """
+    for _ in range(looks):
+        if not client.exists(settings.stream_key):
+            return None
+        try:
+            return _look(client, settings)
+        except redis.ResponseError as exc:
+            if not stream_or_group_gone(exc):
+                raise
+    return None
+
+
+def _look(client: redis.Redis, settings: Settings) -> StreamState:
     stream = settings.stream_key
-    if not client.exists(stream):
-        return None
     seconds, micros = client.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     info = client.xinfo_stream(stream)

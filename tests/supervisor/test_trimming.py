@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis
 
 from common.config import Settings
@@ -56,6 +57,39 @@ def test_nothing_a_lagging_group_has_not_read_or_acked_is_trimmed(redis_client, 
     point = trimming.trim()
     assert point.safe_id == ids[-1].decode() and point.holder is None
     assert ids[-1] in remaining(redis_client, stream_key) and redis_client.xlen(stream_key) <= 100
+
+
+@pytest.mark.parametrize("deleted", ["stream", "group"])
+def test_a_stream_or_group_deleted_while_it_is_looked_at_is_looked_at_again(redis_client, stream_key, env, deleted):
+    """`processor lag`, `retention` and the gauges look in several commands: the stream deleted
+    between them (`no such key`) is no stream, and a group deleted between them (NOGROUP) is
+    looked at again without it, rather than the command failing with Redis' refusal."""
+    fill(redis_client, stream_key, 10)
+    for group in ("processor", "gone"):
+        redis_client.xgroup_create(stream_key, group, id="0")
+        read_and_ack(redis_client, stream_key, group, 5, 2)
+
+    class DeletingOnce(redis.Redis):
+        """The real Redis, with the deletion landing between the look's first commands."""
+
+        done = False
+
+        def xinfo_groups(self, name):  # type: ignore[no-untyped-def]
+            groups = super().xinfo_groups(name)
+            if not DeletingOnce.done:
+                DeletingOnce.done = True
+                if deleted == "stream":
+                    self.delete(stream_key)
+                else:
+                    self.xgroup_destroy(stream_key, "gone")
+            return groups
+
+    client = DeletingOnce(connection_pool=redis_client.connection_pool)
+    state = read_stream_state(client, Settings.from_env({**env, "STREAM_RETENTION_MS": "off"}))
+    if deleted == "stream":
+        assert state is None
+    else:
+        assert state is not None and [g.group for g in state.point.groups] == ["processor"]
 
 
 def test_the_script_and_the_pure_function_agree(redis_client, stream_key, env):
