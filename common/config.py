@@ -13,6 +13,7 @@ from urllib.parse import unquote, unquote_plus, urlsplit
 
 import psycopg
 import redis
+import redis.asyncio
 from psycopg.conninfo import conninfo_to_dict
 
 from common.errors import ConfigError
@@ -37,7 +38,8 @@ LIBPQ_CHOICES = {
     "sslcertmode": ("disable", "allow", "require"),
     "sslnegotiation": ("postgres", "direct"),
 }
-_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")  # int() would also take 1_000 and non-ASCII digits
+# int() would also take 1_000 and non-ASCII digits, and refuse over 4,300 digits with its own error.
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]{1,30}")
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
@@ -125,7 +127,8 @@ def redact_url(url: str) -> str:
 # (`password`, `ssl_password`), compared percent-decoded and in any case: libpq decodes the
 # names of URI parameters too.
 SECRET_PARAMETERS = frozenset({"password", "sslpassword", "ssl_password"})
-_USERINFO_PASSWORD = re.compile(r"^(?P<head>[a-z][a-z0-9+.-]*://[^:/@?#]*:).*@", re.IGNORECASE)
+# DOTALL: a password pasted with a line break in it is masked too.
+_USERINFO_PASSWORD = re.compile(r"^(?P<head>[a-z][a-z0-9+.-]*://[^:/@?#]*:).*@", re.IGNORECASE | re.DOTALL)
 _QUERY_PARAMETER = re.compile(r"(?P<head>[?&](?P<name>[^=&#]*)=)[^&#]*")
 _CONNINFO_SECRET = re.compile(
     r"(?P<head>(?:^|\s)(?:ssl_?)?password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE
@@ -157,8 +160,10 @@ def _check_redis_url(label: str, url: str, path: str, secrets: set[str]) -> None
     if path not in ("", "/") and not re.fullmatch(r"/[0-9]+", path):
         raise ConfigError(f"{label}: the database after the host must be a number, got {redact_url(url)}")
     try:
+        # Both clients: the shards' asyncio connection takes fewer parameters than the sync one.
         redis.ConnectionPool.from_url(url).make_connection()
-    except (TypeError, ValueError, redis.RedisError) as exc:
+        redis.asyncio.ConnectionPool.from_url(url).make_connection()
+    except Exception as exc:  # a third party's constructor: whatever it raises, the URL is the cause
         problem = " ".join(str(exc).split())
         for secret in secrets:
             problem = problem.replace(secret, "***")
@@ -190,8 +195,10 @@ class _Reader:
         """A directory that exists, or could be made: nothing on the way to it is a file."""
         path = Path(self.text(name, default))
         for existing in (path, *path.absolute().parents):
-            if existing.exists():
-                if not existing.is_dir():
+            # os.path's checks say False where they may not look (a directory we cannot enter):
+            # that is for the start-up warning to name, not a reason to refuse.
+            if os.path.lexists(existing):
+                if not os.path.isdir(existing) and os.path.exists(existing):
                     raise ConfigError(f"{name} must name a directory, but {existing} is a file")
                 break
         return path

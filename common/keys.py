@@ -61,8 +61,6 @@ def loss_watch_key(stream_key: str) -> str:
     return f"{stream_key}:lost:watch"
 
 
-# The first key of the two-key advisory lock every transaction that changes a device's
-# state holds (second key: hashtext(device_id)): the writer and `processor rehydrate`.
 def reserved_keys(stream_key: str) -> frozenset[str]:
     """The stream and every key the Processor keeps beside it (liveness keys apart: a prefix,
     `<stream_key>:alive:`): none of them may double as the dead-letter stream."""
@@ -72,4 +70,6 @@ def reserved_keys(stream_key: str) -> frozenset[str]:
     )
 
 
+# The first key of the two-key advisory lock every transaction that changes a device's
+# state holds (second key: hashtext(device_id)): the writer and `processor rehydrate`.
 DEVICE_LOCK_CLASS = 0x50524F44  # "PROD"

@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, BrokenPipeError) and _output_closed():
             # Whoever read the output stopped early (`processor dlq list | head`): no server is
             # to blame, and a shell pipeline expects silence. Exit 1: not all was written.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
+            os.close(devnull)
             return ExitCode.FAILED
         # What no command's own boundary translated: an outage or refusal is still one line;
         # anything else is a bug (exit 70), logged with its traceback, passwords masked.

@@ -111,6 +111,9 @@ def test_a_libpq_url_may_name_several_hosts() -> None:
         ("REDIS_URL", "redis://127.0.0.1:6379/0?bogus=1"), ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc"),
         ("REDIS_URL", "rediss://127.0.0.1:6379/0?ssl_cert_reqs=bogus"), ("REDIS_URL", "redis://127.0.0.1:6379/abc"),
         ("REDIS_URL", "redis://127.0.0.1:6379/-1"), ("REDIS_URL", "redis://127.0.0.1:0/0"),
+        ("REDIS_URL", "rediss://h:6379/0?ssl_validate_ocsp=true"),  # the sync client takes it, the shards' asyncio one not
+        ("REDIS_URL", "redis://h:6379/0?cache_config=x&protocol=3"),  # AttributeError in redis-py's constructor
+        ("SHARDS", "1" * 5_000),  # int() refuses over 4,300 digits with its own ValueError
         # libpq checks these values only when it connects, and says so as an outage would.
         ("DATABASE_URL", "postgresql://u@h:5432/db?sslmode=bogus"),
         ("DATABASE_URL", "postgresql://u@h:5432/db?target_session_attrs=bogus"),
@@ -144,8 +147,9 @@ def test_malformed_value_names_the_variable(name: str, value: str) -> None:
         "{scheme}://u:s3/cret@host:5432/db",  # unencoded '/' in the password
         "{scheme}://u:s3#cret@host:5432/db",  # unencoded '#' in the password
         "{scheme}://u:s3cret@host:5432/db?bogus=1",  # a parameter no client takes
+        "{scheme}://u:s3cret\n@host:5432/db",  # a line break pasted into the password
     ],
-    ids=["bad-port", "port-nan", "ipv6", "scheme", "query", "slash-in-password", "hash-in-password", "parameter"],
+    ids=["bad-port", "port-nan", "ipv6", "scheme", "query", "slash-in-password", "hash-in-password", "parameter", "newline"],
 )
 def test_url_errors_never_contain_the_password(name: str, template: str) -> None:
     """A URL that is rejected or accepted never has its password in an error message."""
