@@ -22,7 +22,8 @@ import enum
 import re
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import psycopg
@@ -31,6 +32,8 @@ import redis.exceptions
 
 from common.errors import ExitCode, InvalidEntry, ProcessorError, RowRejected
 from common.logs import scrub
+
+T = TypeVar("T")
 
 
 class Outcome(enum.Enum):
@@ -218,6 +221,17 @@ _GONE_REPLIES = ("NOGROUP", "no such key", "UNBLOCKED")
 def stream_or_group_gone(exc: BaseException) -> bool:
     """Whether `exc` is Redis saying the stream or the consumer group does not exist (any more)."""
     return isinstance(exc, redis.exceptions.ResponseError) and redis_reply(str(exc)).startswith(_GONE_REPLIES)
+
+
+async def unless_gone(call: Awaitable[T], gone: T) -> T:
+    """The reply of `call`, or `gone` when Redis says the stream or the group does not exist:
+    what a group that is gone holds (no consumers, nothing pending)."""
+    try:
+        return await call
+    except redis.exceptions.ResponseError as exc:
+        if stream_or_group_gone(exc):
+            return gone
+        raise
 
 
 def redis_reply(message: str) -> str:

@@ -13,12 +13,10 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from redis.exceptions import ResponseError
-
 from common.config import Settings
+from common.faults import unless_gone
 from common.keys import liveness_key, lost_key
 from common.timing import LIVENESS_TTL_S
-from common.faults import stream_or_group_gone
 from shard.stream import ConsumerStream, Entry
 
 log = logging.getLogger("processor.claim")
@@ -108,19 +106,17 @@ class Claimer:
     async def pending_of(self, consumer: str, min_idle_ms: int) -> AsyncIterator[list[Entry]]:
         """One consumer's pending entries idle at least `min_idle_ms`, claimed page by page."""
         while True:
-            try:
-                pending = await self.redis.xpending_range(
-                    self.stream.stream, self.stream.group, "-", "+", self.page, consumername=consumer, idle=min_idle_ms
-                )
-                if not pending:
-                    return
-                ids = [p["message_id"] for p in pending]
-                keys = [self.stream.stream, self.lost_key]
-                entries, gone = await self._claim(keys=keys, args=[self.stream.group, self.stream.consumer, min_idle_ms, *ids])
-            except ResponseError as exc:
-                if stream_or_group_gone(exc):
-                    return  # nothing is pending in a group that is gone
-                raise
+            pending = await unless_gone(self.redis.xpending_range(
+                self.stream.stream, self.stream.group, "-", "+", self.page, consumername=consumer, idle=min_idle_ms
+            ), [])
+            if not pending:
+                return
+            ids = [p["message_id"] for p in pending]
+            keys = [self.stream.stream, self.lost_key]
+            reply = await unless_gone(self._claim(keys=keys, args=[self.stream.group, self.stream.consumer, min_idle_ms, *ids]), None)
+            if reply is None:
+                return
+            entries, gone = reply
             entries = [(entry_id, fields) for entry_id, fields in entries]
             self._count_gone(gone)
             if entries:  # an empty page still made progress: those ids left the consumer's list
@@ -133,12 +129,10 @@ class Claimer:
         while True:
             keys = [self.stream.stream, self.lost_key]
             args = [self.stream.group, self.stream.consumer, threshold, cursor, self.page]
-            try:
-                cursor, entries, deleted = await self._autoclaim(keys=keys, args=args)
-            except ResponseError as exc:
-                if stream_or_group_gone(exc):
-                    return  # nothing is pending in a group that is gone
-                raise
+            reply = await unless_gone(self._autoclaim(keys=keys, args=args), None)
+            if reply is None:
+                return
+            cursor, entries, deleted = reply
             entries = [(entry_id, fields) for entry_id, fields in entries]
             # Redis already dropped the deleted ones from the pending list; nothing is left to store.
             self._count_gone(deleted)
@@ -165,12 +159,7 @@ class Claimer:
     async def _consumers(self) -> list[dict[str, Any]]:
         """The group's consumers; none while the stream or the group is gone (deleted, or Redis
         restarted without its data), which the reader creates again at its next read."""
-        try:
-            return await self.redis.xinfo_consumers(self.stream.stream, self.stream.group)  # type: ignore[no-any-return]
-        except ResponseError as exc:
-            if stream_or_group_gone(exc):
-                return []
-            raise
+        return await unless_gone(self.redis.xinfo_consumers(self.stream.stream, self.stream.group), [])
 
     def _alive(self, consumer: str) -> str:
         return liveness_key(self.stream.stream, consumer)

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 import redis.asyncio
 from redis.exceptions import ResponseError, WatchError
 
-from common.faults import stream_or_group_gone
+from common.faults import unless_gone
 from common.letters import SCRIPT_MAX_VALUES, letter_fields
 
 
@@ -112,9 +112,4 @@ class DeadLetters:
 
     async def _pending(self, pipe: redis.asyncio.client.Pipeline, entry_id: bytes) -> bool:
         """Whether the entry is still pending in the group; not when the group is gone."""
-        try:
-            return bool(await pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1))
-        except ResponseError as exc:
-            if stream_or_group_gone(exc):
-                return False
-            raise
+        return bool(await unless_gone(pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1), []))

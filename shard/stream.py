@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from redis.exceptions import ResponseError
 
 from common.config import Settings
-from common.keys import failures_key, lost_key
 from common.faults import stream_or_group_gone
+from common.keys import failures_key, lost_key
 from common.redis_client import async_client, keep_field_pairs
 from shard.dead_letters import DeadLetter, DeadLetters
 
