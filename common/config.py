@@ -197,10 +197,10 @@ class _Reader:
         for existing in (path, *path.absolute().parents):
             # os.path's checks say False where they may not look (a directory we cannot enter):
             # that is for the start-up warning to name, not a reason to refuse.
-            if os.path.lexists(existing):
-                if not os.path.isdir(existing) and os.path.exists(existing):
-                    raise ConfigError(f"{name} must name a directory, but {existing} is a file")
+            if os.path.isdir(existing):
                 break
+            if os.path.exists(existing):
+                raise ConfigError(f"{name} must name a directory, but {existing} is a file")
         return path
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
