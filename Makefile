@@ -3,22 +3,29 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The install also compiles the shard's per-fix path (setup.py); an edit to a shard module
+# compiles it again before the next demo, test or bench.
+BUILT := $(VENV)/.compiled
 
 .PHONY: demo test bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	@touch $(STAMP)
+	@touch $(STAMP) $(BUILT)
 
-demo: $(STAMP)
+$(BUILT): $(STAMP) $(wildcard shard/*.py shard/devices/*.py)
+	$(BIN)/python setup.py --quiet build_ext --inplace
+	@touch $(BUILT)
+
+demo: $(BUILT)
 	$(BIN)/python -m scripts.demo
 
-test: $(STAMP)
+test: $(BUILT)
 	$(BIN)/python -m pytest -n auto
 
-bench: $(STAMP)
+bench: $(BUILT)
 	$(BIN)/python -m scripts.bench
 
 # requirements.lock: what the image installs (Dockerfile), exact versions with the hashes of
@@ -32,4 +39,5 @@ lock: $(STAMP)
 		--custom-compile-command "make lock" -o requirements.lock
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build shard/compiled.json
+	find shard -name '*.so' -delete -o -name '*.c' -delete
