@@ -73,6 +73,8 @@ class DeadLetters:
 
     def split(self, letters: Sequence[DeadLetter]) -> tuple[list[list[bytes | str | int]], list[tuple[bytes, list[bytes | str | int]]]]:
         """Each letter's fields: (small ones for the script, large ones with their entry id)."""
+        if not letters:
+            return [], []
         failed_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         small, large = [], []
         for letter in letters:

@@ -89,6 +89,7 @@ class Bench:
             preload = {"shared_preload_libraries": "pg_stat_statements"} if self.profile_dir else None
             self.postgres = self.stack.enter_context(ThrowawayPostgres(fsync=True, settings=preload))
             self.admin_url = self.postgres.url
+            warm_up_wal(self.admin_url)
         else:
             if not postgres_reachable(args.database_url):
                 raise BenchError(f"Postgres not reachable at {redact_url(args.database_url)}")
@@ -243,3 +244,18 @@ class Span:
             **self.measured(),
             panic_files=sorted(p.name for p in panic.iterdir()) if panic.is_dir() else [],
         )
+
+
+# A new cluster has one WAL segment: until its checkpoints recycle some, every 16 MB of WAL
+# a drain writes first creates, zero-fills and fsyncs a new segment. That slowed whichever
+# drain ran first on the throwaway server (the Processor's, in round 1) by up to a third.
+WARM_UP_WAL_ROWS = 2_000_000  # about 300 MB of WAL, more than a 200,000-fix drain writes
+
+
+def warm_up_wal(admin_url: str) -> None:
+    """Write and recycle a drain's worth of WAL on a new throwaway server, so that no measured drain pays for it."""
+    say("warming up the throwaway Postgres' WAL ...")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE bench_warm_up AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, {WARM_UP_WAL_ROWS}) g")
+        conn.execute("DROP TABLE bench_warm_up")
+        conn.execute("CHECKPOINT")
