@@ -4,9 +4,8 @@
 #   docker build -t processor .
 #
 # Two stages: the first installs the project and its dependencies into a virtualenv (all
-# of them ship manylinux wheels) and compiles the shard's per-fix path with Cython and gcc
-# (setup.py); the second copies that virtualenv onto a clean slim image, with no compiler.
-# Plain COPY/RUN only, so the classic builder works too.
+# of them ship manylinux wheels, so no compiler is needed); the second copies that
+# virtualenv onto a clean slim image. Plain COPY/RUN only, so the classic builder works too.
 #
 # Reproducible: both stages start from the same exact Python release on the same Debian
 # (an exact tag; add `@sha256:<digest>` from `docker buildx imagetools inspect <tag>` to
@@ -18,15 +17,11 @@
 FROM python:3.11.15-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# The C compiler for setup.py (the image's Python ships its own headers).
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY requirements.lock ./
 RUN /opt/venv/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock
-COPY pyproject.toml setup.py ./
+COPY pyproject.toml ./
 COPY common/ common/
 COPY ops/ ops/
 COPY supervisor/ supervisor/

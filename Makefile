@@ -3,29 +3,22 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The install also compiles the shard's per-fix path (setup.py); an edit to a shard module
-# compiles it again before the next demo, test or bench.
-BUILT := $(VENV)/.compiled
 
 .PHONY: demo test bench lock clean
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	@touch $(STAMP) $(BUILT)
+	@touch $(STAMP)
 
-$(BUILT): $(STAMP) $(wildcard shard/*.py shard/devices/*.py)
-	$(BIN)/python setup.py --quiet build_ext --inplace
-	@touch $(BUILT)
-
-demo: $(BUILT)
+demo: $(STAMP)
 	$(BIN)/python -m scripts.demo
 
-test: $(BUILT)
+test: $(STAMP)
 	$(BIN)/python -m pytest -n auto
 
-bench: $(BUILT)
+bench: $(STAMP)
 	$(BIN)/python -m scripts.bench
 
 # requirements.lock: what the image installs (Dockerfile), exact versions with the hashes of
@@ -39,5 +32,4 @@ lock: $(STAMP)
 		--custom-compile-command "make lock" -o requirements.lock
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache build shard/compiled.json
-	find shard -name '*.so' -delete -o -name '*.c' -delete
+	rm -rf $(VENV) *.egg-info .pytest_cache

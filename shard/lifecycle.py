@@ -29,7 +29,6 @@ from common.panic import Panic, crash_point
 from common.retry import retry
 from common.status import StatusBoard
 from common.timing import SHARD_CLOSE_BUDGET_S
-from shard import compiled
 from shard.claim import Claimer
 from shard.duties import Duties
 from shard.geofences import GeofenceSource
@@ -112,9 +111,7 @@ class Shard:
         loop.set_exception_handler(self.panic.loop_exception_handler)
         loop.add_signal_handler(signal.SIGTERM, self.handle_sigterm)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by the supervisor across fork
-        log.info("shard starting", extra={"consumer": self.consumer, "pid": os.getpid(), **compiled.describe()})
-        if compiled.from_source and not compiled.pure_requested():
-            log.warning("compiled shard modules are out of date; these run from source, slower", extra=compiled.describe())
+        log.info("shard starting", extra={"consumer": self.consumer, "pid": os.getpid()})
         duties = [self.watched(loop_) for loop_ in self.duties.loops()]
         work = asyncio.create_task(self.work())
         stop = asyncio.create_task(self.stopping.wait())
