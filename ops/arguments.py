@@ -38,6 +38,19 @@ def bounded(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def text(value: str) -> str:
+    """An argparse type: text that a server can be sent.
+
+    Bytes of the command line that are not UTF-8 reach Python as lone surrogates
+    (surrogateescape), which no client can encode; a file path may hold them, a name may not.
+    """
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8: {value!r}") from None
+    return value
+
+
 def stream_id(value: str) -> str:
     """An argparse type: a complete stream entry id `<ms>-<seq>`."""
     match = _STREAM_ID.fullmatch(value)

@@ -6,7 +6,7 @@ import argparse
 
 from common.config import Settings
 from common.errors import ExitCode
-from ops.arguments import bounded
+from ops.arguments import bounded, text
 from ops.terminal import emit, format_counts
 
 MAX_MIN_IDLE_MS = 100 * 365 * 86_400_000  # 100 years: any entry, and far below what Redis refuses (2**63)
@@ -22,7 +22,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-idle-ms", type=bounded(0, MAX_MIN_IDLE_MS), metavar="N",
                         help=f"claim entries idle at least N ms, 0 to {MAX_MIN_IDLE_MS} (100 years; "
                         "default: CLAIM_THRESHOLD_MS)")
-    parser.add_argument("--from", dest="from_consumer", metavar="CONSUMER",
+    parser.add_argument("--from", dest="from_consumer", metavar="CONSUMER", type=text,
                         help="claim only this consumer's entries (default: every consumer's)")
     parser.add_argument("--json", action="store_true", help="print the counts as a JSON object")
     parser.set_defaults(func=cmd_claim)

@@ -11,6 +11,7 @@ from common.config import Settings
 from common.contract import device_id_problem
 from common.errors import ExitCode
 from common.keys import rehydrate_channel
+from ops.arguments import text
 from ops.errors import postgres, redis_client
 from shard.devices import bump_state_version
 
@@ -78,7 +79,7 @@ def cmd_rehydrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def _device_id(value: str) -> str:
     """SPEC §2's rule for device ids, as the shards' decoder applies it (a bad one: exit 2)."""
-    problem = device_id_problem(value)
+    problem = device_id_problem(text(value))
     if problem:
         raise argparse.ArgumentTypeError(f"a device id {problem}")
     return value

@@ -64,6 +64,20 @@ def test_limits_within_the_bound_are_taken() -> None:
         assert build_parser().parse_args(["dlq", "list", "--limit", str(limit)]).limit == limit
 
 
+# Command-line bytes that are not UTF-8 arrive as lone surrogates, which no client can send.
+NOT_UTF8 = b"dev\xc3\xff".decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize("argv", [["rehydrate", NOT_UTF8], ["claim", "--from", NOT_UTF8]])
+def test_text_that_is_not_utf8_is_a_usage_error(argv: list[str]) -> None:
+    usage_error(argv)
+
+
+def test_a_file_path_that_is_not_utf8_is_taken() -> None:
+    """A path is bytes to the kernel: any name a file can have is a FILE argument."""
+    assert str(build_parser().parse_args(["geofences", "import", f"/tmp/{NOT_UTF8}.json"]).file).endswith(".json")
+
+
 @pytest.mark.parametrize(
     "argv",
     [
