@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import socket
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,22 @@ class Settings:
         return values
 
 
+def _read_regular_file(path: str, limit: int) -> bytes | None:
+    """Up to `limit` bytes of the file at `path`; None when it is not a regular file.
+
+    Opened without blocking and checked before reading: opening a FIFO for reading waits
+    for a writer, and a start-up stuck there would never reach the signal handlers.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            return file.read(limit)
+    finally:
+        os.close(fd)
+
+
 def redact_url(url: str) -> str:
     """Replace every secret of a URL with `***`: the userinfo password, and the value of each
     SECRET_PARAMETERS query parameter or libpq `key=value` pair (a conninfo string is not
@@ -118,17 +135,33 @@ def redact_url(url: str) -> str:
 
     Works on the raw text, so a password with an unencoded `/`, `#` or `?` is masked too.
     """
-    url = _USERINFO_PASSWORD.sub(r"\g<head>***@", url, count=1)
+    url = _mask_userinfo_password(url)
     url = _QUERY_PARAMETER.sub(_mask_secret_parameter, url)
     return _CONNINFO_SECRET.sub(r"\g<head>***", url)
+
+
+def _mask_userinfo_password(url: str) -> str:
+    """Mask what lies between the userinfo's colon and the last `@`, in a URL or in text that
+    only resembles one: quoted, prefixed (`DATABASE_URL=…`, a BOM), or with a mangled scheme
+    (`postgresql:/…`). Refused values are echoed in errors, so the mask may not depend on them
+    being well formed; where the userinfo cannot be told apart, more is masked, never less."""
+    at = url.rfind("@")
+    if at < 0:
+        return url
+    slashes = url.find("//", 0, at)
+    if slashes < 0:
+        colon = url.find(":", 0, at)
+    else:
+        colon = url.find(":", slashes + 2, at)
+        if colon < 0:  # `u@h` has no password, unless a colon before the `//` (not the scheme's) began one
+            colon = url.find(":", 0, slashes - 1)
+    return url if colon < 0 else f"{url[: colon + 1]}***{url[at:]}"
 
 
 # libpq's secrets (`password`, `sslpassword`: the client key's passphrase) and redis-py's
 # (`password`, `ssl_password`), compared percent-decoded and in any case: libpq decodes the
 # names of URI parameters too.
 SECRET_PARAMETERS = frozenset({"password", "sslpassword", "ssl_password"})
-# DOTALL: a password pasted with a line break in it is masked too.
-_USERINFO_PASSWORD = re.compile(r"^(?P<head>[a-z][a-z0-9+.-]*://[^:/@?#]*:).*@", re.IGNORECASE | re.DOTALL)
 _QUERY_PARAMETER = re.compile(r"(?P<head>[?&](?P<name>[^=&#]*)=)[^&#]*")
 _CONNINFO_SECRET = re.compile(
     r"(?P<head>(?:^|\s)(?:ssl_?)?password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE
@@ -293,10 +326,11 @@ class _Reader:
         path = self.text(file_variable, "")
         label = f"{name} read from {path} ({file_variable})"
         try:
-            with open(path, "rb") as file:
-                data = file.read(MAX_SECRET_FILE_BYTES + 1)
+            data = _read_regular_file(path, MAX_SECRET_FILE_BYTES + 1)
         except OSError as exc:
             raise ConfigError(f"{file_variable}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+        if data is None:
+            raise ConfigError(f"{file_variable}: {path} is not a regular file (a secret is mounted as one)")
         if len(data) > MAX_SECRET_FILE_BYTES:
             raise ConfigError(f"{file_variable}: {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
         try:

@@ -148,13 +148,27 @@ def test_malformed_value_names_the_variable(name: str, value: str) -> None:
         "{scheme}://u:s3#cret@host:5432/db",  # unencoded '#' in the password
         "{scheme}://u:s3cret@host:5432/db?bogus=1",  # a parameter no client takes
         "{scheme}://u:s3cret\n@host:5432/db",  # a line break pasted into the password
+        # Text that only resembles a URL is echoed when refused: the password is masked all the same.
+        '"{scheme}://u:s3cret@host:5432/db"',  # quoted, as an .env file writes it
+        "'{scheme}://u:s3cret@host:5432/db'",
+        "<{scheme}://u:s3cret@host:5432/db>",
+        "{name}={scheme}://u:s3cret@host:5432/db",  # the whole assignment pasted as the value
+        "\ufeff{scheme}://u:s3cret@host:5432/db",  # a byte-order mark from a Windows editor
+        "\x01{scheme}://u:s3cret@host:5432/db",
+        "1{scheme}://u:s3cret@host:5432/db",
+        "{scheme}:/u:s3cret@host:5432/db",  # a slash short
+        "{scheme}:/u:s3//cret@host:5432/db",  # ... and a '//' in the password
+        "{scheme}//u:s3cret@host:5432/db",  # no colon after the scheme
+        "{scheme}://:s3cret@host:5432/db",  # no user name
     ],
-    ids=["bad-port", "port-nan", "ipv6", "scheme", "query", "slash-in-password", "hash-in-password", "parameter", "newline"],
+    ids=["bad-port", "port-nan", "ipv6", "scheme", "query", "slash-in-password", "hash-in-password", "parameter", "newline",
+         "double-quoted", "single-quoted", "angle-brackets", "assignment", "bom", "control-character", "digit-before",
+         "one-slash", "one-slash-and-slashes-in-password", "no-colon", "no-user"],
 )
 def test_url_errors_never_contain_the_password(name: str, template: str) -> None:
     """A URL that is rejected or accepted never has its password in an error message."""
     scheme = "redis" if name == "REDIS_URL" else "postgresql"
-    url = template.format(scheme=scheme)
+    url = template.format(scheme=scheme, name=name)
     try:
         Settings.from_env({name: url})
     except ConfigError as exc:

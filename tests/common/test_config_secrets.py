@@ -60,16 +60,31 @@ def test_both_forms_set_is_a_configuration_error(tmp_path: Path, name: str) -> N
     assert SECRET not in message
 
 
+def fifo(directory: Path) -> str:
+    path = directory / "fifo"
+    os.mkfifo(path)
+    return str(path)
+
+
+def test_a_symlink_to_the_secret_is_followed(tmp_path: Path) -> None:
+    """Kubernetes mounts each secret as a symlink into a hidden directory of files."""
+    link = tmp_path / "link"
+    link.symlink_to(secret_file(tmp_path, URLS["DATABASE_URL"] + "\n"))
+    assert Settings.from_env({"DATABASE_URL_FILE": str(link)}).database_url == URLS["DATABASE_URL"]
+
+
 @pytest.mark.parametrize(
     ("setup", "expected"),
     [
         (lambda d: str(d / "absent"), "No such file"),
-        (lambda d: str(d), "Is a directory"),
+        (lambda d: str(d), "not a regular file"),
+        (lambda d: fifo(d), "not a regular file"),  # opening one to read would wait for a writer for ever
+        (lambda d: "/dev/null", "not a regular file"),
         (lambda d: str(secret_file(d, "")), "is empty"),
         (lambda d: str(secret_file(d, " \n\n")), "is empty"),
         (lambda d: str(secret_file(d, "x" * 70_000)), "larger than"),
     ],
-    ids=["missing", "directory", "empty", "blank", "huge"],
+    ids=["missing", "directory", "fifo", "device", "empty", "blank", "huge"],
 )
 def test_unusable_file_names_the_variable_and_the_path(tmp_path: Path, setup, expected: str) -> None:  # type: ignore[no-untyped-def]
     """A file that cannot be read, or holds nothing, is a one-line error with the variable and the path."""
@@ -92,7 +107,7 @@ def test_unreadable_file_is_a_configuration_error(tmp_path: Path, monkeypatch: p
         def refused(name: object, *args: object, **kwargs: object) -> object:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(name))
 
-        monkeypatch.setattr(config, "open", refused, raising=False)
+        monkeypatch.setattr(config, "_read_regular_file", refused)
     message = config_error({"REDIS_URL_FILE": str(path)})
     assert "REDIS_URL_FILE" in message and str(path) in message and "Permission denied" in message
 
