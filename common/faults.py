@@ -142,7 +142,8 @@ def _classify_redis(exc: redis.exceptions.RedisError) -> Outcome:
         message = redis_reply(str(exc))
         if message.startswith((*REDIS_REFUSED, *REDIS_SCRIPT_DENIED, REDIS_MULTI_DENIED)):
             return Outcome.REFUSED
-        if isinstance(exc, redis.exceptions.ReadOnlyError) or message.startswith(REDIS_NOT_NOW):
+        # redis-py takes the reply's first word off for these two and says it with the class.
+        if isinstance(exc, (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError)) or message.startswith(REDIS_NOT_NOW):
             return Outcome.OUTAGE
         return Outcome.BUG
     if isinstance(exc, OUTAGE_TYPES):
@@ -236,7 +237,10 @@ async def unless_gone(call: Awaitable[T], gone: T) -> T:
 
 def redis_reply(message: str) -> str:
     """What Redis replied, without redis-py's pipeline annotation and the "ERR " it sometimes leaves."""
-    return _PIPELINE_ERROR.sub("", message, count=1).removeprefix("ERR ")
+    reply = _PIPELINE_ERROR.sub("", message, count=1)
+    # A transaction's failed command is annotated with its error's args as a tuple: ('…',)
+    reply = reply.removeprefix("('").removeprefix('("')
+    return reply.removeprefix("ERR ")
 
 
 def acl_refusal(exc: BaseException, redis_url: str) -> str | None:

@@ -9,6 +9,7 @@ import redis
 import redis.exceptions
 
 from common.config import Settings
+from common.faults import Outcome, classify
 from common.letters import ADDED_FIELDS, split_letter
 from common.redis_client import keep_field_pairs
 from shard.dead_letters import SCRIPT_MAX_VALUES, DeadLetter
@@ -67,8 +68,9 @@ def test_a_letter_that_cannot_be_written_leaves_the_entry_pending(raw_client: re
     entry_id = pending_entry(raw_client, stream_key, [b"data", b"x"])
     raw_client.set(f"{stream_key}:dlq", b"not a stream")
     letter = DeadLetter(entry_id, [b"data", b"x"], "not JSON", "decode", 5)
-    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE") as caught:
         settle(settings, [letter])
+    assert classify(caught.value) is Outcome.REFUSED, "exit 78, as the contract says, not a panic and a crash loop"
     assert raw_client.xpending(stream_key, "processor")["pending"] == 1
     raw_client.delete(f"{stream_key}:dlq")
     assert settle(settings, [letter]) == 1
@@ -93,8 +95,9 @@ def test_a_large_letter_into_a_dlq_of_the_wrong_type_loses_nothing(raw_client: r
     fields = [b"data", b"x"] + [item for i in range(4_000) for item in (b"f%d" % i, b"v")]
     entry_id = pending_entry(raw_client, stream_key, fields)
     raw_client.set(f"{stream_key}:dlq", b"not a stream")
-    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE") as caught:
         settle(settings, [DeadLetter(entry_id, fields, "too many fields", "validate", 5)])
+    assert classify(caught.value) is Outcome.REFUSED
     assert raw_client.xpending(stream_key, "processor")["pending"] == 1
 
 
