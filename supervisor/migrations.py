@@ -120,9 +120,11 @@ def apply_migrations(url: str, migrations: list[Migration] | None = None) -> lis
         return _migrate(conn, migrations)
 
 
-def _migrate(conn: psycopg.Connection, migrations: list[Migration]) -> list[Migration]:
-    """Under the advisory lock: apply what is missing (the ledger first, if there is none)."""
-    _acquire_lock(conn)
+def _migrate(conn: psycopg.Connection, migrations: list[Migration], between=lambda: None) -> list[Migration]:  # type: ignore[no-untyped-def]
+    """Under the advisory lock: apply what is missing (the ledger first, if there is none).
+
+    `between` runs while the lock is waited for (the supervisor's signal check)."""
+    _acquire_lock(conn, between)
     try:
         done = pending(conn, migrations)
         if done:
@@ -150,7 +152,7 @@ def ensure_schema(
         check_postgres(conn)
         why = ddl_refusal(conn)
         if why is None:
-            return _migrate(conn, migrations)
+            return _migrate(conn, migrations, between)
         behind = pending(conn, migrations)
         if not behind:
             log.info("schema is current; this role does not change it, so it does not migrate", extra={"role": conn.info.user})
@@ -239,10 +241,11 @@ def _log_notice(diag: psycopg.errors.Diagnostic) -> None:
     log.log(level, "migration notice", extra={"notice": diag.message_primary, "detail": diag.message_detail})
 
 
-def _acquire_lock(conn: psycopg.Connection) -> None:
+def _acquire_lock(conn: psycopg.Connection, between=lambda: None) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + LOCK_WAIT_S
     announced = False
     while not conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK_KEY,)).fetchone()[0]:
+        between()  # a stop signal ends the wait, before anything is applied
         if time.monotonic() >= deadline:
             raise MigrationError(
                 f"migration lock {MIGRATION_LOCK_KEY} still held by {_lock_holder(conn)} after {LOCK_WAIT_S:.0f}s; "

@@ -5,10 +5,12 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from common.errors import ExitCode
-from tests.e2e.processes import ROOT
+from supervisor.migrations import MIGRATION_LOCK_KEY
+from tests.e2e.processes import ROOT, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -59,3 +61,16 @@ def test_an_operator_command_keeps_the_default_stop(env, start_processor, tmp_pa
     processor = start_processor(gated_env, "lag")
     signal_while_importing(processor, gate)
     assert processor.wait(30) == -signal.SIGTERM
+
+
+def test_sigterm_while_waiting_for_the_migration_lock_exits_0_and_applies_nothing(env, database_url, start_processor) -> None:  # type: ignore[no-untyped-def]
+    """A container stopped while another instance migrates must not wait out the lock (or be SIGKILLed)."""
+    with psycopg.connect(database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        processor = start_processor(env)
+        wait_for(lambda: "waiting for the migration lock" in processor.log_messages(), what="the wait for the lock")
+        processor.signal(signal.SIGTERM)
+        assert processor.wait(15) == ExitCode.OK
+        holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT to_regclass('schema_migrations')").fetchone()[0] is None, "nothing applied"
