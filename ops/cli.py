@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import select
+import signal
 import sys
 
 from common import early_signals, logs
@@ -106,6 +107,12 @@ def cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
         return Supervisor(settings).run()
     except Halt as halt:
         return halt.exit_status
+    finally:
+        # The stop is over. While the interpreter shuts down it hands our handlers back to the
+        # default, death by the signal: a second SIGTERM sent a little late would turn the exit
+        # 0 a stop owes into -15. An ignored signal stays ignored through that.
+        for signum in early_signals.STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -74,3 +76,23 @@ def test_sigterm_while_waiting_for_the_migration_lock_exits_0_and_applies_nothin
         holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT to_regclass('schema_migrations')").fetchone()[0] is None, "nothing applied"
+
+
+# `processor run` stopped by a signal held from its first line; then what the stop signals do.
+AFTER_RUN = """
+import os, signal, sys
+from common import early_signals
+early_signals.hold()
+os.kill(os.getpid(), signal.SIGTERM)
+from ops.cli import main
+sys.argv = ["processor", "run"]
+status = main()
+print(status, *(signal.getsignal(s) == signal.SIG_IGN for s in early_signals.STOP_SIGNALS))
+"""
+
+
+def test_stop_signals_are_ignored_once_run_has_returned(env) -> None:  # type: ignore[no-untyped-def]
+    """Python hands handlers back to the default while it shuts down: a late second SIGTERM was death (-15), not 0."""
+    result = subprocess.run([sys.executable, "-c", AFTER_RUN], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env},
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.split()[-3:] == ["0", "True", "True"], result.stdout + result.stderr
