@@ -27,6 +27,7 @@ a change is often loaded outside a batch; correctness does not depend on it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 
@@ -69,7 +70,7 @@ class GeofenceSource:
         if revision == self.index.revision:
             return self.index
         await cur.execute(_ACTIVE)
-        self.index = _build(await cur.fetchall(), "batch")
+        self.index = await build(await cur.fetchall(), "batch")
         return self.index
 
     async def refresh(self) -> bool:
@@ -89,13 +90,23 @@ class GeofenceSource:
             raise
         if self.index is not held:
             return False  # a batch loaded the change meanwhile, from a snapshot at least as new
-        self.index = _build(rows, "poll")
+        index = await build(rows, "poll")
+        if self.index is not held:
+            return False  # ... or while this one was built
+        self.index = index
         return True
 
     async def close(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
             await conn.close()
+
+
+async def build(rows: Iterable[tuple], by: str) -> GeofenceIndex:
+    """`_build` on a worker thread: checking and indexing polygons of hundreds of thousands of
+    vertices takes seconds, and on the event loop that stopped the shard's heartbeat (the
+    supervisor aborts a shard silent for 15 s) and let its open batch time out."""
+    return await asyncio.to_thread(_build, rows, by)
 
 
 def _build(rows: Iterable[tuple], by: str) -> GeofenceIndex:

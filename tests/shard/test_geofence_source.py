@@ -1,0 +1,54 @@
+"""The shard's geofence index is built off the event loop: a polygon of hundreds of thousands of
+vertices takes seconds to check and index, and a loop held that long missed its heartbeats
+(the supervisor aborted the shard) and let its open batch time out."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+
+import orjson
+import psycopg
+
+from shard import geofences
+from shard.geofences import GeofenceSource
+from supervisor.migrations import apply_migrations
+
+VERTICES = 20_000
+
+
+def ring(vertices: int) -> list[list[float]]:
+    points = [[10 + 0.1 * math.cos(2 * math.pi * i / vertices), 45 + 0.1 * math.sin(2 * math.pi * i / vertices)] for i in range(vertices)]
+    return [*points, points[0]]
+
+
+def test_the_index_is_built_on_a_worker_thread(database_url: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    apply_migrations(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        geometry = orjson.dumps({"type": "Polygon", "coordinates": [ring(VERTICES)]}).decode()
+        conn.execute("INSERT INTO geofences (name, geometry) VALUES ('big', %s::jsonb)", (geometry,))
+    threads: list[tuple[str, int]] = []
+    build = geofences._build
+
+    def recording(rows, by):  # type: ignore[no-untyped-def]
+        threads.append((by, threading.get_ident()))
+        return build(rows, by)
+
+    monkeypatch.setattr(geofences, "_build", recording)
+
+    async def scenario() -> None:
+        source = GeofenceSource(database_url, "test")
+        try:
+            assert await source.refresh()
+            assert [g.name for g in source.index.by_id.values()] == ["big"]
+            async with await psycopg.AsyncConnection.connect(database_url) as conn, conn.cursor() as cur:
+                index = await source.for_revision(cur, source.index.revision + 1)  # as after a change
+                assert len(index) == 1
+        finally:
+            await source.close()
+
+    asyncio.run(scenario())
+    loop_thread = threading.get_ident()
+    assert [by for by, _ in threads] == ["poll", "batch"]
+    assert all(thread != loop_thread for _, thread in threads), "built on the event loop's thread"
