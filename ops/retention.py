@@ -17,7 +17,7 @@ import psycopg
 
 from common.config import Settings
 from common.errors import ExitCode
-from ops.errors import postgres, redis_client
+from ops.errors import SchemaMissing, postgres, redis_client
 from ops.lag import format_trimming
 from ops.terminal import count, emit, table_lines
 from supervisor.partitions import READY_ALERT_DAYS, Partition, Plan, plan, read_partitions, ready_until
@@ -45,7 +45,7 @@ class RetentionReport:
     now: datetime
     retention_days: int
     partitions: list[PartitionRow]
-    next_pass: Plan | None  # None: positions is not partitioned (not migrated)
+    next_pass: Plan
     ready_until: datetime | None
     stream_key: str
     stream: StreamState | None
@@ -55,15 +55,15 @@ class RetentionReport:
         return {
             "now": _iso(self.now),
             "retention_days": self.retention_days,
-            "horizon": _iso(nxt.horizon) if nxt else None,
-            "drop_bound": _iso(nxt.keep_from) if nxt else None,
-            "partitioned": nxt is not None,
+            "horizon": _iso(nxt.horizon),
+            "drop_bound": _iso(nxt.keep_from),
+            "partitioned": True,  # a database that is not is refused (exit 78)
             "partitions": [row.as_json() for row in self.partitions],
             "bytes": sum(row.partition.bytes for row in self.partitions),
             "ready_until": _iso(self.ready_until),
             "next_pass": {
-                "drop": [{"name": p.name, "rows": self._rows(p)} for p in nxt.drop] if nxt else [],
-                "create": [{"name": p.name, "from": _iso(p.lower), "to": _iso(p.upper)} for p in nxt.create] if nxt else [],
+                "drop": [{"name": p.name, "rows": self._rows(p)} for p in nxt.drop],
+                "create": [{"name": p.name, "from": _iso(p.lower), "to": _iso(p.upper)} for p in nxt.create],
             },
             "stream": {"key": self.stream_key, **self.stream.as_json()} if self.stream else None,
         }
@@ -77,8 +77,12 @@ def retention_report(settings: Settings) -> RetentionReport:
     with postgres(settings.database_url) as conn:
         conn.execute("SET LOCAL TimeZone = 'UTC'")  # this transaction only: a pooled server connection keeps no trace
         partitions = read_partitions(conn)
+        if not partitions:  # no positions table, or one from before migration 0003
+            raise SchemaMissing(
+                "the database schema is missing or out of date (positions is not partitioned); run `processor migrate` first"
+            )
         rows = [_counted(conn, part) for part in partitions]
-    next_pass = plan(partitions, now, settings.positions_retention_days, settings.max_future_s) if partitions else None
+    next_pass = plan(partitions, now, settings.positions_retention_days, settings.max_future_s)
     with redis_client(settings.redis_url) as client:
         stream = read_stream_state(client, settings)
     return RetentionReport(
@@ -101,26 +105,23 @@ def _counted(conn: psycopg.Connection, part: Partition) -> PartitionRow:
 
 def format_retention(report: RetentionReport) -> list[str]:
     nxt = report.next_pass
-    if nxt is None:
-        lines = ["positions     not partitioned: run `processor migrate`"]
+    total = sum(row.partition.bytes for row in report.partitions)
+    lines = [f"positions     {count(len(report.partitions), 'partition', 'partitions')}, {_size(total)}, "
+             f"ready until {_day(report.ready_until)}{_ready_warning(report)}"]
+    if report.retention_days:
+        lines.append(f"retention     {report.retention_days} days: fixes dated before {_iso(nxt.horizon)} are not "
+                     f"stored; partitions ending by {_day(nxt.keep_from)} are dropped")
     else:
-        total = sum(row.partition.bytes for row in report.partitions)
-        lines = [f"positions     {count(len(report.partitions), 'partition', 'partitions')}, {_size(total)}, "
-                 f"ready until {_day(report.ready_until)}{_ready_warning(report)}"]
-        if report.retention_days:
-            lines.append(f"retention     {report.retention_days} days: fixes dated before {_iso(nxt.horizon)} are not "
-                         f"stored; partitions ending by {_day(nxt.keep_from)} are dropped")
-        else:
-            lines.append("retention     0: every fix is kept for ever (POSITIONS_RETENTION_DAYS)")
-        drops = ", ".join(f"{p.name} ({_rows_text(report, p)} rows)" for p in nxt.drop) or "nothing"
-        lines.append(f"next pass     drops {drops}; creates {len(nxt.create)}"
-                     + (f" ({nxt.create[0].name} … {nxt.create[-1].name})" if nxt.create else ""))
-        table = [("PARTITION", "FROM", "TO", "ROWS", "SIZE")]
-        table += [(row.partition.name + (" (detaching)" if row.partition.detach_pending else ""),
-                   _day(row.partition.lower, "MINVALUE"), _day(row.partition.upper, "MAXVALUE"),
-                   _rows_cell(row), _size(row.partition.bytes)) for row in report.partitions]
-        lines += ["", *table_lines(table), "(~: the planner's estimate, for partitions over "
-                  f"{EXACT_BELOW_BYTES >> 20} MiB; the others are counted)", ""]
+        lines.append("retention     0: every fix is kept for ever (POSITIONS_RETENTION_DAYS)")
+    drops = ", ".join(f"{p.name} ({_rows_text(report, p)} rows)" for p in nxt.drop) or "nothing"
+    lines.append(f"next pass     drops {drops}; creates {len(nxt.create)}"
+                 + (f" ({nxt.create[0].name} … {nxt.create[-1].name})" if nxt.create else ""))
+    table = [("PARTITION", "FROM", "TO", "ROWS", "SIZE")]
+    table += [(row.partition.name + (" (detaching)" if row.partition.detach_pending else ""),
+               _day(row.partition.lower, "MINVALUE"), _day(row.partition.upper, "MAXVALUE"),
+               _rows_cell(row), _size(row.partition.bytes)) for row in report.partitions]
+    lines += ["", *table_lines(table), "(~: the planner's estimate, for partitions over "
+              f"{EXACT_BELOW_BYTES >> 20} MiB; the others are counted)", ""]
     if report.stream is None:
         lines.append(f"stream        {report.stream_key}: does not exist yet")
     else:

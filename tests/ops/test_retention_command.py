@@ -54,3 +54,11 @@ def test_command_json_with_retention_0(old_day: str, env: dict[str, str], capsys
     assert doc["horizon"] is None and doc["next_pass"]["drop"] == []
     assert doc["next_pass"]["create"][0] == {"name": "positions_before_20200101", "from": None, "to": "2020-01-01T00:00:00Z"}
     assert doc["stream"] is None
+
+
+def test_an_unmigrated_database_is_exit_78(database_url: str, env: dict[str, str], capsys, monkeypatch) -> None:
+    """As every other operator command: a missing schema is a configuration error that says what to do."""
+    for name, value in {**env, "DATABASE_URL": database_url}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["retention"]) == 78
+    assert "run `processor migrate` first" in capsys.readouterr().err
