@@ -147,7 +147,8 @@ class Pipeline:
             ids = [entry_id for entry_id in entry_ids if entry_id in batch.fixes]
             if not ids:
                 return {}
-            rejected = await self.writer.write_isolating([batch.fixes[entry_id] for entry_id in ids], turn)
+            with self.report.writing():
+                rejected = await self.writer.write_isolating([batch.fixes[entry_id] for entry_id in ids], turn)
             return {ids[position]: error for position, error in rejected.items()}
 
         return await retry("postgres", self.report.reach, attempt)

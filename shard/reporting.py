@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from datetime import datetime
 
 from common.retry import Reachability
@@ -14,6 +16,11 @@ from shard.batch import Batch
 log = logging.getLogger("processor.shard")
 
 LOST_IDS_PER_LINE = 100  # every lost id is logged, this many per line
+# A batch's transaction takes milliseconds, a wait for another client's device locks at
+# most the 10 s after which Postgres ends a client that went quiet inside a batch. One that
+# has run this long is waiting on a server that does not answer: stopped, frozen or cut off
+# without a reset, which neither the socket nor the server's own timeouts ever report.
+POSTGRES_STALLED_S = 20.0
 
 
 class Report:
@@ -34,6 +41,7 @@ class Report:
         self.batch_seconds_sum = 0.0
         self.batch_buckets = [0] * (len(BATCH_BUCKETS_S) + 1)
         self.derived: dict[str, int] = {}  # the writer's derived-state counts (shard/devices/states.py)
+        self.writes_since: dict[object, float] = {}  # batch writes under way: when each began
         self.base = board.read(index)
         self._summary_at = time.monotonic()
         self._summary_processed = 0
@@ -100,7 +108,7 @@ class Report:
                 heartbeat=time.monotonic(),
                 pid=os.getpid(),
                 redis_ok=self.reach.ok["redis"],
-                postgres_ok=self.reach.ok["postgres"],
+                postgres_ok=self.reach.ok["postgres"] and not self.postgres_stalled(),
                 processed=base.processed + self.processed,
                 dead_lettered=base.dead_lettered + self.dead_lettered,
                 claimed=base.claimed + self.claimed,
@@ -112,6 +120,19 @@ class Report:
                 batch_buckets=tuple(a + b for a, b in zip(base.batch_buckets, self.batch_buckets)),
             ),
         )
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around one batch write: one that never returns makes the shard unhealthy (`publish`)."""
+        token = object()
+        self.writes_since[token] = time.monotonic()
+        try:
+            yield
+        finally:
+            del self.writes_since[token]
+
+    def postgres_stalled(self) -> bool:
+        return any(time.monotonic() - since > POSTGRES_STALLED_S for since in self.writes_since.values())
 
     def log_summary(self) -> None:
         """Every SUMMARY_INTERVAL_S: what this life of the shard has done, and its recent rate."""

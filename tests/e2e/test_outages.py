@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +20,8 @@ import pytest
 import redis
 
 from scripts.toolkit.fleet import Fleet
-from scripts.toolkit.services import ThrowawayPostgres, ThrowawayRedis, missing_binaries
+from scripts.toolkit.processes import children
+from scripts.toolkit.services import ThrowawayPostgres, ThrowawayRedis, free_port, missing_binaries
 from scripts.toolkit.writer import produce, steady
 from shard.decode import decode_entry
 from supervisor.migrations import apply_migrations
@@ -351,3 +355,43 @@ def test_entries_delivered_into_a_network_cut_are_not_stuck(
     assert set(per_consumer(processor, "redis reachable again")) == consumers(env)
     processor.signal(signal.SIGTERM)
     assert processor.wait(30) == 0
+
+
+def test_a_frozen_postgres_makes_healthz_503(redis_client, stream_key, env, private_postgres, start_processor):
+    """SIGSTOP of the server's processes under load: the shards' statements never return and no
+    error ever comes back (new connections still would), yet /healthz must say so (SPEC §6)."""
+    database_url = private_postgres.url
+    apply_migrations(database_url)
+    port = free_port()
+    env = {**env, "DATABASE_URL": database_url, "MIGRATION_DATABASE_URL": database_url, "HTTP_PORT": str(port)}
+    processor = start_processor(env)
+    wait_for(lambda: health(port)[0] == 200, what="healthy")
+    postmaster = int((private_postgres.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    with ThreadPoolExecutor(1) as pool:
+        load: Future = pool.submit(steady, redis_client, stream_key, 200, 8.0, devices=DEVICES, seed=23)
+        wait_for(lambda: stored_count(database_url) > 100, what="the first rows: every shard holds connections")
+        frozen = children(postmaster)  # its backends; the postmaster itself would still fork new ones
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            status, body = wait_for(lambda: (h := health(port))[0] == 503 and h, 60, 0.5, "503 while Postgres is frozen")
+            assert b"Postgres" in body
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        load.result(timeout=60)
+    wait_settled(redis_client, database_url, stream_key, SETTLE_TIMEOUT_S)
+    assert_exact(redis_client, database_url, stream_key)
+    wait_for(lambda: health(port)[0] == 200, what="healthy again")
+    processor.signal(signal.SIGTERM)
+    assert processor.wait(30) == 0
+
+
+def health(port: int) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except OSError:
+        return 0, b""
