@@ -77,12 +77,33 @@ def _decode_slow(raw: bytes) -> Fix:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):  # orjson's own limit (1024), far past ours
+            raise InvalidEntry("validate", _TOO_DEEP) from None
         raise InvalidEntry("decode", f"data is not valid UTF-8 JSON: {exc}") from None
     if type(obj) is not dict:
         raise InvalidEntry("validate", f"data must be a JSON object, got {_json_type(obj)}")
     if len(obj) > MAX_DATA_MEMBERS:
         raise InvalidEntry("validate", f"data has {len(obj)} members, over the limit of {MAX_DATA_MEMBERS}")
+    for name, value in obj.items():
+        if name != "io" and not _within_depth(value, 2):  # `io` has its own check, with its other limits
+            raise InvalidEntry("validate", f"{_TOO_DEEP} (in member {_preview(name)})")
     return validate(obj, raw)
+
+
+_TOO_DEEP = f"data is nested deeper than the limit of {MAX_JSON_DEPTH} levels (data itself is level 1)"
+
+
+def _within_depth(value: object, depth: int) -> bool:
+    """Whether `value`, found at `depth`, nests no deeper than MAX_JSON_DEPTH; iterative, as any input may be."""
+    stack = [(value, depth)]
+    while stack:
+        value, depth = stack.pop()
+        kind = type(value)
+        if kind is dict or kind is list:
+            if depth > MAX_JSON_DEPTH:
+                return False
+            stack.extend((item, depth + 1) for item in (value.values() if kind is dict else value))  # type: ignore[union-attr]
+    return True
 
 
 def _not_after(fix: Fix, not_after: datetime | None) -> Fix:

@@ -44,7 +44,7 @@ def test_a_device_id_nested_300_deep_is_validate_poison_and_the_message_is_safe(
     """The issue's example: orjson reads deeper than it writes; the error message must still be built."""
     raw = b'{"device_id":' + b"[" * 300 + b"1" + b"]" * 300 + b',"ts":1,"lat":1,"lon":1}'
     error = rejected([b"data", raw])
-    assert error.kind == "validate" and "device_id" in str(error) and "nested too deep" in str(error)
+    assert error.kind == "validate" and "device_id" in str(error) and f"limit of {MAX_JSON_DEPTH} levels" in str(error)
 
 
 def test_io_nesting_is_limited_and_the_limit_is_named() -> None:
@@ -120,3 +120,19 @@ def test_decode_batch_applies_max_future_from_its_clock() -> None:
     batch = decode_batch([(b"1-0", future)], 5, 300, NOW.timestamp())
     assert not batch.fixes and batch.dead[0].error.startswith("ts in the future")
     assert decode_batch([(b"1-0", future)], 5, 7200, NOW.timestamp()).fixes
+
+
+def test_every_member_of_data_is_within_the_depth_limit_not_only_io() -> None:
+    """SPEC §2: beyond a documented limit is validate poison naming it; the limit covers all of `data`."""
+    assert decode_entry(data(extra=nested(MAX_JSON_DEPTH - 1))).device_id == "dev-1"  # extra members are ignored
+    error = rejected(data(extra=nested(MAX_JSON_DEPTH)))
+    assert error.kind == "validate" and f"limit of {MAX_JSON_DEPTH} levels" in str(error) and "extra" in str(error)
+
+
+@pytest.mark.parametrize("where", [b'"extra":', b'"io":{"a":', b""])
+def test_nesting_past_the_parsers_own_limit_is_validate_poison_naming_ours(where: bytes) -> None:
+    """orjson refuses beyond 1,024 levels with its own words; that is still our limit, not undecodable data."""
+    deep = b"[" * 1100 + b"]" * 1100
+    raw = (b'{"device_id":"d","ts":1,"lat":1,"lon":1,' + where + deep + b"}" * (where.count(b"{") + 1)) if where else deep
+    error = rejected([b"data", raw])
+    assert error.kind == "validate" and f"limit of {MAX_JSON_DEPTH} levels" in str(error), str(error)
