@@ -23,6 +23,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "geofences": ("SELECT", "INSERT", "UPDATE"),  # `processor geofences import`
     "geofence_revision": ("SELECT", "UPDATE"),  # bumped by the geofences trigger, as the caller
     "schema_migrations": ("SELECT",),  # `processor run` checks the schema is current
+    "retention_floor": ("SELECT",),  # a late fix's replay stops where retention dropped history
 }
 
 # Every check in one query, so it costs one round trip at start-up.

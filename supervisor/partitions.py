@@ -245,8 +245,19 @@ def _create(conn: psycopg.Connection, part: Partition) -> None:
         )
 
 
+# Recorded before the partition goes: a pass cut off after it leaves the floor a little high
+# (harmless: the fixes below the horizon are not stored anyway), never too low.
+_RAISE_FLOOR = """
+INSERT INTO retention_floor (dropped_below) VALUES (%s)
+ON CONFLICT (only_row) DO UPDATE SET dropped_below = greatest(retention_floor.dropped_below, EXCLUDED.dropped_below)
+"""
+
+
 def _drop(conn: psycopg.Connection, part: Partition) -> None:
-    """DETACH … CONCURRENTLY (writers never wait; FINALIZE when an earlier pass was interrupted), then DROP."""
+    """DETACH … CONCURRENTLY (writers never wait; FINALIZE when an earlier pass was interrupted), then DROP.
+
+    The floor of dropped history is raised first (migrations/0005_retention_floor.sql)."""
+    conn.execute(_RAISE_FLOOR, (part.upper,))
     name = sql.Identifier(part.name)
     how = "FINALIZE" if part.detach_pending else "CONCURRENTLY"
     conn.execute(sql.SQL("ALTER TABLE positions DETACH PARTITION {} " + how).format(name))

@@ -40,12 +40,18 @@ _TICK = timedelta(microseconds=1)
 _PREVIOUS_FIX = """
 SELECT ts, lat, lon, speed FROM positions WHERE device_id = %s AND ts < %s AND ts >= %s ORDER BY ts DESC LIMIT 1
 """
-# The lower bound of the lowest partition of positions; NULL while one starts at MINVALUE.
+# Below this, history was dropped: the lower bound of the lowest partition of positions (NULL
+# while one starts at MINVALUE), or higher where retention once dropped more than the
+# partitions show now (retention grown, or back at 0, since: migrations/0005_retention_floor.sql).
+# NULL: nothing is missing.
 _FLOOR = """
-SELECT CASE WHEN bool_or(b[1] = 'MINVALUE') THEN NULL ELSE min(trim(BOTH '''' FROM b[1])::timestamptz) FILTER (WHERE b[1] <> 'MINVALUE') END
-FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid,
-     regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\((.+)\\) TO') AS b
-WHERE i.inhparent = 'positions'::regclass AND NOT i.inhdetachpending
+SELECT greatest(
+    (SELECT CASE WHEN bool_or(b[1] = 'MINVALUE') THEN NULL
+                 ELSE min(trim(BOTH '''' FROM b[1])::timestamptz) FILTER (WHERE b[1] <> 'MINVALUE') END
+     FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid,
+          regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\((.+)\\) TO') AS b
+     WHERE i.inhparent = 'positions'::regclass AND NOT i.inhdetachpending),
+    (SELECT dropped_below FROM retention_floor))
 """
 _VISIT_ACROSS = """
 SELECT EXISTS (SELECT 1 FROM timing_records

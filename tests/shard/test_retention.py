@@ -149,3 +149,27 @@ def test_a_late_fix_with_no_stored_predecessor_keeps_older_visits(redis_client, 
     assert _visits(database_url) == old  # the visit of day 0 stays, the one of day 5 is replayed to the same row
     start = datetime.fromtimestamp(t / 1000, timezone.utc)
     assert old[0][0] == start and old[1][0] == start + timedelta(days=5)
+
+
+def test_history_dropped_before_retention_grew_back_is_still_known_as_dropped(
+    redis_client, database_url, stream_key, settings: Settings
+) -> None:
+    """Retention raised (or set to 0) after a drop: maintenance makes a partition below the dropped
+    range again, yet a late fix landing there must not replay (and delete) the visits of history
+    that is gone: the floor maintenance recorded when it dropped still holds."""
+    apply_migrations(database_url)
+    t = now_ms() - 10 * DAY_MS
+    _visit_history(redis_client, database_url, stream_key, settings,
+                   [(t, 45.0), (t + DAY_MS, 46.0), (t + 3 * DAY_MS, 46.0), (t + 5 * DAY_MS, 45.0), (t + 6 * DAY_MS, 46.0)])
+    old = _visits(database_url)
+    floor_ms = t + 2 * DAY_MS + DAY_MS // 2
+    _drop_before(database_url, floor_ms)
+    floor = datetime.fromtimestamp(floor_ms / 1000, timezone.utc)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO retention_floor (dropped_below) VALUES (%s)", (floor,))  # as maintenance's drop does
+        conn.execute(sql.SQL("CREATE TABLE regrown PARTITION OF positions FOR VALUES FROM (MINVALUE) TO ({})").format(sql.Literal(floor)))
+    redis_client.xadd(stream_key, {b"data": fix("p", t + 2 * DAY_MS, lat=46.0)})  # below the floor, before every stored fix
+    entries = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=10)[0][1]
+    run_pipeline(Shard(settings, 0, StatusBoard(1), consumer="t-0"), [entries])
+    assert stored(database_url, "p")[0] == t + 2 * DAY_MS
+    assert _visits(database_url) == old, "the visits of dropped history are kept as they were"

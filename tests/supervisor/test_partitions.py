@@ -143,6 +143,8 @@ def test_retention_pass_drops_old_partitions_and_never_touches_derived_state(dat
         assert conn.execute("SELECT * FROM last_position").fetchall() == before[0]
         assert conn.execute("SELECT * FROM timing_records").fetchall() == before[1]
         assert not conn.execute("SELECT count(*) FROM pg_class WHERE relname = ANY(%s)", (result.dropped,)).fetchone()[0]
+        # Where history ends is kept, for late fixes once retention grows again (shard/devices/replay.py).
+        assert conn.execute("SELECT dropped_below FROM retention_floor").fetchall() == [(keep_from,)]
 
 
 def test_pass_is_skipped_while_another_instance_holds_the_lock(database_url: str) -> None:
