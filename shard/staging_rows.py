@@ -20,7 +20,7 @@ import orjson
 
 from common.errors import RowRejected
 from common.faults import one_line
-from shard.decode import Fix
+from shard.decode import ExactJson, Fix
 
 # The order the rows are packed in; the COPY statement names it (the table's own order differs).
 COLUMNS = ("seq", "cached_version", "ts", "lat", "lon", "alt", "speed", "heading", "sats", "device_id", "attributes")
@@ -72,7 +72,7 @@ def copy_data(fixes: Sequence[Fix], cached_versions: Mapping[str, int | None]) -
             if attributes is None:
                 out += _NULL
             else:
-                document = orjson.dumps(attributes)
+                document = attributes if type(attributes) is ExactJson else orjson.dumps(attributes)
                 out += _length(len(document) + 1)
                 out += _JSONB_VERSION
                 out += document

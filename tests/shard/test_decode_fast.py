@@ -23,7 +23,7 @@ from hypothesis import settings as examples
 
 from common.errors import InvalidEntry
 from scripts.toolkit.fleet import Fleet
-from shard.decode import MAX_IO_MEMBERS, MAX_REAL, MAX_SMALLINT, MAX_TS_MS, decode_entry, decode_entry_slow
+from shard.decode import MAX_IO_MEMBERS, MAX_REAL, MAX_SMALLINT, MAX_TS_MS, ExactJson, decode_entry, decode_entry_slow
 from shard.decode import _UNUSUAL, _decode_fast
 from tests.shard.test_hostile_entries import entries as hostile_entries, raw_data as hostile_data
 
@@ -228,3 +228,20 @@ def test_flat_io_at_and_over_the_member_limit(size: int, fast: bool) -> None:
         assert_fast_path(raw)
     else:
         assert not took_fast_path([b"data", raw])
+
+
+@pytest.mark.parametrize(
+    "io",
+    [b'{"iccid":89014103211118510720}', b'{"d":0.12345678901234567890123}', b'{"tiny":1e-400}', b'{"n":-9223372036854775809}',
+     b'{"deep":{"x":[1.00000000000000001]}}', b'{"iccid":"89014103211118510720"}'],
+)
+def test_io_a_float64_would_round_is_kept_as_sent_by_both_paths(io: bytes) -> None:
+    raw = b'{"device_id":"d","ts":1,"lat":1,"lon":1,"io":' + io + b"}"
+    fast, slow = decode_entry([b"data", raw]), decode_entry_slow([b"data", raw])
+    assert fast == slow and type(fast.attributes) is ExactJson and fast.attributes == io
+
+
+def test_io_of_ordinary_numbers_stays_parsed() -> None:
+    """The common entry pays for no second look: its `io` goes to Postgres as orjson writes it."""
+    raw = b'{"device_id":"d","ts":1,"lat":1,"lon":1,"io":{"ign":1,"batt_mv":14002,"odo_km":19771.925,"t":1.5e-3}}'
+    assert decode_entry([b"data", raw]).attributes == {"ign": 1, "batt_mv": 14002, "odo_km": 19771.925, "t": 1.5e-3}

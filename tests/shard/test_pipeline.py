@@ -120,3 +120,19 @@ def test_a_failed_write_ends_the_pipeline_though_only_batches_without_fixes_foll
     assert entries[0][0] in [p["message_id"] for p in pending]
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM positions").fetchone() == (0,)
+
+
+def test_io_numbers_are_stored_exactly_as_sent(redis_client, database_url, stream_key, settings: Settings) -> None:
+    """SPEC §2: `io` is stored as positions.attributes. A float64 would round a 20-digit ICCID sent
+    as a number, a long decimal, or 1e-400; jsonb keeps every one of them as written."""
+    apply_migrations(database_url)
+    io = (b'{"iccid":89014103211118510720,"u":18446744073709551616,"n":-9223372036854775809,'
+          b'"d":0.12345678901234567890123,"tiny":1e-400,"imei":"356938035643809123","small":1.5}')
+    data = b'{"device_id":"iccid-1","ts":1764000000000,"lat":1,"lon":1,"io":' + io + b"}"
+    entries = read_as(redis_client, stream_key, "t-0", [{b"data": data}])
+    run_pipeline(Shard(settings, 0, StatusBoard(1), consumer="t-0"), [entries])
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute("SELECT attributes::text FROM positions UNION ALL SELECT attributes::text FROM last_position").fetchall()
+        exact = conn.execute("SELECT %s::jsonb::text", (io.decode(),)).fetchone()[0]  # what Postgres makes of the text sent
+    assert "89014103211118510720" in exact and "0.12345678901234567890123" in exact
+    assert stored == [(exact,), (exact,)]
