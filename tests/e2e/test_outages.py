@@ -7,8 +7,6 @@ import signal
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +24,7 @@ from scripts.toolkit.writer import produce, steady
 from shard.decode import decode_entry
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import ProcessorProcess, wait_for
+from tests.e2e.test_health import get
 from tests.e2e.verify import assert_exact, entries_by_outcome, pending_count, stored_count, wait_settled
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
@@ -365,7 +364,7 @@ def test_a_frozen_postgres_makes_healthz_503(redis_client, stream_key, env, priv
     port = free_port()
     env = {**env, "DATABASE_URL": database_url, "MIGRATION_DATABASE_URL": database_url, "HTTP_PORT": str(port)}
     processor = start_processor(env)
-    wait_for(lambda: health(port)[0] == 200, what="healthy")
+    wait_for(lambda: get(port, "/healthz")[0] == 200, what="healthy")
     postmaster = int((private_postgres.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
     with ThreadPoolExecutor(1) as pool:
         load: Future = pool.submit(steady, redis_client, stream_key, 200, 8.0, devices=DEVICES, seed=23)
@@ -374,7 +373,7 @@ def test_a_frozen_postgres_makes_healthz_503(redis_client, stream_key, env, priv
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         try:
-            status, body = wait_for(lambda: (h := health(port))[0] == 503 and h, 60, 0.5, "503 while Postgres is frozen")
+            status, body = wait_for(lambda: (h := get(port, "/healthz"))[0] == 503 and h, 60, 0.5, "503 while Postgres is frozen")
             assert b"Postgres" in body
         finally:
             for pid in frozen:
@@ -382,16 +381,7 @@ def test_a_frozen_postgres_makes_healthz_503(redis_client, stream_key, env, priv
         load.result(timeout=60)
     wait_settled(redis_client, database_url, stream_key, SETTLE_TIMEOUT_S)
     assert_exact(redis_client, database_url, stream_key)
-    wait_for(lambda: health(port)[0] == 200, what="healthy again")
+    wait_for(lambda: get(port, "/healthz")[0] == 200, what="healthy again")
     processor.signal(signal.SIGTERM)
     assert processor.wait(30) == 0
 
-
-def health(port: int) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-    except OSError:
-        return 0, b""
