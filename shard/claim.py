@@ -1,16 +1,17 @@
 """Claiming: entries stuck in other consumers' pending lists come to us and are processed.
 
 Two rules. A consumer whose liveness key has expired is dead: its entries are claimed at
-once (checked every LIVENESS_CHECK_S), except within a TTL of a Redis stall or outage
-that let our own key lapse too (live consumers could not refresh theirs either). Any consumer's entry idle longer than
-CLAIM_THRESHOLD_MS is claimed at the pass every CLAIM_INTERVAL_MS (XAUTOCLAIM), so a
-live but slow consumer is never robbed before the threshold. XCLAIM and XAUTOCLAIM reset
+once (checked every LIVENESS_CHECK_S), except within a TTL of a Redis stall or outage that
+let our own key lapse too (live consumers could not refresh theirs either). Any consumer's
+entry idle longer than CLAIM_THRESHOLD_MS is claimed at the pass every CLAIM_INTERVAL_MS
+(XAUTOCLAIM), so a live but slow consumer is never robbed before the threshold. XCLAIM and XAUTOCLAIM reset
 an entry's idle time atomically, so instances claiming at once never take the same entry.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -81,8 +82,9 @@ class Claimer:
         self.gone = 0  # claimed ids whose entries had been deleted or trimmed (counted lost)
         self.on_lost = on_lost
         self.lost_key = lost_key(stream.stream)
+        self.clock = time.monotonic
         self._refreshed_at: float | None = None  # our last liveness refresh
-        self._refreshing_since = -float(LIVENESS_TTL_S)  # refreshed without a lapse since
+        self._refreshing_since = -math.inf  # refreshed without a lapse since
         self._forget = self.redis.register_script(_FORGET_CONSUMER)
         self._claim = self.redis.register_script(_CLAIM)
         self._autoclaim = self.redis.register_script(_AUTOCLAIM)
@@ -90,7 +92,7 @@ class Claimer:
     async def keep_alive(self) -> None:
         """Refresh our liveness key; called from the event loop, so a hung shard stops refreshing."""
         await self.redis.set(self._alive(self.stream.consumer), b"1", ex=LIVENESS_TTL_S)
-        now = time.monotonic()
+        now = self.clock()
         if self._refreshed_at is not None and now - self._refreshed_at > LIVENESS_TTL_S:
             # Our own key lapsed: Redis stalled or was out, and every live consumer's key may
             # have lapsed with it. Until they have had a TTL to refresh, none counts as dead.
@@ -101,7 +103,7 @@ class Claimer:
         """Whether an expired liveness key means a dead consumer, rather than one Redis kept from refreshing."""
         if self._refreshed_at is None:
             return True  # this claimer keeps no key (`processor claim`); the instance just started
-        now = time.monotonic()
+        now = self.clock()
         return now - self._refreshed_at <= LIVENESS_TTL_S and now - self._refreshing_since >= LIVENESS_TTL_S
 
     async def retire(self) -> None:

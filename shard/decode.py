@@ -99,12 +99,16 @@ class _IoText(msgspec.Struct):
 _io_text = msgspec.json.Decoder(_IoText).decode
 
 
+def _stored_io(parsed: dict[str, Any] | None, text: bytes) -> dict[str, Any] | ExactJson | None:
+    """What is stored of `io`, checked as `parsed`: its `text` where a float64 would round a number."""
+    return ExactJson(text) if parsed is not None and _may_round(text) else parsed
+
+
 def _exact_io(fix: Fix, raw: bytes) -> Fix:
-    """The slow path's Fix with `io` as sent where a float64 would round it, as the fast path makes it."""
+    """The slow path's Fix with `io` stored as the fast path stores it (`_stored_io`)."""
     if fix.attributes is None:
         return fix
-    io_text = bytes(_io_text(raw).io)
-    return fix._replace(attributes=ExactJson(io_text)) if _may_round(io_text) else fix
+    return fix._replace(attributes=_stored_io(fix.attributes, bytes(_io_text(raw).io)))
 
 
 def _flat(fields: Sequence[bytes] | Mapping[bytes, bytes]) -> Sequence[bytes]:
@@ -211,9 +215,7 @@ def _decode_fast(raw: bytes) -> Fix:
     when = _EPOCH + timedelta(0, 0, 0, ts) if type(ts) is int else _timestamp(ts)
     alt, speed, heading = data.alt, data.speed, data.heading
     io_text = data.io
-    attributes = _read_io(io_text)
-    if attributes is not None and _may_round(bytes(io_text)):
-        attributes = ExactJson(io_text)
+    attributes = _stored_io(_read_io(io_text), bytes(io_text))
     return _new_fix(
         Fix,
         (

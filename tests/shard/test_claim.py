@@ -10,7 +10,6 @@ import redis
 from common.config import Settings
 from common.keys import liveness_key
 from common.timing import LIVENESS_TTL_S
-from shard import claim
 from shard.claim import Claimer
 from shard.stream import ConsumerStream
 
@@ -184,17 +183,17 @@ def test_a_stream_or_group_that_is_gone_has_nothing_to_claim(redis_client, strea
         assert asyncio.run(go()) == ([], [], [], []), setup
 
 
-def test_a_redis_stall_that_let_liveness_keys_lapse_robs_no_live_consumer(redis_client, stream_key, settings, monkeypatch):
+def test_a_redis_stall_that_let_liveness_keys_lapse_robs_no_live_consumer(redis_client, stream_key, settings):
     """After Redis stalled longer than the TTL, every key lapsed, the live consumers' too: none
     is taken for dead until they have had a TTL to refresh theirs."""
     ids = setup_pending(redis_client, stream_key, "other-0", 3)
     age_entries(redis_client, stream_key, "other-0", 2_000)  # its key lapsed in the stall: none set
     now = [1_000.0]
-    monkeypatch.setattr(claim.time, "monotonic", lambda: now[0])
 
     async def go() -> tuple[list[bytes], list[bytes]]:
         stream = ConsumerStream(settings, "survivor-0")
         claimer = Claimer(settings, stream)
+        claimer.clock = lambda: now[0]
         try:
             await claimer.keep_alive()
             now[0] += LIVENESS_TTL_S + 10  # the stall: our next refresh returns this late
