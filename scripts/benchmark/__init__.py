@@ -8,6 +8,7 @@ drain       drain throughput rows and their scenarios
 latency     end-to-end latency under a steady load
 membership  cost of the geofence membership test
 decode_micro  µs per entry of the shards' decoding (`python -m scripts.benchmark.decode_micro`)
+pg_cost     Postgres CPU per fix and statement, the Processor's beside the peer's (`python -m scripts.benchmark.pg_cost`)
 peer        the best-effort peer consumer (a process of its own); versus: the Processor beside it
 growth      cost growth with active devices and geofences
 profiles    --profile: the shards' cProfile by stage, pg_stat_statements
