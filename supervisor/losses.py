@@ -38,7 +38,8 @@ How exact it is, as far as Redis allows:
   entries were lost before our group read them, though perhaps before this release watched.
 
 The log names the range the lost ids lie in: after the group's position at the previous
-pass, and before the stream's first entry (a trim) or up to the largest deleted id.
+pass, and before the stream's first entry (a trim) or up to the largest deleted id (a
+deletion, also one beyond a trim in the same pass).
 """
 
 from __future__ import annotations
@@ -158,7 +159,9 @@ def parse(reply: list[Any]) -> Watch:
 def lost_range(watch: Watch) -> dict[str, str]:
     """Where the lost ids lie, as far as Redis tells: after one id, and before (a trim) or up to (a deletion) another."""
     after = watch.previous_position or watch.position
-    if watch.first_id and _after(watch.first_id, after):
+    trimmed = bool(watch.first_id) and _after(watch.first_id, after)
+    # A deletion beyond the first entry, besides a trim, lies past the trim's range.
+    if trimmed and not (watch.max_deleted_id and _after(watch.max_deleted_id, watch.first_id)):
         return {"ids_after": after, "ids_before": watch.first_id}
     upto = max((watch.max_deleted_id, watch.position), key=_key)
     if not watch.previous_position:  # the first look: no earlier position to start from

@@ -98,8 +98,11 @@ def test_a_group_created_again_starts_the_watch_over(redis_client, stream_key, s
     [
         ([b"counted", 3, 1, b"5-0", b"5-0", b"9-0", b"0-0", 3], {"ids_after": "5-0", "ids_before": "9-0"}),
         ([b"counted", 1, 0, b"5-0", b"7-0", b"1-0", b"8-0", -1], {"ids_after": "5-0", "ids_up_to": "8-0"}),
+        ([b"counted", 4, 1, b"5-0", b"5-0", b"9-0", b"12-0", 4], {"ids_after": "5-0", "ids_up_to": "12-0"}),
+        ([b"counted", 3, 1, b"5-0", b"5-0", b"9-0", b"3-0", 3], {"ids_after": "5-0", "ids_before": "9-0"}),
     ],
 )
 def test_the_logged_range(reply, expected) -> None:
-    """A trim is reported as ids between the group's position and the first entry; a deletion up to the largest deleted id."""
+    """A trim is reported as ids between the group's position and the first entry; a deletion up to the
+    largest deleted id; both in one pass (a deletion beyond the trimmed range) up to the largest deleted id."""
     assert lost_range(parse(reply)) == expected
