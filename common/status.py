@@ -40,6 +40,44 @@ LAST_WORDS_BYTES = 1024
 _READ_ATTEMPTS = 1000  # a write takes microseconds; a reader never needs more than a few
 
 
+class _Record:
+    """A record with one writer at a time and readers in other processes, in two copies.
+
+    `struct.pack_into` zeroes its target before it packs the values, so a reader of a record
+    being written in place can see every counter at 0 (Prometheus reads a drop as a reset),
+    and a writer killed mid-write would leave it so for its successor. Here the writer fills
+    the copy readers are not directed to, then advances the sequence that directs them; a
+    reader takes the copy the sequence names and checks that the sequence did not move
+    meanwhile. A writer killed at any point leaves the last whole copy in force.
+    """
+
+    _SEQUENCE = struct.Struct("<Q")
+
+    def __init__(self, layout: struct.Struct, at: int) -> None:
+        self.layout = layout
+        self.at = at
+
+    @classmethod
+    def size(cls, layout: struct.Struct) -> int:
+        return cls._SEQUENCE.size + 2 * layout.size
+
+    def _copy_at(self, sequence: int) -> int:
+        return self.at + self._SEQUENCE.size + (sequence % 2) * self.layout.size
+
+    def write(self, memory: mmap.mmap, *values: object) -> None:
+        sequence = self._SEQUENCE.unpack_from(memory, self.at)[0]
+        self.layout.pack_into(memory, self._copy_at(sequence + 1), *values)
+        self._SEQUENCE.pack_into(memory, self.at, sequence + 1)
+
+    def read(self, memory: mmap.mmap) -> tuple[object, ...]:
+        for _ in range(_READ_ATTEMPTS):
+            sequence = self._SEQUENCE.unpack_from(memory, self.at)[0]
+            values = self.layout.unpack_from(memory, self._copy_at(sequence))
+            if self._SEQUENCE.unpack_from(memory, self.at)[0] == sequence:
+                break
+        return values
+
+
 @dataclass(frozen=True)
 class ShardStatus:
     heartbeat: float = 0.0
@@ -94,25 +132,25 @@ class StatusBoard:
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        self._supervisor_at = _SLOT.size * slots
-        self._maintenance_at = self._supervisor_at + _SUPERVISOR.size + _SUPERVISED.size * slots
-        self._last_words_at = self._maintenance_at + _MAINTENANCE.size
+        self._slots = [_Record(_SLOT, slot * _Record.size(_SLOT)) for slot in range(slots)]
+        self._supervisor_at = _Record.size(_SLOT) * slots
+        self._maintenance = _Record(_MAINTENANCE, self._supervisor_at + _SUPERVISOR.size + _SUPERVISED.size * slots)
+        self._last_words_at = self._maintenance.at + _Record.size(_MAINTENANCE)
         self._map = mmap.mmap(-1, self._last_words_at + LAST_WORDS_BYTES * (slots + 1))
 
     def read(self, slot: int) -> ShardStatus:
-        values = _SLOT.unpack_from(self._map, slot * _SLOT.size)
+        values = self._slots[slot].read(self._map)
         heartbeat, pid, redis_ok, pg_ok, processed, dead, claimed, batches, in_flight, lost, expired, seconds = values[
             :_SLOT_FIELDS
         ]
         return ShardStatus(
-            heartbeat, pid, bool(redis_ok), bool(pg_ok), processed, dead, claimed, batches, in_flight, lost, expired, seconds,
-            tuple(values[_SLOT_FIELDS:]),
+            heartbeat, pid, bool(redis_ok), bool(pg_ok), processed, dead, claimed, batches, in_flight, lost, expired, seconds,  # type: ignore[arg-type]
+            tuple(values[_SLOT_FIELDS:]),  # type: ignore[arg-type]
         )
 
     def write(self, slot: int, status: ShardStatus) -> None:
-        _SLOT.pack_into(
+        self._slots[slot].write(
             self._map,
-            slot * _SLOT.size,
             status.heartbeat,
             status.pid,
             status.redis_ok,
@@ -161,10 +199,10 @@ class StatusBoard:
 
     def write_maintenance(self, state: MaintenanceState) -> None:
         """The maintenance process's part, written by that process alone."""
-        _MAINTENANCE.pack_into(self._map, self._maintenance_at, state.lost, state.pass_at)
+        self._maintenance.write(self._map, state.lost, state.pass_at)
 
     def read_maintenance(self) -> MaintenanceState:
-        return MaintenanceState(*_MAINTENANCE.unpack_from(self._map, self._maintenance_at))
+        return MaintenanceState(*self._maintenance.read(self._map))  # type: ignore[arg-type]
 
     def write_last_words(self, area: int | None, text: str) -> None:
         """Leave `text` (one line, cut to fit) for the supervisor: `area` is a shard slot, None the maintenance process."""
