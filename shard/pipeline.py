@@ -161,6 +161,7 @@ class Pipeline:
                 return  # not committed: its entries stay pending (`run` raises the error)
         if previous is not None:
             await previous  # ACKs (and counters) in batch order
+        self.report.committed(batch)
         written = await retry("redis", self.report.reach, self.stream.settle, batch.acked, batch.dead, batch.recovered)
         if batch.gone:
             removed = await retry("redis", self.report.reach, self.stream.ack_gone, batch.gone)

@@ -53,12 +53,22 @@ class Report:
             self.claimed += len(entry_ids)
         self.publish()
 
+    def committed(self, batch: Batch) -> None:
+        """A batch committed and about to be ACKed: its fixes (and expired ones) are counted now.
+
+        Counted after the ACK, they would be lost with a shard killed in between (the event
+        loop may run other work for milliseconds before the ACK's reply is handled), and the
+        counter would fall behind what was stored; counted here, such entries are delivered
+        again and count again, as any redelivered duplicate does.
+        """
+        self.processed += len(batch.fixes)
+        self.expired += len(batch.expired)
+        self.publish()
+
     def settled(self, batch: Batch, letters_written: int) -> None:
         """A batch committed, ACKed and dead-lettered: one log line, counters, the slot."""
         elapsed = time.monotonic() - batch.started
         self.in_flight.difference_update(batch.ids)
-        self.processed += len(batch.fixes)
-        self.expired += len(batch.expired)
         self.dead_lettered += letters_written
         self.batches += 1
         self.batch_seconds_sum += elapsed
