@@ -127,6 +127,13 @@ def _claim(response: list[Any], **options: Any) -> list[Any]:
     return response if options.get("parse_justid", False) else _entries(response)
 
 
+def text(value: bytes | str) -> str:
+    """Text of a Redis value, for logs, metrics and output. Redis names (groups, consumers) may be
+    any bytes: those that are not UTF-8 appear as \\xNN escapes. Never sent back to Redis: a name
+    given to a command again is passed as the bytes Redis sent."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+
+
 def keep_field_pairs(client: redis.Redis | redis.asyncio.Redis) -> None:
     """Make `client` return stream entries' fields as flat lists of names and values."""
     for command, parser in (

@@ -19,9 +19,10 @@ from common.config import Settings
 from common.errors import ProcessorError
 from common.keys import DATA_FIELD, DLQ_ERROR_FIELDS
 from common.letters import LetterParts, split_letter
+from common.redis_client import text
 from ops.arguments import MAX_STREAM_ID_PART, whole_number
 from ops.errors import UsageError, redis_client
-from ops.terminal import cell, is_utf8, printable, table_lines, text
+from ops.terminal import cell, is_utf8, printable, table_lines
 
 DLQ_LIST_DEFAULT = 20
 DLQ_LIST_MAX = 100_000  # read in one XRANGE and held in memory; more pages on with --after

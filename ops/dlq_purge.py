@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.config import Settings
+from common.redis_client import text
 from ops.dlq_letters import UnknownLetters, checked_ids
 from ops.errors import redis_client
-from ops.terminal import Confirm, Declined, count, text
+from ops.terminal import Confirm, Declined, count
 
 # KEYS[1] the DLQ; ARGV the letter ids. All or nothing: if any id is missing, the reply is
 # {0, missing ids...} and nothing is deleted; else {number deleted}.

@@ -34,9 +34,10 @@ from redis.exceptions import WatchError
 from common.config import Settings
 from common.errors import ProcessorError
 from common.letters import SCRIPT_MAX_VALUES, split_letter
+from common.redis_client import text
 from ops.dlq_letters import UnknownLetters, checked_ids
 from ops.errors import redis_client
-from ops.terminal import count, text
+from ops.terminal import count
 
 REPLAY_PAGE = 100  # letters per page of `replay --all`: keeps each script call short
 WATCH_BUDGET_S = 60.0  # how long a transaction is retried while DLQ_KEY keeps changing

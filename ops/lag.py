@@ -14,8 +14,9 @@ from common.config import Settings
 from common.errors import ExitCode
 from common.keys import lost_key
 from common.lag import Lag, group_lag
+from common.redis_client import text
 from ops.errors import redis_client
-from ops.terminal import cell, count, emit, format_ms, table_lines, text
+from ops.terminal import cell, count, emit, format_ms, table_lines
 from supervisor.trimming import StreamState, read_stream_state
 
 

@@ -63,11 +63,6 @@ def count(n: int, one: str, many: str) -> str:
 # --- data from Redis ------------------------------------------------------------------
 
 
-def text(value: bytes | str) -> str:
-    """Text of a Redis value; bytes that are not UTF-8 appear as \\xNN escapes."""
-    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
-
-
 def is_utf8(value: bytes) -> bool:
     try:
         value.decode("utf-8")

@@ -19,6 +19,7 @@ from typing import Any
 from common.config import Settings
 from common.faults import unless_gone
 from common.keys import liveness_key, lost_key
+from common.redis_client import text
 from common.timing import LIVENESS_TTL_S
 from shard.stream import ConsumerStream, Entry
 
@@ -113,16 +114,16 @@ class Claimer:
     async def from_dead(self) -> AsyncIterator[list[Entry]]:
         """Every pending entry of consumers whose liveness key expired."""
         for consumer in await self._consumers():
-            name = _text(consumer["name"])
-            if name == self.stream.consumer or not consumer["pending"]:
+            raw, name = consumer["name"], text(consumer["name"])  # Redis is given back the bytes it sent
+            if raw == self._own or not consumer["pending"]:
                 continue
-            if await self.redis.exists(self._alive(name)) or not self._liveness_trusted():
+            if await self.redis.exists(self._alive(raw)) or not self._liveness_trusted():
                 continue
             log.warning("consumer is dead; claiming its entries", extra={"dead_consumer": name, "pending": consumer["pending"]})
-            async for entries in self.pending_of(name, DEAD_CLAIM_MIN_IDLE_MS):
+            async for entries in self.pending_of(raw, DEAD_CLAIM_MIN_IDLE_MS):
                 yield entries
 
-    async def pending_of(self, consumer: str, min_idle_ms: int) -> AsyncIterator[list[Entry]]:
+    async def pending_of(self, consumer: str | bytes, min_idle_ms: int) -> AsyncIterator[list[Entry]]:
         """One consumer's pending entries idle at least `min_idle_ms`, claimed page by page."""
         while True:
             pending = await unless_gone(self.redis.xpending_range(
@@ -157,7 +158,7 @@ class Claimer:
             self._count_gone(deleted)
             if entries:
                 yield entries
-            if _text(cursor) == "0-0":  # a page can be empty while the cursor still moves on
+            if text(cursor) == "0-0":  # a page can be empty while the cursor still moves on
                 return
 
     async def forget_idle_consumers(self) -> list[str]:
@@ -165,12 +166,12 @@ class Claimer:
         limit_ms = self.settings.claim_threshold_ms * FORGET_AFTER_THRESHOLDS
         forgotten = []
         for consumer in await self._consumers():
-            name = _text(consumer["name"])
-            if name == self.stream.consumer or consumer["pending"] or consumer["idle"] < limit_ms:
+            raw = consumer["name"]
+            if raw == self._own or consumer["pending"] or consumer["idle"] < limit_ms:
                 continue
-            keys = [self.stream.stream, self._alive(name)]
-            if await self._forget(keys=keys, args=[self.stream.group, name]):
-                forgotten.append(name)
+            keys = [self.stream.stream, self._alive(raw)]
+            if await self._forget(keys=keys, args=[self.stream.group, raw]):
+                forgotten.append(text(raw))
         if forgotten:
             log.info("idle consumers removed from the group", extra={"consumers": forgotten})
         return forgotten
@@ -180,8 +181,13 @@ class Claimer:
         restarted without its data), which the reader creates again at its next read."""
         return await unless_gone(self.redis.xinfo_consumers(self.stream.stream, self.stream.group), [])
 
-    def _alive(self, consumer: str) -> str:
-        return liveness_key(self.stream.stream, consumer)
+    def _alive(self, consumer: str | bytes) -> bytes:
+        """A consumer's liveness key; a name read from Redis is used as the bytes it is."""
+        return liveness_key(self.stream.stream, "").encode() + (consumer if isinstance(consumer, bytes) else consumer.encode())
+
+    @property
+    def _own(self) -> bytes:
+        return self.stream.consumer.encode()
 
     def _count_gone(self, gone: list[bytes]) -> None:
         """Claimed ids whose entries were deleted or trimmed: counted in Redis by the script, here and in the log."""
@@ -190,5 +196,3 @@ class Claimer:
             self.on_lost(gone, "deleted while pending (claimed)")
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -60,7 +60,7 @@ from common.config import Settings
 from common.faults import stream_or_group_gone
 from common.keys import trim_history_key, trim_last_key
 from common.lag import group_lag
-from common.redis_client import sync_client
+from common.redis_client import sync_client, text
 from common.status import MaintenanceState, StatusBoard
 from supervisor.losses import LossWatch
 from supervisor.lua import PRELUDE
@@ -209,10 +209,6 @@ def group_from_row(row: list[Any]) -> GroupState:
     )
 
 
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class StreamDuty:
     """The maintenance duty: trim once, look for lost entries once, report both."""
 
@@ -326,7 +322,7 @@ def _look(client: redis.Redis, settings: Settings) -> StreamState:
     groups = []
     for g in client.xinfo_groups(stream):
         name, last_delivered = text(g["name"]), text(g["last-delivered-id"])
-        oldest = client.xpending(stream, name)["min"] if g["pending"] else None
+        oldest = client.xpending(stream, g["name"])["min"] if g["pending"] else None  # the name as Redis has it
         after = client.xrange(stream, min=f"({last_delivered}", max="+", count=1)
         unread = group_lag(client, stream, g).count if after else 0
         groups.append(GroupState(

@@ -209,3 +209,27 @@ def test_a_redis_stall_that_let_liveness_keys_lapse_robs_no_live_consumer(redis_
     during, after = asyncio.run(go())
     assert during == [], "robbed a consumer Redis kept from refreshing its key"
     assert sorted(after) == sorted(ids), "still dead a TTL later: claimed"
+
+
+def test_consumers_whose_names_are_not_utf8_are_claimed_from_and_forgotten(redis_client, stream_key, env):
+    """Redis names are bytes: a dead consumer named b"t\\xe9l\\xe9" (another tool's, in our group) has
+    its entries claimed, and, empty and idle, is forgotten by that name (logged escaped)."""
+    settings = Settings.from_env({**env, "CLAIM_THRESHOLD_MS": "1"})
+    ids = setup_pending(redis_client, stream_key, b"t\xe9l\xe9", 3)
+    age_entries(redis_client, stream_key, b"t\xe9l\xe9", 2_000)
+    claimed, gone = run_claimer(settings, "from_dead")
+    assert sorted(claimed) == sorted(ids) and gone == 0
+
+    async def forget() -> list[str]:
+        stream = ConsumerStream(settings, "survivor-0")
+        try:
+            return await Claimer(settings, stream).forget_idle_consumers()
+        finally:
+            await stream.close()
+
+    from tests.e2e.processes import wait_for
+
+    wait_for(lambda: all(c["idle"] >= 10 for c in redis_client.xinfo_consumers(stream_key, "processor")), 5,
+             what="consumers idle past 10 thresholds")
+    assert asyncio.run(forget()) == ["t\\xe9l\\xe9"]
+    assert [c["name"] for c in redis_client.xinfo_consumers(stream_key, "processor")] == [b"survivor-0"]

@@ -195,3 +195,21 @@ def test_compute_trim_point_names_the_holder_and_how_far_beyond_retention() -> N
     assert compute_trim_point(groups[1:], "processor", f"{now}-0", now, 0).safe_id is None, "our group is missing"
     off = compute_trim_point(groups, "processor", f"{now}-0", now, None)
     assert off.safe_id == f"{now - 500_000}-0" and not off.holding_back()
+
+
+def test_a_group_whose_name_is_not_utf8_is_read_and_holds_back_the_trim(redis_client, stream_key, env):
+    """Another application's group named b"legacy-\\xe9t\\xe9", with entries pending: the stream's state
+    is read (the gauges and `processor lag` show it, escaped), and the maintenance pass trims no
+    entry that group still needs."""
+    ids = fill(redis_client, stream_key, 100)
+    redis_client.xgroup_create(stream_key, "processor", id="0")
+    read_and_ack(redis_client, stream_key, "processor", 100, 100)
+    redis_client.xgroup_create(stream_key, b"legacy-\xe9t\xe9", id="0")
+    read_and_ack(redis_client, stream_key, b"legacy-\xe9t\xe9", 40, 10)
+    state = read_stream_state(redis_client, Settings.from_env({**env, "STREAM_RETENTION_MS": "0"}))
+    assert state is not None and state.point.holder == "legacy-\\xe9t\\xe9"
+    legacy = next(g for g in state.point.groups if g.group == "legacy-\\xe9t\\xe9")
+    assert legacy.pending == 30 and legacy.needs_from == ids[10].decode()
+    point = duty(env, "0").trim()
+    assert point.safe_id == ids[10].decode() and point.holder == "legacy-\\xe9t\\xe9"
+    assert [entry_id for entry_id, _ in redis_client.xrange(stream_key, min=ids[10])] == ids[10:]
