@@ -10,7 +10,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 import psycopg
 import redis
@@ -186,12 +186,26 @@ def url_secrets(url: str) -> set[str]:
     return found
 
 
+# What a REDIS_URL's query may set: the database, credentials and TLS. redis-py lets the URL
+# override any option the Processor gives its clients (the RESP2 protocol every parser here
+# expects, bytes replies, timeouts, pool size, client name): `decode_responses=True` made
+# every entry look as if it had no `data` field, and dead-lettered valid fixes.
+_REDIS_QUERY = ("db", "username", "password")
+_REDIS_QUERY_PREFIX = "ssl_"
+
+
 def _check_redis_url(label: str, url: str, path: str, secrets: set[str]) -> None:
     """What redis-py makes of the URL, checked without connecting: it would take an unknown
     query parameter to its connection's constructor (a TypeError at the first command), and
     a database that is not a number for 0."""
     if path not in ("", "/") and not re.fullmatch(r"/[0-9]+", path):
         raise ConfigError(f"{label}: the database after the host must be a number, got {redact_url(url)}")
+    for key, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if key not in _REDIS_QUERY and not key.startswith(_REDIS_QUERY_PREFIX):
+            raise ConfigError(
+                f"{label}: query parameter {key!r} is not allowed: the Processor sets its Redis clients' options "
+                f"itself (a URL may set {', '.join(_REDIS_QUERY)} and {_REDIS_QUERY_PREFIX}*): {redact_url(url)}"
+            )
     try:
         # Both clients: the shards' asyncio connection takes fewer parameters than the sync one.
         redis.ConnectionPool.from_url(url).make_connection()

@@ -113,6 +113,11 @@ def test_a_libpq_url_may_name_several_hosts() -> None:
         ("REDIS_URL", "redis://127.0.0.1:6379/-1"), ("REDIS_URL", "redis://127.0.0.1:0/0"),
         ("REDIS_URL", "rediss://h:6379/0?ssl_validate_ocsp=true"),  # the sync client takes it, the shards' asyncio one not
         ("REDIS_URL", "redis://h:6379/0?cache_config=x&protocol=3"),  # AttributeError in redis-py's constructor
+        # Options the Processor sets itself, which redis-py would let the URL override: bytes
+        # replies, RESP2, timeouts, the pool, the client's name.
+        ("REDIS_URL", "redis://h:6379/0?decode_responses=True"), ("REDIS_URL", "redis://h:6379/0?protocol=2"),
+        ("REDIS_URL", "redis://h:6379/0?socket_timeout=5"), ("REDIS_URL", "redis://h:6379/0?max_connections=1"),
+        ("REDIS_URL", "redis://h:6379/0?client_name=x"), ("REDIS_URL", "unix:///tmp/r.sock?encoding=latin-1"),
         ("SHARDS", "1" * 5_000),  # int() refuses over 4,300 digits with its own ValueError
         # libpq checks these values only when it connects, and says so as an outage would.
         ("DATABASE_URL", "postgresql://u@h:5432/db?sslmode=bogus"),
