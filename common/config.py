@@ -140,6 +140,14 @@ def redact_url(url: str) -> str:
     return _CONNINFO_SECRET.sub(r"\g<head>***", url)
 
 
+def _shown_url(value: str, quoted: bool = False) -> str:
+    """A refused URL as an error shows it: masked, and not at all without a scheme (it may be a
+    password pasted alone, or a secret file's content)."""
+    if "://" not in value:
+        return f"{len(value)} characters without a scheme (not shown)"
+    return repr(redact_url(value)) if quoted else redact_url(value)
+
+
 def _mask_userinfo_password(url: str) -> str:
     """Mask what lies between the userinfo's colon and the last `@`, in a URL or in text that
     only resembles one: quoted, prefixed (`DATABASE_URL=…`, a BOM), or with a mangled scheme
@@ -147,7 +155,7 @@ def _mask_userinfo_password(url: str) -> str:
     being well formed; where the userinfo cannot be told apart, more is masked, never less."""
     at = url.rfind("@")
     if at < 0:
-        return url
+        return _AUTHORITY_PASSWORD.sub(r"\g<head>***", url)
     slashes = url.find("//", 0, at)
     if slashes < 0:
         colon = url.find(":", 0, at)
@@ -157,6 +165,10 @@ def _mask_userinfo_password(url: str) -> str:
             colon = url.find(":", 0, slashes - 1)
     return url if colon < 0 else f"{url[: colon + 1]}***{url[at:]}"
 
+
+# Without an `@`, `scheme://user:secret` (a paste cut short) reads as a host and a port: unless
+# a port number follows a host's colon, all that follows is masked (the secret may hold a `/`).
+_AUTHORITY_PASSWORD = re.compile(r"(?P<head>(?://|,)[^/?#,:@\[\]]*:)(?![0-9]*(?:[/?#,]|$)).+")
 
 # libpq's secrets (`password`, `sslpassword`: the client key's passphrase) and redis-py's
 # (`password`, `ssl_password`), compared percent-decoded and in any case: libpq decodes the
@@ -289,8 +301,8 @@ class _Reader:
         value, label = self.text_or_file(name, default)
         if any(ch.isspace() or not ch.isprintable() for ch in value):
             # A URL carries these percent-encoded; raw, they are a paste gone wrong.
-            raise ConfigError(f"{label} contains spaces or control characters: {redact_url(value)!r}")
-        bad = ConfigError(f"{label} is not a valid URL (bad host or port): {redact_url(value)}")
+            raise ConfigError(f"{label} contains spaces or control characters: {_shown_url(value, quoted=True)}")
+        bad = ConfigError(f"{label} is not a valid URL (bad host or port): {_shown_url(value)}")
         try:
             parts = urlsplit(value)
             # a libpq URL may name several hosts: its ports are checked below. Port 0 is no port:
@@ -300,9 +312,7 @@ class _Reader:
         except ValueError:
             raise bad from None
         if parts.scheme not in schemes:
-            raise ConfigError(
-                f"{label} must start with {' or '.join(s + '://' for s in schemes)}, got {redact_url(value)}"
-            )
+            raise ConfigError(f"{label} must start with {' or '.join(s + '://' for s in schemes)}, got {_shown_url(value)}")
         if parts.scheme != "unix" and not parts.netloc and not parts.query:
             raise ConfigError(f"{label} names no host: {redact_url(value)}")
         secrets = url_secrets(value)

@@ -129,8 +129,13 @@ def test_not_utf8_is_a_configuration_error(tmp_path: Path) -> None:
         ("MIGRATION_DATABASE_URL", f"postgresql://h/db?sslpassword={SECRET}&sslmode=bogus%"),
         ("REDIS_URL", f"http://:{SECRET}@cache/0"),
         ("REDIS_URL", f"redis://:{SECRET}@cache:port/0"),
+        # A secret file holding the password alone, or a URL cut short before its `@`.
+        ("REDIS_URL", SECRET), ("DATABASE_URL", f"app:{SECRET}"),
+        ("REDIS_URL", f"redis://processor:{SECRET}"), ("DATABASE_URL", f"postgresql://app:{SECRET}/gps"),
+        ("MIGRATION_DATABASE_URL", f"postgresql://h1:5432,h2:{SECRET}/gps"),
     ],
-    ids=["scheme", "port", "conninfo", "bad-escape", "redis-scheme", "redis-port"],
+    ids=["scheme", "port", "conninfo", "bad-escape", "redis-scheme", "redis-port", "password-alone", "userinfo-alone",
+         "redis-no-at", "postgres-no-at", "second-host-no-at"],
 )
 def test_file_content_is_validated_like_the_variable(tmp_path: Path, name: str, content: str) -> None:
     """A malformed URL from a file is refused as the variable would be, naming the file, not its secret."""
@@ -138,8 +143,9 @@ def test_file_content_is_validated_like_the_variable(tmp_path: Path, name: str, 
     message = config_error({f"{name}_FILE": str(path)})
     assert f"{name}_FILE" in message and str(path) in message
     assert SECRET not in message
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as refused:
         Settings.from_env({name: content})
+    assert SECRET not in str(refused.value)
 
 
 @pytest.mark.parametrize(
