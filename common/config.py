@@ -245,6 +245,10 @@ class _Reader:
         return value
 
     def name(self, name: str, default: str) -> str:
+        """A key or name of 1-200 printable characters; a default (DLQ_KEY's is derived from a
+        valid STREAM_KEY, and may be a little longer) is taken as it is."""
+        if name not in self.env:
+            return default
         value = self.text(name, default)
         if len(value) > 200 or any(ch.isspace() or not ch.isprintable() for ch in value):
             raise ConfigError(f"{name} must be 1-200 printable characters without spaces, got {value!r}")
@@ -276,7 +280,7 @@ class _Reader:
         raw = self.text(name, str(default))
         if raw.lower() == "off":
             return None
-        if not re.fullmatch(r"[0-9]+", raw):
+        if not _WHOLE_NUMBER.fullmatch(raw):  # signed as every whole number: `+1`, `-0`
             raise ConfigError(f"{name} must be a whole number of milliseconds or off, got {raw!r}")
         return self.integer(name, default, low, high)
 

@@ -89,6 +89,12 @@ def test_a_libpq_url_may_name_several_hosts() -> None:
     assert "s3cret" not in str(info.value)
 
 
+def test_the_longest_stream_key_gets_its_default_dlq() -> None:
+    """A STREAM_KEY of 200 characters is valid, and so is the DLQ_KEY derived from it (204)."""
+    settings = Settings.from_env({"STREAM_KEY": "s" * 200})
+    assert settings.dlq_key == "s" * 200 + ":dlq"
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
