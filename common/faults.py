@@ -85,6 +85,12 @@ POSTGRES_REFUSED_MESSAGES = (
     # ones with a fixed set of values before): `connect_timeout=abc`, a port beyond 65535.
     "invalid integer value",
     "invalid port number",
+    # The server refuses the settings a URL sends at connection (`client_encoding=bogus`,
+    # `options=-c x=y`): no SQLSTATE reaches the client then, only the words.
+    "invalid value for parameter",
+    "unrecognized configuration parameter",
+    "is outside the valid range for parameter",
+    'definition of service "',  # `service=name` missing from libpq's service file
 )
 # libpq says that it does not trust the server's certificate only in words (no SQLSTATE,
 # no exception type): signed by a CA other than sslrootcert's, expired, or for another host.

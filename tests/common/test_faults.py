@@ -65,6 +65,11 @@ CASES = [
     (pg(psycopg.OperationalError, 'FATAL: password authentication failed for user "x"'), O.REFUSED),
     (pg(psycopg.OperationalError, 'invalid integer value "x" for connection option "keepalives_idle"'), O.REFUSED),
     (pg(psycopg.OperationalError, 'invalid port number: "70000"'), O.REFUSED),
+    # The server refusing a URL's settings at connection (words only, no SQLSTATE).
+    (pg(psycopg.OperationalError, 'failed: FATAL:  invalid value for parameter "client_encoding": "bogus"'), O.REFUSED),
+    (pg(psycopg.OperationalError, 'failed: FATAL:  unrecognized configuration parameter "bogus_setting"'), O.REFUSED),
+    (pg(psycopg.OperationalError, 'FATAL:  -5 kB is outside the valid range for parameter "work_mem" (64 .. 2147483647)'), O.REFUSED),
+    (pg(psycopg.OperationalError, 'connection is bad: definition of service "nonexist" not found'), O.REFUSED),
     (pg(psycopg.OperationalError, 'FATAL: database "nope" does not exist'), O.REFUSED),
     (pg(psycopg.OperationalError, "no pg_hba.conf entry for host"), O.REFUSED),
     (pg(psycopg.errors.InvalidPassword), O.REFUSED),

@@ -36,3 +36,12 @@ def test_shard_exits_78_when_postgres_refuses_its_database(env, database_url, tm
         os._exit(Shard(settings, 0, StatusBoard(1)).run())
     _, status = wait_for(lambda: (reaped := os.waitpid(pid, os.WNOHANG))[0] == pid and reaped, 30)
     assert os.waitstatus_to_exitcode(status) == ExitCode.CONFIG
+
+
+@pytest.mark.parametrize("query", ["client_encoding=bogus", "options=-c%20statement_timeout%3Dabc", "service=no_such_service"])
+def test_settings_the_server_refuses_at_connection_halt_78(env, database_url, start_processor, query):
+    """A DATABASE_URL whose settings Postgres (or libpq) refuses when it connects is a configuration
+    error, like a wrong password: halt 78 at once, not an outage waited out for a minute."""
+    processor = start_processor({**env, "DATABASE_URL": f"{database_url}?{query}", "MIGRATION_DATABASE_URL": database_url})
+    assert processor.wait(30) == ExitCode.CONFIG
+    assert "shard spawned" not in processor.log_messages()
