@@ -1,20 +1,24 @@
 """The HTTP server of /healthz and /metrics: a thread per connection, every client bounded.
 
 A client gets REQUEST_DEADLINE_S for its whole request line and headers (MAX_HEAD_BYTES at
-most) and WRITE_TIMEOUT_S to take the answer; at most MAX_CONNECTIONS are served at once,
-and one more is answered 503 at once and closed. So no client, however slow, stalled,
-numerous or large, keeps the others from an answer. It runs in the HTTP process
+most) and WRITE_TIMEOUT_S to take the answer; at most MAX_CONNECTIONS are served at once.
+When all are taken, the one that has waited longest for its request's head is cut to make
+room (a client that asks at once, as a health check or a scrape does, is never that one);
+only when none is waiting is the newcomer answered 503 and closed. So no client, however
+slow, stalled, numerous or large, keeps the others from an answer. It runs in the HTTP process
 (supervisor/http_process.py), never in the supervisor, which only binds the socket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -30,7 +34,8 @@ log = logging.getLogger("processor.http")
 REQUEST_DEADLINE_S = 2.0  # from accept to the end of the request's headers
 WRITE_TIMEOUT_S = 2.0  # to send the whole answer
 MAX_HEAD_BYTES = 8192  # request line and headers
-MAX_CONNECTIONS = 64  # served at once; more are answered 503 and closed
+MAX_CONNECTIONS = 64  # served at once
+EVICTED_WAIT_S = 0.5  # for the slot of a connection cut to make room
 LISTEN_BACKLOG = 128
 REFUSE_DRAIN_READS = 8  # of MAX_HEAD_BYTES each, before closing a refused connection
 
@@ -93,13 +98,38 @@ class HealthServer(ThreadingHTTPServer):
         self.socket.close()
         self.socket = listener
         self.slots = threading.BoundedSemaphore(max_connections)
+        self._waiting: dict[socket.socket, None] = {}  # still reading their request's head, oldest first
+        self._waiting_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def waiting_for_head(self, sock: socket.socket) -> Iterator[None]:
+        with self._waiting_lock:
+            self._waiting[sock] = None
+        try:
+            yield
+        finally:
+            with self._waiting_lock:
+                self._waiting.pop(sock, None)
+
+    def _cut_longest_waiting(self) -> bool:
+        """Cut the connection that has waited longest for its head; its thread then frees its slot."""
+        with self._waiting_lock:
+            oldest = next(iter(self._waiting), None)
+            if oldest is None:
+                return False
+            del self._waiting[oldest]
+        with contextlib.suppress(OSError):
+            oldest.shutdown(socket.SHUT_RDWR)
+        return True
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """On the accepting thread: start the connection's thread, or refuse it at once when full."""
+        """On the accepting thread: start the connection's thread; when all slots are taken, first
+        make room by cutting the longest-waiting idle connection, else refuse this one at once."""
         if not self.slots.acquire(blocking=False):
-            refuse(request, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; try again", 0.0)
-            self.shutdown_request(request)
-            return
+            if not (self._cut_longest_waiting() and self.slots.acquire(timeout=EVICTED_WAIT_S)):
+                refuse(request, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; try again", 0.0)
+                self.shutdown_request(request)
+                return
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -141,7 +171,8 @@ def _handler_class(observer: Observer) -> type[BaseHTTPRequestHandler]:
         def handle(self) -> None:
             """One request per connection, its head read within the deadline and the size limit."""
             try:
-                head = read_head(self.connection, time.monotonic() + REQUEST_DEADLINE_S)
+                with self.server.waiting_for_head(self.connection):  # type: ignore[attr-defined]
+                    head = read_head(self.connection, time.monotonic() + REQUEST_DEADLINE_S)
             except TimeoutError:
                 refuse(self.connection, HTTPStatus.REQUEST_TIMEOUT, "request not complete in time", WRITE_TIMEOUT_S)
                 return

@@ -175,14 +175,34 @@ def test_many_idle_connections_do_not_stop_healthz(serve) -> None:  # type: igno
     assert status == 200 and seconds < 0.5
 
 
-def test_connections_over_the_cap_are_refused_at_once(serve) -> None:  # type: ignore[no-untyped-def]
-    """With the cap taken by idle clients one more is answered 503 at once; once they are cut, 200 again."""
+def test_idle_connections_over_the_cap_make_room_for_a_request(serve) -> None:  # type: ignore[no-untyped-def]
+    """With every slot taken by idle clients, a client that asks is served at once: the idle client
+    that has waited longest is cut to make room. Idle clients refreshed as fast as they are cut (a
+    slowloris) keep nobody from an answer."""
     served = serve(healthy_board(), max_connections=3)
-    for _ in range(3):
+    idle = [served.connect() for _ in range(3)]
+    wait_for(lambda: len(served.server._waiting) == 3, 5, what="three idle clients in their slots")  # noqa: SLF001
+    status, _, seconds = served.get("/healthz")
+    assert status == 200 and seconds < 1.0
+    idle[0].settimeout(1.0)
+    assert idle[0].recv(1) == b"", "the longest-waiting idle client was cut"
+    for _ in range(10):
         served.connect()
-    status, body, seconds = wait_for(lambda: (r := served.get("/healthz"))[0] == 503 and r, 5, what="a refusal")
-    assert b"too many connections" in body and seconds < 0.5
-    wait_for(lambda: served.get("/healthz")[0] == 200, http.REQUEST_DEADLINE_S + 2, what="the idle clients cut")
+        status, _, seconds = served.get("/healthz")
+        assert status == 200 and seconds < 1.0
+
+
+def test_a_newcomer_is_refused_when_no_connection_is_idle(serve) -> None:  # type: ignore[no-untyped-def]
+    """All slots busy with requests under way (none waiting for its head): one more is answered 503 at once."""
+    served = serve(healthy_board(), max_connections=2)
+    held = [served.server.slots.acquire(blocking=False) for _ in range(2)]
+    try:
+        status, body, seconds = served.get("/healthz")
+        assert status == 503 and b"too many connections" in body and seconds < 1.0 + http.EVICTED_WAIT_S
+    finally:
+        for _ in held:
+            served.server.slots.release()
+    assert served.get("/healthz")[0] == 200
 
 
 def test_oversized_headers_are_refused(serve) -> None:  # type: ignore[no-untyped-def]
