@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
@@ -185,20 +186,39 @@ def _handler_class(observer: Observer) -> type[BaseHTTPRequestHandler]:
                 self.handle_one_request()
 
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
-            if self.path.split("?")[0] == "/healthz":
+            path = urlsplit(self.path).path  # also of an absolute-form request line (RFC 9112 3.2.2)
+            if path == "/healthz":
                 status, body = observer.health()
                 self._send(status, "application/json", orjson.dumps(body))
-            elif self.path.split("?")[0] == "/metrics":
+            elif path == "/metrics":
                 self._send(200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(registry))
             else:
                 self._send(404, "application/json", b'{"error": "not found; try /healthz or /metrics"}')
 
-        def _send(self, status: int, content_type: str, body: bytes) -> None:
+        def do_HEAD(self) -> None:  # noqa: N802 - uptime checkers ask with HEAD: GET's status and headers
+            self.head_only = True
+            self.do_GET()
+
+        def _not_allowed(self) -> None:
+            self._send(405, "application/json", b'{"error": "only GET and HEAD are served"}', allow="GET, HEAD")
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own refusals (a malformed request, an unknown method) in JSON, not HTML."""
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self._send(code, "application/json", orjson.dumps({"error": message or HTTPStatus(code).phrase}))
+
+        def _send(self, status: int, content_type: str, body: bytes, allow: str | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            if allow is not None:
+                self.send_header("Allow", allow)
             self.end_headers()
-            self.wfile.write(body)
+            if not getattr(self, "head_only", False):
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server API
             pass  # scrapes every few seconds would drown the logs

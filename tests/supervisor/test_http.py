@@ -247,3 +247,28 @@ def test_stale_stream_gauges_are_served_with_their_age(stalled_redis: StalledRed
         assert families["processor_stream_metrics_age_seconds"].samples[0].value >= 30
     finally:
         gauges.stop()
+
+
+def raw_request(served, request: bytes) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
+    """The head and body of the answer to `request`, sent as it is."""
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as client:
+        client.sendall(request)
+        data = b""
+        while chunk := client.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_head_other_methods_and_absolute_urls(serve) -> None:  # type: ignore[no-untyped-def]
+    """HEAD gets GET's status and headers without a body; POST gets 405 naming what is allowed;
+    a malformed request JSON, not HTML; an absolute-form request line is served like its path."""
+    served = serve(healthy_board())
+    head, body = raw_request(served, b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert head.split()[1] == b"200" and b"Content-Length:" in head and body == b""
+    head, body = raw_request(served, b"POST /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+    assert head.split()[1] == b"405" and b"Allow: GET, HEAD" in head and orjson.loads(body)["error"]
+    head, body = raw_request(served, b"BREW /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert head.split()[1] == b"501" and orjson.loads(body)["error"]
+    head, body = raw_request(served, b"GET http://t:9090/healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert head.split()[1] == b"200" and orjson.loads(body)["status"]
