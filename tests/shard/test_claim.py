@@ -38,6 +38,19 @@ def run_claimer(settings: Settings, action: str) -> tuple[list[bytes], int]:
     return asyncio.run(go())
 
 
+def forget_idle(settings: Settings) -> list[str]:
+    """What one forget_idle_consumers pass of a claimer (consumer survivor-0) removed."""
+
+    async def go() -> list[str]:
+        stream = ConsumerStream(settings, "survivor-0")
+        try:
+            return await Claimer(settings, stream).forget_idle_consumers()
+        finally:
+            await stream.close()
+
+    return asyncio.run(go())
+
+
 def age_entries(client: redis.Redis, stream: str, consumer: str, idle_ms: int) -> None:
     """Make pending entries look idle for `idle_ms` (XCLAIM back to the owner with IDLE)."""
     ids = [p["message_id"] for p in client.xpending_range(stream, "processor", "-", "+", 1000, consumername=consumer)]
@@ -98,14 +111,7 @@ def test_only_dead_idle_consumers_without_pending_are_forgotten(redis_client, st
 
     wait_for(idle_past_limit, 5, what="consumers idle past 10 thresholds")
 
-    async def go() -> list[str]:
-        stream = ConsumerStream(settings, "survivor-0")
-        try:
-            return await Claimer(settings, stream).forget_idle_consumers()
-        finally:
-            await stream.close()
-
-    assert asyncio.run(go()) == ["empty-0"]
+    assert forget_idle(settings) == ["empty-0"]
     names = {c["name"] for c in redis_client.xinfo_consumers(stream_key, "processor")}
     assert names == {b"holding-0", b"alive-0"}
 
@@ -220,16 +226,9 @@ def test_consumers_whose_names_are_not_utf8_are_claimed_from_and_forgotten(redis
     claimed, gone = run_claimer(settings, "from_dead")
     assert sorted(claimed) == sorted(ids) and gone == 0
 
-    async def forget() -> list[str]:
-        stream = ConsumerStream(settings, "survivor-0")
-        try:
-            return await Claimer(settings, stream).forget_idle_consumers()
-        finally:
-            await stream.close()
-
     from tests.e2e.processes import wait_for
 
     wait_for(lambda: all(c["idle"] >= 10 for c in redis_client.xinfo_consumers(stream_key, "processor")), 5,
              what="consumers idle past 10 thresholds")
-    assert asyncio.run(forget()) == ["t\\xe9l\\xe9"]
+    assert forget_idle(settings) == ["t\\xe9l\\xe9"]
     assert [c["name"] for c in redis_client.xinfo_consumers(stream_key, "processor")] == [b"survivor-0"]
