@@ -23,6 +23,7 @@ from common import refusals
 from common.faults import one_line
 from common.retry import Reachability
 from common.status import StatusBoard
+from common.tasks import cancel_and_wait
 from ops.errors import CONNECT_TIMEOUT_S, POSTGRES, REDIS, translate
 from shard.lifecycle import Shard
 from shard.stream import Entry
@@ -109,9 +110,10 @@ async def _until_done(work: list[asyncio.Task[None]], duty: asyncio.Task[None]) 
 async def _stopped(tasks: list[asyncio.Task[None]]) -> None:
     """Cancel the tasks and wait for them, their errors taken: a failure not raised already is
     one the command has no use for, and asyncio would log it with a traceback at exit."""
+    await cancel_and_wait(tasks)
     for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        if not task.cancelled():
+            task.exception()  # taken, so that asyncio does not log it
 
 
 async def _feed(shard: Shard, min_idle_ms: int | None, from_consumer: str | None) -> None:

@@ -7,6 +7,7 @@ ops.rehydrate, ops.lag, ops.claim_command, ops.dlq and ops.retention.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import select
@@ -47,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             log.error(str(exc))
         print(f"processor: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if args.command == "run":
+            raise
+        # Ctrl-C (asyncio's runner turns it into a cancellation of an async command): every
+        # command leaves whole steps behind it (a claimed entry not yet stored stays pending).
+        print("processor: interrupted; what was not done is left as it was", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as exc:
         if args.command == "run":
             raise  # the supervisor's panic handler dumps its state and exits 70

@@ -28,6 +28,7 @@ from common.keys import consumer_name
 from common.panic import Panic, crash_point
 from common.retry import retry
 from common.status import StatusBoard
+from common.tasks import cancel_and_wait, end_other_tasks
 from common.timing import SHARD_CLOSE_BUDGET_S
 from shard.claim import Claimer
 from shard.duties import Duties
@@ -122,9 +123,9 @@ class Shard:
             if not work.cancelled():
                 work.result()  # a failure inside the work surfaces here
         finally:
-            for task in (stop, *duties):
-                task.cancel()
+            await cancel_and_wait([stop, *duties])
             await self.close()
+            await end_other_tasks()
 
     async def join(self) -> None:
         """Before the first entry: the group exists, our liveness key says we are not dead, and
@@ -143,9 +144,7 @@ class Shard:
         try:
             await self.pipeline.run()
         finally:
-            for task in (reader, claims):
-                if task is not None:
-                    task.cancel()
+            await cancel_and_wait([reader, claims])
         reader.result()
 
     def watched(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -179,10 +178,7 @@ class Shard:
         processed_before = self.report.processed
         hurry = asyncio.create_task(self.hurry.wait())
         await asyncio.wait({work, hurry}, timeout=self.settings.drain_timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        hurry.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.wait({work})
+        await cancel_and_wait([hurry, work])
         log.info(
             "shard drained",
             extra={
