@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import select
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 on a usage error
     if args.command != "run":
         early_signals.release()  # only the supervisor takes over the stop signals held at launch
+        if sys.stdout is None:  # started with it closed (`>&-`): what a command did could not be told
+            print("processor: standard output is closed; nothing done", file=sys.stderr)
+            return ExitCode.FAILED
     try:
         settings = Settings.from_env()
     except ProcessorError as exc:
@@ -61,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, BrokenPipeError) and _output_closed():
             # Whoever read the output stopped early (`processor dlq list | head`): no server is
             # to blame, and a shell pipeline expects silence. Exit 1: not all was written.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
-            os.close(devnull)
+            _drop_output()
             return ExitCode.FAILED
         # What no command's own boundary translated: an outage or refusal is still one line;
         # anything else is a bug (exit 70), logged with its traceback, passwords masked.
@@ -74,9 +76,21 @@ def main(argv: list[str] | None = None) -> int:
         if outcome is Outcome.REFUSED:
             print(f"processor: refused: {one_line(exc)}", file=sys.stderr)
             return ExitCode.CONFIG
+        if isinstance(exc, OSError):  # the machine's, not a bug: output to a full disk (`> /dev/full`), say
+            print(f"processor: failed: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+            _drop_output()
+            return ExitCode.FAILED
         log.critical("internal error", extra={"error": f"{type(exc).__name__}: {one_line(exc)}"}, exc_info=True)
         print(f"processor: internal error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
         return ExitCode.SOFTWARE
+
+
+def _drop_output() -> None:
+    """Send what is left of stdout nowhere: the flush at exit must not fail again (exit 120)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _output_closed() -> bool:

@@ -19,7 +19,7 @@ from common.config import Settings
 from common.errors import ExitCode
 from ops.errors import postgres
 from ops.geofence_file import GeofenceFeature, InvalidGeofences, read_document, validate_document
-from ops.terminal import table_lines
+from ops.terminal import printable, table_lines
 
 # --- import ---------------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     print(f"{args.file}: inserted {len(result.inserted)}, updated {len(result.updated)}")
     for action, rows in (("inserted", result.inserted), ("updated", result.updated)):
         for geofence_id, name in rows:
-            print(f"  {action:<8} {geofence_id:>6}  {name}")
+            print(f"  {action:<8} {geofence_id:>6}  {printable(name)}")
     return ExitCode.OK
 
 
@@ -182,7 +182,7 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
         updated = row.updated_at.isoformat(timespec="seconds") if row.updated_at else "-"
         radius = f"{row.radius_m:g}" if row.radius_m is not None else "-"
         active = "yes" if row.active else "no"
-        table.append((str(row.id), row.name, row.type, radius, active, updated, str(row.inside_now)))
+        table.append((str(row.id), printable(row.name), row.type, radius, active, updated, str(row.inside_now)))
     print("\n".join(table_lines(table)))
     if not rows:
         print("(no geofences)")

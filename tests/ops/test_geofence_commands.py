@@ -364,3 +364,16 @@ def test_rehydrate_waits_for_a_batch_holding_the_device(settings: Settings, migr
     assert (result.known, result.state_version) == (True, 1)  # type: ignore[attr-defined]
 
 
+
+
+def test_cli_list_escapes_names_that_could_drive_the_terminal(env: dict[str, str], migrated: str) -> None:
+    """A name edited in with psql (an escape sequence, a right-to-left override) is listed escaped."""
+    with psycopg.connect(migrated) as conn:
+        conn.execute(
+            "INSERT INTO geofences (name, geometry, radius_m) VALUES (%s, %s, 10)",
+            ("evil\x1b[31mRED\u202e", '{"type": "Point", "coordinates": [5, 5]}'),
+        )
+    listed = run_cli(env, "geofences", "list")
+    assert listed.returncode == ExitCode.OK, listed.stderr
+    assert "\x1b" not in listed.stdout and "\u202e" not in listed.stdout
+    assert "evil\\x1b[31mRED\\u202e" in listed.stdout

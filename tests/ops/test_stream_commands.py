@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
+import subprocess
+import sys
 
 import orjson
 import pytest
@@ -409,3 +411,16 @@ def test_cli_claim_processes_stuck_entries(redis_client: redis.Redis, stream_key
     assert redis_client.xlen(f"{stream_key}:dlq") == 1
     human = run_cli(env, "claim")
     assert (human.returncode, human.stdout) == (0, "claimed 0, stored 0, dead lettered 0, expired 0, gone 0\n")
+
+
+def test_output_that_cannot_be_written_is_exit_1_in_one_line(redis_env: dict[str, str]) -> None:
+    """`processor lag > /dev/full` and with stdout closed: exit 1 with one line, not 70 with a traceback."""
+    env = {**os.environ, **redis_env}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "ops", "lag"], env=env, stdout=full, stderr=subprocess.PIPE,
+                                text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("processor: failed: OSError") and "Traceback" not in result.stderr
+    closed = subprocess.run(f"{sys.executable} -m ops lag >&-", shell=True, env=env, stderr=subprocess.PIPE, text=True,
+                            timeout=60)
+    assert closed.returncode == 1 and "standard output is closed" in closed.stderr
