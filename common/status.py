@@ -6,7 +6,8 @@ part holds what only the supervisor knows (which slots run, their pids, start ti
 restarts, whether it is stopping, its own beat); it writes that part from its loop. A third
 part is the maintenance process's (its counters and beat), written by it alone. The HTTP
 process the supervisor forks reads these three for /healthz and /metrics; no shard needs an
-HTTP server of its own. A fourth part holds last words: the one line a shard or the
+HTTP server of its own. Each of these three is a record with one writer, which readers in
+other processes always see whole (`_Record`). A fourth part holds last words: the one line a shard or the
 maintenance process leaves when it exits 78, which the supervisor takes into its halt reason.
 """
 
@@ -25,11 +26,11 @@ BATCH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 # expired, batch-seconds sum, then one count per bucket (+Inf included), not cumulative.
 _SLOT = struct.Struct(f"<d i B B 2x Q Q Q Q Q Q Q d {len(BATCH_BUCKETS_S) + 1}Q")
 _SLOT_FIELDS = 12  # values before the buckets
-# The supervisor's part: a sequence number (odd while a write is under way), its pid, its
-# stopping flag, its last beat; then per slot: running, the shard's pid, its start time
-# (monotonic) and the slot's restarts.
-_SUPERVISOR = struct.Struct("<Q i B 3x d")
-_SUPERVISED = struct.Struct("<B 3x i d Q")
+# The supervisor's part: its pid, its stopping flag, its last beat; then per slot: running,
+# the shard's pid, its start time (monotonic) and the slot's restarts.
+_SUPERVISOR = "<i B 3x d"
+_SUPERVISED = " B 3x i d Q"
+_SUPERVISED_FIELDS = 4
 # The maintenance process's part: entries it found lost (trimmed or deleted before they were
 # delivered to the group), and the monotonic time its last stream pass ended.
 _MAINTENANCE = struct.Struct("<Q d")
@@ -133,8 +134,9 @@ class StatusBoard:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self._slots = [_Record(_SLOT, slot * _Record.size(_SLOT)) for slot in range(slots)]
-        self._supervisor_at = _Record.size(_SLOT) * slots
-        self._maintenance = _Record(_MAINTENANCE, self._supervisor_at + _SUPERVISOR.size + _SUPERVISED.size * slots)
+        supervisor = struct.Struct(_SUPERVISOR + _SUPERVISED * slots)
+        self._supervisor = _Record(supervisor, _Record.size(_SLOT) * slots)
+        self._maintenance = _Record(_MAINTENANCE, self._supervisor.at + _Record.size(supervisor))
         self._last_words_at = self._maintenance.at + _Record.size(_MAINTENANCE)
         self._map = mmap.mmap(-1, self._last_words_at + LAST_WORDS_BYTES * (slots + 1))
 
@@ -172,30 +174,19 @@ class StatusBoard:
         self.write(slot, replace(old, heartbeat=time.monotonic(), pid=pid, redis_ok=False, postgres_ok=False, in_flight=0))
 
     def write_supervisor(self, state: SupervisorState) -> None:
-        """The supervisor's part, written by the supervisor alone (a sequence lock guards readers)."""
-        at = self._supervisor_at
-        sequence = _SUPERVISOR.unpack_from(self._map, at)[0] + 1
-        struct.pack_into("<Q", self._map, at, sequence)  # odd: a write is under way
-        _SUPERVISOR.pack_into(self._map, at, sequence, state.pid, state.stopping, state.beat)
-        for index, slot in enumerate(state.slots[: self.slots]):
-            offset = at + _SUPERVISOR.size + index * _SUPERVISED.size
-            _SUPERVISED.pack_into(self._map, offset, slot.running, slot.pid, slot.started_at, slot.restarts)
-        struct.pack_into("<Q", self._map, at, sequence + 1)
+        """The supervisor's part, written by the supervisor alone."""
+        slots = (*state.slots[: self.slots], *(SlotState(),) * (self.slots - len(state.slots)))
+        per_slot = (value for slot in slots for value in (slot.running, slot.pid, slot.started_at, slot.restarts))
+        self._supervisor.write(self._map, state.pid, state.stopping, state.beat, *per_slot)
 
     def read_supervisor(self) -> SupervisorState:
         """The supervisor's part as one consistent snapshot (never half of one write)."""
-        at = self._supervisor_at
-        for _ in range(_READ_ATTEMPTS):
-            sequence, pid, stopping, beat = _SUPERVISOR.unpack_from(self._map, at)
-            slots = tuple(
-                SlotState(bool(running), slot_pid, started_at, restarts)
-                for running, slot_pid, started_at, restarts in _SUPERVISED.iter_unpack(
-                    self._map[at + _SUPERVISOR.size : at + _SUPERVISOR.size + _SUPERVISED.size * self.slots]
-                )
-            )
-            if sequence % 2 == 0 and struct.unpack_from("<Q", self._map, at)[0] == sequence:
-                break
-        return SupervisorState(pid, bool(stopping), beat, slots)
+        pid, stopping, beat, *per_slot = self._supervisor.read(self._map)
+        slots = tuple(
+            SlotState(bool(running), slot_pid, started_at, restarts)  # type: ignore[arg-type]
+            for running, slot_pid, started_at, restarts in zip(*[iter(per_slot)] * _SUPERVISED_FIELDS)
+        )
+        return SupervisorState(pid, bool(stopping), beat, slots)  # type: ignore[arg-type]
 
     def write_maintenance(self, state: MaintenanceState) -> None:
         """The maintenance process's part, written by that process alone."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from common.status import MaintenanceState, ShardStatus, StatusBoard
+from common.status import MaintenanceState, ShardStatus, SlotState, StatusBoard, SupervisorState
 
 WRITES = 200_000
 
@@ -35,6 +35,28 @@ def test_a_reader_never_sees_a_counter_go_back_while_a_shard_writes() -> None:
     finally:
         os.waitpid(pid, 0)
     assert (backwards, mixed) == (0, 0), f"{backwards} reads went back, {mixed} were mixed, of {reads}"
+
+
+def test_the_supervisors_part_reads_whole_while_it_is_written() -> None:
+    """The supervisor's part (its beat and every slot) is never read mixed from two writes."""
+    board = StatusBoard(3)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for n in range(1, WRITES // 4 + 1):
+                slots = tuple(SlotState(True, n, float(n), n) for _ in range(3))
+                board.write_supervisor(SupervisorState(n, False, float(n), slots))
+        finally:
+            os._exit(0)
+    mixed, beat = 0, 0.0
+    try:
+        while beat < WRITES // 4:
+            state = board.read_supervisor()
+            beat = state.beat
+            mixed += any(slot.restarts != state.pid or slot.started_at != beat for slot in state.slots)
+    finally:
+        os.waitpid(pid, 0)
+    assert mixed == 0
 
 
 def test_a_writer_killed_mid_write_leaves_the_last_whole_record() -> None:
