@@ -18,7 +18,7 @@ import redis.asyncio
 from psycopg.conninfo import conninfo_to_dict
 
 from common.errors import ConfigError
-from common.keys import reserved_keys
+from common.keys import liveness_prefix, reserved_keys
 from common.logs import add_secret
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -76,7 +76,7 @@ class Settings:
         database_url = reader.url("DATABASE_URL", "postgresql://localhost/processor", POSTGRES_SCHEMES)
         stream_key = reader.name("STREAM_KEY", "telemetry:t")
         dlq_key = reader.name("DLQ_KEY", f"{stream_key}:dlq")
-        if dlq_key in reserved_keys(stream_key) or dlq_key.startswith(f"{stream_key}:alive:"):
+        if dlq_key in reserved_keys(stream_key) or dlq_key.startswith(liveness_prefix(stream_key)):
             # Dead letters written into the input would be read, and dead-lettered, for ever.
             raise ConfigError(f"DLQ_KEY must not be STREAM_KEY or a key the Processor keeps for it, got {dlq_key!r}")
         return cls(

@@ -36,9 +36,16 @@ def rehydrate_channel(stream_key: str) -> str:
     return f"{stream_key}:rehydrate"
 
 
-def liveness_key(stream_key: str, consumer: str) -> str:
-    """Key each running shard keeps alive with a short TTL, so claimers know it is not dead."""
-    return f"{stream_key}:alive:{consumer}"
+def liveness_prefix(stream_key: str) -> str:
+    """What every consumer's liveness key starts with."""
+    return f"{stream_key}:alive:"
+
+
+def liveness_key(stream_key: str, consumer: str | bytes) -> bytes:
+    """Key each running shard keeps alive with a short TTL, so claimers know it is not dead.
+
+    A consumer's name as Redis reports it may be any bytes, and is used as it is."""
+    return liveness_prefix(stream_key).encode() + (consumer if isinstance(consumer, bytes) else consumer.encode())
 
 
 def lost_key(stream_key: str) -> str:

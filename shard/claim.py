@@ -182,8 +182,7 @@ class Claimer:
         return await unless_gone(self.redis.xinfo_consumers(self.stream.stream, self.stream.group), [])
 
     def _alive(self, consumer: str | bytes) -> bytes:
-        """A consumer's liveness key; a name read from Redis is used as the bytes it is."""
-        return liveness_key(self.stream.stream, "").encode() + (consumer if isinstance(consumer, bytes) else consumer.encode())
+        return liveness_key(self.stream.stream, consumer)
 
     @property
     def _own(self) -> bytes:
