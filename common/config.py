@@ -141,10 +141,11 @@ def redact_url(url: str) -> str:
 
 
 def _shown_url(value: str, quoted: bool = False) -> str:
-    """A refused URL as an error shows it: masked, and not at all without a scheme (it may be a
-    password pasted alone, or a secret file's content)."""
+    """A refused URL as every error about it shows it: masked, and not at all without `://`
+    (it may be a password pasted alone, a secret file's content, or `redis:user:secret`, whose
+    userinfo no mask could tell apart)."""
     if "://" not in value:
-        return f"{len(value)} characters without a scheme (not shown)"
+        return f"{len(value)} characters without '://' (not shown)"
     return repr(redact_url(value)) if quoted else redact_url(value)
 
 
@@ -211,12 +212,12 @@ def _check_redis_url(label: str, url: str, path: str, secrets: set[str]) -> None
     query parameter to its connection's constructor (a TypeError at the first command), and
     a database that is not a number for 0."""
     if path not in ("", "/") and not re.fullmatch(r"/[0-9]+", path):
-        raise ConfigError(f"{label}: the database after the host must be a number, got {redact_url(url)}")
+        raise ConfigError(f"{label}: the database after the host must be a number, got {_shown_url(url)}")
     for key, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True):
         if key not in _REDIS_QUERY and not key.startswith(_REDIS_QUERY_PREFIX):
             raise ConfigError(
                 f"{label}: query parameter {key!r} is not allowed: the Processor sets its Redis clients' options "
-                f"itself (a URL may set {', '.join(_REDIS_QUERY)} and {_REDIS_QUERY_PREFIX}*): {redact_url(url)}"
+                f"itself (a URL may set {', '.join(_REDIS_QUERY)} and {_REDIS_QUERY_PREFIX}*): {_shown_url(url)}"
             )
     try:
         # Both clients: the shards' asyncio connection takes fewer parameters than the sync one.
@@ -226,7 +227,7 @@ def _check_redis_url(label: str, url: str, path: str, secrets: set[str]) -> None
         problem = " ".join(str(exc).split())
         for secret in secrets:
             problem = problem.replace(secret, "***")
-        raise ConfigError(f"{label} is not a URL redis-py can use ({problem}): {redact_url(url)}") from None
+        raise ConfigError(f"{label} is not a URL redis-py can use ({problem}): {_shown_url(url)}") from None
 
 
 class _Reader:
@@ -318,7 +319,7 @@ class _Reader:
         if parts.scheme not in schemes:
             raise ConfigError(f"{label} must start with {' or '.join(s + '://' for s in schemes)}, got {_shown_url(value)}")
         if parts.scheme != "unix" and not parts.netloc and not parts.query:
-            raise ConfigError(f"{label} names no host: {redact_url(value)}")
+            raise ConfigError(f"{label} names no host: {_shown_url(value)}")
         secrets = url_secrets(value)
         if parts.scheme in POSTGRES_SCHEMES:
             try:
@@ -327,7 +328,7 @@ class _Reader:
                 # libpq's own message may quote the password: say what is wrong without it.
                 raise ConfigError(
                     f"{label} is not a valid libpq URL (check the percent-encoding of the password): "
-                    f"{redact_url(value)}"
+                    f"{_shown_url(value)}"
                 ) from None
             # `host1:5432,host2:5433` (libpq tries them in turn): one port, or none, per host.
             ports = str(conninfo.get("port") or "").split(",")
@@ -335,7 +336,7 @@ class _Reader:
                 raise bad
             for key, choices in LIBPQ_CHOICES.items():
                 if key in conninfo and conninfo[key] not in choices:
-                    raise ConfigError(f"{label}: {key} must be one of {', '.join(choices)}: {redact_url(value)}")
+                    raise ConfigError(f"{label}: {key} must be one of {', '.join(choices)}: {_shown_url(value)}")
             secrets |= {str(conninfo.get(key) or "") for key in ("password", "sslpassword")}
         for secret in secrets:
             add_secret(secret)

@@ -133,9 +133,10 @@ def test_not_utf8_is_a_configuration_error(tmp_path: Path) -> None:
         ("REDIS_URL", SECRET), ("DATABASE_URL", f"app:{SECRET}"),
         ("REDIS_URL", f"redis://processor:{SECRET}"), ("DATABASE_URL", f"postgresql://app:{SECRET}/gps"),
         ("MIGRATION_DATABASE_URL", f"postgresql://h1:5432,h2:{SECRET}/gps"),
+        ("REDIS_URL", f"redis:processor:{SECRET}"), ("DATABASE_URL", f"postgresql:app:{SECRET}"),
     ],
     ids=["scheme", "port", "conninfo", "bad-escape", "redis-scheme", "redis-port", "password-alone", "userinfo-alone",
-         "redis-no-at", "postgres-no-at", "second-host-no-at"],
+         "redis-no-at", "postgres-no-at", "second-host-no-at", "redis-no-slashes", "postgres-no-slashes"],
 )
 def test_file_content_is_validated_like_the_variable(tmp_path: Path, name: str, content: str) -> None:
     """A malformed URL from a file is refused as the variable would be, naming the file, not its secret."""
