@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Ctrl-C (asyncio's runner turns it into a cancellation of an async command): every
         # command leaves whole steps behind it (a claimed entry not yet stored stays pending).
+        # The operation failed (1): the SPEC's exit codes have none for an interruption.
         print("processor: interrupted; what was not done is left as it was", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return ExitCode.FAILED
     except Exception as exc:
         if args.command == "run":
             raise  # the supervisor's panic handler dumps its state and exits 70
