@@ -164,6 +164,8 @@ def _handler_class(observer: Observer) -> type[BaseHTTPRequestHandler]:
     registry.register(_Collector(observer))
 
     class Handler(BaseHTTPRequestHandler):
+        head_only = False  # a HEAD request: the answer's status and headers, no body
+
         def setup(self) -> None:
             self.connection = self.request
             self.rfile = io.BytesIO()  # filled by handle() once the whole head is in
@@ -217,7 +219,7 @@ def _handler_class(observer: Observer) -> type[BaseHTTPRequestHandler]:
             if allow is not None:
                 self.send_header("Allow", allow)
             self.end_headers()
-            if not getattr(self, "head_only", False):
+            if not self.head_only:
                 self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server API
