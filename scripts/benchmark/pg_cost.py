@@ -1,6 +1,6 @@
 """Postgres CPU per fix, statement by statement: the Processor's batch transaction beside the peer's.
 
-Run as `python -m scripts.benchmark.pg_cost [--fixes N] [--devices N] [--batch N] [--peer-batch N]`.
+Run as `python -m scripts.benchmark.pg_cost [--fixes N] [--devices N] [--batch N] [--peer-batch N] [--writers N]`.
 
 The drain benchmark runs shards and Postgres on the same cores, and pg_stat_statements
 reports wall time: a statement waiting for a lock, for the client's COPY data or for a CPU
@@ -8,9 +8,10 @@ counts as working. Here one batch runs at a time on a throwaway server (fsync on
 statement is charged the CPU its backend used meanwhile, read from the kernel's
 /proc/<pid>/schedstat in nanoseconds: a figure the load of the machine barely moves.
 
-The Processor's batches go through the shards' own writer (shard/writer.py), alternately
-through two writers with caches of their own, as a device's fixes alternate between two
-shards; the peer's are the statements of scripts/benchmark/peer.py. Both store the same
+The Processor's batches go through the shards' own writer (shard/writer.py), in turn
+through --writers writers with caches of their own: with two (the default), as a device's
+fixes alternate between two shards, every cached state is stale by its next batch; with
+one, as with SHARDS=1, the cache holds; the peer's are the statements of scripts/benchmark/peer.py. Both store the same
 fleet's fixes into a database of their own.
 """
 
@@ -97,10 +98,10 @@ def batches(fixes: Sequence[Fix], size: int) -> list[Sequence[Fix]]:
     return [fixes[start : start + size] for start in range(0, len(fixes), size)]
 
 
-async def processor_cost(url: str, fixes: Sequence[Fix], size: int) -> Ledger:
-    """The shards' writer stores every batch; the two writers take turns, as two shards would."""
+async def processor_cost(url: str, fixes: Sequence[Fix], size: int, count: int = 2) -> Ledger:
+    """The shards' writer stores every batch; `count` writers take turns, as that many shards would."""
     ledger = Ledger()
-    writers = [PositionWriter(_settings(url), f"pg_cost {n}", GeofenceSource(url, f"pg_cost {n}")) for n in range(2)]
+    writers = [PositionWriter(_settings(url), f"pg_cost {n}", GeofenceSource(url, f"pg_cost {n}")) for n in range(count)]
     try:
         connections = []
         for writer in writers:
@@ -110,8 +111,8 @@ async def processor_cost(url: str, fixes: Sequence[Fix], size: int) -> Ledger:
             writer._idle.append(conn)  # noqa: SLF001
             connections.append(conn)
         for n, batch in enumerate(batches(fixes, size)):
-            with ledger.measuring(connections[n % 2].info.backend_pid, WHOLE):
-                await writers[n % 2].write(batch)
+            with ledger.measuring(connections[n % count].info.backend_pid, WHOLE):
+                await writers[n % count].write(batch)
     finally:
         for writer in writers:
             await writer.close()
@@ -177,15 +178,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, default=2_000)
     parser.add_argument("--batch", type=int, default=500, help="the Processor's batch (BATCH_SIZE's default)")
     parser.add_argument("--peer-batch", type=int, default=peer.BATCH)
+    parser.add_argument("--writers", type=int, default=2, help="shards taking turns (2: every cached state goes stale)")
     args = parser.parse_args(argv)
-    if min(args.fixes, args.devices, args.batch, args.peer_batch) < 1:
+    if min(args.fixes, args.devices, args.batch, args.peer_batch, args.writers) < 1:
         parser.error("every figure must be positive")
     fixes = fleet_fixes(args.fixes, args.devices)
     with ThrowawayPostgres(fsync=True) as pg:
-        ours = asyncio.run(processor_cost(fresh_database(pg.url, "pg_cost_processor"), fixes, args.batch))
+        ours = asyncio.run(processor_cost(fresh_database(pg.url, "pg_cost_processor"), fixes, args.batch, args.writers))
         theirs = peer_cost(fresh_database(pg.url, "pg_cost_peer"), fixes, args.peer_batch)
     print(f"{len(fixes):,} fixes of {args.devices:,} devices, one batch at a time; CPU of the backend per statement")
-    render(f"Processor, batches of {args.batch:,} through two writers", ours, len(fixes), print)
+    render(f"Processor, batches of {args.batch:,} through {args.writers} writer(s)", ours, len(fixes), print)
     render(f"peer, batches of {args.peer_batch:,}", theirs, len(fixes), print)
     print(f"\nProcessor/peer, Postgres CPU per fix: {ours.cpu[WHOLE] / max(theirs.cpu[WHOLE], 1):.2f}")
 
