@@ -109,7 +109,7 @@ def format_retention(report: RetentionReport) -> list[str]:
     lines = [f"positions     {count(len(report.partitions), 'partition', 'partitions')}, {_size(total)}, "
              f"ready until {_day(report.ready_until)}{_ready_warning(report)}"]
     if report.retention_days:
-        lines.append(f"retention     {report.retention_days} days: fixes dated before {_iso(nxt.horizon)} are not "
+        lines.append(f"retention     {count(report.retention_days, 'day', 'days')}: fixes dated before {_iso(nxt.horizon)} are not "
                      f"stored; partitions ending by {_day(nxt.keep_from)} are dropped")
     else:
         lines.append("retention     0: every fix is kept for ever (POSITIONS_RETENTION_DAYS)")
