@@ -11,8 +11,10 @@ statement is charged the CPU its backend used meanwhile, read from the kernel's
 The Processor's batches go through the shards' own writer (shard/writer.py), in turn
 through --writers writers with caches of their own: with two (the default), as a device's
 fixes alternate between two shards, every cached state is stale by its next batch; with
-one, as with SHARDS=1, the cache holds; the peer's are the statements of scripts/benchmark/peer.py. Both store the same
-fleet's fixes into a database of their own.
+one, as with SHARDS=1, the cache holds. The peer's are the statements of
+scripts/benchmark/peer.py. Both store the same fleet's fixes into a database of their own.
+The client's own CPU over the batches is shown too: the writer path from decoded fixes on
+(COPY formatting, statements, derived state; not reading or decoding entries).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta, timezone
@@ -53,6 +56,7 @@ class Ledger:
     def __init__(self) -> None:
         self.cpu: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
+        self.client_ns = 0  # the client process' own CPU over the batches (one at a time: nothing else runs)
 
     def charge(self, label: str, ns: int) -> None:
         self.cpu[label] += ns
@@ -111,8 +115,10 @@ async def processor_cost(url: str, fixes: Sequence[Fix], size: int, count: int =
             writer._idle.append(conn)  # noqa: SLF001
             connections.append(conn)
         for n, batch in enumerate(batches(fixes, size)):
+            started = time.process_time_ns()
             with ledger.measuring(connections[n % count].info.backend_pid, WHOLE):
                 await writers[n % count].write(batch)
+            ledger.client_ns += time.process_time_ns() - started
     finally:
         for writer in writers:
             await writer.close()
@@ -134,6 +140,7 @@ def peer_cost(url: str, fixes: Sequence[Fix], size: int) -> Ledger:
                  f.sats, None if f.attributes is None else orjson.dumps(f.attributes))
                 for f in batch
             ]
+            started = time.process_time_ns()
             with ledger.measuring(pid, WHOLE), db.transaction(), db.cursor() as cur:
                 with ledger.measuring(pid, label_of(peer._COPY)), cur.copy(peer._COPY) as copy:  # noqa: SLF001
                     copy.set_types(peer._TYPES)  # noqa: SLF001
@@ -142,6 +149,7 @@ def peer_cost(url: str, fixes: Sequence[Fix], size: int) -> Ledger:
                 for statement in filter(str.strip, peer._STORE.split(";")):  # noqa: SLF001
                     with ledger.measuring(pid, label_of(statement)):
                         cur.execute(statement)
+            ledger.client_ns += time.process_time_ns() - started
     return ledger
 
 
@@ -170,6 +178,7 @@ def render(title: str, ledger: Ledger, fixes: int, say: Callable[[str], None]) -
             say(f"| {ns / 1e3 / fixes:.2f} | {ledger.calls[label]:,} | `{label}` |")
     rest = ledger.cpu[WHOLE] - sum(ns for label, ns in ledger.cpu.items() if label != WHOLE)
     say(f"| {rest / 1e3 / fixes:.2f} | | (the rest: BEGIN, COMMIT, between statements) |")
+    say(f"\nThe client's own CPU over the same batches: {ledger.client_ns / 1e3 / fixes:.1f} µs per fix")
 
 
 def main(argv: list[str] | None = None) -> None:
