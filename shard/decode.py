@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime, timedelta, timezone
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, NamedTuple
@@ -305,13 +306,7 @@ def _timestamp(ts: object) -> datetime:
         if len(ts) > MAX_TS_TEXT_CHARS:
             raise _invalid("ts", f"is longer than {MAX_TS_TEXT_CHARS} characters")
         try:
-            parsed = datetime.fromisoformat(ts)
-        except ValueError:
-            raise _invalid("ts", "is not an ISO-8601 timestamp", ts) from None
-        if parsed.tzinfo is None:
-            raise _invalid("ts", "ISO-8601 timestamp must carry an offset (Z or +hh:mm)", ts)
-        try:
-            utc = parsed.astimezone(timezone.utc)
+            utc = _iso_instant(ts)
         except OverflowError:
             utc = _MAX_TS + timedelta(days=1)  # beyond what a datetime holds: out of range below
         if not _EPOCH <= utc <= _MAX_TS:
@@ -320,6 +315,42 @@ def _timestamp(ts: object) -> datetime:
     if ts is None:
         raise _invalid("ts", "is required")
     raise _invalid("ts", "must be integer epoch milliseconds or an ISO-8601 string", ts)
+
+
+# ISO-8601 date-times with an offset, as RFC 3339 profiles them (separator T, t or a space;
+# offset Z, z, ±hh:mm, ±hhmm or ±hh), calendar or week dates, basic or extended. Checked
+# before `datetime.fromisoformat`, which reads more than ISO-8601: any character between
+# date and time, offsets with seconds (a fix moved by an amount no offset can say), a
+# fraction without digits. It refuses two ISO forms, read here: second 60 (a leap second,
+# the next second, as Postgres reads it) and 24:00 (the end of a day, the next day's 00:00).
+_ISO_DATE_TIME = re.compile(
+    r"(?P<date>\d{4}-\d{2}-\d{2}|\d{8}|\d{4}-W\d{2}-\d|\d{4}W\d{3})[Tt ]"
+    r"(?P<hour>\d{2})(?::?(?P<minute>\d{2})(?::?(?P<second>\d{2})(?P<fraction>[.,]\d+)?)?)?"
+    r"(?P<offset>[Zz]|[+-]\d{2}(?::?\d{2})?)?",
+    re.ASCII,
+)
+
+
+def _iso_instant(text: str) -> datetime:
+    """The instant an ISO-8601 date-time with an offset names, in UTC; raises InvalidEntry."""
+    match = _ISO_DATE_TIME.fullmatch(text)
+    if match is None:
+        raise _invalid("ts", "is not an ISO-8601 timestamp", text)
+    if match["offset"] is None:
+        raise _invalid("ts", "ISO-8601 timestamp must carry an offset (Z or +hh:mm)", text)
+    date, hour, minute, second, fraction = match.group("date", "hour", "minute", "second", "fraction")
+    extra = timedelta(0)
+    if hour == "24" and int(minute or 0) == int(second or 0) == 0 and not (fraction or "0").strip(".,0"):
+        hour, extra = "00", timedelta(days=1)
+    if second == "60":
+        second, extra = "59", timedelta(seconds=1)
+    offset = match["offset"].upper()
+    canonical = f"{date}T{hour}:{minute or '00'}:{second or '00'}{(fraction or '').replace(',', '.')}{offset}"
+    try:
+        parsed = datetime.fromisoformat(canonical)
+    except ValueError:
+        raise _invalid("ts", "is not an ISO-8601 timestamp", text) from None
+    return parsed.astimezone(timezone.utc) + extra
 
 
 def _number(name: str, value: object, low: float, high: float) -> float | None:

@@ -124,8 +124,14 @@ def test_device_id_rejected(device_id: Any) -> None:
         ("2024-03-01T12:34:56+02:00", datetime(2024, 3, 1, 10, 34, 56, tzinfo=UTC)),
         ("2024-01-01T01:00:00+02:00", datetime(2023, 12, 31, 23, 0, tzinfo=UTC)),
         ("2024-03-01T12:34:56-05:30", datetime(2024, 3, 1, 18, 4, 56, tzinfo=UTC)),
+        ("2024-03-01 12:34:56z", datetime(2024, 3, 1, 12, 34, 56, tzinfo=UTC)),
+        ("20240301T123456+0200", datetime(2024, 3, 1, 10, 34, 56, tzinfo=UTC)),
+        ("2024-03-01T12:34:56,5-05", datetime(2024, 3, 1, 17, 34, 56, 500_000, tzinfo=UTC)),
+        ("2016-12-31T23:59:60.25Z", datetime(2017, 1, 1, 0, 0, 0, 250_000, tzinfo=UTC)),
+        ("2024-02-29T24:00Z", datetime(2024, 3, 1, tzinfo=UTC)),
     ],
-    ids=["epoch", "ms-1", "ms-999", "iso-z", "iso-plus2", "iso-plus2-day-before", "iso-minus530"],
+    ids=["epoch", "ms-1", "ms-999", "iso-z", "iso-plus2", "iso-plus2-day-before", "iso-minus530",
+         "rfc3339-space-lowercase", "basic-format", "comma-fraction-hour-offset", "leap-second", "end-of-day"],
 )
 def test_ts_accepted(ts: int | str, expected: datetime) -> None:
     """ts as epoch ms or ISO-8601 with an offset is the exact instant, timezone-aware."""
@@ -138,12 +144,17 @@ def test_ts_accepted(ts: int | str, expected: datetime) -> None:
 @pytest.mark.parametrize(
     "ts",
     [MISSING, None, 1_700_000_000_000.0, 1.5, True, False, -1, "garbage", "", "2024-03-01T12:34:56",
-     "2024-03-01", "2024-13-01T00:00:00Z", [1], {"ms": 1}, "1700000000000", 10**16],
+     "2024-03-01", "2024-13-01T00:00:00Z", [1], {"ms": 1}, "1700000000000", 10**16,
+     "2024-03-01x12:34:56Z", "2024-03-01T12:34:56+00:00:30", "2024-03-01T12:34:56-05:00:00.5",
+     "2024-03-01T12:34:56.Z", "2024-03-01T12:34:56 +00:00", "2024-03-01T24:00:01Z", "2024-03-01T23:59:61Z"],
     ids=["missing", "null", "float-whole", "float", "true", "false", "negative", "garbage", "empty",
-         "iso-no-offset", "date-only", "month-13", "array", "object", "digits-string", "beyond-year-9999"],
+         "iso-no-offset", "date-only", "month-13", "array", "object", "digits-string", "beyond-year-9999",
+         "any-separator", "offset-seconds", "offset-fraction", "empty-fraction", "space-before-offset",
+         "past-end-of-day", "second-61"],
 )
 def test_ts_rejected(ts: Any) -> None:
-    """ts missing, float, bool, negative, unparseable or ISO without offset is rejected."""
+    """ts missing, float, bool, negative, unparseable, ISO without offset, or what Python's
+    fromisoformat reads but ISO-8601 is not (another separator, an offset with seconds) is rejected."""
     error = rejected(entry(ts=ts))
     assert error.kind == "validate"
     assert "ts" in str(error)
