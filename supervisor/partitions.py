@@ -33,7 +33,7 @@ interrupted pass is finalised first.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -180,9 +180,14 @@ def partitions_duty(settings: Settings, board: StatusBoard) -> Duty:
     )
 
 
-def maintain(url: str, retention_days: int, max_future_s: float, now: datetime | None = None) -> PassResult | None:
+def maintain(
+    url: str, retention_days: int, max_future_s: float, now: datetime | None = None, *, ahead_only: bool = False
+) -> PassResult | None:
     """One pass under the advisory lock; None when another instance holds it, positions is not
-    partitioned, or this role may not change the schema (it then only warns of partitions running short)."""
+    partitioned, or this role may not change the schema (it then only warns of partitions running short).
+
+    `ahead_only`: only the days beyond the newest partition are created (the supervisor's pass
+    before it starts the shards); gaps and drops are left to the maintenance process."""
     with psycopg.connect(
         url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="processor maintenance", **POOLER_SAFE
     ) as conn:
@@ -204,6 +209,8 @@ def maintain(url: str, retention_days: int, max_future_s: float, now: datetime |
             if not partitions:
                 return None
             result = PassResult(plan(partitions, now or datetime.now(timezone.utc), retention_days, max_future_s))
+            if ahead_only:
+                result = PassResult(_ahead(result.plan, partitions))
             for part in result.plan.create:
                 _step(conn, result, part, _create, result.created)
             for part in result.plan.drop:
@@ -213,6 +220,14 @@ def maintain(url: str, retention_days: int, max_future_s: float, now: datetime |
         finally:
             if not conn.closed:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (PARTITION_LOCK_KEY,))
+
+
+def _ahead(full: Plan, partitions: list[Partition]) -> Plan:
+    """Of a pass, only the days above every partition."""
+    if any(p.upper is None for p in partitions):
+        return replace(full, create=[], drop=[])  # one reaches MAXVALUE: nothing lies above
+    top = max(p.upper for p in partitions if p.upper is not None)
+    return replace(full, create=[p for p in full.create if p.lower is not None and p.lower >= top], drop=[])
 
 
 def _step(conn: psycopg.Connection, result: PassResult, part: Partition, action, done: list[str]) -> None:  # type: ignore[no-untyped-def]
