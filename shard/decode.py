@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, NamedTuple
 
@@ -14,6 +13,8 @@ import orjson
 from common.contract import device_id_problem
 from common.errors import InvalidEntry
 from common.keys import DATA_FIELD
+from shard.poison import invalid as _invalid, json_type as _json_type, preview as _preview
+from shard.timestamps import EPOCH as _EPOCH, MAX_TS_MS, MAX_TS_TEXT_CHARS, timestamp as _timestamp
 
 # Limits on what one entry may be (docs/contract.md, "Limits"). Each bounds the work and
 # memory one entry can cost a shard; beyond any of them the entry is `validate` poison
@@ -23,16 +24,9 @@ MAX_ENTRY_FIELDS = 100  # field/value pairs of the stream entry
 MAX_DATA_MEMBERS = 64  # members of the `data` object (SPEC §2 names nine)
 MAX_IO_MEMBERS = 512  # members of `io`, counted at every level
 MAX_JSON_DEPTH = 16  # nesting of `data`: the object itself is depth 1, `io` depth 2
-MAX_TS_TEXT_CHARS = 64
-# 9999-12-30T23:59:59.999Z: a day short of Python's last datetime, so that rendering a
-# stored time in any time zone (Postgres JSON, logs) cannot overflow.
-MAX_TS_MS = 253_402_214_399_999
 # Largest finite float4: `alt`, `speed` and `heading` are `real` columns.
 MAX_REAL = 3.4028234663852886e38
 MAX_SMALLINT = 32_767
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MAX_TS = _EPOCH + timedelta(milliseconds=MAX_TS_MS)
 
 
 class Fix(NamedTuple):
@@ -297,62 +291,6 @@ def validate(obj: dict[str, Any], raw: bytes = b"\\u0000") -> Fix:
     )
 
 
-def _timestamp(ts: object) -> datetime:
-    if type(ts) is int:
-        if not 0 <= ts <= MAX_TS_MS:
-            raise _invalid("ts", f"epoch milliseconds must be between 0 and {MAX_TS_MS}", ts)
-        return _EPOCH + timedelta(milliseconds=ts)
-    if type(ts) is str:
-        if len(ts) > MAX_TS_TEXT_CHARS:
-            raise _invalid("ts", f"is longer than {MAX_TS_TEXT_CHARS} characters")
-        try:
-            utc = _iso_instant(ts)
-        except OverflowError:
-            utc = _MAX_TS + timedelta(days=1)  # beyond what a datetime holds: out of range below
-        if not _EPOCH <= utc <= _MAX_TS:
-            raise _invalid("ts", "must be between 1970-01-01 and 9999-12-30 UTC", ts)
-        return utc
-    if ts is None:
-        raise _invalid("ts", "is required")
-    raise _invalid("ts", "must be integer epoch milliseconds or an ISO-8601 string", ts)
-
-
-# ISO-8601 date-times with an offset, as RFC 3339 profiles them (separator T, t or a space;
-# offset Z, z, ±hh:mm, ±hhmm or ±hh), calendar or week dates, basic or extended. Checked
-# before `datetime.fromisoformat`, which reads more than ISO-8601: any character between
-# date and time, offsets with seconds (a fix moved by an amount no offset can say), a
-# fraction without digits. It refuses two ISO forms, read here: second 60 (a leap second,
-# the next second, as Postgres reads it) and 24:00 (the end of a day, the next day's 00:00).
-_ISO_DATE_TIME = re.compile(
-    r"(?P<date>\d{4}-\d{2}-\d{2}|\d{8}|\d{4}-W\d{2}-\d|\d{4}W\d{3})[Tt ]"
-    r"(?P<hour>\d{2})(?::?(?P<minute>\d{2})(?::?(?P<second>\d{2})(?P<fraction>[.,]\d+)?)?)?"
-    r"(?P<offset>[Zz]|[+-]\d{2}(?::?\d{2})?)?",
-    re.ASCII,
-)
-
-
-def _iso_instant(text: str) -> datetime:
-    """The instant an ISO-8601 date-time with an offset names, in UTC; raises InvalidEntry."""
-    match = _ISO_DATE_TIME.fullmatch(text)
-    if match is None:
-        raise _invalid("ts", "is not an ISO-8601 timestamp", text)
-    if match["offset"] is None:
-        raise _invalid("ts", "ISO-8601 timestamp must carry an offset (Z or +hh:mm)", text)
-    date, hour, minute, second, fraction = match.group("date", "hour", "minute", "second", "fraction")
-    extra = timedelta(0)
-    if hour == "24" and int(minute or 0) == int(second or 0) == 0 and not (fraction or "0").strip(".,0"):
-        hour, extra = "00", timedelta(days=1)
-    if second == "60":
-        second, extra = "59", timedelta(seconds=1)
-    offset = match["offset"].upper()
-    canonical = f"{date}T{hour}:{minute or '00'}:{second or '00'}{(fraction or '').replace(',', '.')}{offset}"
-    try:
-        parsed = datetime.fromisoformat(canonical)
-    except ValueError:
-        raise _invalid("ts", "is not an ISO-8601 timestamp", text) from None
-    return parsed.astimezone(timezone.utc) + extra
-
-
 def _number(name: str, value: object, low: float, high: float) -> float | None:
     """A finite number within [low, high]; NaN and infinities fail the comparison."""
     if value is None:
@@ -388,23 +326,3 @@ def _check_io(io: dict[str, Any], nul_possible: bool) -> None:
                 raise _invalid("io", "contains a NUL character, which Postgres jsonb cannot store")
         if nul_possible and type(value) is dict and any("\x00" in key for key in value):
             raise _invalid("io", "contains a NUL character, which Postgres jsonb cannot store")
-
-
-def _invalid(member: str, rule: str, value: object = ...) -> InvalidEntry:
-    shown = "" if value is ... else f", got {_preview(value)}"
-    return InvalidEntry("validate", f"{member} {rule}{shown}")
-
-
-def _preview(value: object) -> str:
-    """At most 80 characters of a value, for an error message; never fails."""
-    try:
-        text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
-    except (TypeError, ValueError):  # nested deeper than orjson writes
-        return f"{_json_type(value)} nested too deep to show"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _json_type(value: object) -> str:
-    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
-        type(value), "null" if value is None else type(value).__name__
-    )

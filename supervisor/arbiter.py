@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import faulthandler
-import functools
 import logging
 import os
 import select
@@ -35,9 +34,8 @@ from supervisor.children import HelperHandle, ShardHandle, describe_exit, drain_
 from supervisor.http import listen
 from supervisor.http_process import HttpProcess
 from supervisor.maintenance import Maintenance
-from supervisor.migrations import SCHEMA_WAIT_S, check_runtime_role, ensure_schema, migration_names
-from supervisor.partitions import maintain
 from supervisor.restarts import RestartPolicy
+from supervisor.startup import prepare_database
 
 log = logging.getLogger("processor.supervisor")
 
@@ -87,8 +85,7 @@ class Supervisor:
         log.info("supervisor starting", extra={"config": self.settings.redacted()})
         warn_if_dumps_cannot_be_written(self.settings.panic_dir)
         self.check_redis()
-        self.migrate()
-        self.prepare_partitions()
+        prepare_database(self.settings, self.until_reachable, self.stop_if_asked)
         if self.signals:
             self.dispatch_signals()
         if self.stopping:
@@ -140,33 +137,6 @@ class Supervisor:
             self.until_reachable("Redis at REDIS_URL", check_redis, client)
         finally:
             client.close()
-
-    def migrate(self) -> None:
-        """Bring the schema up to date (or see that its owner has), then check DATABASE_URL's privileges."""
-        applied = self.until_reachable(
-            "Postgres at MIGRATION_DATABASE_URL",
-            ensure_schema,
-            self.settings.migration_database_url,
-            None,
-            SCHEMA_WAIT_S,
-            self.stop_if_asked,
-        )
-        if applied:
-            log.info("schema up to date", extra={"applied": migration_names(applied)})
-        self.until_reachable("Postgres at DATABASE_URL", check_runtime_role, self.settings.database_url)
-
-    def prepare_partitions(self) -> None:
-        """The days ahead that the shards may write to, before they start: after MAX_FUTURE_S was
-        raised, their first fixes would otherwise find no partition until the maintenance
-        process's first pass (it does the rest: gaps, retention)."""
-        settings = self.settings
-        self.until_reachable(
-            "Postgres at MIGRATION_DATABASE_URL",
-            functools.partial(maintain, ahead_only=True),
-            settings.migration_database_url,
-            settings.positions_retention_days,
-            settings.max_future_s,
-        )
 
     def until_reachable(self, what: str, operation, *args):  # type: ignore[no-untyped-def]
         """Start-up calls: retried through an outage until STARTUP_TIMEOUT_S; every failure halts."""
