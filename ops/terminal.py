@@ -95,11 +95,14 @@ class Declined(ProcessorError):
     """The operator answered no (exit 1)."""
 
 
-def confirmer(assume_yes: bool, stdin: TextIO, stderr: TextIO, verb: str = "delete") -> Confirm:
-    """Ask on the terminal; --yes skips the question; without a terminal and --yes, refuse (exit 2)."""
+def confirmer(assume_yes: bool, stdin: TextIO | None, stderr: TextIO | None, verb: str = "delete") -> Confirm:
+    """Ask on the terminal; --yes skips the question; without a terminal and --yes, refuse (exit 2).
+
+    A closed stdin (Python then has None) is no terminal; nor is a closed stderr, where the
+    question could not be shown."""
     if assume_yes:
         return lambda _question: True
-    if not stdin.isatty():
+    if stdin is None or stderr is None or not _is_terminal(stdin):
         raise ConfirmationRequired(f"refusing to {verb} without confirmation: stdin is not a terminal; pass --yes")
 
     def ask(question: str) -> bool:
@@ -108,3 +111,10 @@ def confirmer(assume_yes: bool, stdin: TextIO, stderr: TextIO, verb: str = "dele
         return stdin.readline().strip().lower() in ("y", "yes")
 
     return ask
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except ValueError:  # closed
+        return False

@@ -22,7 +22,7 @@ from ops.dlq_purge import purge, purge_all
 from ops.dlq_replay import replay, replay_all
 from ops.lag import format_lag, lag_report
 from ops.terminal import Declined
-from tests.ops.letters import GROUP, add_letter, fix, run_cli
+from tests.ops.letters import GROUP, ROOT, add_letter, fix, run_cli
 
 SECRET = "s3cret-pw"
 
@@ -347,6 +347,20 @@ def test_cli_purge_needs_yes_without_a_terminal(redis_client: redis.Redis, strea
     done = run_cli(redis_env, "dlq", "purge", "--all", "--yes", "--json")
     assert done.returncode == 0, done.stderr
     assert orjson.loads(done.stdout) == {"dlq": f"{stream_key}:dlq", "purged": 1, "ids": None}
+
+
+def test_cli_purge_refuses_with_stdin_closed(redis_client: redis.Redis, stream_key: str, redis_env: dict[str, str]) -> None:
+    """A closed stdin (`0<&-`) is no terminal either: refused with exit 2, not an internal error."""
+    add_letter(redis_client, stream_key, {b"data": fix("dev-1")})
+    refused = subprocess.run(
+        ["sh", "-c", 'exec "$@" 0<&-', "sh", sys.executable, "-m", "ops", "dlq", "purge", "--all"],
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **redis_env},
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert (refused.returncode, refused.stderr) == (
+        ExitCode.USAGE, "processor: refusing to delete without confirmation: stdin is not a terminal; pass --yes\n"
+    )
+    assert redis_client.xlen(f"{stream_key}:dlq") == 1
 
 
 @pytest.mark.parametrize(("answer", "exit_code", "left"), [(b"y\n", 0, 0), (b"n\n", 1, 1)])
