@@ -28,7 +28,7 @@ class Lag:
 def group_lag(
     client: redis.Redis, stream: str, group: dict[str, Any], limit: int = LAG_COUNT_LIMIT, page_size: int = LAG_COUNT_PAGE
 ) -> Lag:
-    """The group's lag from XINFO GROUPS, or counted when Redis reports it as nil.
+    """The group's lag from XINFO GROUPS (checked: `_checked`), or counted when Redis reports it as nil.
 
     Redis (7.0+) returns a nil lag when it cannot derive it from its counters: after XDEL or
     XTRIM left a deleted id beyond the group's last-delivered-id, `entries-added` still
@@ -41,9 +41,9 @@ def group_lag(
     forward count is reported as a lower bound. Entries added while counting may be counted
     too: the number is a snapshot, like Redis' own.
     """
-    if group.get("lag") is not None:
-        return Lag(int(group["lag"]), True, "redis")
     last_delivered = _entry_id(group["last-delivered-id"])
+    if group.get("lag") is not None:
+        return _checked(client, stream, last_delivered, int(group["lag"]), page_size)
     length = int(client.xlen(stream))
     after, upto = 0, 0
     forward_from, backward_from = f"({last_delivered}", last_delivered
@@ -59,6 +59,22 @@ def group_lag(
             return Lag(max(length - upto, 0), True, "counted")
         backward_from = f"({_entry_id(page[-1][0])}"
     return Lag(after, False, "counted")
+
+
+def _checked(client: redis.Redis, stream: str, last_delivered: str, reported: int, page_size: int) -> Lag:
+    """Redis' lag, corrected where it overstates.
+
+    Redis 7.0 reports `entries-added - entries-read` even after a trim (MAXLEN, MINID) removed
+    entries no consumer had read: those stay in its lag for ever, though nothing is left to
+    deliver. It never understates, so a small lag is checked by reading what lies after
+    last-delivered-id (one page), and a larger one is capped by what the stream holds.
+    """
+    if reported == 0:
+        return Lag(0, True, "redis")
+    after = client.xrange(stream, min=f"({last_delivered}", max="+", count=min(reported, page_size))
+    if len(after) < min(reported, page_size):
+        return Lag(len(after), True, "redis")
+    return Lag(min(reported, int(client.xlen(stream))), True, "redis")
 
 
 def _entry_id(value: bytes | str) -> str:
