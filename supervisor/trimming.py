@@ -31,14 +31,15 @@ the other. XTRIM MINID only ever removes entries below its id, so a pass that co
 older safe id (a new group created at 0, say) trims nothing more, and no instance can trim
 past what is unsafe at the moment its own script runs.
 
-Approximate trimming (`MINID ~ id LIMIT n`). Redis then frees only whole nodes of its radix
-tree whose every entry is below the id, never one at or above it: as safe as exact trimming,
-and cheaper (no node is rewritten). It keeps up to one node more (at most
-`stream-node-max-entries`, 100 by default), and LIMIT bounds the work of one call to
-TRIM_LIMIT_ENTRIES entries, so a pass never blocks Redis for long, even when a group that
-was hours behind catches up at once or trimming is first switched on over a long stream; the
-rest goes at the next passes (TRIM_LIMIT_ENTRIES / TRIM_EVERY_S entries a second at most).
-Exact trimming allows no LIMIT.
+Approximate, then exact. `MINID ~ id LIMIT n` frees only whole nodes of Redis' radix tree
+whose every entry is below the id, never one at or above it, and LIMIT bounds the work of one
+call to TRIM_LIMIT_ENTRIES entries, so a pass never blocks Redis for long, even when a group
+that was hours behind catches up at once or trimming is first switched on over a long stream;
+the rest goes at the next passes (TRIM_LIMIT_ENTRIES / TRIM_EVERY_S entries a second at most).
+Exact trimming allows no LIMIT, so it follows only once the approximate call removed less than
+its limit: what is left below the id then lies in the one node that holds the id (at most
+`stream-node-max-entries`, 100 by default), and the exact call removes just that. Otherwise a
+quiet stream would keep up to a node of entries long past their retention (`0`: "at once").
 
 Holding back. A group whose oldest needed entry is older than the retention horizon holds
 the stream back: `blocked` is by how much (0 while within retention, or with `off`). The
@@ -111,7 +112,10 @@ if safe and ARGV[1] ~= 'off' then
       redis.call('XTRIM', KEYS[2], 'MINID', aged[1][1])
     end
   end
-  if target then removed = redis.call('XTRIM', KEYS[1], 'MINID', '~', target, 'LIMIT', ARGV[3]) end
+  if target then
+    removed = redis.call('XTRIM', KEYS[1], 'MINID', '~', target, 'LIMIT', ARGV[3])
+    if removed < tonumber(ARGV[3]) then removed = removed + redis.call('XTRIM', KEYS[1], 'MINID', target) end
+  end
 end
 if safe then
   redis.call('HSET', KEYS[3], 'at', now, 'safe', safe, 'target', target or '', 'removed', removed, 'instance', ARGV[4])

@@ -47,16 +47,26 @@ def test_nothing_a_lagging_group_has_not_read_or_acked_is_trimmed(redis_client, 
     trimming = duty(env, "0")
     point = trimming.trim()
     assert point is not None and point.safe_id == ids[400].decode() and point.holder == "analytics"
-    assert set(ids[400:]) <= remaining(redis_client, stream_key), "an entry analytics still needs was trimmed"
-    assert redis_client.xlen(stream_key) < 2_000, "entries every group is done with were trimmed"
+    assert remaining(redis_client, stream_key) == set(ids[400:]), "exactly what every group is done with was trimmed"
     analytics = next(g for g in point.groups if g.group == "analytics")
     assert (analytics.unread, analytics.pending, analytics.needs_from) == (1_400, 200, ids[400].decode())
-    # analytics finishes: the stream goes down to the last node (approximate trimming keeps it).
+    # analytics finishes: the stream goes down to its newest entry, which is always kept.
     read_and_ack(redis_client, stream_key, "analytics", 2_000, 0)
     redis_client.xack(stream_key, "analytics", *ids)
     point = trimming.trim()
     assert point.safe_id == ids[-1].decode() and point.holder is None
-    assert ids[-1] in remaining(redis_client, stream_key) and redis_client.xlen(stream_key) <= 100
+    assert remaining(redis_client, stream_key) == {ids[-1]}
+
+
+def test_retention_0_trims_a_quiet_stream_at_once(redis_client, stream_key, env):
+    """Ten entries, read and acknowledged: one pass leaves only the newest (approximate trimming
+    alone keeps a node of up to 100 entries until it fills, on a quiet stream for ever)."""
+    ids = fill(redis_client, stream_key, 10)
+    redis_client.xgroup_create(stream_key, "processor", id="0")
+    read_and_ack(redis_client, stream_key, "processor", 10, 10)
+    assert duty(env, "0").trim() is not None
+    assert remaining(redis_client, stream_key) == {ids[-1]}
+    assert redis_client.hget(f"{stream_key}:trim:last", "removed") == b"9"
 
 
 @pytest.mark.parametrize("deleted", ["stream", "group"])
