@@ -84,13 +84,13 @@ class Supervisor:
         self.install_signal_handlers()
         log.info("supervisor starting", extra={"config": self.settings.redacted()})
         warn_if_dumps_cannot_be_written(self.settings.panic_dir)
+        self.serve_http()  # first: /healthz answers 503 (starting) while the servers are waited for
         self.check_redis()
         prepare_database(self.settings, self.until_reachable, self.stop_if_asked)
         if self.signals:
             self.dispatch_signals()
         if self.stopping:
-            return ExitCode.OK
-        self.serve_http()
+            return self.stop()
         self.spawn_helper(HelperHandle("maintenance"))
         for slot in range(self.settings.shards):
             self.spawn_shard(slot)
@@ -146,9 +146,11 @@ class Supervisor:
             self.halt(acl_refusal(exc, self.settings.redis_url) or str(exc), exc.exit_code)
 
     def stop_if_asked(self) -> None:
-        """Between start-up retries: a signal ends the wait."""
+        """Between start-up retries: a signal ends the wait (and the HTTP process)."""
+        self.publish()
         self.dispatch_signals()
         if self.stopping:
+            self.stop()
             raise Halt("stopped by a signal during start-up", ExitCode.OK)
 
     def serve_http(self) -> None:

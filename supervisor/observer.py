@@ -178,6 +178,7 @@ class Observer:
             text
             for bad, text in (
                 (supervisor.stopping, "stopping"),
+                (not supervisor.stopping and not any(slot.pid or slot.restarts for slot in supervisor.slots), "starting"),
                 (time.monotonic() - supervisor.beat > HEALTHY_BEAT_S, "loop not beating"),
             )
             if bad

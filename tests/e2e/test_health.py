@@ -89,3 +89,17 @@ def test_metrics_count_what_two_instances_share(redis_client, database_url, stre
     assert metric(text, "processor_consumer_lag")[""] == 0
     assert metric(text, "processor_pending_entries")[""] == 0
     assert metric(text, "processor_batch_seconds_count")[""] > 0
+
+
+def test_health_answers_503_while_the_supervisor_waits_for_postgres_at_start_up(env, start_processor):
+    """Postgres not there yet: /healthz answers 503 (supervisor: starting) during the wait, and a
+    SIGTERM then ends the wait, the HTTP process with it, and exits 0."""
+    port = free_port()
+    gone = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    processor = start_processor({**env, "DATABASE_URL": gone, "MIGRATION_DATABASE_URL": gone, "HTTP_PORT": str(port)})
+    status, body = wait_for(lambda: (r := get(port, "/healthz"))[0] and r, 20, 0.1, what="an answer")
+    assert status == 503
+    assert "supervisor: starting" in orjson.loads(body)["reasons"]
+    processor.signal()
+    assert processor.wait(20) == 0
+    assert get(port, "/healthz") == (0, b""), "the HTTP process outlived the supervisor"
