@@ -13,8 +13,8 @@ import orjson
 from common.contract import device_id_problem
 from common.errors import InvalidEntry
 from common.keys import DATA_FIELD
-from shard.poison import invalid as _invalid, json_type as _json_type, preview as _preview
-from shard.timestamps import EPOCH as _EPOCH, MAX_TS_MS, MAX_TS_TEXT_CHARS, timestamp as _timestamp
+from shard.poison import invalid, json_type, preview
+from shard.timestamps import EPOCH, MAX_TS_MS, timestamp
 
 # Limits on what one entry may be (docs/contract.md, "Limits"). Each bounds the work and
 # memory one entry can cost a shard; beyond any of them the entry is `validate` poison
@@ -118,12 +118,12 @@ def _decode_slow(raw: bytes) -> Fix:
             raise InvalidEntry("validate", _TOO_DEEP) from None
         raise InvalidEntry("decode", f"data is not valid UTF-8 JSON: {exc}") from None
     if type(obj) is not dict:
-        raise InvalidEntry("validate", f"data must be a JSON object, got {_json_type(obj)}")
+        raise InvalidEntry("validate", f"data must be a JSON object, got {json_type(obj)}")
     if len(obj) > MAX_DATA_MEMBERS:
         raise InvalidEntry("validate", f"data has {len(obj)} members, over the limit of {MAX_DATA_MEMBERS}")
     for name, value in obj.items():
         if name != "io" and not _within_depth(value, 2):  # `io` has its own check, with its other limits
-            raise InvalidEntry("validate", f"{_TOO_DEEP} (in member {_preview(name)})")
+            raise InvalidEntry("validate", f"{_TOO_DEEP} (in member {preview(name)})")
     return validate(obj, raw)
 
 
@@ -193,7 +193,7 @@ class _Unusual(Exception):
     """An entry the fast path leaves to the slow path."""
 
 
-# msgspec's refusals (ValidationError is a DecodeError), and _timestamp's for an ISO ts.
+# msgspec's refusals (ValidationError is a DecodeError), and timestamp's for an ISO ts.
 _UNUSUAL = (_Unusual, msgspec.DecodeError, RecursionError, InvalidEntry)
 _new_fix = tuple.__new__  # Fix(...) runs a Python-level __new__; the same tuple, made in C
 
@@ -206,8 +206,8 @@ def _decode_fast(raw: bytes) -> Fix:
     device_id = data.device_id
     if device_id_problem(device_id) is not None:
         raise _Unusual
-    ts = data.ts  # an int is within 0..MAX_TS_MS: _timestamp's sum, without keyword arguments' cost
-    when = _EPOCH + timedelta(0, 0, 0, ts) if type(ts) is int else _timestamp(ts)
+    ts = data.ts  # an int is within 0..MAX_TS_MS: timestamp's sum, without keyword arguments' cost
+    when = EPOCH + timedelta(0, 0, 0, ts) if type(ts) is int else timestamp(ts)
     alt, speed, heading = data.alt, data.speed, data.heading
     io_text = data.io
     attributes = _stored_io(_read_io(io_text), bytes(io_text))
@@ -255,26 +255,26 @@ def validate(obj: dict[str, Any], raw: bytes = b"\\u0000") -> Fix:
     get = obj.get
     device_id = get("device_id")
     if type(device_id) is not str:
-        raise _invalid("device_id", "is required and must be a string", device_id)
+        raise invalid("device_id", "is required and must be a string", device_id)
     problem = device_id_problem(device_id)
     if problem is not None:
-        raise _invalid("device_id", problem)
-    ts = _timestamp(get("ts"))
+        raise invalid("device_id", problem)
+    ts = timestamp(get("ts"))
     lat = get("lat")
     if lat is None:
-        raise _invalid("lat", "is required")
+        raise invalid("lat", "is required")
     lon = get("lon")
     if lon is None:
-        raise _invalid("lon", "is required")
+        raise invalid("lon", "is required")
 
     sats = get("sats")
     if sats is not None and (type(sats) is not int or not 0 <= sats <= MAX_SMALLINT):
-        raise _invalid("sats", f"must be a whole number from 0 to {MAX_SMALLINT}", sats)
+        raise invalid("sats", f"must be a whole number from 0 to {MAX_SMALLINT}", sats)
 
     attributes = get("io")
     if attributes is not None:
         if type(attributes) is not dict:
-            raise _invalid("io", f"must be a JSON object, got {_json_type(attributes)}")
+            raise invalid("io", f"must be a JSON object, got {json_type(attributes)}")
         # JSON can only carry NUL escaped, so a raw document without the escape has none.
         _check_io(attributes, nul_possible=b"\\u0000" in raw)
 
@@ -299,8 +299,8 @@ def _number(name: str, value: object, low: float, high: float) -> float | None:
     if (kind is float or kind is int) and low <= value <= high:  # type: ignore[operator]
         return float(value)  # type: ignore[arg-type]
     if kind is not float and kind is not int:
-        raise _invalid(name, "must be a number", value)
-    raise _invalid(name, f"must be a finite number from {low:g} to {high:g}", value)
+        raise invalid(name, "must be a number", value)
+    raise invalid(name, f"must be a finite number from {low:g} to {high:g}", value)
 
 
 def _check_io(io: dict[str, Any], nul_possible: bool) -> None:
@@ -313,16 +313,16 @@ def _check_io(io: dict[str, Any], nul_possible: bool) -> None:
     while stack:
         value, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            raise _invalid("io", f"is nested deeper than the limit of {MAX_JSON_DEPTH} levels (data itself is level 1)")
+            raise invalid("io", f"is nested deeper than the limit of {MAX_JSON_DEPTH} levels (data itself is level 1)")
         items = value.items() if type(value) is dict else enumerate(value)
         members += len(value)
         if members > MAX_IO_MEMBERS:
-            raise _invalid("io", f"has more than the limit of {MAX_IO_MEMBERS} members (counted at every level)")
+            raise invalid("io", f"has more than the limit of {MAX_IO_MEMBERS} members (counted at every level)")
         for key, item in items:
             kind = type(item)
             if kind is dict or kind is list:
                 stack.append((item, depth + 1))
             elif nul_possible and (kind is str and "\x00" in item or type(key) is str and "\x00" in key):
-                raise _invalid("io", "contains a NUL character, which Postgres jsonb cannot store")
+                raise invalid("io", "contains a NUL character, which Postgres jsonb cannot store")
         if nul_possible and type(value) is dict and any("\x00" in key for key in value):
-            raise _invalid("io", "contains a NUL character, which Postgres jsonb cannot store")
+            raise invalid("io", "contains a NUL character, which Postgres jsonb cannot store")
