@@ -71,8 +71,9 @@ def _checked(client: redis.Redis, stream: str, last_delivered: str, reported: in
     """
     if reported == 0:
         return Lag(0, True, "redis")
-    after = client.xrange(stream, min=f"({last_delivered}", max="+", count=min(reported, page_size))
-    if len(after) < min(reported, page_size):
+    page = min(reported, page_size)
+    after = client.xrange(stream, min=f"({last_delivered}", max="+", count=page)
+    if len(after) < page:
         return Lag(len(after), True, "redis")
     return Lag(min(reported, int(client.xlen(stream))), True, "redis")
 

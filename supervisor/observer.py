@@ -136,7 +136,9 @@ class StreamGauges:
             if group is None:
                 return StreamReading(started, dead_letters, trimming=trimming)
             summary = self.redis.xpending(stream, self.settings.consumer_group)
-            lag = group_lag(self.redis, stream, group).count
+            lag = _unread(trimming, self.settings.consumer_group)
+            if lag is None:  # not in the trimming snapshot: counted here (group_lag reads the stream)
+                lag = group_lag(self.redis, stream, group).count
         except Exception as exc:
             # Metrics are best effort: not even a bug of ours may stop this thread.
             level = logging.DEBUG if classify(exc) in (Outcome.OUTAGE, Outcome.REFUSED) else logging.ERROR
@@ -153,6 +155,13 @@ class StreamGauges:
             return None  # no stream yet
         wanted = self.settings.consumer_group.encode()
         return next((g for g in groups if g["name"] == wanted), None)
+
+
+def _unread(trimming: StreamState | None, group: str) -> int | None:
+    """The group's lag as the trimming snapshot already counted it (group_lag), if it holds the group."""
+    if trimming is None:
+        return None
+    return next((hold.unread for hold in trimming.point.groups if hold.group == group), None)
 
 
 class Observer:
