@@ -45,6 +45,16 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def signal_all(pids: list[int], signum: int) -> None:
+    """Send `signum` to each of `pids` that still exists: a backend listed while it was exiting
+    is a zombie that accepts the first signal and is reaped before the second."""
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def cpu_ticks(pid: int, with_children: bool = False) -> int:
     """utime+stime (and cutime+cstime of reaped children) in clock ticks; 0 if gone."""
     fields = stat_fields(pid)

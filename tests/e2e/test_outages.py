@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from scripts.toolkit.fleet import Fleet
-from scripts.toolkit.processes import children
+from scripts.toolkit.processes import children, signal_all
 from scripts.toolkit.services import ThrowawayPostgres, ThrowawayRedis, free_port, missing_binaries
 from scripts.toolkit.writer import produce, steady
 from shard.decode import decode_entry
@@ -370,14 +370,12 @@ def test_a_frozen_postgres_makes_healthz_503(redis_client, stream_key, env, priv
         load: Future = pool.submit(steady, redis_client, stream_key, 200, 8.0, devices=DEVICES, seed=23)
         wait_for(lambda: stored_count(database_url) > 100, what="the first rows: every shard holds connections")
         frozen = children(postmaster)  # its backends; the postmaster itself would still fork new ones
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
+        signal_all(frozen, signal.SIGSTOP)
         try:
             status, body = wait_for(lambda: (h := get(port, "/healthz"))[0] == 503 and h, 60, 0.5, "503 while Postgres is frozen")
             assert b"Postgres" in body
         finally:
-            for pid in frozen:
-                os.kill(pid, signal.SIGCONT)
+            signal_all(frozen, signal.SIGCONT)
         load.result(timeout=60)
     wait_settled(redis_client, database_url, stream_key, SETTLE_TIMEOUT_S)
     assert_exact(redis_client, database_url, stream_key)
