@@ -28,16 +28,15 @@ from ops.terminal import printable, table_lines
 class ImportResult:
     inserted: list[tuple[int, str]]  # (id, name) in file order
     updated: list[tuple[int, str]]
+    unchanged: list[tuple[int, str]]  # stored already exactly so: left alone, updated_at included
+
+    def actions(self) -> list[tuple[str, list[tuple[int, str]]]]:
+        return [("inserted", self.inserted), ("updated", self.updated), ("unchanged", self.unchanged)]
 
     def as_json(self) -> dict[str, object]:
         return {
-            "inserted": len(self.inserted),
-            "updated": len(self.updated),
-            "geofences": [
-                {"id": i, "name": n, "action": action}
-                for action, rows in (("inserted", self.inserted), ("updated", self.updated))
-                for i, n in rows
-            ],
+            **{action: len(rows) for action, rows in self.actions()},
+            "geofences": [{"id": i, "name": n, "action": action} for action, rows in self.actions() for i, n in rows],
         }
 
 
@@ -47,28 +46,38 @@ def import_file(database_url: str, path: Path) -> ImportResult:
     return upsert_geofences(database_url, features)
 
 
-# One statement, so one revision bump for running shards; xmax = 0 tells a new row.
+# One statement, so one revision bump for running shards; xmax = 0 tells a new row. A row
+# stored exactly so already is not touched (its updated_at stays) and not returned.
 _UPSERT = """
-INSERT INTO geofences (name, geometry, radius_m, active)
+INSERT INTO geofences AS g (name, geometry, radius_m, active)
 SELECT f.name, f.geometry, f.radius_m, f.active
 FROM jsonb_to_recordset(%s) AS f(name text, geometry jsonb, radius_m double precision, active boolean)
 ON CONFLICT (name) DO UPDATE SET
     geometry = EXCLUDED.geometry, radius_m = EXCLUDED.radius_m, active = EXCLUDED.active
+WHERE (g.geometry, g.radius_m, g.active) IS DISTINCT FROM (EXCLUDED.geometry, EXCLUDED.radius_m, EXCLUDED.active)
 RETURNING id, name, (xmax = 0) AS inserted
 """
+_IDS = "SELECT name, id FROM geofences WHERE name = ANY(%s)"
 
 
 def upsert_geofences(database_url: str, features: list[GeofenceFeature]) -> ImportResult:
-    """Insert new names and update existing ones, all in one transaction."""
+    """Insert new names and update changed ones, all in one transaction."""
     rows = [
         {"name": f.name, "geometry": f.geometry, "radius_m": f.radius_m, "active": f.active} for f in features
     ]
     with postgres(database_url) as conn, conn.transaction():
         returned = conn.execute(_UPSERT, (Jsonb(rows),)).fetchall()
-    outcome = {name: (geofence_id, inserted) for geofence_id, name, inserted in returned}
-    inserted = [(outcome[f.name][0], f.name) for f in features if outcome[f.name][1]]
-    updated = [(outcome[f.name][0], f.name) for f in features if not outcome[f.name][1]]
-    return ImportResult(inserted, updated)
+        outcome = {name: (geofence_id, inserted) for geofence_id, name, inserted in returned}
+        left = [f.name for f in features if f.name not in outcome]
+        same = dict(conn.execute(_IDS, (left,)).fetchall()) if left else {}
+    result = ImportResult([], [], [])
+    for f in features:
+        if f.name in same:
+            result.unchanged.append((same[f.name], f.name))
+        else:
+            geofence_id, inserted = outcome[f.name]
+            (result.inserted if inserted else result.updated).append((geofence_id, f.name))
+    return result
 
 
 # --- list -----------------------------------------------------------------------------
@@ -165,10 +174,10 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(result.as_json()).decode())
         return ExitCode.OK
-    print(f"{args.file}: inserted {len(result.inserted)}, updated {len(result.updated)}")
-    for action, rows in (("inserted", result.inserted), ("updated", result.updated)):
+    print(f"{args.file}: " + ", ".join(f"{action} {len(rows)}" for action, rows in result.actions()))
+    for action, rows in result.actions():
         for geofence_id, name in rows:
-            print(f"  {action:<8} {geofence_id:>6}  {printable(name)}")
+            print(f"  {action:<9} {geofence_id:>6}  {printable(name)}")
     return ExitCode.OK
 
 

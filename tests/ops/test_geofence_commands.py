@@ -114,6 +114,20 @@ def test_reimport_updates_by_name(migrated: str, write_geojson: WriteGeojson) ->
     assert dict(result.updated) == {first["Depot"][0]: "Depot", first["Yard"][0]: "Yard"}
 
 
+def test_reimport_leaves_unchanged_geofences_alone(migrated: str, write_geojson: WriteGeojson) -> None:
+    """A feature stored exactly so already is reported unchanged, and its row (updated_at included) is not
+    touched; one changed beside it is updated."""
+    import_file(migrated, write_geojson(THREE))
+    first = {row[1]: row for row in rows(migrated)}
+    result = import_file(migrated, write_geojson(collection(
+        feature("Depot", DEPOT), feature("Docks", DOCKS), feature("Yard", YARD, radius_m=75.5))))
+    assert ([n for _, n in result.unchanged], [n for _, n in result.updated], result.inserted) == (["Depot", "Docks"], ["Yard"], [])
+    assert dict(result.unchanged) == {first["Depot"][0]: "Depot", first["Docks"][0]: "Docks"}
+    second = {row[1]: row for row in rows(migrated)}
+    assert (second["Depot"], second["Docks"]) == (first["Depot"], first["Docks"])
+    assert second["Yard"][5] > first["Yard"][5]
+
+
 def test_an_invalid_feature_writes_nothing(migrated: str, write_geojson: WriteGeojson) -> None:
     """One bad feature among good ones: every problem is named by index and name, no row changes."""
     import_file(migrated, write_geojson(collection(feature("Depot", DEPOT))))
@@ -203,13 +217,14 @@ def test_cli_import_end_to_end(env: dict[str, str], migrated: str, write_geojson
     path = write_geojson(THREE)
     first = run_cli(env, "geofences", "import", str(path))
     assert first.returncode == ExitCode.OK, first.stderr
-    assert first.stdout.splitlines()[0] == f"{path}: inserted 3, updated 0"
+    assert first.stdout.splitlines()[0] == f"{path}: inserted 3, updated 0, unchanged 0"
     assert first.stderr == ""
     again = run_cli(env, "geofences", "import", "--json", str(path))
     assert again.returncode == ExitCode.OK, again.stderr
     summary = orjson.loads(again.stdout)
-    assert (summary["inserted"], summary["updated"]) == (0, 3)
-    assert sorted(g["name"] for g in summary["geofences"]) == ["Depot", "Docks", "Yard"]
+    assert (summary["inserted"], summary["updated"], summary["unchanged"]) == (0, 0, 3)
+    assert sorted((g["name"], g["action"]) for g in summary["geofences"]) == [
+        ("Depot", "unchanged"), ("Docks", "unchanged"), ("Yard", "unchanged")]
 
 
 def test_cli_reaches_postgres_through_a_libpq_url_naming_two_hosts(
@@ -223,7 +238,7 @@ def test_cli_reaches_postgres_through_a_libpq_url_naming_two_hosts(
     two_hosts = urlunsplit((parts.scheme, userinfo + hosts, parts.path, parts.query, ""))
     done = run_cli({**env, "DATABASE_URL": two_hosts}, "geofences", "import", str(write_geojson(THREE)))
     assert done.returncode == ExitCode.OK, done.stderr
-    assert done.stdout.splitlines()[0].endswith("inserted 3, updated 0")
+    assert done.stdout.splitlines()[0].endswith("inserted 3, updated 0, unchanged 0")
 
 
 def test_cli_invalid_file_exits_1_with_one_line_per_problem(
