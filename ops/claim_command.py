@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+import redis
 
 from common.config import Settings
 from common.errors import ExitCode
+from common.redis_client import text as decoded
 from ops.arguments import bounded, text
-from ops.terminal import emit, format_counts
+from ops.errors import redis_client
+from ops.terminal import emit, format_counts, printable
 
 MAX_MIN_IDLE_MS = 100 * 365 * 86_400_000  # 100 years: any entry, and far below what Redis refuses (2**63)
 
@@ -33,4 +38,22 @@ def cmd_claim(settings: Settings, args: argparse.Namespace) -> int:
 
     counts = claim_now(settings, args.min_idle_ms, args.from_consumer)
     emit(counts if args.json else [format_counts(counts)], args.json)
+    if args.from_consumer is not None and not counts["claimed"]:
+        _note_if_unknown(settings, args.from_consumer)
     return ExitCode.OK
+
+
+def _note_if_unknown(settings: Settings, consumer: str) -> None:
+    """Nothing claimed from a consumer the group does not know (a typo, say): say so on stderr."""
+    with redis_client(settings.redis_url) as client:
+        try:
+            known = [decoded(c["name"]) for c in client.xinfo_consumers(settings.stream_key, settings.consumer_group)]
+        except redis.ResponseError:
+            return  # no stream or no group: the claim had nothing to look at either way
+    if consumer not in known:
+        shown = sorted(known)[:10]
+        names = ", ".join(printable(name) for name in shown) or "none"
+        if len(known) > len(shown):
+            names += f" and {len(known) - len(shown)} more"
+        print(f"processor: group {printable(settings.consumer_group)} has no consumer {printable(consumer)} "
+              f"(its consumers: {names}); nothing claimed", file=sys.stderr)

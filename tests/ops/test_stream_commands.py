@@ -442,6 +442,13 @@ def test_cli_claim_processes_stuck_entries(redis_client: redis.Redis, stream_key
     assert redis_client.xlen(f"{stream_key}:dlq") == 1
     human = run_cli(env, "claim")
     assert (human.returncode, human.stdout) == (0, "claimed 0, stored 0, dead lettered 0, expired 0, gone 0\n")
+    assert "has no consumer" not in human.stderr
+    emptied = run_cli(env, "claim", "--from", "gone-0")
+    assert emptied.returncode == 0 and "has no consumer" not in emptied.stderr  # known, just nothing left
+    typo = run_cli(env, "claim", "--from", "gnoe-0")
+    assert (typo.returncode, typo.stdout) == (0, "claimed 0, stored 0, dead lettered 0, expired 0, gone 0\n")
+    assert f"processor: group {GROUP} has no consumer gnoe-0 (its consumers: " in typo.stderr
+    assert "gone-0" in typo.stderr.split("has no consumer gnoe-0", 1)[1]
 
 
 def test_output_that_cannot_be_written_is_exit_1_in_one_line(redis_env: dict[str, str]) -> None:
