@@ -51,6 +51,20 @@ def text(value: str) -> str:
     return value
 
 
+def position_after(value: str) -> str:
+    """An argparse type: where a listing starts, after a complete id or after `<ms>` alone
+    (as `<ms>-0`, the way XRANGE reads it; `--after 0` is every entry but 0-0, which Redis never issues)."""
+    if whole_number(value, MAX_STREAM_ID_PART) is not None:
+        return f"{int(value)}-0"
+    try:
+        return stream_id(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"not a stream entry id (<milliseconds>-<sequence> or <milliseconds>, each at most {MAX_STREAM_ID_PART}, "
+            f"e.g. 1718000000000-0): {value!r}"
+        ) from None
+
+
 def stream_id(value: str) -> str:
     """An argparse type: a complete stream entry id `<ms>-<seq>`."""
     match = _STREAM_ID.fullmatch(value)

@@ -12,7 +12,7 @@ import sys
 from common.config import Settings
 from common.errors import ExitCode
 from ops import dlq_purge, dlq_replay
-from ops.arguments import bounded, stream_id
+from ops.arguments import bounded, position_after, stream_id
 from ops.dlq_letters import DLQ_LIST_DEFAULT, DLQ_LIST_MAX, format_letter, format_letter_page, list_letters, show_letter
 from ops.errors import UsageError
 from ops.terminal import confirmer, emit
@@ -34,7 +34,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     show_list.add_argument("--limit", type=bounded(1, DLQ_LIST_MAX), default=DLQ_LIST_DEFAULT, metavar="N",
                            help=f"list at most N letters, 1 to {DLQ_LIST_MAX} (default {DLQ_LIST_DEFAULT})")
-    show_list.add_argument("--after", type=stream_id, metavar="ID", help="start after this letter id (next page)")
+    show_list.add_argument("--after", type=position_after, metavar="ID",
+                           help="start after this letter id (next page); <milliseconds> alone means <milliseconds>-0")
     show_list.add_argument("--json", action="store_true", help="print a JSON object")
     show_list.set_defaults(func=cmd_list)
     show = actions.add_parser(

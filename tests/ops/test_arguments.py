@@ -45,7 +45,21 @@ def usage_error(argv: list[str]) -> None:
 @pytest.mark.parametrize("letter_id", BAD_IDS)
 @pytest.mark.parametrize("argv", ID_ARGUMENTS)
 def test_a_malformed_id_is_a_usage_error(argv, letter_id: str) -> None:  # type: ignore[no-untyped-def]
+    if letter_id.isascii() and letter_id.isdigit() and "--after" in argv(letter_id):
+        return  # where a listing starts, <milliseconds> alone is a position (below)
     usage_error(argv(letter_id))
+
+
+@pytest.mark.parametrize("given, start", [("0", "0-0"), ("1718000000000", "1718000000000-0"), ("007", "7-0"),
+                                          (str(MAX_STREAM_ID_PART), f"{MAX_STREAM_ID_PART}-0"), ("5-3", "5-3")])
+def test_a_listing_starts_after_milliseconds_alone(given: str, start: str) -> None:
+    """`dlq list --after 0` (every letter) and `--after <ms>` read as `<ms>-0`, as XRANGE reads them."""
+    assert build_parser().parse_args(["dlq", "list", "--after", given]).after == start
+
+
+@pytest.mark.parametrize("given", [str(MAX_STREAM_ID_PART + 1), "١", "1 ", "-1", "1.5", ""])
+def test_a_listing_start_out_of_range_is_a_usage_error(given: str) -> None:
+    usage_error(["dlq", "list", "--after", given])
 
 
 @pytest.mark.parametrize("argv", ID_ARGUMENTS)
