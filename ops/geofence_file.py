@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,9 @@ class GeofenceFeature:
 
 
 def read_document(path: Path) -> object:
-    """The parsed JSON of `path`; a missing, unreadable or non-JSON file is a ProcessorError."""
+    """The parsed JSON of `path` (`-`: standard input); a missing, unreadable or non-JSON file is a ProcessorError."""
     try:
-        raw = path.read_bytes()
+        raw = _standard_input() if str(path) == "-" else path.read_bytes()
     except FileNotFoundError:
         raise ProcessorError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -46,6 +47,15 @@ def read_document(path: Path) -> object:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ProcessorError(f"{path}: not valid JSON: {exc}") from None
+
+
+def _standard_input() -> bytes:
+    stream = sys.stdin
+    if stream is None or stream.closed:
+        raise ProcessorError("-: standard input is closed; give the GeoJSON file's path")
+    if stream.isatty():
+        raise ProcessorError("-: standard input is a terminal; pipe the GeoJSON in, or give the file's path")
+    return stream.buffer.read()
 
 
 def validate_document(document: object, source: str) -> list[GeofenceFeature]:

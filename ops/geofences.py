@@ -144,7 +144,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "(an existing name is updated; geofences missing from the file are left alone). Needs a migrated "
         "database.",
     )
-    load.add_argument("file", metavar="FILE.geojson", type=Path, help="the GeoJSON file")
+    load.add_argument("file", metavar="FILE.geojson", type=Path, help="the GeoJSON file; - reads it from standard input")
     load.add_argument("--json", action="store_true", help="print the summary as a JSON object")
     load.set_defaults(func=cmd_import)
     show = actions.add_parser(

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +23,7 @@ from scripts.toolkit.services import free_port
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import wait_for
 from tests.files import collection, feature, geojson_file
-
-ROOT = Path(__file__).parents[2]
+from tests.ops.letters import run_cli
 SECRET = "s3cret-pw"
 
 DEPOT = {"type": "Polygon", "coordinates": [[[10, 50], [10.01, 50], [10.01, 50.01], [10, 50.01], [10, 50]]]}
@@ -62,14 +58,6 @@ def write_geojson(tmp_path: Path) -> WriteGeojson:
         return geojson_file(tmp_path / f"fences-{next(counter)}.geojson", document)
 
     return write
-
-
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """The real `processor` command line in a child process."""
-    full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run(
-        [sys.executable, "-m", "ops", *args], env=full_env, capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 def rows(database_url: str) -> list[tuple]:
@@ -225,6 +213,17 @@ def test_cli_import_end_to_end(env: dict[str, str], migrated: str, write_geojson
     assert (summary["inserted"], summary["updated"], summary["unchanged"]) == (0, 0, 3)
     assert sorted((g["name"], g["action"]) for g in summary["geofences"]) == [
         ("Depot", "unchanged"), ("Docks", "unchanged"), ("Yard", "unchanged")]
+
+
+def test_cli_import_reads_standard_input_for_a_dash(env: dict[str, str], migrated: str, write_geojson: WriteGeojson) -> None:
+    """`processor geofences import -` reads the GeoJSON from standard input; an empty one is not JSON (exit 1)."""
+    with write_geojson(THREE).open("rb") as piped:
+        done = run_cli(env, "geofences", "import", "-", stdin=piped.fileno())
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert done.stdout.splitlines()[0] == "-: inserted 3, updated 0, unchanged 0"
+    assert sorted(row[1] for row in rows(migrated)) == ["Depot", "Docks", "Yard"]
+    empty = run_cli(env, "geofences", "import", "-")
+    assert empty.returncode == 1 and empty.stderr.startswith("processor: -: not valid JSON"), empty.stderr
 
 
 def test_cli_reaches_postgres_through_a_libpq_url_naming_two_hosts(
