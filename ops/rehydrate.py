@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import NoReturn
 
 import orjson
 
@@ -59,9 +60,19 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "shard that misses the message), then publish the id so that running shards of every instance "
         "drop it now. The next fix of the device reloads its state. Exits 0 also for an unknown device.",
     )
-    parser.add_argument("device_id", metavar="DEVICE_ID", type=_device_id, help="the device_id, as in the stream")
+    parser.add_argument("device_id", metavar="DEVICE_ID", type=_device_id,
+                        help="the device_id, as in the stream (one that starts with '-' goes after '--')")
     parser.add_argument("--json", action="store_true", help="print the outcome as a JSON object")
     parser.set_defaults(func=cmd_rehydrate)
+    usage_error = parser.error
+
+    def error(message: str) -> NoReturn:
+        # argparse takes `-abc` for an option: the device id then looks missing (or unrecognised).
+        if "DEVICE_ID" in message or "unrecognized arguments: -" in message:
+            message += "; a DEVICE_ID that starts with '-' goes after '--': processor rehydrate -- -abc"
+        usage_error(message)
+
+    parser.error = error  # type: ignore[method-assign]
 
 
 def cmd_rehydrate(settings: Settings, args: argparse.Namespace) -> int:

@@ -125,3 +125,10 @@ def test_a_failures_field_of_other_digits_is_shown_as_written(
     add_letter(redis_client, stream_key, {b"data": fix("dev-2")})
     summaries = [letter.summary() for letter in list_letters(stream_settings, 10).letters]
     assert [summary["failures"] for summary in summaries] == ["²", 5]
+
+
+def test_a_device_id_starting_with_a_dash_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse takes `rehydrate -abc` for an option; the usage error says how to give such an id."""
+    usage_error(["rehydrate", "-abc"])
+    assert "goes after '--': processor rehydrate -- -abc" in capsys.readouterr().err
+    assert build_parser().parse_args(["rehydrate", "--", "-abc"]).device_id == "-abc"
