@@ -22,6 +22,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "timing_records": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # a late fix replays visits
     "geofences": ("SELECT", "INSERT", "UPDATE"),  # `processor geofences import`
     "geofence_revision": ("SELECT", "UPDATE"),  # bumped by the geofences trigger, as the caller
+    "geofence_versions": ("SELECT", "INSERT", "UPDATE"),  # kept by a geofences trigger; read by a late fix's replay
     "schema_migrations": ("SELECT",),  # `processor run` checks the schema is current
     "retention_floor": ("SELECT",),  # a late fix's replay stops where retention dropped history
 }

@@ -23,6 +23,11 @@ takes effect for the later one and for every one after it. Two shards can never 
 different geofence sets for the same stretch of a device's history. The 2 s poll
 (`refresh`, on a connection of its own) only warms the index up for idle shards, so that
 a change is often loaded outside a batch; correctness does not depend on it.
+
+Each fix is stored with the revision its batch derived it with, and every version of every
+geofence is kept (migrations/0006_geofence_history.sql): a late fix's replay evaluates each
+stored fix with the index of its own revision (`at`), so a change never reaches the history
+before it, whichever shard's batch happens to replay it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,18 @@ ORDER BY g.id
 """
 
 
+# The geofences active at a revision, from their versions; one row with a null id when none was.
+_AT_REVISION = """
+SELECT r.revision, v.geofence_id, v.name, v.geometry, v.radius_m
+FROM (SELECT %(revision)s::bigint AS revision) AS r LEFT JOIN (
+    SELECT DISTINCT ON (geofence_id) geofence_id, name, geometry, radius_m, active
+    FROM geofence_versions WHERE revision <= %(revision)s ORDER BY geofence_id, revision DESC
+) AS v ON v.active
+ORDER BY v.geofence_id
+"""
+HISTORY_HELD = 8  # indexes of earlier revisions kept for replays (a change or two behind, usually)
+
+
 class GeofenceSource:
     """Holds the current index: swapped by the poll (`refresh`) or inside a batch (`for_revision`).
 
@@ -58,6 +75,7 @@ class GeofenceSource:
         self.database_url = database_url
         self.application_name = application_name
         self.index = GeofenceIndex([], revision=-1)
+        self.history: dict[int, GeofenceIndex] = {}  # earlier revisions, oldest use first
         self.conn: psycopg.AsyncConnection | None = None
 
     async def for_revision(self, cur: psycopg.AsyncCursor, revision: int) -> GeofenceIndex:
@@ -72,6 +90,21 @@ class GeofenceSource:
         await cur.execute(_ACTIVE)
         self.index = await build(await cur.fetchall(), "batch")
         return self.index
+
+    async def at(self, cur: psycopg.AsyncCursor, revision: int | None, current: GeofenceIndex) -> GeofenceIndex:
+        """The index that fixes derived with `revision` were evaluated with: `current` for its own
+        revision and for fixes stored before revisions were recorded (None); else rebuilt from
+        the geofences' versions through `cur`, and kept for the next replays."""
+        if revision is None or revision == current.revision:
+            return current
+        held = self.history.pop(revision, None)
+        if held is None:
+            await cur.execute(_AT_REVISION, {"revision": revision})
+            held = await build(await cur.fetchall(), "replay")
+            while len(self.history) >= HISTORY_HELD:
+                del self.history[next(iter(self.history))]
+        self.history[revision] = held
+        return held
 
     async def refresh(self) -> bool:
         """The poll: reload if the geofences changed; returns whether it did."""

@@ -7,6 +7,12 @@ fix after the newest new fix that lies inside no geofence: from Q on, nothing ca
 Visits entered between F0 and Q are replaced; the odometer is corrected by the difference
 between the new and the old distances over the same stretch.
 
+Every stored fix is evaluated with the geofences of the revision it was first derived with
+(`GeofenceSource.at`), the late ones with their batch's: a geofence change made since never
+reaches the history before it, so a replay reproduces every visit it does not touch, and
+where entries are split across shards does not matter (SPEC §5). Visits are replaced only
+for the geofences of the indexes the stretch was evaluated with.
+
 Retention (POSITIONS_RETENTION_DAYS) drops whole partitions of old fixes, never derived
 state. Only when no stored fix precedes the late one, and partitions were dropped (the lowest
 partition of positions does not start at MINVALUE: its lower bound is the *floor*), does
@@ -27,6 +33,7 @@ import psycopg
 
 from shard.devices.track import DeviceState, TrackFix, Visit, adopt_replay, advance
 from shard.geo import GeofenceIndex, haversine_m
+from shard.geofences import GeofenceSource
 
 log = logging.getLogger("processor.writer")
 
@@ -53,35 +60,36 @@ SELECT greatest(
      WHERE i.inhparent = 'positions'::regclass AND NOT i.inhdetachpending),
     (SELECT dropped_below FROM retention_floor))
 """
+# Visits of every geofence, active now or not: a replay evaluates each fix with the geofences
+# of its own revision, so it may rebuild a visit of one deactivated since.
 _VISIT_ACROSS = """
 SELECT EXISTS (SELECT 1 FROM timing_records
-               WHERE device_id = %s AND geofence_id = ANY(%s::bigint[]) AND entered_at < %s AND (exited_at IS NULL OR exited_at > %s))
+               WHERE device_id = %s AND entered_at < %s AND (exited_at IS NULL OR exited_at > %s))
 """
 _EARLIEST_VISIT_AROUND = """
 SELECT min(entered_at) FROM timing_records
-WHERE device_id = %s AND geofence_id = ANY(%s::bigint[]) AND entered_at <= %s AND (exited_at IS NULL OR exited_at > %s)
+WHERE device_id = %s AND entered_at <= %s AND (exited_at IS NULL OR exited_at > %s)
 """
 _FIXES_AFTER = """
-SELECT ts, lat, lon, speed FROM positions WHERE device_id = %s AND ts > %s ORDER BY ts LIMIT %s
+SELECT ts, lat, lon, speed, geofence_revision FROM positions WHERE device_id = %s AND ts > %s ORDER BY ts LIMIT %s
 """
 # The common case of every late device of a batch in one statement: its newest stored fix before
 # the late ones within PREVIOUS_WINDOW, when no visit covers that fix (so the replay starts there),
 # and the first chunk of stored fixes after it. A device with no such fix gets no rows and takes
 # the step-by-step path of replay_late.
 _PREFETCH = """
-SELECT l.device_id, prev.ts, prev.lat, prev.lon, prev.speed, f.ts, f.lat, f.lon, f.speed
+SELECT l.device_id, prev.ts, prev.lat, prev.lon, prev.speed, f.ts, f.lat, f.lon, f.speed, f.geofence_revision
 FROM unnest(%(devices)s::text[], %(earliest)s::timestamptz[]) AS l(device_id, earliest)
 CROSS JOIN LATERAL (
     SELECT ts, lat, lon, speed FROM positions p
     WHERE p.device_id = l.device_id AND p.ts < l.earliest AND p.ts >= l.earliest - %(window)s
     ORDER BY ts DESC LIMIT 1) AS prev
 CROSS JOIN LATERAL (
-    SELECT ts, lat, lon, speed FROM positions p
+    SELECT ts, lat, lon, speed, geofence_revision FROM positions p
     WHERE p.device_id = l.device_id AND p.ts > prev.ts ORDER BY ts LIMIT %(chunk)s) AS f
 WHERE NOT EXISTS (
     SELECT 1 FROM timing_records tr
-    WHERE tr.device_id = l.device_id AND tr.geofence_id = ANY(%(active)s::bigint[])
-      AND tr.entered_at <= prev.ts AND (tr.exited_at IS NULL OR tr.exited_at > prev.ts))
+    WHERE tr.device_id = l.device_id AND tr.entered_at <= prev.ts AND (tr.exited_at IS NULL OR tr.exited_at > prev.ts))
 ORDER BY l.device_id, f.ts
 """
 _DELETE_VISITS = """
@@ -90,23 +98,22 @@ WHERE device_id = %s AND geofence_id = ANY(%s::bigint[]) AND entered_at > %s AND
 """
 
 
-Prefetched = tuple[TrackFix, list[TrackFix]]  # where a replay starts, and the first chunk after it
+Stored = tuple[TrackFix, "int | None"]  # a stored fix, and the geofence revision it was derived with
+Prefetched = tuple[TrackFix, list[Stored]]  # where a replay starts, and the first chunk after it
 
 
-async def prefetch_replays(
-    cur: psycopg.AsyncCursor, late: dict[str, set[datetime]], index: GeofenceIndex
-) -> dict[str, Prefetched]:
+async def prefetch_replays(cur: psycopg.AsyncCursor, late: dict[str, set[datetime]]) -> dict[str, Prefetched]:
     """For every late device at once, what replay_late would read first (see _PREFETCH)."""
     devices = sorted(late)
     await cur.execute(_PREFETCH, {
         "devices": devices, "earliest": [min(late[d]) for d in devices], "window": PREVIOUS_WINDOW,
-        "chunk": REPLAY_CHUNK, "active": index.ids_array,
+        "chunk": REPLAY_CHUNK,
     })
     found: dict[str, Prefetched] = {}
     for device_id, *row in await cur.fetchall():
         if device_id not in found:
             found[device_id] = (TrackFix(*row[:4]), [])
-        found[device_id][1].append(TrackFix(*row[4:]))
+        found[device_id][1].append((TrackFix(*row[4:8]), row[8]))
     return found
 
 
@@ -115,28 +122,30 @@ async def replay_late(
     state: DeviceState,
     new_ts: set[datetime],
     index: GeofenceIndex,
+    source: GeofenceSource,
     prefetched: Prefetched | None = None,
 ) -> list[Visit]:
     """Bring `state` (and timing_records) to what an in-order replay gives; returns visits to upsert.
 
     `new_ts` are the times of the device's fixes this batch stored (already in
-    `positions`, inside the caller's transaction, under the device's lock). `prefetched`
-    is what prefetch_replays found for the device, if anything.
+    `positions`, inside the caller's transaction, under the device's lock), derived with
+    `index`; `source` gives the indexes of earlier revisions. `prefetched` is what
+    prefetch_replays found for the device, if anything.
     """
-    active = index.ids_array if len(index) else None  # the active geofences' ids, as an array literal
     earliest = min(new_ts)
-    first_chunk: list[TrackFix] | None = None
+    first_chunk: list[Stored] | None = None
     if prefetched is not None:
         start, first_chunk = prefetched
     else:
-        start = await _quiet_fix_before(cur, state.device_id, earliest, active)
+        start = await _quiet_fix_before(cur, state.device_id, earliest)
     floor = await _floor(cur) if start is None else None
-    if floor is not None and await _visit_across(cur, state.device_id, floor, active):
+    if floor is not None and await _visit_across(cur, state.device_id, floor):
         return await _advance_newer(cur, state, earliest, index)
     replay = DeviceState(state.device_id, last=start)
     newest_new = max(new_ts)
     old_prev, old_distance = start, 0.0
     visits: dict[tuple[int, datetime], Visit] = {}
+    used: dict[int, GeofenceIndex] = {}  # the indexes the stretch was evaluated with, by revision
     stop: TrackFix | None = None
     after = start.ts if start is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
     more = True
@@ -145,40 +154,59 @@ async def replay_late(
             chunk, first_chunk = first_chunk, None
         else:
             await cur.execute(_FIXES_AFTER, (state.device_id, after, REPLAY_CHUNK))
-            chunk = [TrackFix(*row) for row in await cur.fetchall()]
+            chunk = [(TrackFix(*row[:4]), row[4]) for row in await cur.fetchall()]
         more = len(chunk) == REPLAY_CHUNK  # a short chunk is the end: no round trip to learn it
         if not chunk:
             break
-        inside = index.inside([f.lat for f in chunk], [f.lon for f in chunk])
-        for fix, covering in zip(chunk, inside):
+        for fix, covering, fix_index in await _evaluated(cur, chunk, index, source, used):
             if fix.ts not in new_ts:
                 if old_prev is not None:
                     old_distance += haversine_m(old_prev.lat, old_prev.lon, fix.lat, fix.lon)
                 old_prev = fix
-            for visit in advance(replay, fix, covering, index):
+            for visit in advance(replay, fix, covering, fix_index):
                 visits[(visit.geofence_id, visit.entered_at)] = visit
             if fix.ts > newest_new and not covering:
                 stop = fix
                 break
-        after = chunk[-1].ts
+        after = chunk[-1][0].ts
     upper = stop.ts if stop is not None else datetime.max.replace(tzinfo=newest_new.tzinfo)
     if start is not None:
         lower = start.ts
     else:  # from the device's first fix: every visit, but none entered below the floor (dropped fixes)
         lower = floor - _TICK if floor is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
-    if active:  # without active geofences there is no visit to replace
-        await cur.execute(_DELETE_VISITS, (state.device_id, active, lower, upper))
-    adopt_replay(state, replay, old_distance, to_newest=stop is None, index=index)
+    replayed = {geofence_id for used_index in used.values() for geofence_id in used_index.by_id}
+    if replayed:  # visits of no other geofence can have been entered in the stretch
+        ids = index.ids_array if replayed == index.by_id.keys() else "{" + ",".join(map(str, sorted(replayed))) + "}"
+        await cur.execute(_DELETE_VISITS, (state.device_id, ids, lower, upper))
+    adopt_replay(state, replay, old_distance, to_newest=stop is None, replayed=replayed)
     return list(visits.values())
 
 
-async def _quiet_fix_before(cur: psycopg.AsyncCursor, device_id: str, before: datetime, active: str | None) -> TrackFix | None:
-    """The newest stored fix older than `before` that no visit of an active geofence covers."""
+async def _evaluated(
+    cur: psycopg.AsyncCursor, chunk: list[Stored], current: GeofenceIndex, source: GeofenceSource, used: dict[int, GeofenceIndex]
+) -> list[tuple[TrackFix, frozenset[int], GeofenceIndex]]:
+    """Each stored fix with the geofences covering it, by the index of the revision it was derived
+    with (`current` for this batch's, and for fixes stored before revisions were kept)."""
+    by_revision: dict[int | None, list[int]] = {}
+    for position, (_, revision) in enumerate(chunk):
+        by_revision.setdefault(revision, []).append(position)
+    evaluated: list[tuple[TrackFix, frozenset[int], GeofenceIndex]] = [None] * len(chunk)  # type: ignore[list-item]
+    for revision, positions in by_revision.items():
+        index = await source.at(cur, revision, current)
+        used[index.revision] = index
+        fixes = [chunk[position][0] for position in positions]
+        for position, fix, covering in zip(positions, fixes, index.inside([f.lat for f in fixes], [f.lon for f in fixes])):
+            evaluated[position] = (fix, covering, index)
+    return evaluated
+
+
+async def _quiet_fix_before(cur: psycopg.AsyncCursor, device_id: str, before: datetime) -> TrackFix | None:
+    """The newest stored fix older than `before` that no visit covers."""
     while True:
         fix = await _previous_fix(cur, device_id, before)
-        if fix is None or not active:  # without active geofences no visit covers it
+        if fix is None:
             return fix
-        await cur.execute(_EARLIEST_VISIT_AROUND, (device_id, active, fix.ts, fix.ts))
+        await cur.execute(_EARLIEST_VISIT_AROUND, (device_id, fix.ts, fix.ts))
         (entered_at,) = await cur.fetchone()  # type: ignore[misc]
         if entered_at is None:
             return fix
@@ -201,9 +229,9 @@ async def _floor(cur: psycopg.AsyncCursor) -> datetime | None:
     return (await cur.fetchone())[0]  # type: ignore[index]
 
 
-async def _visit_across(cur: psycopg.AsyncCursor, device_id: str, floor: datetime, active: str | None) -> bool:
+async def _visit_across(cur: psycopg.AsyncCursor, device_id: str, floor: datetime) -> bool:
     """Whether a visit of the device reaches across the floor: its start lies in dropped history."""
-    await cur.execute(_VISIT_ACROSS, (device_id, active, floor, floor))
+    await cur.execute(_VISIT_ACROSS, (device_id, floor, floor))
     return bool((await cur.fetchone())[0])  # type: ignore[index]
 
 
@@ -218,7 +246,7 @@ async def _advance_newer(cur: psycopg.AsyncCursor, state: DeviceState, earliest:
     after = state.last.ts
     while True:
         await cur.execute(_FIXES_AFTER, (state.device_id, after, REPLAY_CHUNK))
-        chunk = [TrackFix(*row) for row in await cur.fetchall()]
+        chunk = [TrackFix(*row[:4]) for row in await cur.fetchall()]  # this batch's fixes: `index`'s revision
         if not chunk:
             return list(visits.values())
         inside = index.inside([f.lat for f in chunk], [f.lon for f in chunk])

@@ -127,14 +127,15 @@ class DeviceBatch:
         index = await geofences.for_revision(cur, revision)
         inserted: set[tuple[str, datetime]] | None = None
         if safe or older_than_state(ordered, self._states):
-            inserted = await insert_positions_returning(cur)
+            inserted = await insert_positions_returning(cur, revision)
         derived = derive(ordered, self._states, index, inserted)
-        prefetched = await prefetch_replays(cur, derived.late, index) if derived.late else {}
+        prefetched = await prefetch_replays(cur, derived.late) if derived.late else {}
         for device_id, new_ts in derived.late.items():
             derived.add_visits(
-                device_id, await replay_late(cur, self._states[device_id], new_ts, index, prefetched.get(device_id))
+                device_id,
+                await replay_late(cur, self._states[device_id], new_ts, index, geofences, prefetched.get(device_id)),
             )
-        await store_derived(cur, derived, positions_inserted=inserted is not None)
+        await store_derived(cur, derived, positions_inserted=inserted is not None, revision=revision)
         self.applied = Applied(
             frozenset(reloaded), frozenset(derived.late), frozenset(derived.touched), len(derived.visits), index.revision
         )

@@ -45,9 +45,11 @@ UPDATE last_position SET state_version = state_version + 1 WHERE device_id = %s 
 
 # A fix already stored (redelivered or resent) is skipped; of two with the same key in
 # one batch the first entry wins. Key order keeps lock order stable between shards.
+# Each fix records the geofence revision its batch derives with: a late fix's replay evaluates
+# it with those geofences again (migrations/0006_geofence_history.sql).
 _INSERT_POSITIONS = """
-INSERT INTO positions (device_id, ts, lat, lon, alt, speed, heading, sats, attributes)
-SELECT device_id, ts, lat, lon, alt, speed, heading, sats, attributes
+INSERT INTO positions (device_id, ts, lat, lon, alt, speed, heading, sats, attributes, geofence_revision)
+SELECT device_id, ts, lat, lon, alt, speed, heading, sats, attributes, %s::bigint
 FROM staging_positions ORDER BY device_id, ts, seq
 ON CONFLICT (device_id, ts) DO NOTHING
 RETURNING device_id, ts
@@ -57,8 +59,8 @@ RETURNING device_id, ts
 # of a key repeated within the batch, skips the cost of ON CONFLICT. If that belief is
 # ever wrong (rows written by hand), the unique violation sends the batch down the safe path.
 _INSERT_NEW_POSITIONS = """
-INSERT INTO positions (device_id, ts, lat, lon, alt, speed, heading, sats, attributes)
-SELECT DISTINCT ON (device_id, ts) device_id, ts, lat, lon, alt, speed, heading, sats, attributes
+INSERT INTO positions (device_id, ts, lat, lon, alt, speed, heading, sats, attributes, geofence_revision)
+SELECT DISTINCT ON (device_id, ts) device_id, ts, lat, lon, alt, speed, heading, sats, attributes, %s::bigint
 FROM staging_positions ORDER BY device_id, ts, seq
 """
 
@@ -108,20 +110,21 @@ ON CONFLICT (device_id, geofence_id, entered_at) DO UPDATE SET
 """
 
 
-async def insert_positions_returning(cur: psycopg.AsyncCursor) -> set[tuple[str, datetime]]:
-    """Store the staged fixes not yet stored; returns the keys that were new.
+async def insert_positions_returning(cur: psycopg.AsyncCursor, revision: int) -> set[tuple[str, datetime]]:
+    """Store the staged fixes not yet stored, derived with geofence `revision`; returns the keys that were new.
 
     Only this insert can tell a late fix (new) from a duplicate (stored), so it runs
     before derivation whenever some fix is not newer than its device's state.
     """
-    await cur.execute(_INSERT_POSITIONS)
+    await cur.execute(_INSERT_POSITIONS, (revision,))
     return {(device_id, ts) for device_id, ts in await cur.fetchall()}
 
 
-async def store_derived(cur: psycopg.AsyncCursor, derived: Derived, positions_inserted: bool) -> None:
+async def store_derived(cur: psycopg.AsyncCursor, derived: Derived, positions_inserted: bool, revision: int) -> None:
     """Bump the version of every changed device and write visits, odometers and last_position.
 
-    Unless `positions_inserted`, the staged positions go in with the last_position upsert.
+    Unless `positions_inserted`, the staged positions go in with the last_position upsert,
+    marked as derived with geofence `revision`.
     """
     for state in derived.touched.values():
         state.version += 1
@@ -150,7 +153,10 @@ async def store_derived(cur: psycopg.AsyncCursor, derived: Derived, positions_in
         [{"device_id": s.device_id, "odometer_m": s.odometer_m, "state_version": s.version} for s in derived.touched.values()],
         dumps=orjson.dumps,
     )
-    await cur.execute(_UPSERT_LAST if positions_inserted else _INSERT_POSITIONS_AND_UPSERT_LAST, (derived_columns,))
+    if positions_inserted:
+        await cur.execute(_UPSERT_LAST, (derived_columns,))
+    else:
+        await cur.execute(_INSERT_POSITIONS_AND_UPSERT_LAST, (revision, derived_columns))
 
 
 def _real(value: float | None) -> float | None:

@@ -8,6 +8,7 @@ and the correction a replay of late data makes in `adopt_replay`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
@@ -84,19 +85,20 @@ def advance(state: DeviceState, fix: TrackFix, inside: frozenset[int], index: Ge
     return changed
 
 
-def adopt_replay(state: DeviceState, replay: DeviceState, replaced_m: float, to_newest: bool, index: GeofenceIndex) -> None:
+def adopt_replay(state: DeviceState, replay: DeviceState, replaced_m: float, to_newest: bool, replayed: Collection[int]) -> None:
     """Take over what a replay of a stretch of history computed (see replay.py).
 
     `replay` advanced over the stretch and measured its distance anew; `replaced_m` is the
     distance the stored fixes of that stretch had contributed before, so the odometer is
     corrected by the difference. When the replay ran through the device's newest fix,
-    its end state (last fix, open visits) becomes the state; visits of geofences no
-    longer active were not replayed and stay open, to close at the next fix as live.
+    its end state (last fix, open visits) becomes the state; visits of geofences the
+    replay never evaluated (not in `replayed`: inactive throughout its stretch) stay
+    open, to close at the next fix as live.
     """
     _drive(state, replay.odometer_m - replaced_m)
     if to_newest:
-        inactive = {gid: visit for gid, visit in state.open.items() if gid not in index.by_id}
-        state.last, state.open = replay.last, {**inactive, **replay.open}
+        untouched = {gid: visit for gid, visit in state.open.items() if gid not in replayed}
+        state.last, state.open = replay.last, {**untouched, **replay.open}
 
 
 def _drive(state: DeviceState, metres: float) -> None:

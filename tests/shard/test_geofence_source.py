@@ -52,3 +52,47 @@ def test_the_index_is_built_on_a_worker_thread(database_url: str, monkeypatch) -
     loop_thread = threading.get_ident()
     assert [by for by, _ in threads] == ["poll", "batch"]
     assert all(thread != loop_thread for _, thread in threads), "built on the event loop's thread"
+
+
+def test_every_revision_is_rebuilt_from_the_versions_as_it_was(database_url: str) -> None:
+    """After inserts, an update, a deactivation, a deletion and an import of several at once, the index
+    `at` builds for each revision holds the geofences (and shapes) that revision's batches derived with."""
+    apply_migrations(database_url)
+    square = lambda west: orjson.dumps({"type": "Polygon", "coordinates": [  # noqa: E731
+        [[west, 0], [west + 1, 0], [west + 1, 1], [west, 1], [west, 0]]]}).decode()
+    changes = [
+        "INSERT INTO geofences (name, geometry) VALUES ('a', '{0}'), ('b', '{1}')".format(square(0), square(2)),
+        "UPDATE geofences SET geometry = '{0}' WHERE name = 'a'".format(square(4)),
+        "UPDATE geofences SET active = false WHERE name = 'b'",
+        "INSERT INTO geofences (name, geometry, radius_m) VALUES "
+        "('c', '{\"type\": \"Point\", \"coordinates\": [7, 0.5]}', 100)",
+        "DELETE FROM geofences WHERE name = 'b'",
+        "UPDATE geofences SET active = true",
+    ]
+    snapshots: dict[int, list[tuple]] = {}
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for change in changes:
+            conn.execute(change)
+            rows = conn.execute(geofences._ACTIVE).fetchall()
+            snapshots[rows[0][0]] = rows
+
+    def described(index: geofences.GeofenceIndex) -> list[tuple]:
+        return sorted((g.id, g.name, g.area.wkt if g.area is not None else (g.center, g.radius_m)) for g in index.by_id.values())
+
+    async def scenario() -> None:
+        source = GeofenceSource(database_url, "test")
+        try:
+            assert await source.refresh()
+            current = source.index
+            async with await psycopg.AsyncConnection.connect(database_url) as conn, conn.cursor() as cur:
+                for revision, rows in snapshots.items():
+                    rebuilt = await source.at(cur, revision, current)
+                    assert rebuilt.revision == revision
+                    assert described(rebuilt) == described(await geofences.build(rows, "test")), revision
+                assert await source.at(cur, None, current) is current
+                assert await source.at(cur, current.revision, current) is current
+        finally:
+            await source.close()
+
+    assert len(snapshots) == len(changes), "every change is a revision of its own"
+    asyncio.run(scenario())

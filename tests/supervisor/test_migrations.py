@@ -62,6 +62,7 @@ def test_project_migrations_create_the_spec_schema(database_url: str) -> None:
         "device_id": "text", "ts": "timestamp with time zone", "lat": "double precision",
         "lon": "double precision", "alt": "real", "speed": "real", "heading": "real", "sats": "smallint",
         "attributes": "jsonb", "received_at": "timestamp with time zone",
+        "geofence_revision": "bigint",  # more columns allowed: the revision a fix was derived with
     }
     assert primary_key(database_url, "positions") == ["device_id", "ts"]
     last = columns(database_url, "last_position")

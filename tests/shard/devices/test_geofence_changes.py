@@ -133,3 +133,43 @@ def lock_waiters(url: str) -> int:
                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
         return conn.execute(query).fetchone()[0]  # type: ignore[index]
 
+
+
+BIG = square("BIG", 1, 4)
+
+
+def reshape(url: str, geofence: dict[str, Any]) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute("UPDATE geofences SET geometry = %s WHERE name = %s",
+                      (orjson.dumps(geofence["geometry"]).decode(), geofence["name"]))
+
+
+def test_a_late_fix_replays_history_with_the_geofences_each_fix_was_derived_with(database_url: str) -> None:
+    """Two shards interleave a device's batches, so one writes a fix older than the device's newest
+    after the geofences changed. Its replay spans the history before the change (BIG's visit is open
+    since the first fix), yet evaluates each stored fix with the geofences it was first derived
+    with: the change reaches neither C's finished visit nor the start of BIG's (SPEC §5)."""
+    apply_migrations(database_url)
+    with psycopg.connect(database_url) as conn:
+        for geofence in (BIG, C):
+            conn.execute("INSERT INTO geofences (name, geometry) VALUES (%s, %s)",
+                         (geofence["name"], orjson.dumps(geofence["geometry"]).decode()))
+    before = [point("d1", s, lon) for s, lon in ((0, 1.5), (10, 2.2), (20, 2.5), (30, 3.5), (40, 3.6))]
+    newest, late = point("d1", 50, 3.7), point("d1", 45, 3.65)
+    moved_c, shrunk_big = square("C", 5, 6), square("BIG", 3, 4)  # neither covers the first three fixes now
+
+    async def run() -> int:
+        async with connected(database_url) as (conn_a, source_a), connected(database_url) as (conn_b, source_b):
+            shard_a, shard_b = DeviceStates(100), DeviceStates(100)
+            await write(conn_a, shard_a, source_a, before)
+            reshape(database_url, moved_c)
+            reshape(database_url, shrunk_big)
+            await write(conn_a, shard_a, source_a, [newest])
+            applied = await write(conn_b, shard_b, source_b, [late])  # read before `newest`, committed after
+            return len(applied.late)
+
+    assert asyncio.run(run()) == 1
+    stored = stored_result(database_url)
+    assert names(stored[0]) == [("d1", "BIG", 0, None, 7), ("d1", "C", 10, 30, 2)]
+    timeline = [(None, [BIG, C]), (newest["ts"], [shrunk_big, moved_c])]  # the late fix is inside BIG either way
+    assert_same_result(stored, timeline_replay(before + [newest, late], timeline))

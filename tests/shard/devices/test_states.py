@@ -274,8 +274,8 @@ def test_late_devices_of_one_batch_replay_through_one_prefetch(migrated: str, mo
 
     seen: list[tuple[int, int]] = []
 
-    async def spy(cur, late, index):  # type: ignore[no-untyped-def]
-        found = await replay.prefetch_replays(cur, late, index)
+    async def spy(cur, late):  # type: ignore[no-untyped-def]
+        found = await replay.prefetch_replays(cur, late)
         seen.append((len(late), len(found)))
         return found
 
