@@ -6,12 +6,15 @@ own; the command must neither wait for ever nor let a task's error reach the log
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 
@@ -19,7 +22,7 @@ from common.errors import ExitCode
 from ops.claim_command import MAX_MIN_IDLE_MS
 from ops.cli import build_parser
 from scripts.toolkit.services import ThrowawayRedis
-from tests.ops.letters import run_cli
+from tests.ops.letters import ROOT, run_cli
 
 PASSWORD = "r1ght-" + uuid.uuid4().hex[:10]
 # Connecting and the retries take a few seconds more than the command's patience (ops/claim.py).
@@ -94,3 +97,17 @@ def test_cli_claim_huge_min_idle_exits_2(claim_env: dict[str, str]) -> None:
     result = run_cli(claim_env, "claim", "--min-idle-ms", "99999999999999999999999999")
     assert result.returncode == ExitCode.USAGE
     assert "--min-idle-ms" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_claim_with_standard_input_closed_ends_cleanly(env: dict[str, str]) -> None:
+    """With fd 0 closed, uvloop's epoll handle took it and libuv aborted the claim at the loop's
+    close (SIGABRT, exit 134, no result printed); the entry point now holds /dev/null there."""
+    from supervisor.migrations import apply_migrations
+
+    apply_migrations(env["MIGRATION_DATABASE_URL"])
+    full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
+    done = subprocess.run(f"exec 0<&-; exec {sys.executable} -m ops claim --json", shell=True, env=full_env,
+                          capture_output=True, text=True, timeout=BOUND_S)
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert orjson.loads(done.stdout) == {"claimed": 0, "stored": 0, "dead_lettered": 0, "expired": 0, "gone": 0}
+    assert "Assertion" not in done.stderr
