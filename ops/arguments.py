@@ -51,6 +51,14 @@ def text(value: str) -> str:
     return value
 
 
+def name(value: str) -> str:
+    """An argparse type: a non-empty `text` (an empty consumer name reads as "no name" to redis-py,
+    which then asks for every consumer's entries)."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text(value)
+
+
 def position_after(value: str) -> str:
     """An argparse type: where a listing starts, after a complete id or after `<ms>` alone
     (as `<ms>-0`, the way XRANGE reads it; `--after 0` is every entry but 0-0, which Redis never issues)."""

@@ -9,8 +9,8 @@ import redis
 
 from common.config import Settings
 from common.errors import ExitCode
-from common.redis_client import text as decoded
-from ops.arguments import bounded, text
+from common.redis_client import text as decoded  # ops.arguments has a `text` too
+from ops.arguments import bounded, name
 from ops.errors import redis_client
 from ops.terminal import emit, format_counts, printable
 
@@ -27,7 +27,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-idle-ms", type=bounded(0, MAX_MIN_IDLE_MS), metavar="N",
                         help=f"claim entries idle at least N ms, 0 to {MAX_MIN_IDLE_MS} (100 years; "
                         "default: CLAIM_THRESHOLD_MS)")
-    parser.add_argument("--from", dest="from_consumer", metavar="CONSUMER", type=text,
+    parser.add_argument("--from", dest="from_consumer", metavar="CONSUMER", type=name,
                         help="claim only this consumer's entries (default: every consumer's)")
     parser.add_argument("--json", action="store_true", help="print the counts as a JSON object")
     parser.set_defaults(func=cmd_claim)

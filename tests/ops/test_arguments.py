@@ -132,3 +132,10 @@ def test_a_device_id_starting_with_a_dash_is_explained(capsys: pytest.CaptureFix
     usage_error(["rehydrate", "-abc"])
     assert "goes after '--': processor rehydrate -- -abc" in capsys.readouterr().err
     assert build_parser().parse_args(["rehydrate", "--", "-abc"]).device_id == "-abc"
+
+
+def test_an_empty_consumer_to_claim_from_is_a_usage_error() -> None:
+    """`claim --from ''` asked redis-py for the pending entries of consumer '', which it drops: every
+    consumer's entries, live ones too, were claimed at idle 0."""
+    usage_error(["claim", "--from", ""])
+    assert build_parser().parse_args(["claim", "--from", " "]).from_consumer == " "
