@@ -204,6 +204,7 @@ def url_secrets(url: str) -> set[str]:
 # expects, bytes replies, timeouts, pool size, client name): `decode_responses=True` made
 # every entry look as if it had no `data` field, and dead-lettered valid fixes.
 _REDIS_QUERY = ("db", "username", "password")
+MAX_REDIS_DB = 2**31 - 1
 _REDIS_QUERY_PREFIX = "ssl_"
 
 
@@ -221,13 +222,19 @@ def _check_redis_url(label: str, url: str, path: str, secrets: set[str]) -> None
             )
     try:
         # Both clients: the shards' asyncio connection takes fewer parameters than the sync one.
-        redis.ConnectionPool.from_url(url).make_connection()
+        pool = redis.ConnectionPool.from_url(url)
+        pool.make_connection()
         redis.asyncio.ConnectionPool.from_url(url).make_connection()
+        db = int(pool.connection_kwargs.get("db") or 0)
     except Exception as exc:  # a third party's constructor: whatever it raises, the URL is the cause
         problem = " ".join(str(exc).split())
         for secret in secrets:
             problem = problem.replace(secret, "***")
         raise ConfigError(f"{label} is not a URL redis-py can use ({problem}): {_shown_url(url)}") from None
+    # Redis reads SELECT's index as an int: beyond that it answers "not an integer", not "out of range".
+    if not 0 <= db <= MAX_REDIS_DB:
+        raise ConfigError(f"{label}: database {db} is out of range (0 to {MAX_REDIS_DB}, and below the server's "
+                          f"`databases`): {_shown_url(url)}")
 
 
 class _Reader:

@@ -119,6 +119,9 @@ def test_the_longest_stream_key_gets_its_default_dlq() -> None:
         ("REDIS_URL", "redis://127.0.0.1:6379/-1"), ("REDIS_URL", "redis://127.0.0.1:0/0"),
         ("REDIS_URL", "rediss://h:6379/0?ssl_validate_ocsp=true"),  # the sync client takes it, the shards' asyncio one not
         ("REDIS_URL", "redis://h:6379/0?cache_config=x&protocol=3"),  # AttributeError in redis-py's constructor
+        # Redis reads SELECT's index as an int, and beyond it answered "not an integer" (exit 70 in run).
+        ("REDIS_URL", "redis://h:6379/2147483648"), ("REDIS_URL", "redis://h:6379/99999999999999999999"),
+        ("REDIS_URL", "redis://h:6379/0?db=99999999999999999999"), ("REDIS_URL", "redis://h:6379/0?db=-1"),
         # Options the Processor sets itself, which redis-py would let the URL override: bytes
         # replies, RESP2, timeouts, the pool, the client's name.
         ("REDIS_URL", "redis://h:6379/0?decode_responses=True"), ("REDIS_URL", "redis://h:6379/0?protocol=2"),
