@@ -5,7 +5,8 @@ One decision, made here and nowhere else. Callers catch broadly and ask `classif
 - OUTAGE: a server is unreachable, restarting, read-only or full, or `positions` has no
   partition for a row yet (partition maintenance is behind). Pause with backoff and retry;
   dead-letter nothing.
-- REFUSED: credentials, a missing privilege, a missing table, an unsupported server, or a
+- REFUSED: credentials, a missing privilege, a missing table, an unsupported server, a
+  server at REDIS_URL that does not speak Redis' protocol, or a
   TLS certificate the client does not trust (wrong CA, expired, another host's name).
   Waiting cannot fix it: exit 78, and the supervisor halts rather than crash-looping.
 - ROW_REJECTED: Postgres refused the data of one row. The batch is split so that every
@@ -144,6 +145,8 @@ def _classify_redis(exc: redis.exceptions.RedisError) -> Outcome:
         ),
     ):
         return Outcome.REFUSED
+    if isinstance(exc, redis.exceptions.InvalidResponse):
+        return Outcome.REFUSED  # what answers at REDIS_URL does not speak Redis' protocol: another service's port
     if isinstance(exc, redis.exceptions.ResponseError):
         message = redis_reply(str(exc))
         if message.startswith((*REDIS_REFUSED, *REDIS_SCRIPT_DENIED, REDIS_MULTI_DENIED)):

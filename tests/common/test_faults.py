@@ -40,6 +40,7 @@ CASES = [
     (rx.ResponseError("NOPERM this user has no permissions to access one of the keys"), O.REFUSED),
     (rx.ResponseError("WRONGPASS invalid username-password pair"), O.REFUSED),
     (rx.ResponseError("DB index is out of range"), O.REFUSED),  # REDIS_URL's /99999 beyond `databases`
+    (rx.InvalidResponse('Protocol error, got "H" as reply type byte'), O.REFUSED),  # REDIS_URL at an HTTP server
     (rx.ResponseError("NOAUTH Authentication required."), O.REFUSED),
     (rx.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), O.REFUSED),
     (rx.ResponseError("ERR unknown command 'XAUTOCLAIM', with args beginning with:"), O.REFUSED),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 
 import pytest
 
@@ -45,3 +47,25 @@ def test_settings_the_server_refuses_at_connection_halt_78(env, database_url, st
     processor = start_processor({**env, "DATABASE_URL": f"{database_url}?{query}", "MIGRATION_DATABASE_URL": database_url})
     assert processor.wait(30) == ExitCode.CONFIG
     assert "shard spawned" not in processor.log_messages()
+
+
+def test_a_redis_url_at_another_service_halts_78(env, start_processor):
+    """REDIS_URL at a port where an HTTP server answers: redis-py's protocol error was a panic (70)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            while True:
+                try:
+                    client, _ = server.accept()
+                except OSError:
+                    return  # the test closed the server
+                with client:
+                    client.recv(4096)
+                    client.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        processor = start_processor({**env, "REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+        assert processor.wait(30) == ExitCode.CONFIG
+    halted = [e for e in processor.logs() if e["msg"] == "supervisor halted"]
+    assert halted and "Protocol error" in halted[0]["reason"]
