@@ -30,6 +30,12 @@ SERVICE_COMMANDS = ("run", "migrate")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error
+    try:
+        # What argparse cannot check alone (a command's `check`): a usage error is 2 even with a bad environment.
+        getattr(args, "check", lambda _args: None)(args)
+    except ProcessorError as exc:
+        print(f"processor: {exc}", file=sys.stderr)
+        return exc.exit_code
     if args.command != "run":
         early_signals.release()  # only the supervisor takes over the stop signals held at launch
         if sys.stdout is None:  # started with it closed (`>&-`): what a command did could not be told

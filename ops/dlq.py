@@ -13,7 +13,9 @@ from common.config import Settings
 from common.errors import ExitCode
 from ops import dlq_purge, dlq_replay
 from ops.arguments import bounded, position_after, stream_id
-from ops.dlq_letters import DLQ_LIST_DEFAULT, DLQ_LIST_MAX, format_letter, format_letter_page, list_letters, show_letter
+from ops.dlq_letters import (
+    DLQ_LIST_DEFAULT, DLQ_LIST_MAX, checked_ids, format_letter, format_letter_page, list_letters, show_letter,
+)
 from ops.errors import UsageError
 from ops.terminal import confirmer, emit
 
@@ -58,7 +60,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     _add_letter_selection(replay, "replay")
     replay.add_argument("--json", action="store_true", help="print a JSON object")
-    replay.set_defaults(func=cmd_replay)
+    replay.set_defaults(func=cmd_replay, check=_check_replay)
     purge = actions.add_parser(
         "purge",
         help="delete dead letters",
@@ -69,7 +71,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_letter_selection(purge, "delete")
     purge.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     purge.add_argument("--json", action="store_true", help="print a JSON object")
-    purge.set_defaults(func=cmd_purge)
+    purge.set_defaults(func=cmd_purge, check=_check_purge)
 
 
 def _add_letter_selection(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -117,3 +119,16 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
 def _check_selection(args: argparse.Namespace, verb: str) -> None:
     if bool(args.letter_ids) == args.all:
         raise UsageError(f"dlq {verb}: give one or more letter IDs, or --all (not both)")
+    if args.letter_ids:
+        checked_ids(args.letter_ids)
+
+
+def _check_replay(args: argparse.Namespace) -> None:
+    """The usage checks of `dlq replay`, made before the configuration is read."""
+    _check_selection(args, "replay")
+
+
+def _check_purge(args: argparse.Namespace) -> None:
+    """The usage checks of `dlq purge`, a confirmation that cannot be asked included."""
+    _check_selection(args, "purge")
+    confirmer(args.yes, sys.stdin, sys.stderr)

@@ -139,3 +139,16 @@ def test_an_empty_consumer_to_claim_from_is_a_usage_error() -> None:
     consumer's entries, live ones too, were claimed at idle 0."""
     usage_error(["claim", "--from", ""])
     assert build_parser().parse_args(["claim", "--from", " "]).from_consumer == " "
+
+
+@pytest.mark.parametrize("argv", [
+    ["dlq", "replay"], ["dlq", "replay", "--all", "1-0"], ["dlq", "purge", "--yes"], ["dlq", "purge", "--all"],
+    ["dlq", "purge", "1-0"], ["dlq", "replay", *(f"{n}-0" for n in range(1, 10_002))],
+])
+def test_usage_errors_argparse_cannot_see_come_before_the_configuration(argv: list[str]) -> None:
+    """docs/contract.md: a usage error exits 2 even with a bad environment. The selection of letters,
+    the id count and a confirmation that cannot be asked (no terminal, no --yes) were checked only
+    after the settings, so SHARDS=x made them 78."""
+    result = run_cli({"SHARDS": "x"}, *argv)
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert result.stderr.startswith("processor: ") and "configuration" not in result.stderr
