@@ -68,7 +68,11 @@ def purge_all(settings: Settings, confirm: Confirm) -> PurgeResult:
         question = f"Delete all {count(length, 'dead letter', 'dead letters')} from {settings.dlq_key} (up to {end})?"
         if not confirm(question):
             raise Declined("not confirmed; nothing was deleted")
-        purged = int(client.xtrim(settings.dlq_key, minid=_next_id(end), approximate=False))
+        after = _next_id(end)
+        if after is None:  # the largest id there is: no letter can come after it
+            purged = int(client.xtrim(settings.dlq_key, maxlen=0, approximate=False))
+        else:
+            purged = int(client.xtrim(settings.dlq_key, minid=after, approximate=False))
     return PurgeResult(settings.dlq_key, purged, None)
 
 
@@ -76,7 +80,9 @@ def format_purge(result: PurgeResult) -> list[str]:
     return [f"deleted {count(result.purged, 'dead letter', 'dead letters')} from {result.dlq}"]
 
 
-def _next_id(entry_id: str) -> str:
-    """The smallest id after `entry_id`."""
+def _next_id(entry_id: str) -> str | None:
+    """The smallest id after `entry_id`; None after the largest (both parts 2**64 - 1)."""
     ms, seq = (int(part) for part in entry_id.split("-"))
-    return f"{ms}-{seq + 1}" if seq < 2**64 - 1 else f"{ms + 1}-0"
+    if seq < 2**64 - 1:
+        return f"{ms}-{seq + 1}"
+    return f"{ms + 1}-0" if ms < 2**64 - 1 else None

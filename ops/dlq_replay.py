@@ -185,6 +185,8 @@ def replay_all(settings: Settings) -> ReplayResult:
                 result.add(_run_transaction(client, settings, [letter.id])[1])
                 small = []
             result.add(_run_script(client, settings, small, "each")[1])
+            if ids[-1] == end:  # Redis refuses an interval starting after the largest id there is
+                return result
             start = f"({ids[-1]}"
 
 

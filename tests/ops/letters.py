@@ -49,11 +49,11 @@ def flat(original: Mapping[bytes, bytes] | Sequence[bytes]) -> list[bytes]:
 
 def add_letter(client: redis.Redis, stream_key: str, original: Mapping[bytes, bytes] | Sequence[bytes], *,
                source_id: str = "1-1", source_stream: str | None = None, error: str = "lat out of range",
-               kind: str = "validate") -> str:
+               kind: str = "validate", letter_id: str = "*") -> str:
     """A dead letter as SPEC §5 and common/letters.py describe it: the added fields, then the
     original entry verbatim (a flat list may repeat names and use the added fields' names)."""
     added = (error, kind, source_id, source_stream or stream_key, "5", "host-0", FAILED_AT)
-    reply = client.execute_command("XADD", f"{stream_key}:dlq", "*", *letter_fields(added, flat(original)))
+    reply = client.execute_command("XADD", f"{stream_key}:dlq", letter_id, *letter_fields(added, flat(original)))
     return reply.decode()  # type: ignore[no-any-return]
 
 

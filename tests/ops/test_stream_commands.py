@@ -322,7 +322,32 @@ def test_cli_replay(redis_client: redis.Redis, stream_key: str, redis_env: dict[
     assert (empty.returncode, empty.stdout) == (0, f"replayed 0 dead letters into {stream_key}\n")
 
 
+LARGEST_ID = f"{2**64 - 1}-{2**64 - 1}"
+
+
+def test_replay_all_ends_at_a_letter_with_the_largest_id(
+    redis_client: redis.Redis, stream_key: str, stream_settings: Settings
+) -> None:
+    """After a letter with the largest id there is, the next page would start past it, which Redis
+    refuses: the letters were replayed and the command then failed (exit 1, no result)."""
+    first = add_letter(redis_client, stream_key, {b"data": fix("dev-1")})
+    add_letter(redis_client, stream_key, {b"data": fix("dev-2")}, letter_id=LARGEST_ID)
+    result = replay_all(stream_settings)
+    assert [letter for letter, _ in result.replayed] == [first, LARGEST_ID]
+    assert redis_client.xlen(f"{stream_key}:dlq") == 0 and redis_client.xlen(stream_key) == 2
+
+
 # --- dlq purge ---------------------------------------------------------------------------
+
+
+def test_purge_all_reaches_a_letter_with_the_largest_id(
+    redis_client: redis.Redis, stream_key: str, stream_settings: Settings
+) -> None:
+    """No id follows the largest one: `purge --all` empties the DLQ rather than failing on MINID."""
+    add_letter(redis_client, stream_key, {b"data": fix("dev-1")})
+    add_letter(redis_client, stream_key, {b"data": fix("dev-2")}, letter_id=LARGEST_ID)
+    assert purge_all(stream_settings, lambda _q: True).purged == 2
+    assert redis_client.xlen(f"{stream_key}:dlq") == 0
 
 
 def test_purge_is_all_or_nothing(redis_client: redis.Redis, stream_key: str, stream_settings: Settings) -> None:
