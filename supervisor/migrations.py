@@ -128,7 +128,7 @@ def _migrate(conn: psycopg.Connection, migrations: list[Migration], between=lamb
     try:
         done = pending(conn, migrations)
         if done:
-            _require_ddl(done, ddl_refusal(conn))
+            _require_ddl(done, ddl_refusal(conn), unable_to_read=_blind_role(conn))
             if to_regclass(conn, "schema_migrations") is None:
                 conn.execute(_CREATE_LEDGER)
         for migration in done:
@@ -159,7 +159,8 @@ def ensure_schema(
             return []
         log.warning(
             "schema is behind and this role may not change it: waiting for its owner to migrate it",
-            extra={"role": conn.info.user, "pending": migration_names(behind), "wait_s": wait_s, "why": why},
+            extra={"role": conn.info.user, "pending": migration_names(behind), "wait_s": wait_s, "why": why,
+                   "ledger_readable": _blind_role(conn) is None},
         )
         deadline = time.monotonic() + wait_s
         while behind and time.monotonic() < deadline:
@@ -167,7 +168,7 @@ def ensure_schema(
             time.sleep(SCHEMA_POLL_S)
             behind = pending(conn, migrations)
         if behind:
-            _require_ddl(behind, why, f" and nobody migrated it within {wait_s:.0f}s")
+            _require_ddl(behind, why, f" and nobody migrated it within {wait_s:.0f}s", unable_to_read=_blind_role(conn))
         log.info("schema brought up to date by its owner", extra={"role": conn.info.user})
         return []
 
@@ -179,7 +180,7 @@ def pending(conn: psycopg.Connection, migrations: list[Migration]) -> list[Migra
         " ELSE has_table_privilege('schema_migrations', 'SELECT') END"
     ).fetchone()[0]
     if not ledger:
-        return list(migrations)  # not made yet, or not granted to this role yet (0004 grants it)
+        return list(migrations)  # not made yet, or not granted to this role yet (0004 grants it): `_blind_role`
     applied = {row[0]: row[1:] for row in conn.execute("SELECT version, name, checksum FROM schema_migrations")}
     _check_applied(migrations, applied)
     return [m for m in migrations if m.version not in applied]
@@ -206,8 +207,25 @@ def ddl_refusal(conn: psycopg.Connection) -> str | None:
     return None
 
 
-def _require_ddl(behind: list[Migration], why: str | None, after: str = "") -> None:
-    """A schema `behind` and a role that may not change it (`why`, from ddl_refusal): exit 78."""
+def _blind_role(conn: psycopg.Connection) -> str | None:
+    """The connected role when schema_migrations exists but it may not read it (whether the schema
+    is behind is then unknown: what `pending` says is a guess); else None."""
+    blind = conn.execute(
+        "SELECT to_regclass('schema_migrations') IS NOT NULL AND NOT has_table_privilege('schema_migrations', 'SELECT')"
+    ).fetchone()[0]
+    return conn.info.user if blind else None
+
+
+def _require_ddl(behind: list[Migration], why: str | None, after: str = "", *, unable_to_read: str | None = None) -> None:
+    """A schema `behind` and a role that may not change it (`why`, from ddl_refusal): exit 78.
+
+    A role `unable_to_read` the ledger cannot tell whether it is behind: its missing grant is the news."""
+    if why is not None and unable_to_read is not None:
+        raise MigrationError(
+            f"role {unable_to_read} may not read schema_migrations, so whether the schema is current is unknown{after}, "
+            f"and {why}; grant it the runtime role (GRANT {privileges.RUNTIME_ROLE} TO {unable_to_read}), or migrate "
+            "with MIGRATION_DATABASE_URL of the schema's owner"
+        )
     if why is not None:
         raise MigrationError(
             f"the schema is {len(behind)} migration(s) behind ({', '.join(migration_names(behind))}){after}, and {why}; "

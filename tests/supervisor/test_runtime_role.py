@@ -121,3 +121,28 @@ def test_partition_maintenance_as_the_runtime_role_changes_nothing(database_url:
     with psycopg.connect(database_url) as conn:
         assert [p.name for p in read_partitions(conn)] == before
     assert maintain(database_url, 1, 300.0, now=later).created  # the owner does the work
+
+
+def test_a_role_that_may_not_read_the_ledger_is_told_so_not_that_the_schema_is_behind(database_url: str) -> None:
+    """A login role outside processor_runtime on a current schema cannot read schema_migrations: that
+    missing grant is the news (the schema was said to be 6 migrations behind)."""
+    apply_migrations(database_url)
+    outsider = f"outsider_{abs(hash(database_url)) % 10**8}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {outsider}")
+        conn.execute(f"CREATE ROLE {outsider} LOGIN")
+    try:
+        url = as_user(database_url, outsider)
+        with pytest.raises(MigrationError) as waited:
+            ensure_schema(url, wait_s=0.2)
+        with pytest.raises(MigrationError) as asked:
+            apply_migrations(url)
+        for error in (waited.value, asked.value):
+            message = str(error)
+            assert error.exit_code == ExitCode.CONFIG and "\n" not in message
+            assert f"role {outsider} may not read schema_migrations" in message and "behind" not in message
+            assert f"GRANT {privileges.RUNTIME_ROLE} TO {outsider}" in message
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {outsider}")
+            conn.execute(f"DROP ROLE {outsider}")
