@@ -4,7 +4,8 @@ Two rules. A consumer whose liveness key has expired is dead: its entries are cl
 once (checked every LIVENESS_CHECK_S), except within a TTL of a Redis stall or outage that
 let our own key lapse too (live consumers could not refresh theirs either). Any consumer's
 entry idle longer than CLAIM_THRESHOLD_MS is claimed at the pass every CLAIM_INTERVAL_MS
-(XAUTOCLAIM), so a live but slow consumer is never robbed before the threshold. XCLAIM and XAUTOCLAIM reset
+(XPENDING IDLE, then XCLAIM: XAUTOCLAIM's work, see _AUTOCLAIM), so a live but slow consumer is
+never robbed before the threshold. XCLAIM resets
 an entry's idle time atomically, so instances claiming at once never take the same entry.
 """
 
@@ -61,12 +62,29 @@ if #gone > 0 then redis.call('INCRBY', KEYS[2], #gone) end
 return {claimed, gone}
 """
 
-# XAUTOCLAIM, with the deleted entries it dropped from the pending list counted in the same step.
-# KEYS: stream, lost counter. ARGV: group, consumer, min idle ms, start id, count.
+# XAUTOCLAIM's work, without its Redis 7.0 habit of dropping every deleted entry it passes from
+# the pending list, however briefly pending: a live shard's in-flight entries, XDELed by someone
+# while their batch was written, were counted lost (stored all the same), and poison among them
+# lost its dead letter. Here only entries idle past the threshold are looked at: those deleted
+# are counted lost in the same step, exactly as _CLAIM does; the rest are claimed. The cursor is
+# exclusive, '0-0' once a page came back short. (An XPENDING with IDLE walks the pending list
+# until it has a page: a few shards' batches, not the stream.)
+# KEYS: stream, lost counter. ARGV: group, consumer, min idle ms, start ('-' or '(' id), count.
 _AUTOCLAIM = """
-local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
-if #reply[3] > 0 then redis.call('INCRBY', KEYS[2], #reply[3]) end
-return reply
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5])
+local ids, gone, claimed = {}, {}, {}
+for _, p in ipairs(pending) do
+  ids[#ids + 1] = p[1]
+  if #redis.call('XRANGE', KEYS[1], p[1], p[1]) == 0 then gone[#gone + 1] = p[1] end
+end
+for first = 1, #ids, 1000 do
+  local page = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ids, first, math.min(first + 999, #ids)))
+  for _, entry in ipairs(page) do claimed[#claimed + 1] = entry end
+end
+if #gone > 0 then redis.call('INCRBY', KEYS[2], #gone) end
+local cursor = '0-0'
+if #pending == tonumber(ARGV[5]) then cursor = '(' .. pending[#pending][1] end
+return {cursor, claimed, gone}
 """
 
 
@@ -144,7 +162,7 @@ class Claimer:
 
     async def idle_entries(self, min_idle_ms: int | None = None) -> AsyncIterator[list[Entry]]:
         """Entries idle past CLAIM_THRESHOLD_MS (or `min_idle_ms`) in any pending list, page by page."""
-        cursor: bytes | str = "0-0"
+        cursor: bytes | str = "-"
         threshold = self.settings.claim_threshold_ms if min_idle_ms is None else min_idle_ms
         while True:
             keys = [self.stream.stream, self.lost_key]
@@ -154,7 +172,7 @@ class Claimer:
                 return
             cursor, entries, deleted = reply
             entries = [(entry_id, fields) for entry_id, fields in entries]
-            # Redis already dropped the deleted ones from the pending list; nothing is left to store.
+            # XCLAIM dropped the deleted ones from the pending list; nothing is left to store.
             self._count_gone(deleted)
             if entries:
                 yield entries

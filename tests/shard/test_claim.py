@@ -77,7 +77,7 @@ def test_dead_consumer_entries_are_claimed_at_once(redis_client, stream_key, set
 
 
 def test_idle_entries_past_the_threshold_are_claimed_page_by_page(redis_client, stream_key, env):
-    """XAUTOCLAIM pages through the whole pending list, whatever the page size."""
+    """The idle pass pages through the whole pending list, whatever the page size."""
     settings = Settings.from_env({**env, "CLAIM_THRESHOLD_MS": "1000", "BATCH_SIZE": "3"})
     ids = setup_pending(redis_client, stream_key, "slow-0", 10)
     redis_client.set(liveness_key(stream_key, "slow-0"), b"1", ex=30)
@@ -94,6 +94,29 @@ def test_deleted_entries_are_counted_and_leave_the_pending_list(redis_client, st
     claimed, gone = run_claimer(settings, "from_dead")
     assert sorted(claimed) == sorted(ids[2:]) and gone == 2
     assert redis_client.xpending(stream_key, "processor")["pending"] == 2
+
+
+def test_a_live_consumers_deleted_entries_are_left_to_it(redis_client, stream_key, env):
+    """Redis 7.0's XAUTOCLAIM drops every deleted entry it passes from the pending list, however briefly
+    pending: a live shard's in-flight entries XDELed mid-batch were counted lost though it stored them.
+    The idle pass looks only at entries past the threshold: the owner keeps the rest, and ACKs them."""
+    settings = Settings.from_env({**env, "CLAIM_THRESHOLD_MS": "1000"})
+    ids = setup_pending(redis_client, stream_key, "busy-0", 6)
+    redis_client.set(liveness_key(stream_key, "busy-0"), b"1", ex=30)
+    age_entries(redis_client, stream_key, "busy-0", 1_500)  # stuck: claimed, the deleted one counted
+    fresh = setup_more(redis_client, stream_key, "busy-0", 3)  # in flight: left alone, deleted or not
+    redis_client.xdel(stream_key, ids[0], fresh[0])
+    claimed, gone = run_claimer(settings, "idle_entries")
+    assert sorted(claimed) == sorted(ids[1:]) and gone == 1
+    assert int(redis_client.get(f"{stream_key}:lost") or 0) == 1
+    pending = redis_client.xpending_range(stream_key, "processor", "-", "+", 100, consumername="busy-0")
+    assert sorted(p["message_id"] for p in pending) == sorted(fresh)
+
+
+def setup_more(client: redis.Redis, stream: str, consumer: str, n: int) -> list[bytes]:
+    ids = [client.xadd(stream, {"data": b"{}"}) for _ in range(n)]
+    client.xreadgroup("processor", consumer, {stream: ">"}, count=n)
+    return ids
 
 
 def test_only_dead_idle_consumers_without_pending_are_forgotten(redis_client, stream_key, env):
