@@ -65,11 +65,14 @@ class Report:
         self.expired += len(batch.expired)
         self.publish()
 
-    def settled(self, batch: Batch, letters_written: int) -> None:
-        """A batch committed, ACKed and dead-lettered: one log line, counters, the slot."""
+    def settled(self, batch: Batch, letters_written: set[bytes]) -> None:
+        """A batch committed, ACKed and dead-lettered: one log line, counters, the slot.
+
+        `letters_written`: the entries whose letters this shard wrote; another consumer wrote
+        (or made needless) the letters of the rest of `batch.dead`."""
         elapsed = time.monotonic() - batch.started
         self.in_flight.difference_update(batch.ids)
-        self.dead_lettered += letters_written
+        self.dead_lettered += len(letters_written)
         self.batches += 1
         self.batch_seconds_sum += elapsed
         self.batch_buckets[bucket_of(elapsed)] += 1
@@ -77,16 +80,20 @@ class Report:
         if batch.expired:
             _log_expired(batch)
         for letter in batch.dead:
-            log.warning(
-                "entry dead-lettered",
-                extra={"source_id": letter.entry_id.decode(), "error_kind": letter.error_kind, "error": letter.error},
-            )
+            if letter.entry_id in letters_written:
+                log.warning(
+                    "entry dead-lettered",
+                    extra={"source_id": letter.entry_id.decode(), "error_kind": letter.error_kind, "error": letter.error},
+                )
+            else:
+                log.info("poison entry no longer pending here: its letter is another consumer's to write",
+                         extra={"source_id": letter.entry_id.decode(), "error_kind": letter.error_kind})
         log.debug(
             "batch settled",
             extra={
                 "entries": len(batch.ids),
                 "stored": len(batch.fixes),
-                "dead_lettered": letters_written,
+                "dead_lettered": len(letters_written),
                 "seconds": round(elapsed, 4),
             },
         )

@@ -75,8 +75,10 @@ class ConsumerStream:
 
     async def settle(
         self, acked: Sequence[bytes], dead: Sequence[DeadLetter], recovered: Sequence[bytes] = ()
-    ) -> int:
-        """ACK what was committed and dead-letter the poison, in one round trip; returns letters written.
+    ) -> set[bytes]:
+        """ACK what was committed and dead-letter the poison, in one round trip; returns the entry ids
+        whose letters were written (a letter is not, for an entry no longer pending: another
+        consumer dead-lettered or acknowledged it).
 
         `recovered` are acked entries that had failed before: their failure counts go.
         """
@@ -88,9 +90,11 @@ class ConsumerStream:
                 pipe.hdel(self.failures, *recovered)
             await self.letters.queue(pipe, small)
             results = await pipe.execute()
-        written = sum(results[int(bool(acked)) + int(bool(recovered)) :])
+        outcomes = results[int(bool(acked)) + int(bool(recovered)) :]
+        written = {letter[0] for letter, done in zip(small, outcomes) if done}  # type: ignore[misc]
         for entry_id, fields in large:
-            written += await self.letters.write_large(entry_id, fields)
+            if await self.letters.write_large(entry_id, fields):
+                written.add(entry_id)
         return written
 
     async def ack_gone(self, gone: Sequence[bytes]) -> int:

@@ -34,7 +34,7 @@ def settle(settings: Settings, letters: list[DeadLetter]) -> int:
     async def go() -> int:
         stream = ConsumerStream(settings, "t-0")
         try:
-            return await stream.settle([], letters)
+            return len(await stream.settle([], letters))
         finally:
             await stream.close()
 

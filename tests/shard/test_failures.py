@@ -79,7 +79,7 @@ def test_dead_lettering_and_recovery_clear_an_entrys_count(redis_client: redis.R
     async def use(counts: FailureCounts, stream: ConsumerStream) -> int:
         await counts.count([dead_id, recovered_id, other_id], new_attempt())
         letter = DeadLetter(dead_id, [b"data", b"rejected"], "CheckViolation: no", "write", 1)
-        return await stream.settle([recovered_id], [letter], [recovered_id])
+        return len(await stream.settle([recovered_id], [letter], [recovered_id]))
 
     try:
         assert with_counts(settings, use) == 1
