@@ -248,7 +248,10 @@ def redis_reply(message: str) -> str:
     """What Redis replied, without redis-py's pipeline annotation and the "ERR " it sometimes leaves."""
     reply = _PIPELINE_ERROR.sub("", message, count=1)
     # A transaction's failed command is annotated with its error's args as a tuple: ('…',)
-    reply = reply.removeprefix("('").removeprefix('("')
+    for quote in ("'", '"'):
+        if reply.startswith(f"({quote}"):
+            reply = reply[2:].removesuffix(f"{quote},)")
+            break
     return reply.removeprefix("ERR ")
 
 

@@ -117,12 +117,6 @@ def _read(response: list[Any] | dict[Any, Any] | None, **options: Any) -> list[l
     return [[stream, _entries(entries)] for stream, entries in streams]
 
 
-def _autoclaim(response: list[Any], **options: Any) -> list[Any]:
-    if options.get("parse_justid", False):
-        return response[1]
-    return [response[0], _entries(response[1]), *response[2:]]
-
-
 def _claim(response: list[Any], **options: Any) -> list[Any]:
     return response if options.get("parse_justid", False) else _entries(response)
 
@@ -142,6 +136,5 @@ def keep_field_pairs(client: redis.Redis | redis.asyncio.Redis) -> None:
         ("XREADGROUP", _read),
         ("XREAD", _read),
         ("XCLAIM", _claim),
-        ("XAUTOCLAIM", _autoclaim),
     ):
         client.set_response_callback(command, parser)

@@ -1,8 +1,8 @@
 """The oldest Redis and Postgres the Processor supports, checked at start-up (SPEC §7: exit 78).
 
-Redis 7.0: XAUTOCLAIM's reply gained its third element (the ids of deleted entries) and
-XINFO GROUPS its `entries-read` and `lag` in 7.0; on 6.2 claiming and the loss watch would
-misread replies instead of failing cleanly. Postgres 15: the version the schema and its partition
+Redis 7.0: XINFO GROUPS gained its `entries-read` and `lag` in 7.0 (and XINFO STREAM its
+`entries-added` and `max-deleted-entry-id`); on 6.2 the loss watch and the lag would misread
+replies instead of failing cleanly. Postgres 15: the version the schema and its partition
 maintenance are built and tested on (the public schema without CREATE for PUBLIC, too).
 """
 
@@ -36,7 +36,7 @@ def check_redis(client: redis.Redis) -> None:
     if version < MIN_REDIS:
         raise UnsupportedServer(
             f"Redis {'.'.join(map(str, version))} is older than the oldest supported, "
-            f"{'.'.join(map(str, MIN_REDIS))} (XAUTOCLAIM and XINFO replies differ)"
+            f"{'.'.join(map(str, MIN_REDIS))} (XINFO replies differ)"
         )
 
 

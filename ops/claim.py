@@ -59,7 +59,7 @@ class Impatient(Reachability):
 
 
 def claim_now(settings: Settings, min_idle_ms: int | None, from_consumer: str | None) -> dict[str, int]:
-    """Claim (XAUTOCLAIM, or one consumer's entries) and process them; returns the counts."""
+    """Claim (every consumer's entries idle enough, or one consumer's) and process them; returns the counts."""
     shard = Shard(settings, 0, StatusBoard(1), consumer=f"{settings.instance_id}-claim")
     # Before anything runs: the parts this command uses (pipeline, claimer) look the Reachability
     # up on the report at each call. (The stream reader keeps its own; the command does not run it.)

@@ -47,7 +47,7 @@ PASSWORDS = (
 PROCESSOR_PERMISSIONS = (
     "resetkeys ~<STREAM_KEY> ~<STREAM_KEY>:* ~<DLQ_KEY> resetchannels &<STREAM_KEY>:* -@all +ping "
     "+info +client|setname +eval +evalsha +script|load +script|exists +xgroup|create +xreadgroup "
-    "+xack +xpending +xclaim +xautoclaim +xinfo|consumers +xgroup|delconsumer +xinfo|groups "
+    "+xack +xpending +xclaim +xinfo|consumers +xgroup|delconsumer +xinfo|groups "
     "+xinfo|stream +xadd +xrange +xrevrange +xlen +xtrim +xdel +exists +type +get +set +del "
     "+expire +incrby +hget +hset +hdel +hincrby +hgetall +time +multi +exec +watch +unwatch "
     "+subscribe +publish"

@@ -11,7 +11,7 @@ import pytest
 import redis.exceptions as rx
 
 from common.errors import ConfigError, ConnectionRefusedForGood, InvalidEntry, MigrationError, ProcessorError, RowRejected
-from common.faults import Outcome, classify, one_line, server_of
+from common.faults import Outcome, acl_refusal, classify, one_line, server_of
 
 O = Outcome
 
@@ -136,3 +136,12 @@ def test_one_line_masks_passwords_and_folds_lines() -> None:
     text = one_line(exc)
     assert "s3cret" not in text
     assert "\n" not in text
+
+
+def test_a_pipelines_acl_refusal_reads_as_redis_said_it() -> None:
+    """redis-py annotates a pipeline's failed command with its error's args as a tuple; the line kept
+    its closing `",)`."""
+    annotated = rx.NoPermissionError(
+        """Command # 1 (XACK s g 1-0) of pipeline caused error: ("this user has no permissions to run the 'xack' command",)""")
+    assert acl_refusal(annotated, "redis://u:pw@h:6379/0") == (
+        "Redis user u may not run XACK: this user has no permissions to run the 'xack' command (OPERATIONS.md, Redis ACL user)")

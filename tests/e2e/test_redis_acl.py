@@ -193,7 +193,7 @@ def test_the_pipeline_and_every_operator_command_run_as_the_acl_user(
     ("missing", "named"),
     [
         ("+xack", "may not run XACK: "),  # the shards' ACK, at the end of their first batch
-        ("+xautoclaim", "inside a Lua script"),  # shard 0's claimer, once its own pending entries are done
+        ("+xpending", "inside a Lua script"),  # shard 0's claimer's idle pass, once its own pending entries are done
         ("+time", "inside a Lua script"),  # the maintenance process's trimming pass
     ],
 )

@@ -140,7 +140,7 @@ def test_only_dead_idle_consumers_without_pending_are_forgotten(redis_client, st
 
 
 def test_deleted_entries_are_counted_once_in_redis_and_in_the_log(redis_client, stream_key, settings):
-    """XCLAIM and XAUTOCLAIM: deleted pending entries reach `<STREAM_KEY>:lost` and the callback once, even when claimed twice."""
+    """Both claim scripts: deleted pending entries reach `<STREAM_KEY>:lost` and the callback once, even when claimed twice."""
     ids = setup_pending(redis_client, stream_key, "dead-0", 6)
     age_entries(redis_client, stream_key, "dead-0", 2_000)
     redis_client.xdel(stream_key, ids[0], ids[3])
@@ -160,7 +160,7 @@ def test_deleted_entries_are_counted_once_in_redis_and_in_the_log(redis_client, 
     asyncio.run(go())
     assert sorted(reported) == sorted([ids[0], ids[3]])
     assert int(redis_client.get(f"{stream_key}:lost")) == 2
-    # XAUTOCLAIM: one more deleted while pending, found by the idle pass.
+    # One more deleted while pending, found by the idle pass.
     age_entries(redis_client, stream_key, "other-0", 2_000)  # the second claimer holds them all now
     redis_client.xdel(stream_key, ids[4])
     claimed, gone = run_claimer(Settings.from_env({**settings_env(settings), "CLAIM_THRESHOLD_MS": "1000"}), "idle_entries")
