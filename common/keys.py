@@ -31,6 +31,13 @@ def failures_key(stream_key: str) -> str:
     return f"{stream_key}:failures"
 
 
+def lettered_key(stream_key: str) -> str:
+    """Sorted set of `<entry id> <group>` whose dead letters were written (score: the id's
+    milliseconds): an entry its group reads again (reset with XGROUP SETID, or created anew)
+    gets no second letter. The maintenance pass forgets those below the stream's first entry."""
+    return f"{stream_key}:lettered"
+
+
 def rehydrate_channel(stream_key: str) -> str:
     """Pub/sub channel on which `processor rehydrate` tells every shard to drop a device."""
     return f"{stream_key}:rehydrate"
@@ -73,7 +80,7 @@ def reserved_keys(stream_key: str) -> frozenset[str]:
     `<stream_key>:alive:`): none of them may double as the dead-letter stream."""
     return frozenset(
         {stream_key, failures_key(stream_key), lost_key(stream_key), trim_history_key(stream_key),
-         trim_last_key(stream_key), loss_watch_key(stream_key)}
+         trim_last_key(stream_key), loss_watch_key(stream_key), lettered_key(stream_key)}
     )
 
 

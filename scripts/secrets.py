@@ -49,7 +49,7 @@ PROCESSOR_PERMISSIONS = (
     "+info +client|setname +eval +evalsha +script|load +script|exists +xgroup|create +xreadgroup "
     "+xack +xpending +xclaim +xinfo|consumers +xgroup|delconsumer +xinfo|groups "
     "+xinfo|stream +xadd +xrange +xrevrange +xlen +xtrim +xdel +exists +type +get +set +del "
-    "+expire +incrby +hget +hset +hdel +hincrby +hgetall +time +multi +exec +watch +unwatch "
+    "+expire +incrby +hget +hset +hdel +hincrby +hgetall +zadd +zscore +zremrangebyscore +time +multi +exec +watch +unwatch "
     "+subscribe +publish"
 )
 # Redis 7.2 added CLIENT SETINFO, which redis-py sends at connect: refused, it is ignored

@@ -2,7 +2,9 @@
 
 The letter is written before the ACK, in one atomic step: a Lua script checks that the
 entry is still pending in the group (so of two consumers that both hold it, one writes),
-adds the letter, then ACKs. If the XADD fails (DLQ_KEY holds another type, Redis is out
+adds the letter, then ACKs. It also notes the entry in `<STREAM_KEY>:lettered`
+(common/keys.py): read again after its group was reset or created anew, the entry is
+only acknowledged, as its letter exists. If the XADD fails (DLQ_KEY holds another type, Redis is out
 of memory) the script stops before any write: the entry stays pending, and the error goes
 to the error boundary (an outage is retried; a refusal exits 78).
 
@@ -24,11 +26,15 @@ import redis.asyncio
 from redis.exceptions import ResponseError, WatchError
 
 from common.faults import unless_gone
+from common.keys import lettered_key
 from common.letters import SCRIPT_MAX_VALUES, letter_fields
 
 
+WRITTEN, NOT_PENDING, LETTERED_BEFORE = 1, 0, 2  # what a letter's writing came to
+
 # A group that is gone (the stream deleted, or Redis restarted without its data) holds nothing
 # pending: NOGROUP reads as "not pending", and any other error is the script's reply.
+# KEYS: stream, DLQ, failures, lettered. ARGV: group, entry id, the letter's fields…
 _DEAD_LETTER = """
 local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if type(pending) == 'table' and pending.err then
@@ -39,9 +45,13 @@ if #pending == 0 then
   redis.call('HDEL', KEYS[3], ARGV[2])
   return 0
 end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+local noted = ARGV[2] .. ' ' .. ARGV[1]
+local lettered = redis.call('ZSCORE', KEYS[4], noted)
+if not lettered then redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3)) end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[2])
+if lettered then return 2 end
+redis.call('ZADD', KEYS[4], tonumber(string.match(ARGV[2], '^%d+')), noted)
 return 1
 """
 
@@ -64,6 +74,7 @@ class DeadLetters:
         self.group = group
         self.dlq = dlq
         self.failures = failures
+        self.lettered = lettered_key(stream)
         self.consumer = consumer
         self._script = client.register_script(_DEAD_LETTER)
 
@@ -88,27 +99,32 @@ class DeadLetters:
     async def queue(self, pipe: redis.asyncio.client.Pipeline, small: list[list[bytes | str | int]]) -> None:
         """Queue the script calls of the small letters on `pipe` (one reply each: 1 written, 0 not pending)."""
         for entry_id, *fields in small:
-            await self._script(keys=[self.stream, self.dlq, self.failures], args=[self.group, entry_id, *fields], client=pipe)
+            await self._script(keys=[self.stream, self.dlq, self.failures, self.lettered], args=[self.group, entry_id, *fields], client=pipe)
 
     async def write_large(self, entry_id: bytes, fields: list[bytes | str | int]) -> int:
-        """One letter too large for the script; returns 1 if written, 0 if the entry was no longer pending."""
+        """One letter too large for the script; returns what the script would (WRITTEN, ...)."""
+        noted = entry_id + b" " + self.group.encode()
         async with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(self.dlq)
+                    await pipe.watch(self.dlq, self.lettered)
                     if not await self._pending(pipe, entry_id):
                         await pipe.unwatch()
                         await self.client.hdel(self.failures, entry_id)
-                        return 0
+                        return NOT_PENDING
+                    lettered = await pipe.zscore(self.lettered, noted) is not None
                     kind = await pipe.type(self.dlq)
                     if kind not in (b"stream", b"none"):
                         raise ResponseError(f"WRONGTYPE DLQ_KEY {self.dlq} holds a {kind.decode()}, not a stream")
                     pipe.multi()
-                    pipe.execute_command("XADD", self.dlq, "*", *fields)
+                    if not lettered:
+                        pipe.execute_command("XADD", self.dlq, "*", *fields)
                     pipe.xack(self.stream, self.group, entry_id)
                     pipe.hdel(self.failures, entry_id)
+                    if not lettered:
+                        pipe.zadd(self.lettered, {noted: int(entry_id.split(b"-", 1)[0])})
                     await pipe.execute()
-                    return 1
+                    return LETTERED_BEFORE if lettered else WRITTEN
                 except WatchError:
                     continue  # another letter was added meanwhile: check again
 

@@ -86,7 +86,7 @@ class Report:
                     extra={"source_id": letter.entry_id.decode(), "error_kind": letter.error_kind, "error": letter.error},
                 )
             else:
-                log.info("poison entry no longer pending here: its letter is another consumer's to write",
+                log.info("poison entry's letter not written here: another consumer wrote it, or an earlier reading did",
                          extra={"source_id": letter.entry_id.decode(), "error_kind": letter.error_kind})
         log.debug(
             "batch settled",

@@ -11,7 +11,7 @@ from common.config import Settings
 from common.faults import stream_or_group_gone
 from common.keys import failures_key, lost_key
 from common.redis_client import async_client, keep_field_pairs
-from shard.dead_letters import DeadLetter, DeadLetters
+from shard.dead_letters import WRITTEN, DeadLetter, DeadLetters
 
 # An entry's fields as Redis sent them, a flat [name, value, …] list (names may repeat);
 # None when the entry was deleted or trimmed while it sat in the pending list.
@@ -78,7 +78,7 @@ class ConsumerStream:
     ) -> set[bytes]:
         """ACK what was committed and dead-letter the poison, in one round trip; returns the entry ids
         whose letters were written (a letter is not, for an entry no longer pending: another
-        consumer dead-lettered or acknowledged it).
+        consumer dead-lettered or acknowledged it; nor for one lettered at an earlier reading).
 
         `recovered` are acked entries that had failed before: their failure counts go.
         """
@@ -91,9 +91,9 @@ class ConsumerStream:
             await self.letters.queue(pipe, small)
             results = await pipe.execute()
         outcomes = results[int(bool(acked)) + int(bool(recovered)) :]
-        written = {letter[0] for letter, done in zip(small, outcomes) if done}  # type: ignore[misc]
+        written = {letter[0] for letter, done in zip(small, outcomes) if done == WRITTEN}  # type: ignore[misc]
         for entry_id, fields in large:
-            if await self.letters.write_large(entry_id, fields):
+            if await self.letters.write_large(entry_id, fields) == WRITTEN:
                 written.add(entry_id)
         return written
 

@@ -59,7 +59,7 @@ import redis
 
 from common.config import Settings
 from common.faults import stream_or_group_gone
-from common.keys import trim_history_key, trim_last_key
+from common.keys import lettered_key, trim_history_key, trim_last_key
 from common.lag import group_lag
 from common.redis_client import sync_client, text
 from common.status import MaintenanceState, StatusBoard
@@ -74,7 +74,7 @@ TRIM_LIMIT_ENTRIES = 100_000  # removed by one pass at most
 HOLDBACK_LOG_MS = 60_000  # a group this far past the retention horizon is logged as holding the stream back
 REDIS_TIMEOUT_S = 10.0
 
-# KEYS: stream, history, last-trim hash. ARGV: retention ms or 'off', our group, LIMIT, instance.
+# KEYS: stream, history, last-trim hash, lettered (common/keys.py). ARGV: retention ms or 'off', our group, LIMIT, instance.
 # Returns {now ms, safe id or '', target or '', removed, length, last id, rows}; a row per group:
 # {name, last-delivered-id, pending, oldest pending id or '', first unread id or '', entries-read or -1, lag or -1}.
 _TRIM = PRELUDE + """
@@ -120,6 +120,13 @@ end
 if safe then
   redis.call('HSET', KEYS[3], 'at', now, 'safe', safe, 'target', target or '', 'removed', removed, 'instance', ARGV[4])
   redis.call('HINCRBY', KEYS[3], 'removed_total', removed)
+end
+-- Entries below the stream's first can never be read again: their letters need no memory.
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #first > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. string.match(first[1][1], '^%d+'))
+else
+  redis.call('DEL', KEYS[4])
 end
 return {now, safe or '', target or '', removed, redis.call('XLEN', KEYS[1]), last_id, rows}
 """
@@ -236,7 +243,8 @@ class StreamDuty:
         """One trimming pass (the _TRIM script), then the log lines its outcome calls for."""
         settings = self.settings
         retention = "off" if settings.stream_retention_ms is None else str(settings.stream_retention_ms)
-        keys = [settings.stream_key, trim_history_key(settings.stream_key), trim_last_key(settings.stream_key)]
+        stream = settings.stream_key
+        keys = [stream, trim_history_key(stream), trim_last_key(stream), lettered_key(stream)]
         reply = self.trim_script(keys=keys, args=[retention, settings.consumer_group, TRIM_LIMIT_ENTRIES, settings.instance_id])
         if reply[0] in (b"no-stream", "no-stream"):
             return None

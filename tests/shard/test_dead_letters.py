@@ -124,3 +124,28 @@ def test_an_entry_whose_stream_or_group_is_gone_gets_no_letter(
         raw_client.xgroup_destroy(stream_key, "processor")
     assert settle(settings, [DeadLetter(entry_id, fields, "not JSON", "decode", 5)]) == 0
     assert raw_client.xlen(f"{stream_key}:dlq") == 0
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("reset", ["setid", "destroy"])
+def test_an_entry_read_again_after_its_group_was_reset_gets_no_second_letter(
+    raw_client: redis.Redis, stream_key: str, settings: Settings, size: str, reset: str
+) -> None:
+    """XGROUP SETID 0 (or the group destroyed and created anew) delivers a dead-lettered entry again:
+    it is acknowledged, and its one letter stays the only one (SPEC §5: exactly one DLQ entry)."""
+    fields = [b"data", b"x"] + ([item for i in range(4_000) for item in (b"f%d" % i, b"v")] if size == "large" else [])
+    entry_id = pending_entry(raw_client, stream_key, fields)
+    letter = DeadLetter(entry_id, fields, "not JSON", "decode", 5)
+    assert settle(settings, [letter]) == 1
+    if reset == "setid":
+        raw_client.xgroup_setid(stream_key, "processor", "0")
+    else:
+        raw_client.xgroup_destroy(stream_key, "processor")
+        raw_client.xgroup_create(stream_key, "processor", id="0")
+    raw_client.xreadgroup("processor", "t-0", {stream_key: ">"})
+    assert raw_client.xpending(stream_key, "processor")["pending"] == 1
+    assert settle(settings, [letter]) == 0
+    assert raw_client.xlen(f"{stream_key}:dlq") == 1
+    assert raw_client.xpending(stream_key, "processor")["pending"] == 0, "acknowledged all the same"
+    raw_client.xtrim(stream_key, maxlen=0)
+    assert raw_client.zcard(f"{stream_key}:lettered") == 1

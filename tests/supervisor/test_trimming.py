@@ -223,3 +223,21 @@ def test_a_group_whose_name_is_not_utf8_is_read_and_holds_back_the_trim(redis_cl
     point = duty(env, "0").trim()
     assert point.safe_id == ids[10].decode() and point.holder == "legacy-\\xe9t\\xe9"
     assert [entry_id for entry_id, _ in redis_client.xrange(stream_key, min=ids[10])] == ids[10:]
+
+
+def test_a_pass_forgets_the_letters_of_entries_that_can_never_be_read_again(redis_client, stream_key, env):
+    """`<STREAM_KEY>:lettered` (one member per dead letter) shrinks with the stream: what lies below its
+    first entry goes; an emptied stream takes the whole set with it."""
+    ids = fill(redis_client, stream_key, 10)
+    redis_client.xgroup_create(stream_key, "processor", id="0")
+    read_and_ack(redis_client, stream_key, "processor", 10, 10)
+    lettered = f"{stream_key}:lettered"
+    redis_client.zadd(lettered, {b"%s processor" % i: int(i.split(b"-")[0]) for i in (ids[0], ids[-1])})
+    redis_client.zadd(lettered, {b"1-0 processor": 1})  # an entry trimmed long ago
+    redis_client.xdel(stream_key, *ids[:5])
+    assert duty(env, "off").trim() is not None  # retention off: nothing trimmed, the set still looked after
+    kept = set(redis_client.zrange(lettered, 0, -1))
+    assert b"1-0 processor" not in kept and b"%s processor" % ids[-1] in kept
+    redis_client.xtrim(stream_key, maxlen=0)
+    duty(env, "off").trim()
+    assert redis_client.exists(lettered) == 0
