@@ -2,8 +2,12 @@
 -- a late fix's replay evaluates every stored fix of its stretch against the geofences the fix
 -- was first derived with. So every version of every geofence is kept, by the revision it took
 -- effect at, and every fix records the revision its batch derived it with
--- (shard/devices/replay.py; NULL for fixes stored before this migration: the replay then uses
--- the geofences of its own batch, as it did before).
+-- (shard/devices/replay.py). Fixes stored before this migration carry none: the replay evaluates
+-- them with the geofences of `history_since`, the revision this migration found.
+
+-- No import may commit between the seed below and the new triggers: its version would be missing.
+LOCK TABLE geofences IN SHARE ROW EXCLUSIVE MODE;
+
 CREATE TABLE geofence_versions (
     geofence_id bigint NOT NULL,
     revision    bigint NOT NULL,
@@ -15,6 +19,8 @@ CREATE TABLE geofence_versions (
 );
 INSERT INTO geofence_versions (geofence_id, revision, name, geometry, radius_m, active)
 SELECT g.id, r.revision, g.name, g.geometry, g.radius_m, g.active FROM geofences g CROSS JOIN geofence_revision r;
+ALTER TABLE geofence_revision ADD COLUMN history_since bigint;
+UPDATE geofence_revision SET history_since = revision;
 
 ALTER TABLE positions ADD COLUMN geofence_revision bigint;
 
@@ -41,6 +47,18 @@ BEGIN
 END $$;
 CREATE TRIGGER geofences_keep_version AFTER INSERT OR UPDATE OR DELETE ON geofences
     FOR EACH ROW EXECUTE FUNCTION geofences_keep_version();
+
+-- TRUNCATE fires no row trigger: every geofence it removes gets its inactive version here. (A
+-- BEFORE statement trigger named after geofences_bump_revision: it runs after the bump.)
+CREATE FUNCTION geofences_keep_versions_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO geofence_versions (geofence_id, revision, name, geometry, radius_m, active)
+    SELECT g.id, r.revision, g.name, g.geometry, g.radius_m, false FROM geofences g CROSS JOIN geofence_revision r
+    ON CONFLICT (geofence_id, revision) DO UPDATE SET active = false;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER geofences_keep_versions_truncated BEFORE TRUNCATE ON geofences
+    FOR EACH STATEMENT EXECUTE FUNCTION geofences_keep_versions_truncated();
 
 -- The trigger runs as the caller (`processor geofences import`); the shards' replay reads it.
 GRANT SELECT, INSERT, UPDATE ON geofence_versions TO processor_runtime;

@@ -83,7 +83,9 @@ for first = 1, #ids, 1000 do
 end
 if #gone > 0 then redis.call('INCRBY', KEYS[2], #gone) end
 local cursor = '0-0'
-if #pending == tonumber(ARGV[5]) then cursor = '(' .. pending[#pending][1] end
+if #pending == tonumber(ARGV[5]) and pending[#pending][1] ~= '18446744073709551615-18446744073709551615' then
+  cursor = '(' .. pending[#pending][1]  -- an interval past the largest id there is, Redis refuses
+end
 return {cursor, claimed, gone}
 """
 

@@ -63,6 +63,8 @@ FROM (SELECT %(revision)s::bigint AS revision) AS r LEFT JOIN (
 ORDER BY v.geofence_id
 """
 HISTORY_HELD = 8  # indexes of earlier revisions kept for replays (a change or two behind, usually)
+# The revision migration 0006 found: fixes stored before it carry no revision of their own.
+_HISTORY_SINCE = "SELECT history_since FROM geofence_revision"
 
 
 class GeofenceSource:
@@ -76,6 +78,7 @@ class GeofenceSource:
         self.application_name = application_name
         self.index = GeofenceIndex([], revision=-1)
         self.history: dict[int, GeofenceIndex] = {}  # earlier revisions, oldest use first
+        self.history_since: int | None = None
         self.conn: psycopg.AsyncConnection | None = None
 
     async def for_revision(self, cur: psycopg.AsyncCursor, revision: int) -> GeofenceIndex:
@@ -93,9 +96,15 @@ class GeofenceSource:
 
     async def at(self, cur: psycopg.AsyncCursor, revision: int | None, current: GeofenceIndex) -> GeofenceIndex:
         """The index that fixes derived with `revision` were evaluated with: `current` for its own
-        revision and for fixes stored before revisions were recorded (None); else rebuilt from
-        the geofences' versions through `cur`, and kept for the next replays."""
-        if revision is None or revision == current.revision:
+        revision; else rebuilt from the geofences' versions through `cur`, and kept for the next
+        replays. Fixes stored before revisions were recorded (None) take the revision migration
+        0006 found: the nearest known, and the same in every replay."""
+        if revision is None:
+            if self.history_since is None:
+                await cur.execute(_HISTORY_SINCE)
+                self.history_since = (await cur.fetchone())[0]  # type: ignore[index]
+            revision = self.history_since
+        if revision == current.revision:
             return current
         held = self.history.pop(revision, None)
         if held is None:

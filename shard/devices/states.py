@@ -127,7 +127,7 @@ class DeviceBatch:
         index = await geofences.for_revision(cur, revision)
         inserted: set[tuple[str, datetime]] | None = None
         if safe or older_than_state(ordered, self._states):
-            inserted = await insert_positions_returning(cur, revision)
+            inserted = await insert_positions_returning(cur, index.revision)
         derived = derive(ordered, self._states, index, inserted)
         prefetched = await prefetch_replays(cur, derived.late) if derived.late else {}
         for device_id, new_ts in derived.late.items():
@@ -135,7 +135,9 @@ class DeviceBatch:
                 device_id,
                 await replay_late(cur, self._states[device_id], new_ts, index, geofences, prefetched.get(device_id)),
             )
-        await store_derived(cur, derived, positions_inserted=inserted is not None, revision=revision)
+        # The revision derived with: `index`'s, which may be newer than the one the load read, if the
+        # set had to be loaded (in another snapshot) and changed meanwhile.
+        await store_derived(cur, derived, positions_inserted=inserted is not None, revision=index.revision)
         self.applied = Applied(
             frozenset(reloaded), frozenset(derived.late), frozenset(derived.touched), len(derived.visits), index.revision
         )

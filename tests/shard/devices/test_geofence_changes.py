@@ -144,6 +144,38 @@ def reshape(url: str, geofence: dict[str, Any]) -> None:
                       (orjson.dumps(geofence["geometry"]).decode(), geofence["name"]))
 
 
+def stored_revisions(url: str) -> list[int | None]:
+    with psycopg.connect(url) as conn:
+        return [row[0] for row in conn.execute("SELECT geofence_revision FROM positions ORDER BY ts")]
+
+
+def test_a_fix_records_the_revision_its_batch_derived_with_even_one_loaded_after_its_state(
+    database_url: str, monkeypatch: Any
+) -> None:
+    """A change that commits between the batch's state load (which read revision r) and the loading
+    of the new set (another snapshot: r + 1) makes the batch derive with r + 1: its fixes say so."""
+    from shard.geo import GeofenceIndex
+    from shard.geofences import GeofenceSource
+
+    apply_migrations(database_url)
+    load = GeofenceSource.for_revision
+
+    async def change_first(self, cur, revision):  # type: ignore[no-untyped-def]
+        await asyncio.to_thread(import_c, database_url)
+        return await load(self, cur, revision)
+
+    async def run() -> int:
+        async with connected(database_url) as (conn, source):
+            source.index = GeofenceIndex([], revision=-1)  # not polled yet: the batch loads the set itself
+            monkeypatch.setattr(GeofenceSource, "for_revision", change_first)
+            applied = await write(conn, DeviceStates(100), source, [point("d1", 0, 2.5)])
+            return applied.revision
+
+    derived_with = asyncio.run(run())
+    assert derived_with == revision(database_url) and stored_revisions(database_url) == [derived_with]
+    assert names(stored_result(database_url)[0]) == [("d1", "C", 0, None, 1)]
+
+
 def test_a_late_fix_replays_history_with_the_geofences_each_fix_was_derived_with(database_url: str) -> None:
     """Two shards interleave a device's batches, so one writes a fix older than the device's newest
     after the geofences changed. Its replay spans the history before the change (BIG's visit is open
