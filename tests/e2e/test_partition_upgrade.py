@@ -73,9 +73,10 @@ class Straggler(threading.Thread):
 
 
 def snapshot(conn: psycopg.Connection) -> tuple[int, str]:
-    """Count and digest of the rows written before the migration."""
+    """Count and digest of the rows written before the migration (their SPEC columns: later migrations add others)."""
     return conn.execute(
-        "SELECT count(*), md5(string_agg(p::text, '|' ORDER BY device_id, ts)) FROM positions p WHERE device_id <> 'live'"
+        "SELECT count(*), md5(string_agg((p.device_id, p.ts, p.lat, p.lon, p.alt, p.speed, p.heading, p.sats, p.attributes,"
+        " p.received_at)::text, '|' ORDER BY device_id, ts)) FROM positions p WHERE device_id <> 'live'"
     ).fetchone()
 
 
