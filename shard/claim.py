@@ -45,43 +45,44 @@ return 1
 # returns nothing for it, as it does for one that another claimer took first. So, in the same
 # atomic step, the ids that are pending, idle enough and no longer in the stream are the
 # ones this XCLAIM removes: returned as gone and counted in <STREAM_KEY>:lost, exactly once.
-# KEYS: stream, lost counter. ARGV: group, consumer, min idle ms, ids…
-_CLAIM = """
-local gone, claimed = {}, {}
-for i = 4, #ARGV do
-  if #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i]) == 0
-      and #redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[i], ARGV[i], 1) == 1 then
-    gone[#gone + 1] = ARGV[i]
+# ARGV of both scripts: group, consumer, min idle ms, ...; KEYS: stream, lost counter.
+_CLAIM_IDS = """
+local function claim(ids)
+  local gone, claimed = {}, {}
+  for _, id in ipairs(ids) do
+    if #redis.call('XRANGE', KEYS[1], id, id) == 0
+        and #redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], id, id, 1) == 1 then
+      gone[#gone + 1] = id
+    end
   end
+  for first = 1, #ids, 1000 do
+    local page = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ids, first, math.min(first + 999, #ids)))
+    for _, entry in ipairs(page) do claimed[#claimed + 1] = entry end
+  end
+  if #gone > 0 then redis.call('INCRBY', KEYS[2], #gone) end
+  return claimed, gone
 end
-for first = 4, #ARGV, 1000 do
-  local page = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ARGV, first, math.min(first + 999, #ARGV)))
-  for _, entry in ipairs(page) do claimed[#claimed + 1] = entry end
-end
-if #gone > 0 then redis.call('INCRBY', KEYS[2], #gone) end
+"""
+# ARGV: ..., ids… (copied one by one: unpack stops at Lua's stack, ~8,000 values, and a page is BATCH_SIZE)
+_CLAIM = _CLAIM_IDS + """
+local ids = {}
+for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+local claimed, gone = claim(ids)
 return {claimed, gone}
 """
 
 # XAUTOCLAIM's work, without its Redis 7.0 habit of dropping every deleted entry it passes from
 # the pending list, however briefly pending: a live shard's in-flight entries, XDELed by someone
 # while their batch was written, were counted lost (stored all the same), and poison among them
-# lost its dead letter. Here only entries idle past the threshold are looked at: those deleted
-# are counted lost in the same step, exactly as _CLAIM does; the rest are claimed. The cursor is
-# exclusive, '0-0' once a page came back short. (An XPENDING with IDLE walks the pending list
-# until it has a page: a few shards' batches, not the stream.)
-# KEYS: stream, lost counter. ARGV: group, consumer, min idle ms, start ('-' or '(' id), count.
-_AUTOCLAIM = """
+# lost its dead letter. Here only entries idle past the threshold are looked at, and claimed as
+# _CLAIM does. The cursor is exclusive, '0-0' once a page came back short. (An XPENDING with
+# IDLE walks the pending list until it has a page: a few shards' batches, not the stream.)
+# ARGV: ..., start ('-' or '(' id), count.
+_AUTOCLAIM = _CLAIM_IDS + """
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5])
-local ids, gone, claimed = {}, {}, {}
-for _, p in ipairs(pending) do
-  ids[#ids + 1] = p[1]
-  if #redis.call('XRANGE', KEYS[1], p[1], p[1]) == 0 then gone[#gone + 1] = p[1] end
-end
-for first = 1, #ids, 1000 do
-  local page = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ids, first, math.min(first + 999, #ids)))
-  for _, entry in ipairs(page) do claimed[#claimed + 1] = entry end
-end
-if #gone > 0 then redis.call('INCRBY', KEYS[2], #gone) end
+local ids = {}
+for _, p in ipairs(pending) do ids[#ids + 1] = p[1] end
+local claimed, gone = claim(ids)
 local cursor = '0-0'
 if #pending == tonumber(ARGV[5]) and pending[#pending][1] ~= '18446744073709551615-18446744073709551615' then
   cursor = '(' .. pending[#pending][1]  -- an interval past the largest id there is, Redis refuses

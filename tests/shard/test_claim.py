@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
 import redis
 
 from common.config import Settings
@@ -53,7 +54,7 @@ def forget_idle(settings: Settings) -> list[str]:
 
 def age_entries(client: redis.Redis, stream: str, consumer: str, idle_ms: int) -> None:
     """Make pending entries look idle for `idle_ms` (XCLAIM back to the owner with IDLE)."""
-    ids = [p["message_id"] for p in client.xpending_range(stream, "processor", "-", "+", 1000, consumername=consumer)]
+    ids = [p["message_id"] for p in client.xpending_range(stream, "processor", "-", "+", 100_000, consumername=consumer)]
     client.xclaim(stream, "processor", consumer, 0, ids, idle=idle_ms, justid=True)
 
 
@@ -255,3 +256,19 @@ def test_consumers_whose_names_are_not_utf8_are_claimed_from_and_forgotten(redis
              what="consumers idle past 10 thresholds")
     assert forget_idle(settings) == ["t\\xe9l\\xe9"]
     assert [c["name"] for c in redis_client.xinfo_consumers(stream_key, "processor")] == [b"survivor-0"]
+
+
+@pytest.mark.parametrize("action", ["from_dead", "idle_entries"])
+def test_a_page_beyond_what_lua_can_unpack_is_claimed_whole(redis_client, stream_key, env, action):
+    """BATCH_SIZE may reach 100,000: a page of 10,000 ids is more than Lua's unpack takes (~8,000)."""
+    settings = Settings.from_env({**env, "CLAIM_THRESHOLD_MS": "1000", "BATCH_SIZE": "20000"})
+    redis_client.xgroup_create(stream_key, "processor", id="0", mkstream=True)
+    pipe = redis_client.pipeline(transaction=False)
+    for _ in range(10_000):
+        pipe.xadd(stream_key, {"data": b"{}"})
+    ids = pipe.execute()
+    redis_client.xreadgroup("processor", "dead-0", {stream_key: ">"}, count=10_000)
+    age_entries(redis_client, stream_key, "dead-0", 2_000)
+    redis_client.xdel(stream_key, ids[0])
+    claimed, gone = run_claimer(settings, action)
+    assert sorted(claimed) == sorted(ids[1:]) and gone == 1
