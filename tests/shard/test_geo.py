@@ -228,3 +228,15 @@ def test_invalid_geometries_are_rejected(geometry: object, radius_m: float | Non
     """parse_geofence raises GeometryError saying why, never another exception."""
     with pytest.raises(GeometryError, match=reason):
         parse_geofence(1, "bad", geometry, radius_m)
+
+
+@pytest.mark.parametrize("interval", [timedelta(milliseconds=1), timedelta(seconds=1), timedelta(hours=1), timedelta(days=10)])
+def test_a_crossing_is_found_to_the_microsecond_whatever_the_fix_interval(interval: timedelta) -> None:
+    """The bisection takes as many steps as the interval needs (not a fixed 40): still within a
+    microsecond of the true crossing, here a third of the way along a track across a straight edge."""
+    square = parse_geofence(1, "sq", {"type": "Polygon", "coordinates": [[[2, 0], [3, 0], [3, 1], [2, 1], [2, 0]]]}, None)
+    index = GeofenceIndex([square])
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    found = index.crossing_at(1, (t0, 0.5, 1.5), (t0 + interval, 0.5, 3.0))
+    exact = t0 + interval / 3
+    assert found is not None and abs(found - exact) <= timedelta(microseconds=1)
