@@ -1,4 +1,4 @@
-"""Stop signals (SIGTERM, SIGINT) that arrive while a `processor` process is still starting.
+"""Stop signals (SIGTERM, SIGINT, SIGHUP, SIGQUIT) that arrive while a `processor` process is still starting.
 
 Importing the Processor takes 0.3-1 s. A stop signal sent in that time (a deploy that
 changes its mind, `docker stop` right after `docker start`) met Python's default: death by
@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 _held: list[int] = []
 _previous: dict[int, object] = {}

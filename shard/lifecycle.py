@@ -27,6 +27,7 @@ from common.faults import Outcome, classify, one_line
 from common.keys import consumer_name
 from common.panic import Panic, crash_point
 from common.retry import retry
+from common.signals import HURRY_SIGNAL, IGNORED_BY_CHILDREN
 from common.status import StatusBoard
 from common.tasks import cancel_and_wait, end_other_tasks
 from common.timing import SHARD_CLOSE_BUDGET_S
@@ -71,10 +72,11 @@ class Shard:
 
     def run(self) -> int:
         """Post-fork process set-up, then the event loop until the shard stops; returns the exit status."""
-        for signum in (signal.SIGTERM, signal.SIGCHLD):
+        for signum in (signal.SIGTERM, signal.SIGCHLD, HURRY_SIGNAL):
             signal.signal(signum, signal.SIG_DFL)
-        # Ctrl-C reaches the whole process group; the supervisor turns it into one SIGTERM.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Ctrl-C, Ctrl-\ or a hang-up reach the whole process group; the supervisor turns them into SIGTERM.
+        for signum in IGNORED_BY_CHILDREN:
+            signal.signal(signum, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         faulthandler.enable()  # SIGABRT from the supervisor prints where a hung loop is stuck
         setproctitle(f"processor: shard {self.index} [{self.settings.instance_id}]")
@@ -111,7 +113,8 @@ class Shard:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self.panic.loop_exception_handler)
         loop.add_signal_handler(signal.SIGTERM, self.handle_sigterm)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by the supervisor across fork
+        loop.add_signal_handler(HURRY_SIGNAL, self.handle_hurry)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, HURRY_SIGNAL})  # blocked by the supervisor across fork
         log.info("shard starting", extra={"consumer": self.consumer, "pid": os.getpid()})
         duties = [self.watched(loop_) for loop_ in self.duties.loops()]
         work = asyncio.create_task(self.work())
@@ -161,9 +164,14 @@ class Shard:
         self.fail(exc, f"background task {task.get_coro().__qualname__}")
 
     def handle_sigterm(self) -> None:
-        """First SIGTERM: stop reading and drain. Second: cut the drain short."""
-        (self.hurry if self.stopping.is_set() else self.stopping).set()
+        """Stop reading and drain (a SIGTERM more changes nothing: common/signals.py says why)."""
+        self.stopping.set()
         self.reader.stop()
+
+    def handle_hurry(self) -> None:
+        """The supervisor's second stop: cut the drain short."""
+        self.handle_sigterm()
+        self.hurry.set()
 
     def handle_orphaned(self) -> None:
         """The supervisor is gone (its panic or SIGKILL): stop as if told to."""

@@ -25,6 +25,7 @@ from common.errors import ExitCode, ProcessorError
 from common.faults import acl_refusal
 from common.panic import Panic, crash_point, warn_if_dumps_cannot_be_written
 from common.redis_client import sync_client
+from common.signals import HURRY_SIGNAL
 from common.retry import retry_blocking
 from common.status import SlotState, StatusBoard, SupervisorState
 from common.timing import QUICK_STOP_S, STOP_MARGIN_S
@@ -45,6 +46,7 @@ REDIS_PROBE_TIMEOUT_S = 5.0
 ABORT_GRACE_S = 5.0  # between SIGABRT (traceback on stderr) and SIGKILL of a hung shard
 REAP_INTERVAL_S = 0.1
 STALE_CONFIRM_S = 1.0
+PORT_WAIT_S = 5.0  # a port in use at start-up, waited for before HTTP_PORT is called taken (exit 78)
 
 
 class Halt(BaseException):
@@ -75,7 +77,10 @@ class Supervisor:
         self.helpers: dict[str, HelperHandle] = {}  # role → handle: "http" (absent when HTTP_PORT=0), "maintenance"
         self.wakeup_r = self.wakeup_w = -1
         self.crash_point = crash_point(("supervisor-uncaught",), settings.panic_dir)
-        self.handlers = {signal.SIGTERM: self.handle_sigterm, signal.SIGINT: self.handle_sigint, signal.SIGCHLD: self.handle_sigchld}
+        # Ctrl-C, a hang-up or Ctrl-\ stop gracefully as SIGTERM does (the default, death, left the
+        # shards to drain alone, with no report and no SPEC exit code); nothing is reloaded on SIGHUP.
+        self.handlers = dict.fromkeys(early_signals.STOP_SIGNALS, self.handle_sigterm)
+        self.handlers |= {signal.SIGCHLD: self.handle_sigchld, signal.SIGUSR1: self.ignore, signal.SIGUSR2: self.ignore}
 
     def run(self) -> int:
         setproctitle(f"processor: supervisor [{self.settings.instance_id}]")
@@ -158,7 +163,7 @@ class Supervisor:
         if not self.settings.http_port:
             return
         try:
-            self.listener = listen(self.settings.http_port)
+            self.listener = listen(self.settings.http_port, PORT_WAIT_S, self.stop_if_asked)
         except OSError as exc:
             self.halt(f"cannot listen on HTTP_PORT {self.settings.http_port}: {exc}", ExitCode.CONFIG)
         self.publish()
@@ -224,9 +229,9 @@ class Supervisor:
             self.quick = True
         self.stopping = True
 
-    def handle_sigint(self) -> None:
-        """Same as SIGTERM (Ctrl-C in a terminal)."""
-        self.handle_sigterm()
+    def ignore(self) -> None:
+        """SIGUSR1, SIGUSR2: no meaning here (their default action was death)."""
+        log.warning("signal ignored: the supervisor stops on SIGTERM, SIGINT, SIGHUP or SIGQUIT")
 
     def handle_sigchld(self) -> None:
         """A shard or the HTTP process exited: reaped in the loop right after."""
@@ -260,6 +265,11 @@ class Supervisor:
         if code == ExitCode.CONFIG:
             said = self.board.take_last_words(handle.slot) or "a configuration or schema error"
             self.halt(f"shard {handle.slot} cannot work with this configuration: {said}", ExitCode.CONFIG)
+        if code == ExitCode.OK:
+            # Drained and done, as asked (an operator's SIGTERM to the shard): not a crash.
+            self.restart_at[handle.slot] = now
+            log.info("shard stopped when asked; starting a new one in its slot", extra=extra)
+            return
         due = self.restarts.record_crash(handle.slot, handle.started_at, now)
         self.restart_at[handle.slot] = due
         extra["restart_in_s"] = round(due - now, 2)
@@ -337,7 +347,7 @@ class Supervisor:
         self.stop_helper("maintenance")
         hurried = self.quick
         if hurried:
-            self.signal_shards(signal.SIGTERM)
+            self.signal_shards(HURRY_SIGNAL)
         while self.children() and time.monotonic() < deadline:
             if not self.shards:
                 self.stop_helper("http")
@@ -345,7 +355,7 @@ class Supervisor:
             self.dispatch_signals()
             if self.quick and not hurried:
                 hurried = True
-                self.signal_shards(signal.SIGTERM)  # a shard's second SIGTERM cuts its drain short
+                self.signal_shards(HURRY_SIGNAL)
                 deadline = min(deadline, time.monotonic() + QUICK_STOP_S)
             self.reap_children()
             self.publish()

@@ -15,6 +15,7 @@ from common import logs
 from common.config import Settings
 from common.errors import ExitCode
 from common.panic import Panic
+from common.signals import HURRY_SIGNAL, IGNORED_BY_CHILDREN
 from common.status import ShardStatus, StatusBoard
 from supervisor.restarts import RestartPolicy
 
@@ -55,7 +56,7 @@ def fork(child: Callable[[], int], inherited_fds: tuple[int, ...]) -> int:
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, HURRY_SIGNAL})
     pid = -1
     try:
         pid = os.fork()
@@ -80,10 +81,11 @@ def set_up_helper(settings: Settings, role: str, panic: Panic) -> None:
     SIGTERM stays blocked (the supervisor blocked it across the fork, so none is lost): the
     helper's main thread takes it with sigtimedwait, and every thread inherits the mask.
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, HURRY_SIGNAL})  # a helper is not hurried
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the supervisor sends SIGTERM
+    for signum in IGNORED_BY_CHILDREN:  # they reach the group; the supervisor sends SIGTERM
+        signal.signal(signum, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
     faulthandler.enable()
     setproctitle(f"processor: {role} [{settings.instance_id}]")

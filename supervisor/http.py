@@ -12,13 +12,14 @@ slow, stalled, numerous or large, keeps the others from an answer. It runs in th
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -41,9 +42,22 @@ LISTEN_BACKLOG = 128
 REFUSE_DRAIN_READS = 8  # of MAX_HEAD_BYTES each, before closing a refused connection
 
 
-def listen(port: int) -> socket.socket:
-    """The listening socket on all interfaces; bound by the supervisor before its first fork."""
-    return socket.create_server(("0.0.0.0", port), backlog=LISTEN_BACKLOG)  # SO_REUSEADDR on POSIX
+def listen(port: int, wait_s: float = 0.0, between: Callable[[], None] = lambda: None) -> socket.socket:
+    """The listening socket on all interfaces; bound by the supervisor before its first fork.
+
+    A port in use is tried again every 0.1 s (`between` the tries) for up to `wait_s`: the HTTP
+    process of an instance SIGKILLed a moment ago holds it until it notices (within a second),
+    and a restart that quick is not a configuration error.
+    """
+    until = time.monotonic() + wait_s
+    while True:
+        try:
+            return socket.create_server(("0.0.0.0", port), backlog=LISTEN_BACKLOG)  # SO_REUSEADDR on POSIX
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= until:
+                raise
+        time.sleep(0.1)
+        between()
 
 
 class HeadTooLarge(Exception):

@@ -87,7 +87,7 @@ os.kill(os.getpid(), signal.SIGTERM)
 from ops.cli import main
 sys.argv = ["processor", "run"]
 status = main()
-print(status, *(signal.getsignal(s) == signal.SIG_IGN for s in early_signals.STOP_SIGNALS))
+print(status, all(signal.getsignal(s) == signal.SIG_IGN for s in early_signals.STOP_SIGNALS))
 """
 
 
@@ -95,4 +95,4 @@ def test_stop_signals_are_ignored_once_run_has_returned(env) -> None:  # type: i
     """Python hands handlers back to the default while it shuts down: a late second SIGTERM was death (-15), not 0."""
     result = subprocess.run([sys.executable, "-c", AFTER_RUN], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env},
                             capture_output=True, text=True, timeout=60)
-    assert result.stdout.split()[-3:] == ["0", "True", "True"], result.stdout + result.stderr
+    assert result.stdout.split()[-2:] == ["0", "True"], result.stdout + result.stderr
