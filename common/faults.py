@@ -9,8 +9,9 @@ One decision, made here and nowhere else. Callers catch broadly and ask `classif
   server at REDIS_URL that does not speak Redis' protocol, or a
   TLS certificate the client does not trust (wrong CA, expired, another host's name).
   Waiting cannot fix it: exit 78, and the supervisor halts rather than crash-looping.
-- ROW_REJECTED: Postgres refused the data of one row. The batch is split so that every
-  other row commits; the row's failures are counted until it is dead-lettered.
+- ROW_REJECTED: Postgres refused the data of one row (a data or integrity error, or a trigger
+  of the operator's that raised). The batch is split so that every other row commits; the
+  row's failures are counted until it is dead-lettered.
 - POISON: the entry itself breaks the stream contract. Dead-letter it at once.
 - CANCELLED: shutdown. Let it propagate.
 - BUG: anything else. Panic: log, dump state, exit 70.
@@ -99,6 +100,9 @@ POSTGRES_UNTRUSTED_MESSAGES = ("certificate verify failed", "does not match host
 # One row's content exceeds what Postgres can hold or process (an over-long value, a
 # document nested too deep): the row is at fault, not the server.
 POSTGRES_ROW_SQLSTATES = frozenset({"54000", "54001"})
+# PL/pgSQL's own errors (RAISE EXCEPTION, ASSERT, ...): our statements call none of it, so they
+# come from a trigger or function of the operator's refusing a row, as a CHECK constraint would.
+POSTGRES_PLPGSQL_CLASS = "P0"
 
 OUTAGE_TYPES: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,  # includes BusyLoadingError and MaxConnectionsError
@@ -172,6 +176,8 @@ def _classify_postgres(exc: psycopg.Error) -> Outcome:
         # broken; its partition is missing, and a maintenance pass creates it (supervisor/partitions.py).
         return Outcome.OUTAGE
     if sqlstate in POSTGRES_ROW_SQLSTATES or isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
+        return Outcome.ROW_REJECTED
+    if sqlstate is not None and sqlstate.startswith(POSTGRES_PLPGSQL_CLASS):
         return Outcome.ROW_REJECTED
     if isinstance(exc, OUTAGE_TYPES):
         return Outcome.OUTAGE

@@ -51,6 +51,9 @@ CASES = [
     # Postgres: outages
     (pg(psycopg.OperationalError, "connection failed: Connection refused"), O.OUTAGE),
     (pg(psycopg.errors.AdminShutdown), O.OUTAGE),
+    # A trigger or function of the operator's refusing a row (RAISE EXCEPTION, ASSERT): the row's failure.
+    (pg(psycopg.errors.RaiseException), O.ROW_REJECTED),
+    (pg(psycopg.errors.AssertFailure), O.ROW_REJECTED),
     (pg(psycopg.errors.CrashShutdown), O.OUTAGE),
     (pg(psycopg.errors.CannotConnectNow), O.OUTAGE),
     (pg(psycopg.errors.TooManyConnections), O.OUTAGE),

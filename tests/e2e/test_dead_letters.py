@@ -16,16 +16,25 @@ from tests.e2e.verify import stored_count
 pytestmark = pytest.mark.e2e
 
 
-def reject_device(database_url: str, device_id: str) -> None:
-    """A rule only Postgres knows: its rows pass decoding and validation but fail the write."""
+def reject_device(database_url: str, device_id: str, how: str = "check") -> None:
+    """A rule only Postgres knows: its rows pass decoding and validation but fail the write, by a
+    CHECK constraint or by a trigger that raises (which was a panic, and a crash loop: exit 70)."""
     apply_migrations(database_url)
+    name = f"no_{device_id.replace('-', '_')}"
     with psycopg.connect(database_url) as conn:
-        conn.execute(f"ALTER TABLE positions ADD CONSTRAINT no_{device_id.replace('-', '_')} CHECK (device_id <> '{device_id}')")
+        if how == "check":
+            conn.execute(f"ALTER TABLE positions ADD CONSTRAINT {name} CHECK (device_id <> '{device_id}')")
+            return
+        conn.execute(f"""CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN IF NEW.device_id = '{device_id}' THEN RAISE EXCEPTION '{name}: % refused', NEW.device_id; END IF;
+            RETURN NEW; END $$""")
+        conn.execute(f"CREATE TRIGGER {name} BEFORE INSERT ON positions FOR EACH ROW EXECUTE FUNCTION {name}()")
 
 
-def test_rejected_rows_are_dead_lettered_and_the_rest_commits(redis_client, database_url, stream_key, env, start_processor):
+@pytest.mark.parametrize("how", ["check", "trigger"])
+def test_rejected_rows_are_dead_lettered_and_the_rest_commits(redis_client, database_url, stream_key, env, start_processor, how):
     """Each rejected row fails MAX_FAILURES times and is dead-lettered as `write`; every other row is stored."""
-    reject_device(database_url, "reject-me")
+    reject_device(database_url, "reject-me", how)
     fixes = list(Fleet(40, seed=31).fixes(4_000))
     for n in range(0, 4_000, 400):
         fixes[n] = {**fixes[n], "device_id": "reject-me"}
