@@ -21,6 +21,7 @@ T = TypeVar("T")
 SERVERS = ("redis", "postgres")
 RETRY_BASE_S = 0.1
 RETRY_CAP_S = 5.0
+STILL_LOGGED_S = 60.0  # a long outage is logged again this often
 
 log = logging.getLogger("processor.retry")
 
@@ -33,7 +34,9 @@ class Reachability:
     """Whether each server answered the last call, with one log line per outage each way.
 
     `outages[server]` counts failed calls; a reader compares it before and after a read to
-    learn that the read's reply may have been lost.
+    learn that the read's reply may have been lost. A server stays down while any `retry`
+    loop sleeps out a failure of it: a periodic read that works (the geofence poll) does not
+    make a server healthy whose writes fail (read-only, a partition missing, a timeout).
     """
 
     def __init__(self, name: str, on_change: Callable[[], None] = lambda: None) -> None:
@@ -41,23 +44,29 @@ class Reachability:
         self.on_change = on_change
         self.ok = {server: False for server in SERVERS}
         self.outages = {server: 0 for server in SERVERS}
-        self._logged = {server: False for server in SERVERS}
+        self.waiting = {server: 0 for server in SERVERS}  # retry loops sleeping in their backoff
+        self._logged: dict[str, float | None] = {server: None for server in SERVERS}  # when the outage was logged
 
     def failed(self, server: str, exc: BaseException) -> None:
         self.outages[server] += 1
-        if not self._logged[server]:
-            # Once per outage, not per caller: the read and the ACK fail at the same moment.
-            log.warning(f"{server} unavailable, pausing", extra={"consumer": self.name, "error": one_line(exc)})
-            self._logged[server] = True
+        logged = self._logged[server]
+        if logged is None or time.monotonic() - logged >= STILL_LOGGED_S:
+            # Once per outage (and again each STILL_LOGGED_S), not per caller: the read and the
+            # ACK fail at the same moment.
+            message = f"{server} unavailable, pausing" if logged is None else f"{server} still unavailable"
+            log.warning(message, extra={"consumer": self.name, "error": one_line(exc)})
+            self._logged[server] = time.monotonic()
         self.mark(server, False)
 
     def recovered(self, server: str, attempts: int) -> None:
-        if self._logged[server]:
-            log.warning(f"{server} reachable again", extra={"consumer": self.name, "attempts": attempts})
-            self._logged[server] = False
-        self.mark(server, True)
+        self.mark(server, True, attempts)
 
-    def mark(self, server: str, ok: bool) -> None:
+    def mark(self, server: str, ok: bool, attempts: int | None = None) -> None:
+        if ok and self.waiting[server]:
+            return  # another call still sleeps out this server's failure
+        if ok and self._logged[server] is not None:
+            log.warning(f"{server} reachable again", extra={"consumer": self.name, "attempts": attempts})
+            self._logged[server] = None
         if self.ok[server] != ok:
             self.ok[server] = ok
             self.on_change()
@@ -96,7 +105,13 @@ async def retry(
             raise_unless_outage(server, exc)
             reach.failed(server, exc)
             backoff = backoff or Backoff(base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S)
-            await asyncio.sleep(backoff.next_delay())
+            # Counted only while asleep: an operation that never returns once it works (a
+            # subscription) must not hold its server down for ever.
+            reach.waiting[server] += 1
+            try:
+                await asyncio.sleep(backoff.next_delay())
+            finally:
+                reach.waiting[server] -= 1
             continue
         reach.recovered(server, backoff.failures if backoff is not None else 0)
         return result

@@ -93,3 +93,40 @@ def test_retry_blocking_lets_the_caller_stop_between_attempts() -> None:
     with pytest.raises(InterruptedError):
         retry_blocking("redis", flaky.now, deadline_s=60, between=stop)
     assert flaky.calls == 1
+
+
+def test_a_read_that_works_does_not_make_healthy_a_server_whose_writes_still_fail() -> None:
+    """The geofence poll's read succeeded every 2 s while every batch write waited out a read-only
+    Postgres (or a missing partition): /healthz flapped to 200 with nothing stored. The server stays
+    down until the last retry loop waiting on it succeeds."""
+    reach = Reachability("c-0")
+    reach.mark("postgres", True)
+    read_only = psycopg.errors.ReadOnlySqlTransaction("cannot execute INSERT in a read-only transaction")
+
+    async def scenario() -> list[bool]:
+        seen = []
+        write = asyncio.create_task(retry("postgres", reach, Flaky(*[read_only] * 4)))
+        await asyncio.sleep(0.05)  # the write has failed and is backing off
+        seen.append(reach.ok["postgres"])
+        assert await attempt("postgres", reach, Flaky())  # the poll's read works
+        seen.append(reach.ok["postgres"])
+        assert await write == "done"
+        seen.append(reach.ok["postgres"])
+        return seen
+
+    assert asyncio.run(scenario()) == [False, False, True]
+    assert reach.waiting["postgres"] == 0
+
+
+def test_a_long_outage_is_logged_again(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One line at the start of an outage said nothing of a stall that went on for ten minutes."""
+    from common import retry as retry_module
+
+    clock = [100.0]
+    monkeypatch.setattr(retry_module.time, "monotonic", lambda: clock[0])
+    reach = Reachability("c-0")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            reach.failed("postgres", psycopg.OperationalError("no partition"))
+            clock[0] += retry_module.STILL_LOGGED_S / 2 + 1
+    assert [r.getMessage() for r in caplog.records] == ["postgres unavailable, pausing", "postgres still unavailable"]
