@@ -5,31 +5,22 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 
-from scripts.toolkit.services import ThrowawayPostgres, free_port, missing_binaries
+from scripts.toolkit.services import free_port
 from scripts.toolkit.writer import steady
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import wait_for
 from tests.e2e.test_health import get
+from tests.e2e.test_outages import private_postgres  # noqa: F401 - the fixture: a Postgres of the test's own
 from tests.e2e.verify import assert_exact, stored_count, wait_settled
 
 pytestmark = pytest.mark.e2e
 
 SAMPLES_S = 6.0  # three polls of the geofences, each a read that works
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[ThrowawayPostgres]:
-    """A Postgres of this test's own: the test changes its configuration."""
-    if advice := missing_binaries():
-        pytest.skip("; ".join(advice))
-    with ThrowawayPostgres(fsync=False) as server:
-        yield server
 
 
 def read_only(url: str, on: bool) -> None:
@@ -38,10 +29,10 @@ def read_only(url: str, on: bool) -> None:
         conn.execute("SELECT pg_reload_conf()")
 
 
-def test_a_read_only_postgres_is_unhealthy_the_whole_time(redis_client, stream_key, env, own_postgres, start_processor):
+def test_a_read_only_postgres_is_unhealthy_the_whole_time(redis_client, stream_key, env, private_postgres, start_processor):
     """Every write waits out "read-only transaction" with backoff, while the geofence poll's read works
     every 2 s: that read made Postgres "reachable" again, and /healthz flapped to 200 with nothing stored."""
-    url = own_postgres.url
+    url = private_postgres.url
     apply_migrations(url)
     port = free_port()
     processor = start_processor({**env, "DATABASE_URL": url, "MIGRATION_DATABASE_URL": url, "HTTP_PORT": str(port)})

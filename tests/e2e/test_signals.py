@@ -15,7 +15,7 @@ from scripts.toolkit.services import free_port
 from scripts.toolkit.writer import backlog
 from tests.e2e.processes import wait_for
 from tests.e2e.test_health import get
-from tests.e2e.verify import assert_exact, stored_count, wait_settled
+from tests.e2e.verify import finish_exactly, stored_count
 
 pytestmark = pytest.mark.e2e
 
@@ -36,11 +36,7 @@ def test_a_sigterm_to_the_whole_process_group_drains(redis_client, database_url,
     assert sum(shard["in_flight"] for shard in report.values()) > 0, report
     assert all(shard["left_pending"] == 0 for shard in report.values()), report
     assert redis_client.xpending(stream_key, "processor")["pending"] == 0
-    again = start_processor(env)
-    wait_settled(redis_client, database_url, stream_key, 90)
-    assert_exact(redis_client, database_url, stream_key)
-    again.signal(signal.SIGTERM)
-    assert again.wait(30) == 0
+    finish_exactly(start_processor(env), redis_client, database_url, stream_key)
 
 
 def test_sigterm_to_one_shard_again_and_again_is_no_crash_loop(redis_client, database_url, stream_key, env, start_processor):
@@ -56,10 +52,7 @@ def test_sigterm_to_one_shard_again_and_again_is_no_crash_loop(redis_client, dat
         wait_for(lambda: shard not in processor.shard_pids() and len(processor.shard_pids()) == 2, 30, what="a new shard 0")
     assert processor.log_messages().count("shard stopped when asked; starting a new one in its slot") == 6
     assert "supervisor halting" not in processor.log_messages()
-    wait_settled(redis_client, database_url, stream_key, 90)
-    assert_exact(redis_client, database_url, stream_key)
-    processor.signal(signal.SIGTERM)
-    assert processor.wait(30) == 0
+    finish_exactly(processor, redis_client, database_url, stream_key)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGQUIT])
@@ -75,11 +68,7 @@ def test_a_hang_up_or_quit_stops_gracefully_and_usr1_is_ignored(redis_client, da
     processor.signal(stop)
     assert processor.wait(30) == 0
     assert "drain report" in processor.log_messages()
-    again = start_processor(env)
-    wait_settled(redis_client, database_url, stream_key, 90)
-    assert_exact(redis_client, database_url, stream_key)
-    again.signal(signal.SIGTERM)
-    assert again.wait(30) == 0
+    finish_exactly(start_processor(env), redis_client, database_url, stream_key)
 
 
 def test_a_port_held_a_moment_longer_by_a_killed_instance_is_waited_for(env, start_processor):

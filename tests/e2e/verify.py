@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -105,3 +106,12 @@ def _newest_per_device(fixes: Iterable[Any]) -> dict[str, Any]:
         if fix.device_id not in newest or fix.ts > newest[fix.device_id]:
             newest[fix.device_id] = fix.ts
     return newest
+
+
+def finish_exactly(processor: Any, client: redis.Redis, database_url: str, stream: str) -> None:
+    """`processor` (a tests.e2e.processes.ProcessorProcess) finishes the stream: every entry stored or
+    dead-lettered exactly once; then it stops on SIGTERM with exit 0."""
+    wait_settled(client, database_url, stream, 90)
+    assert_exact(client, database_url, stream)
+    processor.signal(signal.SIGTERM)
+    assert processor.wait(30) == 0
