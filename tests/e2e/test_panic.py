@@ -24,8 +24,11 @@ SUPERVISOR_DUMP = re.compile(r"panic-supervisor-(?P<pid>\d+)-\d{8}T\d{6}Z\.json"
 
 
 # A trigger that fails every insert with an error of our own: to the shard, a bug.
+# A server-side failure no row causes (internal_error, XX000): a bug to halt on. (A trigger's plain
+# RAISE EXCEPTION, P0001, refuses rows instead: tests/e2e/test_dead_letters.py.)
 BREAK_POSITIONS = """
-CREATE FUNCTION broken() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'broken on purpose'; END $$;
+CREATE FUNCTION broken() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'broken on purpose' USING ERRCODE = 'internal_error'; END $$;
 CREATE TRIGGER broken BEFORE INSERT ON positions FOR EACH STATEMENT EXECUTE FUNCTION broken();
 """
 
@@ -165,7 +168,7 @@ def test_supervisor_panic_exits_70_and_its_shards_stop_by_themselves(
 
 
 def test_crash_loop_halts_the_supervisor_with_70(redis_client, database_url, stream_key, env, start_processor):  # type: ignore[no-untyped-def]
-    """Shards that panic on every batch (a trigger that raises: a bug, not a refusal) halt the supervisor 70 after 5 crashes; nothing is lost."""
+    """Shards that panic on every batch (an internal error: a bug, not a refusal) halt the supervisor 70 after 5 crashes; nothing is lost."""
     migrate = start_processor(env, "migrate", name="migrate")
     assert migrate.wait(30) == 0
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -182,7 +185,7 @@ def test_crash_loop_halts_the_supervisor_with_70(redis_client, database_url, str
         delays = [e["restart_in_s"] for e in exits if e["slot"] == slot]
         assert delays == sorted(set(delays)), f"slot {slot} restarts with growing backoff: {delays}"
     shard_dumps = [dump for _, dump in dumps(env, re.compile(r"panic-shard-\d+-\d+-\d{8}T\d{6}Z\.json"))]
-    assert len(shard_dumps) >= 5 and all("RaiseException" in d["traceback"] for d in shard_dumps)
+    assert len(shard_dumps) >= 5 and all("InternalError_" in d["traceback"] for d in shard_dumps)
     assert not live_shards(env["INSTANCE_ID"]), "a halting supervisor stops its shards first"
     assert redis_client.xlen(f"{stream_key}:dlq") == 0, "a bug is not poison: nothing is dead-lettered"
 
