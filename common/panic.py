@@ -65,10 +65,10 @@ class Panic:
         """Log, dump, exit 70. Never returns."""
         text = scrub("".join(traceback.format_exception(kind, exc, tb)))
         path = self.dump(text, where)
-        log.critical(
-            "panic: uncaught exception",
-            extra={"where": where, "error": scrub(f"{kind.__name__}: {exc}"), "dump": str(path) if path else None},
-        )
+        extra = {"where": where, "error": scrub(f"{kind.__name__}: {exc}"), "dump": str(path) if path else None}
+        if path is None:
+            extra["traceback"] = text  # no dump to read it in: the log line is the only record
+        log.critical("panic: uncaught exception", extra=extra)
         logging.shutdown()
         os._exit(ExitCode.SOFTWARE)
 

@@ -257,7 +257,7 @@ class Supervisor:
 
     def on_shard_exit(self, pid: int, handle: ShardHandle, status: int) -> None:
         now = time.monotonic()
-        reason, code, extra = describe_exit(status)
+        reason, code, extra = describe_exit(status, killed_by_us=handle.aborted_at is not None or self.stopping)
         extra |= {"slot": handle.slot, "child_pid": pid, "ran_s": round(now - handle.started_at, 1)}
         if self.stopping:  # never halt from inside a stop: the other shards are draining
             log.info(f"shard {reason}", extra=extra)
@@ -283,7 +283,7 @@ class Supervisor:
     def on_helper_exit(self, helper: HelperHandle, status: int) -> None:
         """A helper process died: restart it with its own backoff (78 halts, as from a shard)."""
         now = time.monotonic()
-        reason, code, extra = describe_exit(status)
+        reason, code, extra = describe_exit(status, killed_by_us=self.stopping)
         extra |= {"child_pid": helper.pid, "ran_s": round(now - helper.started_at, 1)}
         helper.pid = 0
         if self.stopping:

@@ -93,11 +93,16 @@ def set_up_helper(settings: Settings, role: str, panic: Panic) -> None:
     panic.install()
 
 
-def describe_exit(status: int) -> tuple[str, int | None, dict[str, object]]:
-    """A wait status as (reason for the log, exit code or None when killed, log fields)."""
+def describe_exit(status: int, killed_by_us: bool = False) -> tuple[str, int | None, dict[str, object]]:
+    """A wait status as (reason for the log, exit code or None when killed, log fields).
+
+    `killed_by_us`: the supervisor sent the SIGKILL itself (a hung shard, a stop deadline)."""
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
-        reason = "killed by SIGKILL (probably out of memory)" if signum == signal.SIGKILL else "killed by a signal"
+        if signum == signal.SIGKILL:
+            reason = "killed by SIGKILL" + (" (the supervisor's)" if killed_by_us else " (probably out of memory)")
+        else:
+            reason = "killed by a signal"
         return reason, None, {"signal": signal.Signals(signum).name}
     code = os.WEXITSTATUS(status)
     return "exited", code, {"exit_status": code}

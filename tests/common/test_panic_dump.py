@@ -53,3 +53,29 @@ def test_a_dump_directory_that_cannot_be_written_is_named(tmp_path: Path) -> Non
     made = tmp_path / "new" / "panic"
     assert dump_dir_problem(made) is None and made.is_dir() and not list(made.iterdir())
     assert dump_dir_problem(Path("/proc/processor-panic")) is not None
+
+
+def test_a_panic_without_a_dump_logs_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """With PANIC_DIR unwritable the traceback went nowhere: the log line now carries it."""
+    exits: list[int] = []
+    monkeypatch.setattr(panic.os, "_exit", exits.append)
+    monkeypatch.setattr(panic.logging, "shutdown", lambda: None)
+
+    def unwritable(path: Path, data: bytes) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(panic, "publish", unwritable)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as exc:
+        dumper(tmp_path / "panic").crash(RuntimeError, exc, exc.__traceback__, where="main task")
+    [record] = [r for r in caplog.records if r.getMessage() == "panic: uncaught exception"]
+    assert exits == [70] and record.dump is None  # type: ignore[attr-defined]
+    assert "RuntimeError: boom" in record.traceback and "test_a_panic_without_a_dump" in record.traceback  # type: ignore[attr-defined]
+
+
+def test_a_sigkill_the_supervisor_sent_is_not_blamed_on_memory() -> None:
+    from supervisor.children import describe_exit
+
+    assert describe_exit(9)[0] == "killed by SIGKILL (probably out of memory)"  # a wait status: killed by signal 9
+    assert describe_exit(9, killed_by_us=True)[0] == "killed by SIGKILL (the supervisor's)"
