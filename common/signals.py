@@ -10,3 +10,9 @@ import signal
 HURRY_SIGNAL = signal.SIGUSR1
 # What a child ignores: the supervisor decides what a hang-up or Ctrl-\ means for them all.
 IGNORED_BY_CHILDREN = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
+
+
+def ignore_group_signals() -> None:
+    """In a child: the signals that reach the whole process group are the supervisor's to act on."""
+    for signum in IGNORED_BY_CHILDREN:
+        signal.signal(signum, signal.SIG_IGN)

@@ -92,7 +92,6 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    _check_selection(args, "replay")
     if args.all:
         result = dlq_replay.replay_all(settings)
     else:
@@ -106,7 +105,6 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
-    _check_selection(args, "purge")
     confirm = confirmer(args.yes, sys.stdin, sys.stderr)
     if args.all:
         result = dlq_purge.purge_all(settings, confirm)

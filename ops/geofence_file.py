@@ -12,6 +12,7 @@ import orjson
 
 from common.contract import CONTROL_CHARACTERS
 from common.errors import ProcessorError
+from ops.terminal import is_terminal
 
 
 class InvalidGeofences(ProcessorError):
@@ -53,7 +54,7 @@ def _standard_input() -> bytes:
     stream = sys.stdin
     if stream is None or stream.closed:
         raise ProcessorError("-: standard input is closed; give the GeoJSON file's path")
-    if stream.isatty():
+    if is_terminal(stream):
         raise ProcessorError("-: standard input is a terminal; pipe the GeoJSON in, or give the file's path")
     return stream.buffer.read()
 

@@ -102,7 +102,7 @@ def confirmer(assume_yes: bool, stdin: TextIO | None, stderr: TextIO | None, ver
     question could not be shown."""
     if assume_yes:
         return lambda _question: True
-    if stdin is None or stderr is None or not _is_terminal(stdin):
+    if stdin is None or stderr is None or not is_terminal(stdin):
         raise ConfirmationRequired(f"refusing to {verb} without confirmation: stdin is not a terminal; pass --yes")
 
     def ask(question: str) -> bool:
@@ -113,7 +113,8 @@ def confirmer(assume_yes: bool, stdin: TextIO | None, stderr: TextIO | None, ver
     return ask
 
 
-def _is_terminal(stream: TextIO) -> bool:
+def is_terminal(stream: TextIO) -> bool:
+    """Whether `stream` is a terminal; a closed one is not."""
     try:
         return stream.isatty()
     except ValueError:  # closed

@@ -119,10 +119,9 @@ class DeadLetters:
                     pipe.multi()
                     if not lettered:
                         pipe.execute_command("XADD", self.dlq, "*", *fields)
+                        pipe.zadd(self.lettered, {noted: int(entry_id.split(b"-", 1)[0])})
                     pipe.xack(self.stream, self.group, entry_id)
                     pipe.hdel(self.failures, entry_id)
-                    if not lettered:
-                        pipe.zadd(self.lettered, {noted: int(entry_id.split(b"-", 1)[0])})
                     await pipe.execute()
                     return LETTERED_BEFORE if lettered else WRITTEN
                 except WatchError:

@@ -124,7 +124,7 @@ class GeofenceIndex:
         self.by_id = {g.id: g for g in geofences}
         # The ids as a Postgres array literal, written once: psycopg would dump a list of
         # 10,000 ids element by element (~10 ms) for every statement that names them.
-        self.ids_array = "{" + ",".join(map(str, self.by_id)) + "}"
+        self.ids_array = id_array(self.by_id)
         entries: list[BaseGeometry] = []
         owners: list[Geofence] = []
         for geofence in self.by_id.values():
@@ -199,6 +199,11 @@ class GeofenceIndex:
                 high = middle
         fraction = (low + high) / 2
         return t0 + timedelta(microseconds=round((t1 - t0) / timedelta(microseconds=1) * fraction))
+
+
+def id_array(ids: Iterable[int]) -> str:
+    """Geofence ids as a Postgres array literal: psycopg would dump a list element by element."""
+    return "{" + ",".join(map(str, ids)) + "}"
 
 
 def _circle_boxes(geofence: Geofence) -> list[BaseGeometry]:

@@ -27,7 +27,7 @@ from common.faults import Outcome, classify, one_line
 from common.keys import consumer_name
 from common.panic import Panic, crash_point
 from common.retry import retry
-from common.signals import HURRY_SIGNAL, IGNORED_BY_CHILDREN
+from common.signals import HURRY_SIGNAL, ignore_group_signals
 from common.status import StatusBoard
 from common.tasks import cancel_and_wait, end_other_tasks
 from common.timing import SHARD_CLOSE_BUDGET_S
@@ -74,9 +74,7 @@ class Shard:
         """Post-fork process set-up, then the event loop until the shard stops; returns the exit status."""
         for signum in (signal.SIGTERM, signal.SIGCHLD, HURRY_SIGNAL):
             signal.signal(signum, signal.SIG_DFL)
-        # Ctrl-C, Ctrl-\ or a hang-up reach the whole process group; the supervisor turns them into SIGTERM.
-        for signum in IGNORED_BY_CHILDREN:
-            signal.signal(signum, signal.SIG_IGN)
+        ignore_group_signals()  # Ctrl-C, Ctrl-\, a hang-up: the supervisor turns them into SIGTERM
         signal.set_wakeup_fd(-1)
         faulthandler.enable()  # SIGABRT from the supervisor prints where a hung loop is stuck
         setproctitle(f"processor: shard {self.index} [{self.settings.instance_id}]")

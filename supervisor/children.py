@@ -15,7 +15,7 @@ from common import logs
 from common.config import Settings
 from common.errors import ExitCode
 from common.panic import Panic
-from common.signals import HURRY_SIGNAL, IGNORED_BY_CHILDREN
+from common.signals import HURRY_SIGNAL, ignore_group_signals
 from common.status import ShardStatus, StatusBoard
 from supervisor.restarts import RestartPolicy
 
@@ -84,8 +84,7 @@ def set_up_helper(settings: Settings, role: str, panic: Panic) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, HURRY_SIGNAL})  # a helper is not hurried
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for signum in IGNORED_BY_CHILDREN:  # they reach the group; the supervisor sends SIGTERM
-        signal.signal(signum, signal.SIG_IGN)
+    ignore_group_signals()
     signal.set_wakeup_fd(-1)
     faulthandler.enable()
     setproctitle(f"processor: {role} [{settings.instance_id}]")

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from shard.devices.track import DeviceState, TrackFix, Visit, adopt_replay, advance
-from shard.geo import GeofenceIndex, haversine_m
+from shard.geo import GeofenceIndex, haversine_m, id_array
 from shard.geofences import GeofenceSource
 
 log = logging.getLogger("processor.writer")
@@ -176,7 +176,7 @@ async def replay_late(
         lower = floor - _TICK if floor is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
     replayed = {geofence_id for used_index in used.values() for geofence_id in used_index.by_id}
     if replayed:  # visits of no other geofence can have been entered in the stretch
-        ids = index.ids_array if replayed == index.by_id.keys() else "{" + ",".join(map(str, sorted(replayed))) + "}"
+        ids = index.ids_array if replayed == index.by_id.keys() else id_array(sorted(replayed))
         await cur.execute(_DELETE_VISITS, (state.device_id, ids, lower, upper))
     adopt_replay(state, replay, old_distance, to_newest=stop is None, replayed=replayed)
     return list(visits.values())
@@ -186,7 +186,7 @@ async def _evaluated(
     cur: psycopg.AsyncCursor, chunk: list[Stored], current: GeofenceIndex, source: GeofenceSource, used: dict[int, GeofenceIndex]
 ) -> list[tuple[TrackFix, frozenset[int], GeofenceIndex]]:
     """Each stored fix with the geofences covering it, by the index of the revision it was derived
-    with (`current` for this batch's, and for fixes stored before revisions were kept)."""
+    with (`source.at`: `current` for this batch's)."""
     by_revision: dict[int | None, list[int]] = {}
     for position, (_, revision) in enumerate(chunk):
         by_revision.setdefault(revision, []).append(position)

@@ -106,7 +106,10 @@ def test_a_read_that_works_does_not_make_healthy_a_server_whose_writes_still_fai
     async def scenario() -> list[bool]:
         seen = []
         write = asyncio.create_task(retry("postgres", reach, Flaky(*[read_only] * 4)))
-        await asyncio.sleep(0.05)  # the write has failed and is backing off
+        deadline = asyncio.get_running_loop().time() + 10
+        while not reach.waiting["postgres"]:  # until the write has failed and backs off
+            assert asyncio.get_running_loop().time() < deadline, "the write never backed off"
+            await asyncio.sleep(0.001)
         seen.append(reach.ok["postgres"])
         assert await attempt("postgres", reach, Flaky())  # the poll's read works
         seen.append(reach.ok["postgres"])
