@@ -56,10 +56,15 @@ class HttpProcess:
         accept = threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_S,), name="http-accept", daemon=True)
         accept.start()
         log.info("serving /healthz and /metrics", extra={"port": self.listener.getsockname()[1]})
-        while signal.sigtimedwait({signal.SIGTERM}, ORPHAN_CHECK_S) is None:
-            if os.getppid() != self.supervisor_pid:
+        while True:
+            told = signal.sigtimedwait({signal.SIGTERM}, ORPHAN_CHECK_S)
+            if told is None and os.getppid() != self.supervisor_pid:
                 log.error("supervisor gone; http process exiting")
                 return ExitCode.OK
+            # Only the supervisor's: a SIGTERM to the whole process group reaches this process
+            # too, and /healthz must answer (503, stopping) until the shards are gone.
+            if told is not None and told.si_pid == self.supervisor_pid:
+                break
         log.info("http process stopping")
         return ExitCode.OK  # connections still open end with the process
 

@@ -24,13 +24,16 @@ def test_a_sigterm_to_the_whole_process_group_drains(redis_client, database_url,
     """systemd's KillMode, `tini -g`, `kill -- -PGID`: each shard got the group's SIGTERM and then the
     supervisor's, took the second for "hurry", and left its in-flight batches pending. One drain now."""
     backlog(redis_client, stream_key, 20_000, devices=100, seed=31)
-    processor = start_processor({**env, "DRAIN_TIMEOUT_S": "60"})
+    port = free_port()
+    processor = start_processor({**env, "DRAIN_TIMEOUT_S": "60", "HTTP_PORT": str(port)})
     wait_for(lambda: stored_count(database_url) > 1_000, what="the first rows")
     with psycopg.connect(database_url) as blocker:
         blocker.execute("LOCK TABLE positions IN ACCESS EXCLUSIVE MODE")  # batches in flight wait here
         wait_for(lambda: catches(processor.pid, signal.SIGTERM), what="the supervisor's handler")
         os.killpg(processor.pid, signal.SIGTERM)
         wait_for(lambda: "stopping shards" in processor.log_messages(), 10)
+        status, body = get(port, "/healthz")  # the HTTP process got the group's SIGTERM too
+        assert status == 503 and b"stopping" in body, body
     assert processor.wait(60) == 0
     [report] = [e["shards"] for e in processor.logs() if e["msg"] == "drain report"]
     assert sum(shard["in_flight"] for shard in report.values()) > 0, report
