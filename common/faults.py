@@ -171,9 +171,7 @@ def _classify_postgres(exc: psycopg.Error) -> Outcome:
     if sqlstate is None and isinstance(exc, psycopg.OperationalError):
         if any(text in str(exc) for text in POSTGRES_REFUSED_MESSAGES):
             return Outcome.REFUSED
-    if sqlstate == "23514" and exc.diag.constraint_name is None and exc.diag.table_name is not None:
-        # "no partition of relation "positions" found for row": no constraint of the row is
-        # broken; its partition is missing, and a maintenance pass creates it (supervisor/partitions.py).
+    if missing_partition(exc):
         return Outcome.OUTAGE
     if sqlstate in POSTGRES_ROW_SQLSTATES or isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
         return Outcome.ROW_REJECTED
@@ -182,6 +180,16 @@ def _classify_postgres(exc: psycopg.Error) -> Outcome:
     if isinstance(exc, OUTAGE_TYPES):
         return Outcome.OUTAGE
     return Outcome.BUG
+
+
+def missing_partition(exc: BaseException) -> bool:
+    """True for "no partition of relation "positions" found for row": no constraint of the row
+    is broken; its partition is missing (dropped or detached by hand), and a maintenance pass
+    creates it (supervisor/partitions.py), one asked for at once (shard/reporting.py)."""
+    return (
+        isinstance(exc, psycopg.Error) and exc.sqlstate == "23514"
+        and exc.diag.constraint_name is None and exc.diag.table_name is not None
+    )
 
 
 def untrusted_certificate(exc: BaseException) -> str | None:

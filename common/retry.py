@@ -39,9 +39,15 @@ class Reachability:
     make a server healthy whose writes fail (read-only, a partition missing, a timeout).
     """
 
-    def __init__(self, name: str, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        name: str,
+        on_change: Callable[[], None] = lambda: None,
+        on_failure: Callable[[str, BaseException], None] = lambda server, exc: None,
+    ) -> None:
         self.name = name  # who is speaking in the logs, e.g. the consumer
         self.on_change = on_change
+        self.on_failure = on_failure  # every failed call, with its server and error
         self.ok = {server: False for server in SERVERS}
         self.outages = {server: 0 for server in SERVERS}
         self.waiting = {server: 0 for server in SERVERS}  # retry loops sleeping in their backoff
@@ -49,6 +55,7 @@ class Reachability:
 
     def failed(self, server: str, exc: BaseException) -> None:
         self.outages[server] += 1
+        self.on_failure(server, exc)
         logged = self._logged[server]
         if logged is None or time.monotonic() - logged >= STILL_LOGGED_S:
             # Once per outage (and again each STILL_LOGGED_S), not per caller: the read and the

@@ -23,9 +23,10 @@ BATCH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 # heartbeat (CLOCK_MONOTONIC is system-wide on Linux, so parent and child compare it),
 # pid, redis_ok, postgres_ok, processed, dead_lettered, claimed, batches, in_flight, lost,
-# expired, batch-seconds sum, then one count per bucket (+Inf included), not cumulative.
-_SLOT = struct.Struct(f"<d i B B 2x Q Q Q Q Q Q Q d {len(BATCH_BUCKETS_S) + 1}Q")
-_SLOT_FIELDS = 12  # values before the buckets
+# expired, partitions_missed, batch-seconds sum, then one count per bucket (+Inf included),
+# not cumulative.
+_SLOT = struct.Struct(f"<d i B B 2x Q Q Q Q Q Q Q Q d {len(BATCH_BUCKETS_S) + 1}Q")
+_SLOT_FIELDS = 13  # values before the buckets
 # The supervisor's part: its pid, its stopping flag, its last beat; then per slot: running,
 # the shard's pid, its start time (monotonic) and the slot's restarts.
 _SUPERVISOR = "<i B 3x d"
@@ -92,6 +93,9 @@ class ShardStatus:
     in_flight: int = 0  # entries read and not yet settled
     lost: int = 0  # pending entries found deleted or trimmed (nothing left to store)
     expired: int = 0  # fixes older than the POSITIONS_RETENTION_DAYS horizon: acknowledged, not stored
+    # writes that found a partition of `positions` missing: the maintenance process, seeing this
+    # grow, runs its partition pass at once rather than at its next turn
+    partitions_missed: int = 0
     batch_seconds_sum: float = 0.0
     batch_buckets: tuple[int, ...] = field(default=(0,) * (len(BATCH_BUCKETS_S) + 1))
 
@@ -142,12 +146,12 @@ class StatusBoard:
 
     def read(self, slot: int) -> ShardStatus:
         values = self._slots[slot].read(self._map)
-        heartbeat, pid, redis_ok, pg_ok, processed, dead, claimed, batches, in_flight, lost, expired, seconds = values[
-            :_SLOT_FIELDS
-        ]
+        heartbeat, pid, redis_ok, pg_ok, processed, dead, claimed, batches, in_flight, lost, expired, missed, seconds = (
+            values[:_SLOT_FIELDS]
+        )
         return ShardStatus(
-            heartbeat, pid, bool(redis_ok), bool(pg_ok), processed, dead, claimed, batches, in_flight, lost, expired, seconds,  # type: ignore[arg-type]
-            tuple(values[_SLOT_FIELDS:]),  # type: ignore[arg-type]
+            heartbeat, pid, bool(redis_ok), bool(pg_ok), processed, dead, claimed, batches, in_flight, lost, expired,  # type: ignore[arg-type]
+            missed, seconds, tuple(values[_SLOT_FIELDS:]),  # type: ignore[arg-type]
         )
 
     def write(self, slot: int, status: ShardStatus) -> None:
@@ -164,6 +168,7 @@ class StatusBoard:
             status.in_flight,
             status.lost,
             status.expired,
+            status.partitions_missed,
             status.batch_seconds_sum,
             *status.batch_buckets,
         )

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 
+from common.faults import missing_partition
 from common.retry import Reachability
 from common.status import BATCH_BUCKETS_S, ShardStatus, StatusBoard, bucket_of
 from shard.batch import Batch
@@ -30,13 +31,14 @@ class Report:
         self.board = board
         self.index = index
         self.consumer = consumer
-        self.reach = Reachability(consumer, on_change=self.publish)
+        self.reach = Reachability(consumer, on_change=self.publish, on_failure=self._failed)
         self.in_flight: set[bytes] = set()  # read, not yet settled
         self.processed = 0
         self.dead_lettered = 0
         self.claimed = 0
         self.lost = 0
         self.expired = 0
+        self.partitions_missed = 0
         self.batches = 0
         self.batch_seconds_sum = 0.0
         self.batch_buckets = [0] * (len(BATCH_BUCKETS_S) + 1)
@@ -116,6 +118,14 @@ class Report:
                 extra={"how": how, "consumer": self.consumer, "ids": chunk, "counted": counted if start == 0 else 0},
             )
 
+    def _failed(self, server: str, exc: BaseException) -> None:
+        """A failed call: a write that found a partition of `positions` missing is published, so
+        that the maintenance process creates it now rather than at its next pass (up to ten
+        minutes during which every batch with a fix of that day would wait)."""
+        if server == "postgres" and missing_partition(exc):
+            self.partitions_missed += 1
+            self.publish()
+
     def publish(self) -> None:
         """Heartbeat, health and counters into our slot."""
         base = self.base
@@ -133,6 +143,7 @@ class Report:
                 in_flight=len(self.in_flight),
                 lost=base.lost + self.lost,
                 expired=base.expired + self.expired,
+                partitions_missed=base.partitions_missed + self.partitions_missed,
                 batch_seconds_sum=base.batch_seconds_sum + self.batch_seconds_sum,
                 batch_buckets=tuple(a + b for a, b in zip(base.batch_buckets, self.batch_buckets)),
             ),

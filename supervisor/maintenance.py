@@ -9,7 +9,10 @@ Adding a duty
 -------------
 A duty is `Duty(name, every_s, run)`: `run()` is called in this process's main thread
 about every `every_s` seconds (the first time right after start-up; the next one
-`every_s` after the previous run *ended*, so a slow run never piles up). Write a factory
+`every_s` after the previous run *ended*, so a slow run never piles up). `asked()`, if
+given, is called about once a second: True brings the next run forward to now, or to
+ASKED_GAP_S after the previous run ended, so that a request repeated while the cause
+persists cannot run the duty back to back. Write a factory
 `make(settings, board) -> Duty | None` (None: the duty is disabled by configuration) and
 append it to `DUTY_FACTORIES`. The factory is called in this process after the fork, so
 it may open its own connections (keep them in a closure or a small object; never one
@@ -48,7 +51,8 @@ from supervisor.children import set_up_helper
 
 log = logging.getLogger("processor.maintenance")
 
-ORPHAN_CHECK_S = 1.0  # the longest sleep between two looks at the supervisor and at SIGTERM
+ORPHAN_CHECK_S = 1.0  # the longest sleep between two looks at the supervisor, at SIGTERM and at requests
+ASKED_GAP_S = 5.0  # a duty asked for runs at most this often
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Duty:
     every_s: float
     run: Callable[[], None]
     close: Callable[[], None] = lambda: None
+    asked: Callable[[], bool] = lambda: False  # True: run now, not at the next turn
 
 
 DutyFactory = Callable[[Settings, StatusBoard], "Duty | None"]
@@ -87,6 +92,7 @@ class Maintenance:
         self.panic = Panic(settings, "maintenance", self.panic_state)
         self.duties: list[Duty] = []
         self.due: dict[str, float] = {}
+        self.ended: dict[str, float] = {}  # when each duty's last run ended (monotonic)
         self.paused: set[str] = set()
 
     def run(self) -> int:
@@ -108,6 +114,7 @@ class Maintenance:
         log.info("maintenance starting", extra={"duties": {d.name: d.every_s for d in self.duties}})
         while True:
             try:
+                self.bring_forward()
                 self.run_due()
             except Refused:
                 return ExitCode.CONFIG
@@ -119,12 +126,21 @@ class Maintenance:
                 log.error("supervisor gone; maintenance exiting")
                 return ExitCode.OK
 
+    def bring_forward(self) -> None:
+        """Duties asked for are due now (or ASKED_GAP_S after their last run)."""
+        for duty in self.duties:
+            if duty.asked():
+                ended = self.ended.get(duty.name)
+                soonest = time.monotonic() if ended is None else ended + ASKED_GAP_S
+                self.due[duty.name] = min(self.due[duty.name], soonest)
+
     def run_due(self) -> None:
         """Run every duty whose time has come, once each, in list order."""
         for duty in self.duties:
             if time.monotonic() >= self.due[duty.name]:
                 self.run_one(duty)
-                self.due[duty.name] = time.monotonic() + duty.every_s
+                self.ended[duty.name] = time.monotonic()
+                self.due[duty.name] = self.ended[duty.name] + duty.every_s
 
     def run_one(self, duty: Duty) -> None:
         try:

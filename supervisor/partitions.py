@@ -172,12 +172,32 @@ class PassResult:
 
 
 def partitions_duty(settings: Settings, board: StatusBoard) -> Duty:
-    """The maintenance process's duty: one pass every MAINTAIN_EVERY_S, on MIGRATION_DATABASE_URL."""
+    """The maintenance process's duty: one pass every MAINTAIN_EVERY_S, on MIGRATION_DATABASE_URL,
+    and one at once when a shard of this instance found a partition missing (dropped or
+    detached by hand: its writes wait for it)."""
+    missed = _MissedPartitions(board)
     return Duty(
         "partitions",
         MAINTAIN_EVERY_S,
         lambda: maintain(settings.migration_database_url, settings.positions_retention_days, settings.max_future_s),
+        asked=missed.grew,
     )
+
+
+class _MissedPartitions:
+    """The shards' count of writes that found a partition missing (common/status.py), watched for growth."""
+
+    def __init__(self, board: StatusBoard) -> None:
+        self.board = board
+        self.seen = self.total()
+
+    def total(self) -> int:
+        return sum(self.board.read(slot).partitions_missed for slot in range(self.board.slots))
+
+    def grew(self) -> bool:
+        total = self.total()
+        grew, self.seen = total > self.seen, total
+        return grew
 
 
 def maintain(
