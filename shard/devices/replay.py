@@ -14,14 +14,17 @@ where entries are split across shards does not matter (SPEC §5). Visits are rep
 for the geofences of the indexes the stretch was evaluated with.
 
 Retention (POSITIONS_RETENTION_DAYS) drops whole partitions of old fixes, never derived
-state. Only when no stored fix precedes the late one, and partitions were dropped (the lowest
-partition of positions does not start at MINVALUE: its lower bound is the *floor*), does
-that matter: the replay then starts at the device's first stored fix (at or above the
-floor) and replaces only visits entered from the floor on. If a visit reaches across the
-floor, its start was dropped and no exact replay is possible: the late fixes are stored
-without touching derived state (a warning says so), and the batch's fixes newer than the
-device's last one advance it as on the live path. Without dropped partitions nothing of
-this applies.
+state. Once partitions were dropped (the *floor*: below it, history is gone), nothing below
+the floor is replayed: a stored fix there is no F0 (its neighbours may be gone), and a late
+fix there is stored without touching derived state (a warning says so; the batch's fixes
+newer than the device's last one advance it as on the live path), as is one whose device
+sat in a visit that reaches across the floor (its start was dropped). Otherwise, when no F0
+lies at or above the floor, the replay starts at F1, the device's first stored fix from the
+floor on, with the state right after it rebuilt from what is stored (F1 is inside only the
+geofences of visits entered at F1: a visit entered earlier would reach across the floor),
+so that the entry crossings interpolated from a dropped fix before F1 are kept. Only a late
+fix older than F1 itself is replayed with no fix before it. Without dropped partitions
+nothing of this applies.
 """
 
 from __future__ import annotations
@@ -65,6 +68,14 @@ SELECT greatest(
 _VISIT_ACROSS = """
 SELECT EXISTS (SELECT 1 FROM timing_records
                WHERE device_id = %s AND entered_at < %s AND (exited_at IS NULL OR exited_at > %s))
+"""
+# F1, the device's first stored fix from the floor on (and older than the late fixes), and the
+# visits entered at it.
+_FIRST_ABOVE_FLOOR = """
+SELECT f.ts, f.lat, f.lon, f.speed, tr.geofence_id, tr.entry_crossing_at
+FROM (SELECT ts, lat, lon, speed FROM positions
+      WHERE device_id = %(device)s AND ts >= %(floor)s AND ts < %(before)s ORDER BY ts LIMIT 1) AS f
+LEFT JOIN timing_records tr ON tr.device_id = %(device)s AND tr.entered_at = f.ts
 """
 _EARLIEST_VISIT_AROUND = """
 SELECT min(entered_at) FROM timing_records
@@ -124,30 +135,42 @@ async def replay_late(
     index: GeofenceIndex,
     source: GeofenceSource,
     prefetched: Prefetched | None = None,
+    floor: datetime | None = None,
 ) -> list[Visit]:
     """Bring `state` (and timing_records) to what an in-order replay gives; returns visits to upsert.
 
     `new_ts` are the times of the device's fixes this batch stored (already in
     `positions`, inside the caller's transaction, under the device's lock), derived with
     `index`; `source` gives the indexes of earlier revisions. `prefetched` is what
-    prefetch_replays found for the device, if anything.
+    prefetch_replays found for the device, if anything; `floor` what `dropped_below` read.
     """
     earliest = min(new_ts)
+    if floor is not None and earliest < floor:
+        return await _advance_newer(cur, state, earliest, index)
     first_chunk: list[Stored] | None = None
     if prefetched is not None:
         start, first_chunk = prefetched
     else:
         start = await _quiet_fix_before(cur, state.device_id, earliest)
-    floor = await _floor(cur) if start is None else None
-    if floor is not None and await _visit_across(cur, state.device_id, floor):
-        return await _advance_newer(cur, state, earliest, index)
-    replay = DeviceState(state.device_id, last=start)
+    opened: dict[int, Visit] = {}
+    if floor is not None and (start is None or start.ts < floor):
+        if await _visit_across(cur, state.device_id, floor):
+            return await _advance_newer(cur, state, earliest, index)
+        start, first_chunk = None, None
+        first = await _first_above_floor(cur, state.device_id, floor, earliest)
+        if first is not None:
+            start, opened = first
+    replay = DeviceState(state.device_id, last=start, open=opened)
     newest_new = max(new_ts)
     old_prev, old_distance = start, 0.0
     visits: dict[tuple[int, datetime], Visit] = {}
     used: dict[int, GeofenceIndex] = {}  # the indexes the stretch was evaluated with, by revision
     stop: TrackFix | None = None
-    after = start.ts if start is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
+    if start is not None:
+        after = start.ts
+    else:  # from the device's first fix (from the floor on: fixes stored below it since are no history)
+        after = floor - _TICK if floor is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
+    lower = after  # visits entered after it are replaced; those entered at F0 or F1 the replay upserts
     more = True
     while stop is None and more:
         if first_chunk is not None:
@@ -170,10 +193,6 @@ async def replay_late(
                 break
         after = chunk[-1][0].ts
     upper = stop.ts if stop is not None else datetime.max.replace(tzinfo=newest_new.tzinfo)
-    if start is not None:
-        lower = start.ts
-    else:  # from the device's first fix: every visit, but none entered below the floor (dropped fixes)
-        lower = floor - _TICK if floor is not None else datetime.min.replace(tzinfo=newest_new.tzinfo)
     replayed = {geofence_id for used_index in used.values() for geofence_id in used_index.by_id}
     if replayed:  # visits of no other geofence can have been entered in the stretch
         ids = index.ids_array if replayed == index.by_id.keys() else id_array(sorted(replayed))
@@ -223,10 +242,27 @@ async def _previous_fix(cur: psycopg.AsyncCursor, device_id: str, before: dateti
     return None
 
 
-async def _floor(cur: psycopg.AsyncCursor) -> datetime | None:
-    """The lowest bound of positions' partitions when retention dropped the far past, else None."""
+async def dropped_below(cur: psycopg.AsyncCursor) -> datetime | None:
+    """The floor: below it, partitions of positions were dropped (None: nothing was)."""
     await cur.execute(_FLOOR)
     return (await cur.fetchone())[0]  # type: ignore[index]
+
+
+async def _first_above_floor(
+    cur: psycopg.AsyncCursor, device_id: str, floor: datetime, before: datetime
+) -> tuple[TrackFix, dict[int, Visit]] | None:
+    """F1 and the device's open visits right after it, rebuilt from the visits entered at F1."""
+    await cur.execute(_FIRST_ABOVE_FLOOR, {"device": device_id, "floor": floor, "before": before})
+    rows = await cur.fetchall()
+    if not rows:
+        return None
+    fix = TrackFix(*rows[0][:4])
+    opened = {
+        geofence_id: Visit(geofence_id, fix.ts, entry_crossing_at, samples=1, max_speed=fix.speed)
+        for *_, geofence_id, entry_crossing_at in rows
+        if geofence_id is not None
+    }
+    return fix, opened
 
 
 async def _visit_across(cur: psycopg.AsyncCursor, device_id: str, floor: datetime) -> bool:

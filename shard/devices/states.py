@@ -37,7 +37,7 @@ import psycopg
 from shard.decode import Fix
 from shard.devices.cache import DeviceCache
 from shard.devices.live import derive, older_than_state
-from shard.devices.replay import prefetch_replays, replay_late
+from shard.devices.replay import dropped_below, prefetch_replays, replay_late
 from shard.devices.store import insert_positions_returning, store_derived
 from shard.devices.track import DeviceState
 from shard.geofences import GeofenceSource
@@ -129,12 +129,13 @@ class DeviceBatch:
         if safe or older_than_state(ordered, self._states):
             inserted = await insert_positions_returning(cur, index.revision)
         derived = derive(ordered, self._states, index, inserted)
-        prefetched = await prefetch_replays(cur, derived.late) if derived.late else {}
-        for device_id, new_ts in derived.late.items():
-            derived.add_visits(
-                device_id,
-                await replay_late(cur, self._states[device_id], new_ts, index, geofences, prefetched.get(device_id)),
-            )
+        if derived.late:
+            prefetched = await prefetch_replays(cur, derived.late)
+            floor = await dropped_below(cur)
+            for device_id, new_ts in derived.late.items():
+                state = self._states[device_id]
+                visits = await replay_late(cur, state, new_ts, index, geofences, prefetched.get(device_id), floor)
+                derived.add_visits(device_id, visits)
         # The revision derived with: `index`'s, which may be newer than the one the load read, if the
         # set had to be loaded (in another snapshot) and changed meanwhile.
         await store_derived(cur, derived, positions_inserted=inserted is not None, revision=index.revision)

@@ -173,3 +173,53 @@ def test_history_dropped_before_retention_grew_back_is_still_known_as_dropped(
     run_pipeline(Shard(settings, 0, StatusBoard(1), consumer="t-0"), [entries])
     assert stored(database_url, "p")[0] == t + 2 * DAY_MS
     assert _visits(database_url) == old, "the visits of dropped history are kept as they were"
+
+
+def _crossings(database_url: str) -> list[tuple]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT entered_at, entry_crossing_at, exited_at, exit_crossing_at, samples FROM timing_records "
+                            "WHERE device_id = 'p' ORDER BY 1").fetchall()
+
+
+def test_a_late_fix_after_a_visit_entered_at_the_first_kept_fix_keeps_its_entry_crossing(
+    redis_client, database_url, stream_key, settings: Settings
+) -> None:
+    """The visit's entry crossing was interpolated from a fix retention dropped since: the replay starts
+    at the first kept fix with that visit open as stored, and keeps the crossing (it used to replay from
+    the first kept fix as if nothing came before it, and wrote the crossing as unknown)."""
+    apply_migrations(database_url)
+    t = now_ms() - 10 * DAY_MS
+    _visit_history(redis_client, database_url, stream_key, settings,
+                   [(t, 45.02), (t + DAY_MS, 45.0), (t + 3 * DAY_MS, 45.0), (t + 5 * DAY_MS, 46.0)])
+    (entered, entry, exited, exit_, samples), = _crossings(database_url)
+    assert entry is not None and exited is not None and samples == 2
+    _drop_before(database_url, t + DAY_MS // 2)
+    redis_client.xadd(stream_key, {b"data": fix("p", t + 2 * DAY_MS)})  # late, inside the visit
+    entries = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=10)[0][1]
+    run_pipeline(Shard(settings, 0, StatusBoard(1), consumer="t-0"), [entries])
+    assert _crossings(database_url) == [(entered, entry, exited, exit_, 3)]
+
+
+def test_a_late_fix_below_the_floor_leaves_the_visits_of_dropped_history_alone(
+    redis_client, database_url, stream_key, settings: Settings, caplog
+) -> None:
+    """Retention set back to 0 after a drop: a late fix lands in the regrown far past, inside a visit of
+    dropped history. It is stored; no replay adds a second visit overlapping the kept one."""
+    apply_migrations(database_url)
+    t = now_ms() - 10 * DAY_MS
+    _visit_history(redis_client, database_url, stream_key, settings,
+                   [(t, 45.0), (t + DAY_MS // 2, 45.0), (t + DAY_MS, 46.0), (t + 3 * DAY_MS, 46.0), (t + 9 * DAY_MS, 46.0)])
+    old = _crossings(database_url)
+    assert [samples for *_, samples in old] == [2]
+    floor = datetime.fromtimestamp((t + 2 * DAY_MS) / 1000, timezone.utc)
+    _drop_before(database_url, t + 2 * DAY_MS)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO retention_floor (dropped_below) VALUES (%s)", (floor,))  # as maintenance's drop does
+        conn.execute(sql.SQL("CREATE TABLE regrown PARTITION OF positions FOR VALUES FROM (MINVALUE) TO ({})").format(sql.Literal(floor)))
+    redis_client.xadd(stream_key, {b"data": fix("p", t + DAY_MS // 4)})  # inside the visit of dropped history
+    entries = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=10)[0][1]
+    with caplog.at_level(logging.WARNING, logger="processor.writer"):
+        run_pipeline(Shard(settings, 0, StatusBoard(1), consumer="t-0"), [entries])
+    assert stored(database_url, "p") == [t + DAY_MS // 4, t + 3 * DAY_MS, t + 9 * DAY_MS]
+    assert _crossings(database_url) == old
+    assert any(r.getMessage().startswith("late fix reaches history that retention dropped") for r in caplog.records)
