@@ -62,6 +62,7 @@ FROM (SELECT %(revision)s::bigint AS revision) AS r LEFT JOIN (
 ) AS v ON v.active
 ORDER BY v.geofence_id
 """
+POLL_TIMEOUT_S = 10.0  # a poll unanswered this long is an outage (as a Redis call is after 10 s)
 HISTORY_HELD = 8  # indexes of earlier revisions kept for replays (a change or two behind, usually)
 # The revision migration 0006 found: fixes stored before it carry no revision of their own.
 _HISTORY_SINCE = "SELECT history_since FROM geofence_revision"
@@ -115,19 +116,26 @@ class GeofenceSource:
         self.history[revision] = held
         return held
 
-    async def refresh(self) -> bool:
-        """The poll: reload if the geofences changed; returns whether it did."""
-        if self.conn is None or self.conn.closed:
-            self.conn = await psycopg.AsyncConnection.connect(
-                self.database_url, autocommit=True, connect_timeout=10, application_name=self.application_name, **POOLER_SAFE
-            )
+    async def refresh(self, timeout_s: float = POLL_TIMEOUT_S) -> bool:
+        """The poll: reload if the geofences changed; returns whether it did.
+
+        A poll unanswered within `timeout_s` (a frozen server, or one cut off without a reset:
+        neither is ever reported by the socket) raises TimeoutError, an outage, and drops its
+        connection: an idle shard learns of such a Postgres here, and /healthz says so.
+        """
         held = self.index
         try:
-            (revision,) = await (await self.conn.execute(_REVISION)).fetchone()  # type: ignore[misc]
-            if revision == held.revision:
-                return False
-            rows = await (await self.conn.execute(_ACTIVE)).fetchall()
-        except psycopg.Error:
+            async with asyncio.timeout(timeout_s):
+                if self.conn is None or self.conn.closed:
+                    self.conn = await psycopg.AsyncConnection.connect(
+                        self.database_url, autocommit=True, connect_timeout=10, application_name=self.application_name,
+                        **POOLER_SAFE,
+                    )
+                (revision,) = await (await self.conn.execute(_REVISION)).fetchone()  # type: ignore[misc]
+                if revision == held.revision:
+                    return False
+                rows = await (await self.conn.execute(_ACTIVE)).fetchall()
+        except (psycopg.Error, TimeoutError):
             await self.close()
             raise
         if self.index is not held:

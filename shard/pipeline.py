@@ -162,7 +162,9 @@ class Pipeline:
         if previous is not None:
             await previous  # ACKs (and counters) in batch order
         self.report.committed(batch)
-        written = await retry("redis", self.report.reach, self.stream.settle, batch.acked, batch.dead, batch.recovered)
+        written = await retry(
+            "redis", self.report.reach, self.stream.settle, batch.acked, batch.dead, batch.recovered, self.report.lettered
+        )
         if batch.gone:
             removed = await retry("redis", self.report.reach, self.stream.ack_gone, batch.gone)
             self.report.entries_lost(batch.gone, "deleted while pending", counted=removed)

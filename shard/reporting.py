@@ -67,6 +67,12 @@ class Report:
         self.expired += len(batch.expired)
         self.publish()
 
+    def lettered(self, count: int) -> None:
+        """Dead letters just written (and their entries acknowledged): counted at once, since
+        those entries are never delivered again (`ConsumerStream.settle`)."""
+        self.dead_lettered += count
+        self.publish()
+
     def settled(self, batch: Batch, letters_written: set[bytes]) -> None:
         """A batch committed, ACKed and dead-lettered: one log line, counters, the slot.
 
@@ -74,7 +80,6 @@ class Report:
         (or made needless) the letters of the rest of `batch.dead`."""
         elapsed = time.monotonic() - batch.started
         self.in_flight.difference_update(batch.ids)
-        self.dead_lettered += len(letters_written)
         self.batches += 1
         self.batch_seconds_sum += elapsed
         self.batch_buckets[bucket_of(elapsed)] += 1

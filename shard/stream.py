@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from redis.exceptions import ResponseError
 
@@ -74,13 +74,20 @@ class ConsumerStream:
         return reply[0][1]
 
     async def settle(
-        self, acked: Sequence[bytes], dead: Sequence[DeadLetter], recovered: Sequence[bytes] = ()
+        self,
+        acked: Sequence[bytes],
+        dead: Sequence[DeadLetter],
+        recovered: Sequence[bytes] = (),
+        on_written: Callable[[int], None] = lambda count: None,
     ) -> set[bytes]:
         """ACK what was committed and dead-letter the poison, in one round trip; returns the entry ids
         whose letters were written (a letter is not, for an entry no longer pending: another
         consumer dead-lettered or acknowledged it; nor for one lettered at an earlier reading).
 
         `recovered` are acked entries that had failed before: their failure counts go.
+        `on_written` is told of letters as soon as they are written (and acknowledged): one
+        too large for the script is written on its own, and a shard killed between two of
+        them must have counted the first, which is never delivered again.
         """
         small, large = self.letters.split(dead)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -92,9 +99,12 @@ class ConsumerStream:
             results = await pipe.execute()
         outcomes = results[int(bool(acked)) + int(bool(recovered)) :]
         written = {letter[0] for letter, done in zip(small, outcomes) if done == WRITTEN}  # type: ignore[misc]
+        if written:
+            on_written(len(written))
         for entry_id, fields in large:
             if await self.letters.write_large(entry_id, fields) == WRITTEN:
                 written.add(entry_id)
+                on_written(1)
         return written
 
     async def ack_gone(self, gone: Sequence[bytes]) -> int:

@@ -1,5 +1,6 @@
-"""/healthz while Postgres answers reads but refuses every write (SPEC §6: 503 unless every shard
-is connected and working)."""
+"""/healthz while Postgres fails in ways the shards' own calls do not report at once: it answers
+reads but refuses every write, or it is frozen while the shards are idle (SPEC §6: 503 unless
+every shard is connected and working)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
+from scripts.toolkit.processes import children, signal_all
 from scripts.toolkit.services import free_port
 from scripts.toolkit.writer import steady
 from supervisor.migrations import apply_migrations
@@ -55,5 +57,30 @@ def test_a_read_only_postgres_is_unhealthy_the_whole_time(redis_client, stream_k
     wait_settled(redis_client, url, stream_key, 90)
     assert_exact(redis_client, url, stream_key)
     wait_for(lambda: get(port, "/healthz")[0] == 200, what="healthy again")
+    processor.signal(signal.SIGTERM)
+    assert processor.wait(30) == 0
+
+
+def test_a_frozen_postgres_makes_idle_shards_unhealthy(redis_client, stream_key, env, private_postgres, start_processor):
+    """SIGSTOP of the whole server while nothing is written: only the shards' geofence poll talks to
+    Postgres then, and it waited for ever for its answer, so /healthz stayed 200 for as long as the
+    server was frozen."""
+    url = private_postgres.url
+    apply_migrations(url)
+    port = free_port()
+    processor = start_processor({**env, "DATABASE_URL": url, "MIGRATION_DATABASE_URL": url, "HTTP_PORT": str(port)})
+    wait_for(lambda: get(port, "/healthz")[0] == 200, what="healthy")
+    postmaster = int((private_postgres.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    frozen = [postmaster, *children(postmaster)]
+    signal_all(frozen, signal.SIGSTOP)
+    try:
+        status, body = wait_for(lambda: (h := get(port, "/healthz"))[0] == 503 and h, 40, 0.5, "503 while Postgres is frozen")
+        assert b"Postgres" in body
+    finally:
+        signal_all(frozen, signal.SIGCONT)
+    wait_for(lambda: get(port, "/healthz")[0] == 200, 60, what="healthy again")
+    steady(redis_client, stream_key, 100, 1.0, devices=5, seed=43)
+    wait_settled(redis_client, url, stream_key, 60)
+    assert_exact(redis_client, url, stream_key)
     processor.signal(signal.SIGTERM)
     assert processor.wait(30) == 0

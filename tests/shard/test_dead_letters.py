@@ -149,3 +149,26 @@ def test_an_entry_read_again_after_its_group_was_reset_gets_no_second_letter(
     assert raw_client.xpending(stream_key, "processor")["pending"] == 0, "acknowledged all the same"
     raw_client.xtrim(stream_key, maxlen=0)
     assert raw_client.zcard(f"{stream_key}:lettered") == 1
+
+
+def test_letters_are_counted_as_they_are_written(raw_client: redis.Redis, stream_key: str, settings: Settings) -> None:
+    """Letters too large for the script are written (and their entries acknowledged) one by one: each
+    is reported at once, so a shard killed between two of them has counted the first (it is never
+    delivered again; counted after the whole settle, it was missing from the counter for good)."""
+    large = [b"data", b"x"] + [item for i in range(SCRIPT_MAX_VALUES) for item in (b"f%d" % i, b"v")]
+    ids = [pending_entry(raw_client, stream_key, [b"data", b"small"])]
+    ids += [raw_client.execute_command("XADD", stream_key, "*", *large) for _ in range(3)]
+    raw_client.xreadgroup("processor", "t-0", {stream_key: ">"})
+    letters = [DeadLetter(ids[0], [b"data", b"small"], "not JSON", "decode", 5)]
+    letters += [DeadLetter(entry_id, large, "too many fields", "validate", 5) for entry_id in ids[1:]]
+    told: list[tuple[int, int]] = []
+
+    async def go() -> set[bytes]:
+        stream = ConsumerStream(settings, "t-0")
+        try:
+            return await stream.settle([], letters, (), lambda count: told.append((count, raw_client.xlen(f"{stream_key}:dlq"))))
+        finally:
+            await stream.close()
+
+    assert asyncio.run(go()) == set(ids)
+    assert told == [(1, 1), (1, 2), (1, 3), (1, 4)], "each report right after its letter"
