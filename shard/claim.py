@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,6 +26,8 @@ from common.timing import LIVENESS_TTL_S
 from shard.stream import ConsumerStream, Entry
 
 log = logging.getLogger("processor.claim")
+
+SHARED_LOGGED_S = 60.0  # a consumer name used by two processes is logged again this often
 
 # A dead consumer's entry must be idle this long, so two claimers racing for it cannot
 # both win (the first claim resets the idle time to zero).
@@ -106,6 +109,10 @@ class Claimer:
         self.lost_key = lost_key(stream.stream)
         self.clock = time.monotonic
         self._refreshed_at: float | None = None  # our last liveness refresh
+        # What our liveness key holds: this life's own mark, so that another process refreshing
+        # the same key (a second instance with our INSTANCE_ID) shows (`keep_alive`).
+        self._mark = os.urandom(8).hex().encode()
+        self._shared_logged_at = -math.inf
         self._refreshing_since = -math.inf  # refreshed without a lapse since
         self._forget = self.redis.register_script(_FORGET_CONSUMER)
         self._claim = self.redis.register_script(_CLAIM)
@@ -113,13 +120,26 @@ class Claimer:
 
     async def keep_alive(self) -> None:
         """Refresh our liveness key; called from the event loop, so a hung shard stops refreshing."""
-        await self.redis.set(self._alive(self.stream.consumer), b"1", ex=LIVENESS_TTL_S)
+        before = await self.redis.set(self._alive(self.stream.consumer), self._mark, ex=LIVENESS_TTL_S, get=True)
         now = self.clock()
+        if before not in (None, self._mark) and self._refreshed_at is not None:
+            # Not our first refresh (then the key may still be our previous life's): someone
+            # else wrote it since our last one. Both consume as the same consumer: nothing is
+            # lost or stored twice, but each may take the other's in-flight entries for its own.
+            self._warn_shared(now)
         if self._refreshed_at is not None and now - self._refreshed_at > LIVENESS_TTL_S:
             # Our own key lapsed: Redis stalled or was out, and every live consumer's key may
             # have lapsed with it. Until they have had a TTL to refresh, none counts as dead.
             self._refreshing_since = now
         self._refreshed_at = now
+
+    def _warn_shared(self, now: float) -> None:
+        if now - self._shared_logged_at >= SHARED_LOGGED_S:
+            self._shared_logged_at = now
+            log.error(
+                "another process uses this consumer name: two instances with the same INSTANCE_ID?",
+                extra={"consumer": self.stream.consumer},
+            )
 
     def _liveness_trusted(self) -> bool:
         """Whether an expired liveness key means a dead consumer, rather than one Redis kept from refreshing."""

@@ -272,3 +272,25 @@ def test_a_page_beyond_what_lua_can_unpack_is_claimed_whole(redis_client, stream
     redis_client.xdel(stream_key, ids[0])
     claimed, gone = run_claimer(settings, action)
     assert sorted(claimed) == sorted(ids[1:]) and gone == 1
+
+
+def test_two_processes_refreshing_one_liveness_key_are_reported(redis_client, stream_key, settings, caplog):
+    """Two instances with the same INSTANCE_ID consume as the same consumers: each refresh finding
+    the other's mark in the key says so (the first refresh may find our own previous life's)."""
+    async def go() -> None:
+        first, second = ConsumerStream(settings, "twin-0"), ConsumerStream(settings, "twin-0")
+        a, b = Claimer(settings, first), Claimer(settings, second)
+        try:
+            await a.keep_alive()
+            await a.keep_alive()
+            assert not [r for r in caplog.records if r.levelname == "ERROR"], "alone: nothing to say"
+            await b.keep_alive()  # b's first refresh: the key might be its own previous life's
+            await a.keep_alive()
+        finally:
+            await first.close()
+            await second.close()
+
+    caplog.set_level("INFO", logger="processor")
+    asyncio.run(go())
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "INSTANCE_ID" in errors[0].getMessage(), [r.getMessage() for r in errors]
