@@ -77,6 +77,7 @@ class Supervisor:
         self.helpers: dict[str, HelperHandle] = {}  # role → handle: "http" (absent when HTTP_PORT=0), "maintenance"
         self.wakeup_r = self.wakeup_w = -1
         self.crash_point = crash_point(("supervisor-uncaught",), settings.panic_dir)
+        self.panic = Panic(settings, "supervisor", self.panic_state)
         # Ctrl-C, a hang-up or Ctrl-\ stop gracefully as SIGTERM does (the default, death, left the
         # shards to drain alone, with no report and no SPEC exit code); nothing is reloaded on SIGHUP.
         self.handlers = dict.fromkeys(early_signals.STOP_SIGNALS, self.handle_sigterm)
@@ -85,7 +86,7 @@ class Supervisor:
     def run(self) -> int:
         setproctitle(f"processor: supervisor [{self.settings.instance_id}]")
         faulthandler.enable()
-        Panic(self.settings, "supervisor", self.panic_state).install()
+        self.panic.install()
         self.install_signal_handlers()
         log.info("supervisor starting", extra={"config": self.settings.redacted()})
         warn_if_dumps_cannot_be_written(self.settings.panic_dir)
@@ -377,7 +378,8 @@ class Supervisor:
         if self.children() and not self.stop_started:
             self.stopping = True
             self.stop()
-        log.critical("supervisor halted", extra={"reason": reason, "exit_status": int(exit_status)})
+        dump = self.panic.dump(reason, "halt") if exit_status == ExitCode.SOFTWARE else None  # a crash loop: keep the state
+        log.critical("supervisor halted", extra={"reason": reason, "exit_status": int(exit_status), "dump": dump and str(dump)})
         raise Halt(reason, exit_status)
 
     def signal_shards(self, signum: int) -> None:

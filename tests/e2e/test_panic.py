@@ -179,6 +179,10 @@ def test_crash_loop_halts_the_supervisor_with_70(redis_client, database_url, str
     assert processor.wait(30) == 70
     (halted,) = log_entries(processor, "supervisor halted")
     assert halted["exit_status"] == 70 and "crashed 5 times within 60s" in halted["reason"]
+    (supervisor_dump,) = [dump for _, dump in dumps(env, re.compile(r"panic-supervisor-\d+-\d{8}T\d{6}Z\.json"))]
+    assert supervisor_dump["where"] == "halt" and supervisor_dump["traceback"] == halted["reason"]
+    assert supervisor_dump["state"]["restarts"] == 4, "five crashes, the fifth not restarted"
+    assert halted["dump"] and halted["dump"].endswith(".json")
     exits = log_entries(processor, "shard exited; restarting")
     assert len(exits) == 5 and {e["exit_status"] for e in exits} == {70}
     for slot in {e["slot"] for e in exits}:
