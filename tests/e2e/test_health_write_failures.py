@@ -11,12 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from scripts.toolkit.processes import children, signal_all
 from scripts.toolkit.services import free_port
 from scripts.toolkit.writer import steady
 from supervisor.migrations import apply_migrations
 from tests.e2e.processes import wait_for
 from tests.e2e.test_health import get
+from tests.e2e.test_outages import frozen_postgres, wait_unhealthy
 from tests.e2e.test_outages import private_postgres  # noqa: F401 - the fixture: a Postgres of the test's own
 from tests.e2e.verify import assert_exact, stored_count, wait_settled
 
@@ -70,14 +70,8 @@ def test_a_frozen_postgres_makes_idle_shards_unhealthy(redis_client, stream_key,
     port = free_port()
     processor = start_processor({**env, "DATABASE_URL": url, "MIGRATION_DATABASE_URL": url, "HTTP_PORT": str(port)})
     wait_for(lambda: get(port, "/healthz")[0] == 200, what="healthy")
-    postmaster = int((private_postgres.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-    frozen = [postmaster, *children(postmaster)]
-    signal_all(frozen, signal.SIGSTOP)
-    try:
-        status, body = wait_for(lambda: (h := get(port, "/healthz"))[0] == 503 and h, 40, 0.5, "503 while Postgres is frozen")
-        assert b"Postgres" in body
-    finally:
-        signal_all(frozen, signal.SIGCONT)
+    with frozen_postgres(private_postgres, postmaster=True):
+        wait_unhealthy(port, b"Postgres", 40)
     wait_for(lambda: get(port, "/healthz")[0] == 200, 60, what="healthy again")
     steady(redis_client, stream_key, 100, 1.0, devices=5, seed=43)
     wait_settled(redis_client, url, stream_key, 60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -53,6 +54,24 @@ def private_postgres() -> Iterator[ThrowawayPostgres]:
         pytest.skip("; ".join(advice))
     with ThrowawayPostgres(fsync=False) as server:
         yield server
+
+
+@contextlib.contextmanager
+def frozen_postgres(server: ThrowawayPostgres, postmaster: bool = False) -> Iterator[None]:
+    """SIGSTOP the server's backends (and its postmaster: no new connection either) for the block."""
+    pid = int((server.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    frozen = [pid] * postmaster + children(pid)
+    signal_all(frozen, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        signal_all(frozen, signal.SIGCONT)
+
+
+def wait_unhealthy(port: int, because: bytes, timeout_s: float) -> None:
+    """/healthz answers 503 within `timeout_s`, its body naming `because`."""
+    _, body = wait_for(lambda: (h := get(port, "/healthz"))[0] == 503 and h, timeout_s, 0.5, "503")
+    assert because in body, body
 
 
 @pytest.fixture
@@ -365,17 +384,11 @@ def test_a_frozen_postgres_makes_healthz_503(redis_client, stream_key, env, priv
     env = {**env, "DATABASE_URL": database_url, "MIGRATION_DATABASE_URL": database_url, "HTTP_PORT": str(port)}
     processor = start_processor(env)
     wait_for(lambda: get(port, "/healthz")[0] == 200, what="healthy")
-    postmaster = int((private_postgres.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
     with ThreadPoolExecutor(1) as pool:
         load: Future = pool.submit(steady, redis_client, stream_key, 200, 8.0, devices=DEVICES, seed=23)
         wait_for(lambda: stored_count(database_url) > 100, what="the first rows: every shard holds connections")
-        frozen = children(postmaster)  # its backends; the postmaster itself would still fork new ones
-        signal_all(frozen, signal.SIGSTOP)
-        try:
-            status, body = wait_for(lambda: (h := get(port, "/healthz"))[0] == 503 and h, 60, 0.5, "503 while Postgres is frozen")
-            assert b"Postgres" in body
-        finally:
-            signal_all(frozen, signal.SIGCONT)
+        with frozen_postgres(private_postgres):  # its backends; the postmaster itself would still fork new ones
+            wait_unhealthy(port, b"Postgres", 60)
         load.result(timeout=60)
     wait_settled(redis_client, database_url, stream_key, SETTLE_TIMEOUT_S)
     assert_exact(redis_client, database_url, stream_key)
