@@ -30,14 +30,15 @@ import psycopg
 from common.backoff import Backoff
 from common import privileges
 from common.errors import ConfigError, MigrationError
-from common.faults import one_line
+from common.faults import Outcome, classify, one_line
 from common.keys import MIGRATION_LOCK_KEY
 from common.postgres import POOLER_SAFE
 from common.versions import check_postgres
 
 log = logging.getLogger("processor.migrations")
 
-LOCK_WAIT_S = 120.0
+LOCK_WAIT_S = 120.0  # for the migration lock; and for the table locks of one file
+MIGRATION_LOCK_TIMEOUT = "5s"
 LOCK_POLL_S = 0.2
 SCHEMA_WAIT_S = 120.0  # how long a role that may not migrate waits for the owner to do it
 SCHEMA_POLL_S = 1.0
@@ -131,8 +132,12 @@ def _migrate(conn: psycopg.Connection, migrations: list[Migration], between=lamb
             _require_ddl(done, ddl_refusal(conn), unable_to_read=_blind_role(conn))
             if to_regclass(conn, "schema_migrations") is None:
                 conn.execute(_CREATE_LEDGER)
+            # A statement waiting for a table lock holds up every later request for that table
+            # (the shards of instances still running), and signals while it waits: it gives up
+            # after a while and is tried again (_apply_one). A file may set its own.
+            conn.execute(f"SET lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'")
         for migration in done:
-            _apply_one(conn, migration)
+            _apply_one(conn, migration, between)
         return done
     finally:
         _release_lock(conn)
@@ -276,7 +281,7 @@ def _acquire_lock(conn: psycopg.Connection, between=lambda: None) -> None:  # ty
 
 
 def _release_lock(conn: psycopg.Connection) -> None:
-    if conn.closed:
+    if conn.closed or conn.broken:
         return  # the session ended, and with it the lock
     released = conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,)).fetchone()[0]
     if not released:
@@ -311,31 +316,53 @@ def _check_applied(migrations: list[Migration], applied: dict[int, tuple[str, st
 _RECORD = "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)"
 
 
-def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:
+def _apply_one(conn: psycopg.Connection, migration: Migration, between=lambda: None) -> None:  # type: ignore[no-untyped-def]
+    """Apply one file; a lock not granted within the lock_timeout is asked for again (`between`, the
+    supervisor's signal check, runs before each new try), for at most LOCK_WAIT_S. An outage (the
+    server restarted, the connection lost) is raised as it is: the caller starts over."""
     started = time.monotonic()
     record = (migration.version, migration.name, migration.checksum)
-    try:
-        if migration.in_transaction:
-            with conn.transaction():
-                conn.execute(migration.sql.encode())
+    backoff = Backoff(base_s=0.2, cap_s=5.0)
+    while True:
+        try:
+            if migration.in_transaction:
+                with conn.transaction():
+                    conn.execute(migration.sql.encode())
+                    conn.execute(_RECORD, record)
+            else:
+                steps = migration.steps
+                for number, step in enumerate(steps, 1):
+                    _run_step(conn, migration, number, len(steps), step, between)
                 conn.execute(_RECORD, record)
-        else:
-            steps = migration.steps
-            for number, step in enumerate(steps, 1):
-                _run_step(conn, migration, number, len(steps), step)
-            conn.execute(_RECORD, record)
-    except psycopg.errors.Error as exc:
-        hint = exc.diag.message_hint
-        raise MigrationError(
-            f"migration {migration.version:04d}_{migration.name}.sql failed: {one_line(exc)}" + (f" ({hint})" if hint else "")
-        ) from exc
+            break
+        except psycopg.errors.LockNotAvailable as exc:
+            if not migration.in_transaction or time.monotonic() - started >= LOCK_WAIT_S:
+                raise _failed(migration, exc) from exc
+            between()
+            if backoff.failures == 0:
+                log.warning("migration waiting for a lock another session holds; trying again",
+                            extra={"version": migration.version, "migration": migration.name, "error": one_line(exc)})
+            time.sleep(backoff.next_delay())
+        except psycopg.errors.Error as exc:
+            if classify(exc) is Outcome.OUTAGE:
+                raise
+            raise _failed(migration, exc) from exc
     log.info(
         "migration applied",
         extra={"version": migration.version, "migration": migration.name, "seconds": round(time.monotonic() - started, 3)},
     )
 
 
-def _run_step(conn: psycopg.Connection, migration: Migration, number: int, steps: int, sql: str) -> None:
+def _failed(migration: Migration, exc: psycopg.Error) -> MigrationError:
+    hint = exc.diag.message_hint
+    return MigrationError(
+        f"migration {migration.version:04d}_{migration.name}.sql failed: {one_line(exc)}" + (f" ({hint})" if hint else "")
+    )
+
+
+def _run_step(
+    conn: psycopg.Connection, migration: Migration, number: int, steps: int, sql: str, between=lambda: None  # type: ignore[no-untyped-def]
+) -> None:
     """One step of a no-transaction file, sent as it is; a lock it could not get is asked for again."""
     backoff = Backoff(base_s=0.2, cap_s=5.0)
     where = {"version": migration.version, "migration": migration.name, "step": number, "steps": steps}
@@ -346,6 +373,7 @@ def _run_step(conn: psycopg.Connection, migration: Migration, number: int, steps
         except psycopg.errors.LockNotAvailable as exc:
             if backoff.failures + 1 >= STEP_LOCK_ATTEMPTS:
                 raise
+            between()
             delay = backoff.next_delay()
             log.warning("migration step could not get its lock in time; trying again",
                         extra={**where, "error": str(exc).strip(), "retry_in_s": round(delay, 2)})

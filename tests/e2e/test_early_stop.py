@@ -78,6 +78,26 @@ def test_sigterm_while_waiting_for_the_migration_lock_exits_0_and_applies_nothin
         assert conn.execute("SELECT to_regclass('schema_migrations')").fetchone()[0] is None, "nothing applied"
 
 
+def test_sigterm_while_a_migration_waits_for_a_table_lock_exits_0(env, database_url, start_processor) -> None:  # type: ignore[no-untyped-def]
+    """Another session holds a lock migration 0006 needs: the supervisor, blocked in its statement,
+    looked at no signal until the lock was released, however often it was asked to stop."""
+    from supervisor.migrations import apply_migrations, load_migrations
+
+    migrations = load_migrations()
+    assert migrations[5].name == "geofence_history"
+    apply_migrations(database_url, migrations[:5])
+    with psycopg.connect(database_url) as holder:
+        holder.execute("LOCK TABLE geofences IN ROW EXCLUSIVE MODE")
+        processor = start_processor(env)
+        wait_for(lambda: "migration waiting for a lock another session holds; trying again" in processor.log_messages(),
+                 30, what="the wait for the table lock")
+        processor.signal(signal.SIGTERM)
+        assert processor.wait(15) == ExitCode.OK
+        holder.rollback()
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] == 5, "0006 not applied"
+
+
 # `processor run` stopped by a signal held from its first line; then what the stop signals do.
 AFTER_RUN = """
 import os, signal, sys

@@ -251,3 +251,56 @@ def test_a_leftover_cutover_too_close_is_replaced(database_url: str) -> None:
     apply_migrations(database_url)
     assert query(database_url, "SELECT count(*) FROM pg_constraint WHERE conname = 'positions_ts_before_19990101'") == [(0,)]
     execute(database_url, "INSERT INTO positions (device_id, ts, lat, lon) VALUES ('d', now(), 1, 2)")
+
+
+def test_a_file_waiting_for_a_table_lock_lets_the_supervisor_look_at_its_signals(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration in a transaction that waits for a table lock gives up at its lock_timeout and asks
+    again; between the tries the caller's check runs (a stop signal ends the wait), so a lock held
+    for ever no longer holds a SIGTERM for ever."""
+    import supervisor.migrations as runner
+
+    monkeypatch.setattr(runner, "MIGRATION_LOCK_TIMEOUT", "100ms")
+    execute(database_url, "CREATE TABLE busy (x int)")
+    write(tmp_path, "0001_lock.sql", "ALTER TABLE busy ADD COLUMN y int;\n")
+    checks: list[float] = []
+
+    def between() -> None:
+        checks.append(time.monotonic())
+        if len(checks) == 3:
+            raise KeyboardInterrupt("stop asked")  # the supervisor raises Halt here
+
+    with psycopg.connect(database_url) as holder:
+        holder.execute("LOCK TABLE busy IN ACCESS SHARE MODE")
+        with runner._connect(database_url) as conn, pytest.raises(KeyboardInterrupt):
+            runner._migrate(conn, load_migrations(tmp_path), between)
+    assert len(checks) == 3
+    assert advisory_locks(database_url) == 0 and set(columns(database_url, "busy")) == {"x"}
+
+
+def test_an_outage_during_a_migration_is_an_outage_not_a_bad_migration(database_url: str, tmp_path: Path) -> None:
+    """The server ends the migration's session (a restart: admin shutdown) while it waits for a lock:
+    the error comes back as the outage it is, for the caller to wait out, not as exit 78."""
+    execute(database_url, "CREATE TABLE busy (x int)")
+    write(tmp_path, "0001_lock.sql", "ALTER TABLE busy ADD COLUMN y int;\n")
+    with psycopg.connect(database_url) as holder:
+        holder.execute("LOCK TABLE busy IN ACCESS SHARE MODE")
+
+        def terminate() -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                rows = query(database_url, "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                           "AND datname = current_database()")
+                if rows:
+                    query(database_url, "SELECT pg_terminate_backend(%s)", (rows[0][0],))
+                    return
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=terminate)
+        killer.start()
+        with pytest.raises(psycopg.OperationalError) as raised:
+            apply_migrations(database_url, load_migrations(tmp_path))
+        killer.join()
+    assert not isinstance(raised.value, MigrationError)
+    assert apply_migrations(database_url, load_migrations(tmp_path))  # and then it applies
