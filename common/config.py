@@ -311,9 +311,14 @@ class _Reader:
         """A URL from `name`, or read from the file that `<name>_FILE` names (a Docker or
         Kubernetes secret); its secrets are registered for masking."""
         value, label = self.text_or_file(name, default)
-        if any(ch.isspace() or not ch.isprintable() for ch in value):
-            # A URL carries these percent-encoded; raw, they are a paste gone wrong.
-            raise ConfigError(f"{label} contains spaces or control characters: {_shown_url(value, quoted=True)}")
+        odd = next((i for i, ch in enumerate(value) if ch.isspace() or not ch.isprintable()), None)
+        if odd is not None:
+            # A URL carries these percent-encoded; raw, they are a paste gone wrong, or a file of
+            # several settings (an .env file) whose other lines may be secrets: nothing is shown.
+            raise ConfigError(
+                f"{label} contains spaces or control characters (the first at character {odd + 1} "
+                f"of {len(value)}); the value is not shown"
+            )
         bad = ConfigError(f"{label} is not a valid URL (bad host or port): {_shown_url(value)}")
         try:
             parts = urlsplit(value)
@@ -337,6 +342,12 @@ class _Reader:
                     f"{label} is not a valid libpq URL (check the percent-encoding of the password): "
                     f"{_shown_url(value)}"
                 ) from None
+            if urlsplit(value).netloc.count("@") > 1 or "@" in str(conninfo.get("host") or ""):
+                # libpq ends the userinfo at the first `@`, urlsplit (and so the log masking) at the
+                # last: the rest of the password would become the host, and show in every error.
+                raise ConfigError(
+                    f"{label}: the user name or password contains '@'; percent-encode it as %40: {_shown_url(value)}"
+                )
             # `host1:5432,host2:5433` (libpq tries them in turn): one port, or none, per host.
             ports = str(conninfo.get("port") or "").split(",")
             if not all(_WHOLE_NUMBER.fullmatch(port) and 0 < int(port) <= 65535 for port in ports if port):

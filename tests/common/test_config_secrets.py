@@ -134,9 +134,14 @@ def test_not_utf8_is_a_configuration_error(tmp_path: Path) -> None:
         ("REDIS_URL", f"redis://processor:{SECRET}"), ("DATABASE_URL", f"postgresql://app:{SECRET}/gps"),
         ("MIGRATION_DATABASE_URL", f"postgresql://h1:5432,h2:{SECRET}/gps"),
         ("REDIS_URL", f"redis:processor:{SECRET}"), ("DATABASE_URL", f"postgresql:app:{SECRET}"),
+        # An `@` in the password, not percent-encoded: libpq would take the rest for the host.
+        ("DATABASE_URL", f"postgresql://app:pre@{SECRET}@db/gps"),
+        # A file of several settings (an .env file): its other lines are secrets too.
+        ("DATABASE_URL", f"DATABASE_URL=postgresql://app@db/gps\nPGPASSWORD={SECRET}"),
     ],
     ids=["scheme", "port", "conninfo", "bad-escape", "redis-scheme", "redis-port", "password-alone", "userinfo-alone",
-         "redis-no-at", "postgres-no-at", "second-host-no-at", "redis-no-slashes", "postgres-no-slashes"],
+         "redis-no-at", "postgres-no-at", "second-host-no-at", "redis-no-slashes", "postgres-no-slashes",
+         "at-in-password", "env-file"],
 )
 def test_file_content_is_validated_like_the_variable(tmp_path: Path, name: str, content: str) -> None:
     """A malformed URL from a file is refused as the variable would be, naming the file, not its secret."""
