@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import sys
 import time
@@ -78,12 +80,37 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=lambda v: scrub(str(v))).decode()
 
 
+class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that outlives its reader: once the pipe it writes to is closed (`processor
+    run | jq` ended by a Ctrl-C), the logs go nowhere, said once on stderr, rather than a
+    traceback on stderr for every line and, at exit, a failed flush."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            drop_stream(self.stream)
+            with contextlib.suppress(OSError, ValueError):
+                process = getattr(self.formatter, "process_name", "")
+                print(f"processor {process}: the reader of {self.name or 'the log'} went away; logs are dropped from now on",
+                      file=sys.stderr)
+            return
+        super().handleError(record)
+
+
+def drop_stream(stream: TextIO) -> None:
+    """Point `stream`'s file descriptor at /dev/null: what is buffered or written later goes nowhere."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
 def configure(level: str, process_name: str, stream: TextIO | None = None) -> None:
     """Route every logger to stdout (or `stream`) as JSON lines; replaces handlers inherited across fork."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stdout)
+    handler = _LineHandler(stream or sys.stdout)
+    handler.set_name("standard output" if (stream or sys.stdout) is sys.stdout else "standard error")
     handler.setFormatter(JsonFormatter(process_name))
     root.addHandler(handler)
     root.setLevel(level)

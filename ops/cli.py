@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import os
 import select
 import signal
 import sys
@@ -51,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, args.command, sys.stdout if service else sys.stderr)
     try:
         code = int(args.func(settings, args))
+        if args.command == "run" and _output_closed():
+            logs.drop_stream(sys.stdout)  # only logs were lost: the service's own outcome stands
         sys.stdout.flush()  # here rather than at exit, where a reader gone away could not be told apart
         return code
     except ProcessorError as exc:
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _drop_output() -> None:
     """Send what is left of stdout nowhere: the flush at exit must not fail again (exit 120)."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+    logs.drop_stream(sys.stdout)
 
 
 def _output_closed() -> bool:
