@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, args.command, sys.stdout if service else sys.stderr)
     try:
         code = int(args.func(settings, args))
-        if args.command == "run" and _output_closed():
+        if service and _output_closed():
             logs.drop_stream(sys.stdout)  # only logs were lost: the service's own outcome stands
         sys.stdout.flush()  # here rather than at exit, where a reader gone away could not be told apart
         return code
