@@ -76,7 +76,8 @@ class Settings:
         database_url = reader.url("DATABASE_URL", "postgresql://localhost/processor", POSTGRES_SCHEMES)
         stream_key = reader.name("STREAM_KEY", "telemetry:t")
         dlq_key = reader.name("DLQ_KEY", f"{stream_key}:dlq")
-        if dlq_key in reserved_keys(stream_key) or dlq_key.startswith(liveness_prefix(stream_key)):
+        consumer_group = reader.name("CONSUMER_GROUP", "processor")
+        if dlq_key in reserved_keys(stream_key, consumer_group) or dlq_key.startswith(liveness_prefix(stream_key)):
             # Dead letters written into the input would be read, and dead-lettered, for ever.
             raise ConfigError(f"DLQ_KEY must not be STREAM_KEY or a key the Processor keeps for it, got {dlq_key!r}")
         return cls(
@@ -84,7 +85,7 @@ class Settings:
             database_url=database_url,
             migration_database_url=reader.url("MIGRATION_DATABASE_URL", database_url, POSTGRES_SCHEMES),
             stream_key=stream_key,
-            consumer_group=reader.name("CONSUMER_GROUP", "processor"),
+            consumer_group=consumer_group,
             dlq_key=dlq_key,
             instance_id=reader.name("INSTANCE_ID", socket.gethostname() or "processor"),
             shards=reader.integer("SHARDS", os.cpu_count() or 1, 1, MAX_SHARDS),

@@ -26,9 +26,16 @@ def consumer_name(instance_id: str, shard_index: int) -> str:
     return f"{instance_id}-{shard_index}"
 
 
-def failures_key(stream_key: str) -> str:
-    """Hash of entry id → how often Postgres rejected that entry; survives shard restarts."""
-    return f"{stream_key}:failures"
+def group_prefix(stream_key: str, group: str) -> str:
+    """What the keys of one consumer group's own bookkeeping start with. Two deployments reading
+    one stream through two groups (each into its own database) count failures and losses apart.
+    Each such key ends in a name of its own, so no group's name can make two of them one."""
+    return f"{stream_key}:group:{group}:"
+
+
+def failures_key(stream_key: str, group: str) -> str:
+    """Hash of entry id → how often Postgres rejected that entry for this group; survives shard restarts."""
+    return f"{group_prefix(stream_key, group)}failures"
 
 
 def lettered_key(stream_key: str) -> str:
@@ -55,9 +62,9 @@ def liveness_key(stream_key: str, consumer: str | bytes) -> bytes:
     return liveness_prefix(stream_key).encode() + (consumer if isinstance(consumer, bytes) else consumer.encode())
 
 
-def lost_key(stream_key: str) -> str:
-    """Counter of entries deleted or trimmed before the Processor processed them, all instances together."""
-    return f"{stream_key}:lost"
+def lost_key(stream_key: str, group: str) -> str:
+    """Counter of entries deleted or trimmed before the group's Processor processed them, all instances together."""
+    return f"{group_prefix(stream_key, group)}lost"
 
 
 def trim_history_key(stream_key: str) -> str:
@@ -70,17 +77,23 @@ def trim_last_key(stream_key: str) -> str:
     return f"{stream_key}:trim:last"
 
 
-def loss_watch_key(stream_key: str) -> str:
+def loss_watch_key(stream_key: str, group: str) -> str:
     """Hash: what the last maintenance pass saw of the group's read counters, to count entries lost before delivery once."""
+    return f"{group_prefix(stream_key, group)}lost-watch"
+
+
+def legacy_loss_watch_key(stream_key: str) -> str:
+    """The loss watch of releases before the keys were the group's: a group without a watch of its
+    own starts from it, rather than counting again what it had counted."""
     return f"{stream_key}:lost:watch"
 
 
-def reserved_keys(stream_key: str) -> frozenset[str]:
+def reserved_keys(stream_key: str, group: str) -> frozenset[str]:
     """The stream and every key the Processor keeps beside it (liveness keys apart: a prefix,
     `<stream_key>:alive:`): none of them may double as the dead-letter stream."""
     return frozenset(
-        {stream_key, failures_key(stream_key), lost_key(stream_key), trim_history_key(stream_key),
-         trim_last_key(stream_key), loss_watch_key(stream_key), lettered_key(stream_key)}
+        {stream_key, failures_key(stream_key, group), lost_key(stream_key, group), trim_history_key(stream_key),
+         trim_last_key(stream_key), loss_watch_key(stream_key, group), lettered_key(stream_key)}
     )
 
 

@@ -63,7 +63,7 @@ class LagReport:
     consumers: list[ConsumerInfo]
     dlq_length: int
     trimming: StreamState | None = None  # None when the stream does not exist
-    lost_total: int = 0  # <STREAM_KEY>:lost: entries removed before the Processor processed them, all instances
+    lost_total: int = 0  # the group's lost counter: entries removed before the Processor processed them, all instances
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -99,7 +99,7 @@ def lag_report(settings: Settings) -> LagReport:
         stream_exists = bool(client.exists(stream))
         group = _find_group(client, stream, group_name) if stream_exists else None
         trimming = read_stream_state(client, settings)
-        lost = int(client.get(lost_key(stream)) or 0)
+        lost = int(client.get(lost_key(stream, group_name)) or 0)
         if group is None:
             return LagReport(
                 stream, group_name, settings.dlq_key, stream_exists, False, length, None,

@@ -47,7 +47,7 @@ return 1
 # XCLAIM drops a pending entry whose stream entry was deleted from the pending list and
 # returns nothing for it, as it does for one that another claimer took first. So, in the same
 # atomic step, the ids that are pending, idle enough and no longer in the stream are the
-# ones this XCLAIM removes: returned as gone and counted in <STREAM_KEY>:lost, exactly once.
+# ones this XCLAIM removes: returned as gone and counted in the group's lost counter, exactly once.
 # ARGV of both scripts: group, consumer, min idle ms, ...; KEYS: stream, lost counter.
 _CLAIM_IDS = """
 local function claim(ids)
@@ -106,7 +106,7 @@ class Claimer:
         self.page = settings.batch_size
         self.gone = 0  # claimed ids whose entries had been deleted or trimmed (counted lost)
         self.on_lost = on_lost
-        self.lost_key = lost_key(stream.stream)
+        self.lost_key = lost_key(stream.stream, stream.group)
         self.clock = time.monotonic
         self._refreshed_at: float | None = None  # our last liveness refresh
         # What our liveness key holds: this life's own mark, so that another process refreshing

@@ -43,7 +43,7 @@ class Pipeline:
         self.max_future_s = settings.max_future_s
         self.retention_days = settings.positions_retention_days
         self.stream = stream
-        self.failures = FailureCounts(stream.redis, failures_key(settings.stream_key))
+        self.failures = FailureCounts(stream.redis, failures_key(settings.stream_key, settings.consumer_group))
         self.writer = writer
         self.report = report
         self.crash_point = crash_point  # test-only fault injection; None in production

@@ -21,7 +21,7 @@ log = logging.getLogger("processor.stream")
 
 READ_BLOCK_MS = 2_000
 
-# Pending entries whose stream entry is gone: ACKed, and counted in <STREAM_KEY>:lost by the
+# Pending entries whose stream entry is gone: ACKed, and counted in the group's lost counter by the
 # number XACK really removed, so a retried call (or a claimer that got there first) never
 # counts one twice. Returns that number.
 _ACK_GONE = """
@@ -41,8 +41,8 @@ class ConsumerStream:
         self.stream = settings.stream_key
         self.group = settings.consumer_group
         self.dlq = settings.dlq_key
-        self.failures = failures_key(settings.stream_key)
-        self.lost = lost_key(settings.stream_key)
+        self.failures = failures_key(settings.stream_key, settings.consumer_group)
+        self.lost = lost_key(settings.stream_key, settings.consumer_group)
         self.consumer = consumer
         self.redis = async_client(settings.redis_url, SOCKET_TIMEOUT_S, consumer, health_check_s=HEALTH_CHECK_S)
         keep_field_pairs(self.redis)

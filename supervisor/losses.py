@@ -12,8 +12,10 @@ is the number of entries added that were neither delivered to the group nor are 
 waiting for it: removed before delivery. Our own trimming never changes d (it only removes
 entries every group is done with); neither does an XDEL of a delivered entry (a pending one
 is the shards' case, supervisor-side it changes nothing). Each pass compares d with the d of
-the previous pass, kept in `<STREAM_KEY>:lost:watch`, and counts the growth as lost: in
-`<STREAM_KEY>:lost` (all instances) and in this instance's `processor_entries_lost_total
+the previous pass, kept in the group's `<STREAM_KEY>:group:<group>:lost-watch` (a group without
+one starts from `<STREAM_KEY>:lost:watch`, the key of earlier releases, so an upgrade counts
+nothing twice), and counts the growth as lost: in `<STREAM_KEY>:group:<group>:lost` (all
+instances) and in this instance's `processor_entries_lost_total
 {shard="maintenance"}`. The comparison, the update of the watch and the INCRBY are one Lua
 script, so when several instances look at once each loss is counted by exactly one of them.
 
@@ -51,14 +53,15 @@ from typing import Any
 import redis
 
 from common.config import Settings
-from common.keys import loss_watch_key, lost_key
+from common.keys import legacy_loss_watch_key, loss_watch_key, lost_key
 from supervisor.lua import PRELUDE
 
 log = logging.getLogger("processor.maintenance")
 
 COUNT_LIMIT = 10_000  # entries after the group's position counted by one pass at most
 
-# KEYS: stream, watch hash, lost counter. ARGV: group, count limit.
+# KEYS: stream, watch hash, lost counter, the watch of earlier releases (all groups' one key).
+# ARGV: group, count limit.
 # Returns {state, lost now, exact (1/0), previous position, position, first id, max deleted id, d or -1}.
 _WATCH = PRELUDE + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'no-stream'} end
@@ -91,6 +94,7 @@ else
 end
 local d = (read and after) and (added - read - after) or false
 local w = to_table(redis.call('HGETALL', KEYS[2]))
+if not w['pos'] then w = to_table(redis.call('HGETALL', KEYS[4])) end
 local state, lost, exact, base = 'counted', 0, 1, d
 if not w['pos'] then
   state = 'baseline'
@@ -135,7 +139,9 @@ class LossWatch:
     def check(self) -> int:
         """One look; returns how many entries this instance counted as lost now."""
         stream = self.settings.stream_key
-        reply = self.script(keys=[stream, loss_watch_key(stream), lost_key(stream)], args=[self.settings.consumer_group, COUNT_LIMIT])
+        group = self.settings.consumer_group
+        keys = [stream, loss_watch_key(stream, group), lost_key(stream, group), legacy_loss_watch_key(stream)]
+        reply = self.script(keys=keys, args=[group, COUNT_LIMIT])
         watch = parse(reply)
         if watch.state == "reset":
             log.info("consumer group created again or moved back; loss watch starts over", extra={"group": self.settings.consumer_group})

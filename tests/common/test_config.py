@@ -134,7 +134,7 @@ def test_the_longest_stream_key_gets_its_default_dlq() -> None:
         ("DATABASE_URL", "postgresql://u@h:0/db"), ("MIGRATION_DATABASE_URL", "postgresql://u@h1:5432,h2:0/db"),
         ("DATABASE_URL", "postgresql://u@h:5432/db\nfoo"), ("REDIS_URL", "redis://h :6379/0"),
         # Dead letters written into the input stream would be read and dead-lettered for ever.
-        ("DLQ_KEY", "telemetry:t"), ("DLQ_KEY", "telemetry:t:failures"), ("DLQ_KEY", "telemetry:t:alive:a-0"),
+        ("DLQ_KEY", "telemetry:t"), ("DLQ_KEY", "telemetry:t:group:processor:failures"), ("DLQ_KEY", "telemetry:t:alive:a-0"),
         # Panic dumps could never be written there.
         ("PANIC_DIR", "/etc/passwd"), ("PANIC_DIR", "/etc/passwd/panic"),
     ],
@@ -282,3 +282,13 @@ def test_cli_unknown_command_exits_2() -> None:
     result, _ = run_cli({}, "bogus")
     assert result.returncode == 2
     assert "bogus" in result.stderr
+
+
+@pytest.mark.parametrize("groups", [("processor", "archive"), ("a", "a:failures"), ("a:lost", "a"), ("x:lost-watch", "x")])
+def test_the_bookkeeping_keys_of_two_groups_never_meet(groups: tuple[str, str]) -> None:
+    """Two deployments on one stream through two groups (even with names like another's keys) keep
+    their failure counts and loss counters apart."""
+    from common.keys import failures_key, loss_watch_key, lost_key
+
+    first, second = ({make("telemetry:t", group) for make in (failures_key, lost_key, loss_watch_key)} for group in groups)
+    assert len(first) == len(second) == 3 and not first & second

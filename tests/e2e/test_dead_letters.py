@@ -47,14 +47,14 @@ def test_rejected_rows_are_dead_lettered_and_the_rest_commits(redis_client, data
     assert all(b"no_reject_me" in f[b"error"] for f in letters)
     assert all(orjson.loads(f[b"data"])["device_id"] == "reject-me" for f in letters)
     wait_for(lambda: redis_client.xpending(stream_key, "processor")["pending"] == 0, 10)
-    assert not redis_client.exists(failures_key(stream_key)), "counts of dead-lettered entries are removed"
+    assert not redis_client.exists(failures_key(stream_key, "processor")), "counts of dead-lettered entries are removed"
 
 
 def test_failure_counts_survive_a_restart(redis_client, database_url, stream_key, env, start_processor):
     """A count left by an earlier life is continued, not restarted: the entry dies at its next failure."""
     reject_device(database_url, "reject-me")
     [entry_id] = [redis_client.xadd(stream_key, {"data": orjson.dumps({"device_id": "reject-me", "ts": 1, "lat": 1, "lon": 1})})]
-    redis_client.hset(failures_key(stream_key), entry_id, 7)
+    redis_client.hset(failures_key(stream_key, "processor"), entry_id, 7)
     start_processor({**env, "MAX_FAILURES": "5"})
     wait_for(lambda: redis_client.xlen(f"{stream_key}:dlq") == 1, 30)
     [(_, fields)] = redis_client.xrange(f"{stream_key}:dlq")

@@ -137,7 +137,7 @@ def reads_new_entries(command: Command) -> bool:
 def counts_failures(stream_key: str) -> Callable[[Command], bool]:
     """The call that counts failures of rejected rows: a script with the failures hash as its
     one key (or, as an earlier version did, HINCRBY of that hash)."""
-    key = failures_key(stream_key).encode()
+    key = failures_key(stream_key, "processor").encode()
 
     def matches(command: Command) -> bool:
         name = command[0].upper()
@@ -243,7 +243,7 @@ def test_a_failure_count_whose_reply_was_lost_counts_once(
     assert {letter[b"error_kind"] for letter in letters} == {b"write"}
     assert [letter[b"failures"] for letter in letters] == [str(MAX_FAILURES).encode()] * len(rejected)
     assert rejections(database_url) == MAX_FAILURES * len(rejected), "each rejected entry written MAX_FAILURES times"
-    wait_for(lambda: not redis_client.exists(failures_key(stream_key)), 5, what="the counts of dead-lettered entries to go")
+    wait_for(lambda: not redis_client.exists(failures_key(stream_key, "processor")), 5, what="the counts of dead-lettered entries to go")
     with psycopg.connect(database_url) as conn:
         rows = conn.execute("SELECT count(*), count(DISTINCT (device_id, ts)) FROM positions").fetchone()
     assert rows == (len(fixes) - len(rejected),) * 2

@@ -184,7 +184,7 @@ def test_the_pipeline_and_every_operator_command_run_as_the_acl_user(
     sources = [fields[b"source_id"] for _, fields in admin.xrange(dlq)]
     assert len(sources) == len(set(sources)) and set(sources) == expected_letters
     assert admin.xpending(stream, "processor")["pending"] == 0
-    assert admin.get(f"{stream}:lost") == b"1", "the entry deleted while pending is counted once"
+    assert admin.get(f"{stream}:group:processor:lost") == b"1", "the entry deleted while pending is counted once"
     assert processor.log_messages().count("shard spawned") == 3, "the killed shard alone was restarted"
     assert denials(admin) == []
 

@@ -145,7 +145,7 @@ def test_lost_entries_are_counted_in_metrics_lag_and_logs(redis_client, stream_k
     shards = processor.wait_for_shards(2)
     wait_for(lambda: redis_client.exists(stream_key) and len(redis_client.xinfo_consumers(stream_key, "processor")) == 2, 30)
     wait_for(lambda: get(port, "/healthz")[0] == 200, 30, what="healthy")
-    wait_for(lambda: redis_client.exists(f"{stream_key}:lost:watch"), 10, what="the loss watch's first look")
+    wait_for(lambda: redis_client.exists(f"{stream_key}:group:processor:lost-watch"), 10, what="the loss watch's first look")
     for pid in shards:
         os.kill(pid, signal.SIGSTOP)
     try:

@@ -109,7 +109,7 @@ def test_a_live_consumers_deleted_entries_are_left_to_it(redis_client, stream_ke
     redis_client.xdel(stream_key, ids[0], fresh[0])
     claimed, gone = run_claimer(settings, "idle_entries")
     assert sorted(claimed) == sorted(ids[1:]) and gone == 1
-    assert int(redis_client.get(f"{stream_key}:lost") or 0) == 1
+    assert int(redis_client.get(f"{stream_key}:group:processor:lost") or 0) == 1
     pending = redis_client.xpending_range(stream_key, "processor", "-", "+", 100, consumername="busy-0")
     assert sorted(p["message_id"] for p in pending) == sorted(fresh)
 
@@ -153,20 +153,20 @@ def test_deleted_entries_are_counted_once_in_redis_and_in_the_log(redis_client, 
             claimer = Claimer(settings, stream, lambda gone, how: reported.extend(gone))
             await collect(claimer.pending_of("dead-0", 1_000))
             # A second claimer that listed the same ids before the first one claimed them: nothing more is counted.
-            again, gone = await claimer._claim(keys=[stream_key, f"{stream_key}:lost"], args=["processor", "other-0", 0, *ids])
+            again, gone = await claimer._claim(keys=[stream_key, f"{stream_key}:group:processor:lost"], args=["processor", "other-0", 0, *ids])
             assert gone == [] and len(again) == 4
         finally:
             await stream.close()
 
     asyncio.run(go())
     assert sorted(reported) == sorted([ids[0], ids[3]])
-    assert int(redis_client.get(f"{stream_key}:lost")) == 2
+    assert int(redis_client.get(f"{stream_key}:group:processor:lost")) == 2
     # One more deleted while pending, found by the idle pass.
     age_entries(redis_client, stream_key, "other-0", 2_000)  # the second claimer holds them all now
     redis_client.xdel(stream_key, ids[4])
     claimed, gone = run_claimer(Settings.from_env({**settings_env(settings), "CLAIM_THRESHOLD_MS": "1000"}), "idle_entries")
     assert gone == 1 and ids[4] not in claimed
-    assert int(redis_client.get(f"{stream_key}:lost")) == 3
+    assert int(redis_client.get(f"{stream_key}:group:processor:lost")) == 3
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -186,7 +186,7 @@ def test_gone_pending_entries_are_acked_and_counted_once(redis_client, stream_ke
             await stream.close()
 
     assert asyncio.run(go()) == (1, 0)
-    assert int(redis_client.get(f"{stream_key}:lost")) == 1
+    assert int(redis_client.get(f"{stream_key}:group:processor:lost")) == 1
     assert redis_client.xpending(stream_key, "processor")["pending"] == 2
 
 

@@ -23,7 +23,7 @@ def with_counts(settings: Settings, use: Callable[[FailureCounts, ConsumerStream
     async def go() -> T:
         stream = ConsumerStream(settings, "t-0")
         try:
-            return await use(FailureCounts(stream.redis, failures_key(settings.stream_key)), stream)
+            return await use(FailureCounts(stream.redis, failures_key(settings.stream_key, settings.consumer_group)), stream)
         finally:
             await stream.close()
 
@@ -45,16 +45,16 @@ def test_the_same_attempt_counts_once_and_each_attempt_counts(redis_client: redi
 
     try:
         assert with_counts(settings, use) == [[1, 1], [1, 1], [2], [2], []]
-        key = failures_key(stream_key)
+        key = failures_key(stream_key, "processor")
         assert 0 < redis_client.ttl(key) <= FAILURES_TTL_S
         assert FAILURES_TTL_S - redis_client.ttl(key) < 60
         assert set(redis_client.hkeys(key)) == {b"1-1", b"1-2"}, "the field is the entry id"
     finally:
-        redis_client.delete(failures_key(stream_key))
+        redis_client.delete(failures_key(stream_key, "processor"))
 
 
 def test_a_plain_count_left_by_an_earlier_version_is_continued(redis_client: redis.Redis, stream_key, settings):
-    key = failures_key(stream_key)
+    key = failures_key(stream_key, "processor")
     redis_client.hset(key, b"1-1", 7)
     attempt = new_attempt()
 
@@ -69,7 +69,7 @@ def test_a_plain_count_left_by_an_earlier_version_is_continued(redis_client: red
 
 def test_dead_lettering_and_recovery_clear_an_entrys_count(redis_client: redis.Redis, stream_key, settings):
     """The dead-letter script and the settle step still HDEL the entry id from the hash."""
-    key = failures_key(stream_key)
+    key = failures_key(stream_key, "processor")
     redis_client.xgroup_create(stream_key, "processor", id="0", mkstream=True)
     dead_id = redis_client.xadd(stream_key, {"data": b"rejected"})
     recovered_id = redis_client.xadd(stream_key, {"data": b"stored at last"})

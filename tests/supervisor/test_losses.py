@@ -28,7 +28,7 @@ def watched(client: redis.Redis, settings: Settings, n: int, read: int, acked: i
 
 
 def lost_total(client: redis.Redis, stream: str) -> int:
-    return int(client.get(f"{stream}:lost") or 0)
+    return int(client.get(f"{stream}:group:processor:lost") or 0)
 
 
 def test_a_producer_maxlen_past_unread_entries_is_counted_exactly_once(redis_client, stream_key, settings, caplog):
@@ -106,3 +106,37 @@ def test_the_logged_range(reply, expected) -> None:
     """A trim is reported as ids between the group's position and the first entry; a deletion up to the
     largest deleted id; both in one pass (a deletion beyond the trimmed range) up to the largest deleted id."""
     assert lost_range(parse(reply)) == expected
+
+
+def test_two_groups_count_their_losses_apart(redis_client, stream_key, settings):
+    """Two deployments read one stream through two groups: a trim past entries neither had read is a
+    loss of each. With one watch for both, each look reset the other's, and the second group's
+    loss went uncounted."""
+    import dataclasses
+
+    fill(redis_client, stream_key, 20)
+    other = dataclasses.replace(settings, consumer_group="archive")
+    lookers = []
+    for group_settings in (settings, other):
+        redis_client.xgroup_create(stream_key, group_settings.consumer_group, id="0")
+        read_and_ack(redis_client, stream_key, group_settings.consumer_group, 5, 5)
+        lookers.append(watch(group_settings, redis_client))
+    assert [looker.check() for looker in lookers] == [0, 0], "the first looks only record"
+    redis_client.xtrim(stream_key, maxlen=5, approximate=False)  # 10 entries neither group read
+    assert [looker.check() for looker in lookers] == [10, 10]
+    assert lost_total(redis_client, stream_key) == 10
+    assert int(redis_client.get(f"{stream_key}:group:archive:lost")) == 10
+
+
+def test_an_upgrade_starts_from_the_watch_of_earlier_releases(redis_client, stream_key, settings):
+    """The watch an earlier release kept for all groups under `<STREAM_KEY>:lost:watch` is where the
+    group's own starts: losses that one counted are not counted again."""
+    ids, looker = watched(redis_client, settings, 30, 10, 10)
+    redis_client.xtrim(stream_key, maxlen=10, approximate=False)  # 10 unread entries go
+    assert looker.check() == 10
+    watch_key = f"{stream_key}:group:processor:lost-watch"
+    redis_client.copy(watch_key, f"{stream_key}:lost:watch")  # as the earlier release left it
+    redis_client.delete(watch_key)
+    assert watch(settings, redis_client).check() == 0, "nothing counted twice"
+    redis_client.delete(watch_key, f"{stream_key}:lost:watch")
+    assert watch(settings, redis_client).check() == 10, "without it, the first look counts what Redis shows lost"
