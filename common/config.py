@@ -343,11 +343,13 @@ class _Reader:
                     f"{label} is not a valid libpq URL (check the percent-encoding of the password): "
                     f"{_shown_url(value)}"
                 ) from None
-            if urlsplit(value).netloc.count("@") > 1 or "@" in str(conninfo.get("host") or ""):
-                # libpq ends the userinfo at the first `@`, urlsplit (and so the log masking) at the
+            if parts.netloc.count("@") > 1 or "@" in parts.path:
+                # A raw `@` in the user information: libpq ends it at the first `@` (or, past a
+                # raw `/`, takes the rest for the database), urlsplit and so the log masking at the
                 # last: the rest of the password would become the host, and show in every error.
                 raise ConfigError(
-                    f"{label}: the user name or password contains '@'; percent-encode it as %40: {_shown_url(value)}"
+                    f"{label}: a raw '@' in the user name, password or database name; percent-encode it as %40 "
+                    f"(and a '/' in the password as %2F): {_shown_url(value)}"
                 )
             # `host1:5432,host2:5433` (libpq tries them in turn): one port, or none, per host.
             ports = str(conninfo.get("port") or "").split(",")

@@ -109,8 +109,9 @@ def configure(level: str, process_name: str, stream: TextIO | None = None) -> No
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = _LineHandler(stream or sys.stdout)
-    handler.set_name("standard output" if (stream or sys.stdout) is sys.stdout else "standard error")
+    stream = stream or sys.stdout
+    handler = _LineHandler(stream)
+    handler.set_name({sys.stdout: "standard output", sys.stderr: "standard error"}.get(stream, getattr(stream, "name", "the log")))
     handler.setFormatter(JsonFormatter(process_name))
     root.addHandler(handler)
     root.setLevel(level)

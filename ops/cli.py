@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, BrokenPipeError) and _output_closed():
             # Whoever read the output stopped early (`processor dlq list | head`): no server is
             # to blame, and a shell pipeline expects silence. Exit 1: not all was written.
-            _drop_output()
+            logs.drop_stream(sys.stdout)  # the flush at exit must not fail again (exit 120)
             return ExitCode.FAILED
         # What no command's own boundary translated: an outage or refusal is still one line;
         # anything else is a bug (exit 70), logged with its traceback, passwords masked.
@@ -85,16 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             return ExitCode.CONFIG
         if isinstance(exc, OSError):  # the machine's, not a bug: output to a full disk (`> /dev/full`), say
             print(f"processor: failed: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
-            _drop_output()
+            logs.drop_stream(sys.stdout)  # the flush at exit must not fail again (exit 120)
             return ExitCode.FAILED
         log.critical("internal error", extra={"error": f"{type(exc).__name__}: {one_line(exc)}"}, exc_info=True)
         print(f"processor: internal error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
         return ExitCode.SOFTWARE
-
-
-def _drop_output() -> None:
-    """Send what is left of stdout nowhere: the flush at exit must not fail again (exit 120)."""
-    logs.drop_stream(sys.stdout)
 
 
 def _output_closed() -> bool:

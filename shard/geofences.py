@@ -63,6 +63,7 @@ FROM (SELECT %(revision)s::bigint AS revision) AS r LEFT JOIN (
 ORDER BY v.geofence_id
 """
 POLL_TIMEOUT_S = 10.0  # a poll unanswered this long is an outage (as a Redis call is after 10 s)
+LOAD_TIMEOUT_S = 300.0  # and a load of the geofences that takes this long
 HISTORY_HELD = 8  # indexes of earlier revisions kept for replays (a change or two behind, usually)
 # The revision migration 0006 found: fixes stored before it carry no revision of their own.
 _HISTORY_SINCE = "SELECT history_since FROM geofence_revision"
@@ -119,9 +120,10 @@ class GeofenceSource:
     async def refresh(self, timeout_s: float = POLL_TIMEOUT_S) -> bool:
         """The poll: reload if the geofences changed; returns whether it did.
 
-        A poll unanswered within `timeout_s` (a frozen server, or one cut off without a reset:
-        neither is ever reported by the socket) raises TimeoutError, an outage, and drops its
-        connection: an idle shard learns of such a Postgres here, and /healthz says so.
+        A look at the revision unanswered within `timeout_s` (a frozen server, or one cut off
+        without a reset: neither is ever reported by the socket) raises TimeoutError, an outage,
+        and drops its connection: an idle shard learns of such a Postgres here, and /healthz
+        says so. Loading the set (large, perhaps, over a slow link) may take LOAD_TIMEOUT_S.
         """
         held = self.index
         try:
@@ -132,8 +134,9 @@ class GeofenceSource:
                         **POOLER_SAFE,
                     )
                 (revision,) = await (await self.conn.execute(_REVISION)).fetchone()  # type: ignore[misc]
-                if revision == held.revision:
-                    return False
+            if revision == held.revision:
+                return False
+            async with asyncio.timeout(LOAD_TIMEOUT_S):
                 rows = await (await self.conn.execute(_ACTIVE)).fetchall()
         except (psycopg.Error, TimeoutError):
             await self.close()

@@ -30,7 +30,7 @@ import psycopg
 from common.backoff import Backoff
 from common import privileges
 from common.errors import ConfigError, MigrationError
-from common.faults import Outcome, classify, one_line
+from common.faults import one_line
 from common.keys import MIGRATION_LOCK_KEY
 from common.postgres import POOLER_SAFE
 from common.versions import check_postgres
@@ -318,8 +318,9 @@ _RECORD = "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %
 
 def _apply_one(conn: psycopg.Connection, migration: Migration, between=lambda: None) -> None:  # type: ignore[no-untyped-def]
     """Apply one file; a lock not granted within the lock_timeout is asked for again (`between`, the
-    supervisor's signal check, runs before each new try), for at most LOCK_WAIT_S. An outage (the
-    server restarted, the connection lost) is raised as it is: the caller starts over."""
+    supervisor's signal check, runs before each new try), for at most LOCK_WAIT_S. The session
+    lost (the server restarted, the connection broke) is raised as it is: an outage, after which
+    the caller starts over."""
     started = time.monotonic()
     record = (migration.version, migration.name, migration.checksum)
     backoff = Backoff(base_s=0.2, cap_s=5.0)
@@ -344,13 +345,26 @@ def _apply_one(conn: psycopg.Connection, migration: Migration, between=lambda: N
                             extra={"version": migration.version, "migration": migration.name, "error": one_line(exc)})
             time.sleep(backoff.next_delay())
         except psycopg.errors.Error as exc:
-            if classify(exc) is Outcome.OUTAGE:
+            if _session_lost(conn, exc):
                 raise
             raise _failed(migration, exc) from exc
     log.info(
         "migration applied",
         extra={"version": migration.version, "migration": migration.name, "seconds": round(time.monotonic() - started, 3)},
     )
+
+
+def _session_lost(conn: psycopg.Connection, exc: psycopg.Error) -> bool:
+    """Whether the migration failed because its session ended (the server restarted or shut it
+    down, the connection broke), not because of the file: a timeout, a deadlock or a
+    serialization failure of the file's own statements is still the file's failure."""
+    sqlstate = exc.sqlstate or ""
+    return conn.broken or sqlstate.startswith("08") or sqlstate in _SESSION_ENDED or (
+        not sqlstate and isinstance(exc, psycopg.OperationalError)
+    )
+
+
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})  # admin shutdown, crash shutdown, cannot connect now
 
 
 def _failed(migration: Migration, exc: psycopg.Error) -> MigrationError:

@@ -16,9 +16,10 @@ for the geofences of the indexes the stretch was evaluated with.
 Retention (POSITIONS_RETENTION_DAYS) drops whole partitions of old fixes, never derived
 state. Once partitions were dropped (the *floor*: below it, history is gone), nothing below
 the floor is replayed: a stored fix there is no F0 (its neighbours may be gone), and a late
-fix there is stored without touching derived state (a warning says so; the batch's fixes
-newer than the device's last one advance it as on the live path), as is one whose device
-sat in a visit that reaches across the floor (its start was dropped). Otherwise, when no F0
+fix there is stored without touching derived state (a warning says so; the device's other
+fixes of the batch are replayed without it, or, if none is late, advance it as on the live
+path), as is one whose device sat in a visit entered below the floor and still open where
+the replay would start (its start was dropped). Otherwise, when no F0
 lies at or above the floor, the replay starts at F1, the device's first stored fix from the
 floor on, with the state right after it rebuilt from what is stored (F1 is inside only the
 geofences of visits entered at F1: a visit entered earlier would reach across the floor),
@@ -65,10 +66,12 @@ SELECT greatest(
 """
 # Visits of every geofence, active now or not: a replay evaluates each fix with the geofences
 # of its own revision, so it may rebuild a visit of one deactivated since.
+# A visit entered below the floor and still open at where the replay starts (F1, or the late fix).
 _VISIT_ACROSS = """
 SELECT EXISTS (SELECT 1 FROM timing_records
                WHERE device_id = %s AND entered_at < %s AND (exited_at IS NULL OR exited_at > %s))
 """
+_RECORDED_FLOOR = "SELECT dropped_below FROM retention_floor"
 # F1, the device's first stored fix from the floor on (and older than the late fixes), and the
 # visits entered at it.
 _FIRST_ABOVE_FLOOR = """
@@ -135,29 +138,40 @@ async def replay_late(
     index: GeofenceIndex,
     source: GeofenceSource,
     prefetched: Prefetched | None = None,
-    floor: datetime | None = None,
+    recorded: datetime | None = None,
 ) -> list[Visit]:
     """Bring `state` (and timing_records) to what an in-order replay gives; returns visits to upsert.
 
     `new_ts` are the times of the device's fixes this batch stored (already in
     `positions`, inside the caller's transaction, under the device's lock), derived with
     `index`; `source` gives the indexes of earlier revisions. `prefetched` is what
-    prefetch_replays found for the device, if anything; `floor` what `dropped_below` read.
+    prefetch_replays found for the device, if anything; `recorded` what `recorded_floor` read.
+
+    Only the floor maintenance recorded can lie above a stored fix (the lowest partition holds
+    fixes itself), so it alone decides whether a fix is below the floor; the whole floor is
+    read only for a replay with no F0.
     """
     earliest = min(new_ts)
-    if floor is not None and earliest < floor:
-        return await _advance_newer(cur, state, earliest, index)
+    if recorded is not None and earliest < recorded:
+        above = {ts for ts in new_ts if ts >= recorded}
+        if not above:
+            return await _advance_newer(cur, state, earliest, index)
+        _not_replayed(state.device_id, earliest)
+        new_ts, earliest, prefetched = above, min(above), None  # the rest is replayed without it
     first_chunk: list[Stored] | None = None
     if prefetched is not None:
         start, first_chunk = prefetched
     else:
         start = await _quiet_fix_before(cur, state.device_id, earliest)
+    floor = None
+    if start is None or (recorded is not None and start.ts < recorded):
+        floor = await dropped_below(cur)
     opened: dict[int, Visit] = {}
-    if floor is not None and (start is None or start.ts < floor):
-        if await _visit_across(cur, state.device_id, floor):
+    if floor is not None:
+        first = await _first_above_floor(cur, state.device_id, floor, earliest)
+        if await _visit_across(cur, state.device_id, floor, first[0].ts if first is not None else earliest):
             return await _advance_newer(cur, state, earliest, index)
         start, first_chunk = None, None
-        first = await _first_above_floor(cur, state.device_id, floor, earliest)
         if first is not None:
             start, opened = first
     replay = DeviceState(state.device_id, last=start, open=opened)
@@ -265,19 +279,30 @@ async def _first_above_floor(
     return fix, opened
 
 
-async def _visit_across(cur: psycopg.AsyncCursor, device_id: str, floor: datetime) -> bool:
-    """Whether a visit of the device reaches across the floor: its start lies in dropped history."""
-    await cur.execute(_VISIT_ACROSS, (device_id, floor, floor))
+async def recorded_floor(cur: psycopg.AsyncCursor) -> datetime | None:
+    """The floor partition maintenance recorded when it last dropped (None: it never did)."""
+    await cur.execute(_RECORDED_FLOOR)
+    row = await cur.fetchone()
+    return row[0] if row is not None else None
+
+
+async def _visit_across(cur: psycopg.AsyncCursor, device_id: str, floor: datetime, at: datetime) -> bool:
+    """Whether a visit of the device entered in dropped history is still open at `at`, where the replay starts."""
+    await cur.execute(_VISIT_ACROSS, (device_id, floor, at))
     return bool((await cur.fetchone())[0])  # type: ignore[index]
+
+
+def _not_replayed(device_id: str, ts: datetime) -> None:
+    log.warning(
+        "late fix reaches history that retention dropped: stored, derived state not replayed",
+        extra={"device_id": device_id, "ts": ts.isoformat()},
+    )
 
 
 async def _advance_newer(cur: psycopg.AsyncCursor, state: DeviceState, earliest: datetime, index: GeofenceIndex) -> list[Visit]:
     """No exact replay is possible: only the stored fixes newer than the state's last advance it."""
     assert state.last is not None  # a late fix is older than the device's last one
-    log.warning(
-        "late fix reaches history that retention dropped: stored, derived state not replayed",
-        extra={"device_id": state.device_id, "ts": earliest.isoformat()},
-    )
+    _not_replayed(state.device_id, earliest)
     visits: dict[tuple[int, datetime], Visit] = {}
     after = state.last.ts
     while True:

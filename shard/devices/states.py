@@ -37,7 +37,7 @@ import psycopg
 from shard.decode import Fix
 from shard.devices.cache import DeviceCache
 from shard.devices.live import derive, older_than_state
-from shard.devices.replay import dropped_below, prefetch_replays, replay_late
+from shard.devices.replay import prefetch_replays, recorded_floor, replay_late
 from shard.devices.store import insert_positions_returning, store_derived
 from shard.devices.track import DeviceState
 from shard.geofences import GeofenceSource
@@ -131,10 +131,10 @@ class DeviceBatch:
         derived = derive(ordered, self._states, index, inserted)
         if derived.late:
             prefetched = await prefetch_replays(cur, derived.late)
-            floor = await dropped_below(cur)
+            recorded = await recorded_floor(cur)
             for device_id, new_ts in derived.late.items():
                 state = self._states[device_id]
-                visits = await replay_late(cur, state, new_ts, index, geofences, prefetched.get(device_id), floor)
+                visits = await replay_late(cur, state, new_ts, index, geofences, prefetched.get(device_id), recorded)
                 derived.add_visits(device_id, visits)
         # The revision derived with: `index`'s, which may be newer than the one the load read, if the
         # set had to be loaded (in another snapshot) and changed meanwhile.

@@ -135,13 +135,13 @@ def test_not_utf8_is_a_configuration_error(tmp_path: Path) -> None:
         ("MIGRATION_DATABASE_URL", f"postgresql://h1:5432,h2:{SECRET}/gps"),
         ("REDIS_URL", f"redis:processor:{SECRET}"), ("DATABASE_URL", f"postgresql:app:{SECRET}"),
         # An `@` in the password, not percent-encoded: libpq would take the rest for the host.
-        ("DATABASE_URL", f"postgresql://app:pre@{SECRET}@db/gps"),
+        ("DATABASE_URL", f"postgresql://app:pre@{SECRET}@db/gps"), ("DATABASE_URL", f"postgresql://app:pre@s/{SECRET}@db/gps"),
         # A file of several settings (an .env file): its other lines are secrets too.
         ("DATABASE_URL", f"DATABASE_URL=postgresql://app@db/gps\nPGPASSWORD={SECRET}"),
     ],
     ids=["scheme", "port", "conninfo", "bad-escape", "redis-scheme", "redis-port", "password-alone", "userinfo-alone",
          "redis-no-at", "postgres-no-at", "second-host-no-at", "redis-no-slashes", "postgres-no-slashes",
-         "at-in-password", "env-file"],
+         "at-in-password", "at-and-slash-in-password", "env-file"],
 )
 def test_file_content_is_validated_like_the_variable(tmp_path: Path, name: str, content: str) -> None:
     """A malformed URL from a file is refused as the variable would be, naming the file, not its secret."""
@@ -191,3 +191,9 @@ def test_every_secret_of_an_accepted_url_is_masked(tmp_path: Path, url: str) -> 
 def test_redact_url_masks_libpq_and_redis_secrets(url: str, expected: str) -> None:
     """redact_url masks password, sslpassword and ssl_password in a query or a key=value string, nothing else."""
     assert redact_url(url) == expected
+
+
+def test_an_at_sign_percent_encoded_is_no_problem() -> None:
+    """`%40` in a password, or in a socket directory given as `host=`, is what the '@' check asks for."""
+    for url in (f"postgresql://app:pre%40{SECRET}@db/gps", "postgresql://app@/gps?host=/run/pg%40x"):
+        assert Settings.from_env({"DATABASE_URL": url}).database_url == url

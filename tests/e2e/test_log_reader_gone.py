@@ -47,6 +47,7 @@ def test_run_outlives_the_reader_of_its_logs(env, redis_client, stream_key, data
             proc.wait()
     errors = stderr.read_text()
     assert "Traceback" not in errors and "Logging error" not in errors, errors
-    assert all("logs are dropped from now on" in line for line in errors.splitlines()), errors
+    lines = errors.splitlines()
+    assert lines and all("logs are dropped from now on" in line for line in lines), errors
     panic_dir = Path(env["PANIC_DIR"])
     assert not panic_dir.exists() or not list(panic_dir.iterdir())

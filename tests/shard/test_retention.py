@@ -162,12 +162,7 @@ def test_history_dropped_before_retention_grew_back_is_still_known_as_dropped(
     _visit_history(redis_client, database_url, stream_key, settings,
                    [(t, 45.0), (t + DAY_MS, 46.0), (t + 3 * DAY_MS, 46.0), (t + 5 * DAY_MS, 45.0), (t + 6 * DAY_MS, 46.0)])
     old = _visits(database_url)
-    floor_ms = t + 2 * DAY_MS + DAY_MS // 2
-    _drop_before(database_url, floor_ms)
-    floor = datetime.fromtimestamp(floor_ms / 1000, timezone.utc)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("INSERT INTO retention_floor (dropped_below) VALUES (%s)", (floor,))  # as maintenance's drop does
-        conn.execute(sql.SQL("CREATE TABLE regrown PARTITION OF positions FOR VALUES FROM (MINVALUE) TO ({})").format(sql.Literal(floor)))
+    _regrown_below(database_url, t + 2 * DAY_MS + DAY_MS // 2)
     redis_client.xadd(stream_key, {b"data": fix("p", t + 2 * DAY_MS, lat=46.0)})  # below the floor, before every stored fix
     entries = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=10)[0][1]
     run_pipeline(Shard(settings, 0, StatusBoard(1), consumer="t-0"), [entries])
@@ -211,11 +206,7 @@ def test_a_late_fix_below_the_floor_leaves_the_visits_of_dropped_history_alone(
                    [(t, 45.0), (t + DAY_MS // 2, 45.0), (t + DAY_MS, 46.0), (t + 3 * DAY_MS, 46.0), (t + 9 * DAY_MS, 46.0)])
     old = _crossings(database_url)
     assert [samples for *_, samples in old] == [2]
-    floor = datetime.fromtimestamp((t + 2 * DAY_MS) / 1000, timezone.utc)
-    _drop_before(database_url, t + 2 * DAY_MS)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("INSERT INTO retention_floor (dropped_below) VALUES (%s)", (floor,))  # as maintenance's drop does
-        conn.execute(sql.SQL("CREATE TABLE regrown PARTITION OF positions FOR VALUES FROM (MINVALUE) TO ({})").format(sql.Literal(floor)))
+    _regrown_below(database_url, t + 2 * DAY_MS)
     redis_client.xadd(stream_key, {b"data": fix("p", t + DAY_MS // 4)})  # inside the visit of dropped history
     entries = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=10)[0][1]
     with caplog.at_level(logging.WARNING, logger="processor.writer"):
@@ -223,3 +214,57 @@ def test_a_late_fix_below_the_floor_leaves_the_visits_of_dropped_history_alone(
     assert stored(database_url, "p") == [t + DAY_MS // 4, t + 3 * DAY_MS, t + 9 * DAY_MS]
     assert _crossings(database_url) == old
     assert any(r.getMessage().startswith("late fix reaches history that retention dropped") for r in caplog.records)
+
+
+def test_a_batch_with_late_fixes_on_both_sides_of_the_floor_replays_those_above_it(
+    redis_client, database_url, stream_key, settings: Settings, caplog
+) -> None:
+    """One late fix below the floor and one above it, in one batch: the first is stored and left out,
+    the second is replayed as it would be alone (it used to be skipped with the first)."""
+    apply_migrations(database_url)
+    t = now_ms() - 10 * DAY_MS
+    _visit_history(redis_client, database_url, stream_key, settings,
+                   [(t, 45.0), (t + DAY_MS // 2, 45.0), (t + DAY_MS, 46.0), (t + 3 * DAY_MS, 46.0),
+                    (t + 5 * DAY_MS, 46.0), (t + 9 * DAY_MS, 46.0)])
+    old = _crossings(database_url)
+    _regrown_below(database_url, t + 2 * DAY_MS)
+    for ts in (t + DAY_MS // 4, t + 4 * DAY_MS):  # below the floor, inside; above it, inside
+        redis_client.xadd(stream_key, {b"data": fix("p", ts)})
+    entries = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=10)[0][1]
+    with caplog.at_level(logging.WARNING, logger="processor.writer"):
+        run_pipeline(Shard(settings, 0, StatusBoard(1), consumer="t-0"), [entries])
+    start = datetime.fromtimestamp(t / 1000, timezone.utc)
+    (kept, (entered, _, exited, _, samples)) = _crossings(database_url)
+    assert kept == old[0]
+    assert (entered, exited, samples) == (start + timedelta(days=4), start + timedelta(days=5), 1)
+    assert any(r.getMessage().startswith("late fix reaches history that retention dropped") for r in caplog.records)
+
+
+def test_a_visit_that_ended_at_the_first_kept_fix_does_not_stop_the_replay(
+    redis_client, database_url, stream_key, settings: Settings
+) -> None:
+    """A visit entered in dropped history and left at the first kept fix is closed there: a late fix
+    after it is replayed from that fix, exactly (the visit's exit crossing, from a dropped fix, kept)."""
+    apply_migrations(database_url)
+    t = now_ms() - 10 * DAY_MS
+    _visit_history(redis_client, database_url, stream_key, settings,
+                   [(t, 45.0), (t + DAY_MS, 46.0), (t + 3 * DAY_MS, 46.0), (t + 5 * DAY_MS, 46.0)])
+    old = _crossings(database_url)
+    _drop_before(database_url, t + DAY_MS // 2)
+    redis_client.xadd(stream_key, {b"data": fix("p", t + 2 * DAY_MS)})  # late, inside
+    entries = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=10)[0][1]
+    run_pipeline(Shard(settings, 0, StatusBoard(1), consumer="t-0"), [entries])
+    start = datetime.fromtimestamp(t / 1000, timezone.utc)
+    (kept, (entered, entry, exited, _, samples)) = _crossings(database_url)
+    assert kept == old[0]
+    assert (entered, exited, samples) == (start + timedelta(days=2), start + timedelta(days=3), 1)
+    assert entry is not None and start + timedelta(days=1) < entry < entered
+
+
+def _regrown_below(database_url: str, floor_ms: int) -> None:
+    """Retention dropped everything below `floor_ms`, then was set back to 0: the far past regrown, the floor recorded."""
+    floor = datetime.fromtimestamp(floor_ms / 1000, timezone.utc)
+    _drop_before(database_url, floor_ms)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO retention_floor (dropped_below) VALUES (%s)", (floor,))  # as maintenance's drop does
+        conn.execute(sql.SQL("CREATE TABLE regrown PARTITION OF positions FOR VALUES FROM (MINVALUE) TO ({})").format(sql.Literal(floor)))

@@ -288,7 +288,7 @@ def test_an_outage_during_a_migration_is_an_outage_not_a_bad_migration(database_
         holder.execute("LOCK TABLE busy IN ACCESS SHARE MODE")
 
         def terminate() -> None:
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60  # the migration asks again after each 5 s lock_timeout
             while time.monotonic() < deadline:
                 rows = query(database_url, "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                                            "AND datname = current_database()")
@@ -304,3 +304,10 @@ def test_an_outage_during_a_migration_is_an_outage_not_a_bad_migration(database_
         killer.join()
     assert not isinstance(raised.value, MigrationError)
     assert apply_migrations(database_url, load_migrations(tmp_path))  # and then it applies
+
+
+def test_a_file_that_times_out_is_a_failed_migration_not_an_outage(database_url: str, tmp_path: Path) -> None:
+    """Its own statement_timeout (an OperationalError too) is the file's failure: exit 78, the file named."""
+    write(tmp_path, "0001_slow.sql", "SET LOCAL statement_timeout = '50ms';\nSELECT pg_sleep(2);\n")
+    with pytest.raises(MigrationError, match="0001_slow.sql failed: .*statement timeout"):
+        apply_migrations(database_url, load_migrations(tmp_path))
