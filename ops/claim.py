@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 import uvloop
 
-from common.config import Settings
+from common.config import Settings, redact_url
 from common.errors import ConnectionRefusedForGood, ProcessorError
 from common import refusals
 from common.faults import one_line
@@ -26,6 +26,7 @@ from common.status import StatusBoard
 from common.tasks import cancel_and_wait
 from ops.errors import CONNECT_TIMEOUT_S, POSTGRES, REDIS, translate
 from shard.lifecycle import Shard
+from shard.reporting import POSTGRES_STALLED_S
 from shard.stream import Entry
 
 CLAIM_DEADLINE_S = 300.0
@@ -77,14 +78,14 @@ def claim_now(settings: Settings, min_idle_ms: int | None, from_consumer: str | 
 
 
 async def _claim(shard: Shard, min_idle_ms: int | None, from_consumer: str | None) -> dict[str, int]:
-    alive = asyncio.create_task(shard.duties.keep_alive())
-    tasks = [alive]
+    duties = [asyncio.create_task(shard.duties.keep_alive()), asyncio.create_task(_watch_writes(shard))]
+    tasks = [*duties]
     try:
         await shard.join()
         writing = asyncio.create_task(shard.pipeline.run())
         feeding = asyncio.create_task(_feed(shard, min_idle_ms, from_consumer))
         tasks += [writing, feeding]
-        await _until_done([writing, feeding], alive)
+        await _until_done([writing, feeding], duties)
     finally:
         await _stopped(tasks)
         await shard.close()
@@ -97,14 +98,28 @@ async def _claim(shard: Shard, min_idle_ms: int | None, from_consumer: str | Non
     }
 
 
-async def _until_done(work: list[asyncio.Task[None]], duty: asyncio.Task[None]) -> None:
+async def _until_done(work: list[asyncio.Task[None]], duties: list[asyncio.Task[None]]) -> None:
     """Until every task of `work` is done. Whichever of them fails first raises here, and so
-    does `duty` failing (without the liveness key, the instances would claim the entries back)."""
-    waiting: set[asyncio.Task[None]] = {*work, duty}
+    does a duty failing (without the liveness key, the instances would claim the entries back;
+    a write unanswered is a Postgres gone)."""
+    waiting: set[asyncio.Task[None]] = {*work, *duties}
     while not all(task.done() for task in work):
         done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             task.result()
+
+
+async def _watch_writes(shard: Shard) -> None:
+    """A batch write Postgres leaves unanswered (frozen, or cut off without a reset: no error ever
+    comes back, so no retry loop counts a failure) ends the command as Postgres unreachable."""
+    while True:
+        await asyncio.sleep(1.0)
+        if shard.report.postgres_stalled():
+            url = redact_url(shard.settings.database_url)
+            raise ProcessorError(
+                f"cannot reach {POSTGRES} at {url}: a write got no answer within {POSTGRES_STALLED_S:.0f}s; "
+                "what is left stays pending"
+            )
 
 
 async def _stopped(tasks: list[asyncio.Task[None]]) -> None:

@@ -111,3 +111,25 @@ def test_claim_with_standard_input_closed_ends_cleanly(env: dict[str, str]) -> N
     assert done.returncode == ExitCode.OK, done.stderr
     assert orjson.loads(done.stdout) == {"claimed": 0, "stored": 0, "dead_lettered": 0, "expired": 0, "gone": 0}
     assert "Assertion" not in done.stderr
+
+
+def test_a_write_postgres_leaves_unanswered_ends_the_claim() -> None:
+    """A frozen Postgres returns no error, so no retry loop counted a failure and the claim waited for
+    its 300 s deadline: a batch write unanswered for POSTGRES_STALLED_S now ends it, one line, exit 1."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from common.config import Settings
+    from common.errors import ProcessorError
+    from common.status import StatusBoard
+    from ops.claim import _watch_writes
+    from shard.reporting import POSTGRES_STALLED_S, Report
+
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://app:s3cret-pw@db/gps"})
+    report = Report(StatusBoard(1), 0, "t-claim")
+    shard = SimpleNamespace(report=report, settings=settings)
+    with pytest.raises(ProcessorError) as ended:
+        report.writes_since[object()] = time.monotonic() - POSTGRES_STALLED_S - 1
+        asyncio.run(asyncio.wait_for(_watch_writes(shard), 10))  # type: ignore[arg-type]
+    message = str(ended.value)
+    assert "a write got no answer within 20s" in message and "s3cret" not in message and "\n" not in message

@@ -99,3 +99,32 @@ def test_a_bug_in_a_command_exits_70_with_one_line(capsys: pytest.CaptureFixture
     assert main(["lag"]) == ExitCode.SOFTWARE
     err = capsys.readouterr().err
     assert "processor: internal error: KeyError" in err and "s3cret-pw" not in err
+
+
+def test_a_postgres_that_stops_answering_mid_command_is_an_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server frozen after the command connected (SIGSTOP, or a network that drops packets): libpq
+    waited for ever. Now each answer is waited for ANSWER_TIMEOUT_S, then one line, exit 1."""
+    import signal
+    import time
+
+    import ops.errors
+    from scripts.toolkit.processes import children, signal_all
+    from scripts.toolkit.services import ThrowawayPostgres, missing_binaries
+
+    if advice := missing_binaries():
+        pytest.skip("; ".join(advice))
+    monkeypatch.setattr(ops.errors, "ANSWER_TIMEOUT_S", 1.0)
+    with ThrowawayPostgres() as server:
+        postmaster = int((server.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        with pytest.raises(ProcessorError) as failed, ops.errors.postgres(server.url) as conn:
+            conn.execute("SELECT 1")
+            frozen = [postmaster, *children(postmaster)]
+            signal_all(frozen, signal.SIGSTOP)
+            started = time.monotonic()
+            try:
+                conn.execute("SELECT 2")
+            finally:
+                waited = time.monotonic() - started
+                signal_all(frozen, signal.SIGCONT)
+    assert failed.value.exit_code == ExitCode.FAILED and waited < 10
+    assert str(failed.value).startswith("cannot reach Postgres at") and "no answer within 1s" in str(failed.value)
