@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 POOLER_SAFE: dict[str, Any] = {"prepare_threshold": None}
+ANSWER_TIMEOUT_S = 60.0  # for a short-lived connection's every answer; see AnswerBounded
 PREPARE_THRESHOLD = 5  # psycopg's default: a statement is prepared on its sixth run
 
 
@@ -34,3 +35,25 @@ async def prepare_if_direct(conn: psycopg.AsyncConnection) -> bool:
     if direct:
         conn.prepare_threshold = PREPARE_THRESHOLD
     return direct
+
+
+class AnswerBounded(psycopg.Connection):  # type: ignore[type-arg]
+    """A connection whose every wait for an answer ends after `answer_timeout_s` (default
+    ANSWER_TIMEOUT_S), as an outage (an OperationalError), and closes it: libpq waits for ever on a
+    server that stopped answering without closing the connection (frozen, or cut off without a
+    reset). For the short statements of operator commands and of partition maintenance, not for
+    migrations, whose statements may rightly run for long."""
+
+    answer_timeout_s = ANSWER_TIMEOUT_S
+
+    def wait(self, gen, interval=0.1, timeout=None):  # type: ignore[no-untyped-def]
+        try:
+            return super().wait(gen, interval, self.answer_timeout_s if timeout is None else timeout)
+        except _WAIT_TIMEOUT as exc:
+            self.close()  # so that the block's end does not wait again, for a rollback
+            raise psycopg.OperationalError(
+                f"no answer within {self.answer_timeout_s:.0f}s (the server stopped answering, or a lock is held that long)"
+            ) from exc
+
+
+_WAIT_TIMEOUT = getattr(psycopg.errors, "_WaitTimeout", psycopg.errors.OperationalError)  # psycopg ≥ 3.2

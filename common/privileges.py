@@ -11,7 +11,7 @@ from __future__ import annotations
 import psycopg
 
 from common.faults import one_line
-from common.postgres import POOLER_SAFE
+from common.postgres import POOLER_SAFE, AnswerBounded
 
 RUNTIME_ROLE = "processor_runtime"
 
@@ -64,7 +64,7 @@ def explain(url: str, error: BaseException, timeout_s: int = 5) -> str | None:
     None when the check itself cannot run; the caller then says what the server said.
     """
     try:
-        with psycopg.connect(url, autocommit=True, connect_timeout=timeout_s, **POOLER_SAFE) as conn:
+        with AnswerBounded.connect(url, autocommit=True, connect_timeout=timeout_s, **POOLER_SAFE) as conn:
             role = conn.info.user
             lacking = missing(conn)
     except psycopg.Error:

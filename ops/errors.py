@@ -25,7 +25,7 @@ from common import refusals
 from common.config import redact_url
 from common.errors import ExitCode, ProcessorError
 from common.faults import Outcome, classify, one_line, server_of, untrusted_certificate
-from common.postgres import POOLER_SAFE
+from common.postgres import POOLER_SAFE, AnswerBounded
 from common.redis_client import keep_field_pairs, sync_client
 
 REDIS_TIMEOUT_S = 10.0
@@ -78,28 +78,17 @@ def redis_client(url: str, *, unreachable: str = "cannot reach", note: str = "")
 def postgres(url: str) -> Iterator[psycopg.Connection]:
     """A connection, committed when the block ends (rolled back on an error); failures as in `redis_client`."""
     with translated(POSTGRES, url, unreachable="cannot connect to", connecting=True):
-        conn = _AnswerBounded.connect(url, connect_timeout=CONNECT_TIMEOUT_S, application_name=CLIENT_NAME, **POOLER_SAFE)
+        conn = _CommandConnection.connect(url, connect_timeout=CONNECT_TIMEOUT_S, application_name=CLIENT_NAME, **POOLER_SAFE)
     with translated(POSTGRES, url), conn:
         yield conn
 
 
-class _AnswerBounded(psycopg.Connection):  # type: ignore[type-arg]
-    """A connection whose every wait for an answer ends after ANSWER_TIMEOUT_S, as an outage (exit 1):
-    libpq waits for ever on a server that stopped answering without closing the connection
-    (frozen, or cut off without a reset). The connection is closed then, so that the block's
-    end does not wait again, for a rollback."""
+class _CommandConnection(AnswerBounded):
+    """An operator command's connection: a statement unanswered for ANSWER_TIMEOUT_S is an outage (exit 1)."""
 
-    def wait(self, gen, interval=0.1, timeout=None):  # type: ignore[no-untyped-def]
-        try:
-            return super().wait(gen, interval, ANSWER_TIMEOUT_S if timeout is None else timeout)
-        except _WAIT_TIMEOUT as exc:
-            self.close()
-            raise psycopg.OperationalError(
-                f"no answer within {ANSWER_TIMEOUT_S:.0f}s (the server stopped answering, or a lock is held that long)"
-            ) from exc
-
-
-_WAIT_TIMEOUT = getattr(psycopg.errors, "_WaitTimeout", psycopg.errors.OperationalError)  # psycopg ≥ 3.2
+    @property
+    def answer_timeout_s(self) -> float:  # type: ignore[override]
+        return ANSWER_TIMEOUT_S  # read at each wait: tests shorten it
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from common import privileges
 from common.errors import ConfigError, MigrationError
 from common.faults import one_line
 from common.keys import MIGRATION_LOCK_KEY
-from common.postgres import POOLER_SAFE
+from common.postgres import POOLER_SAFE, AnswerBounded
 from common.versions import check_postgres
 
 log = logging.getLogger("processor.migrations")
@@ -245,7 +245,7 @@ def migration_names(migrations: list[Migration]) -> list[str]:
 
 def check_runtime_role(url: str) -> None:
     """DATABASE_URL's role must hold every privilege the shards use: name what it lacks (exit 78)."""
-    with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **POOLER_SAFE) as conn:
+    with AnswerBounded.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **POOLER_SAFE) as conn:
         check_postgres(conn)
         lacking = privileges.missing(conn)
         if lacking:

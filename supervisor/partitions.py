@@ -43,7 +43,7 @@ from common.config import Settings
 from common.contract import retention_horizon
 from common.faults import Outcome, classify, one_line
 from common.keys import PARTITION_LOCK_KEY
-from common.postgres import POOLER_SAFE
+from common.postgres import POOLER_SAFE, AnswerBounded
 from common.status import StatusBoard
 from supervisor.maintenance import Duty
 from supervisor.migrations import ddl_refusal
@@ -208,7 +208,7 @@ def maintain(
 
     `ahead_only`: only the days beyond the newest partition are created (the supervisor's pass
     before it starts the shards); gaps and drops are left to the maintenance process."""
-    with psycopg.connect(
+    with AnswerBounded.connect(
         url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="processor maintenance", **POOLER_SAFE
     ) as conn:
         conn.execute("SET TimeZone = 'UTC'")
