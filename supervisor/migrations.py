@@ -38,7 +38,9 @@ from common.versions import check_postgres
 log = logging.getLogger("processor.migrations")
 
 LOCK_WAIT_S = 120.0  # for the migration lock; and for the table locks of one file
-MIGRATION_LOCK_TIMEOUT = "5s"
+# Short: every writer that asks for the table after the migration waits behind its request (a
+# shard's batch, for as long as this at most); the file is tried again, with backoff, instead.
+MIGRATION_LOCK_TIMEOUT = "500ms"
 LOCK_POLL_S = 0.2
 SCHEMA_WAIT_S = 120.0  # how long a role that may not migrate waits for the owner to do it
 SCHEMA_POLL_S = 1.0
