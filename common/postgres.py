@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 
 POOLER_SAFE: dict[str, Any] = {"prepare_threshold": None}
-ANSWER_TIMEOUT_S = 60.0  # for a short-lived connection's every answer; see AnswerBounded
+ANSWER_TIMEOUT_S = 30.0  # for a short-lived connection's every answer; see AnswerBounded
 PREPARE_THRESHOLD = 5  # psycopg's default: a statement is prepared on its sixth run
 
 
@@ -56,4 +56,5 @@ class AnswerBounded(psycopg.Connection):  # type: ignore[type-arg]
             ) from exc
 
 
-_WAIT_TIMEOUT = getattr(psycopg.errors, "_WaitTimeout", psycopg.errors.OperationalError)  # psycopg ≥ 3.2
+# psycopg's own (private) timeout of a wait, taken at import so that a psycopg without it fails loudly.
+_WAIT_TIMEOUT = psycopg.errors._WaitTimeout

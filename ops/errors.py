@@ -30,7 +30,6 @@ from common.redis_client import keep_field_pairs, sync_client
 
 REDIS_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10
-ANSWER_TIMEOUT_S = 30.0  # a statement unanswered this long: the server stopped answering (or a lock is held that long)
 CLIENT_NAME = "processor-cli"  # Redis CLIENT LIST and Postgres application_name
 
 REDIS, POSTGRES = "Redis", "Postgres"
@@ -78,17 +77,9 @@ def redis_client(url: str, *, unreachable: str = "cannot reach", note: str = "")
 def postgres(url: str) -> Iterator[psycopg.Connection]:
     """A connection, committed when the block ends (rolled back on an error); failures as in `redis_client`."""
     with translated(POSTGRES, url, unreachable="cannot connect to", connecting=True):
-        conn = _CommandConnection.connect(url, connect_timeout=CONNECT_TIMEOUT_S, application_name=CLIENT_NAME, **POOLER_SAFE)
+        conn = AnswerBounded.connect(url, connect_timeout=CONNECT_TIMEOUT_S, application_name=CLIENT_NAME, **POOLER_SAFE)
     with translated(POSTGRES, url), conn:
         yield conn
-
-
-class _CommandConnection(AnswerBounded):
-    """An operator command's connection: a statement unanswered for ANSWER_TIMEOUT_S is an outage (exit 1)."""
-
-    @property
-    def answer_timeout_s(self) -> float:  # type: ignore[override]
-        return ANSWER_TIMEOUT_S  # read at each wait: tests shorten it
 
 
 @contextmanager

@@ -9,10 +9,10 @@ runs as one transaction. The ledger row is written after the last step. A no-tra
 is for work that must not hold its locks for the whole migration (converting a large table
 while writers keep writing). Its rule: **every step is idempotent**, so that a migration
 interrupted midway (a crash, a lost connection, a failed step) is simply run again from its
-first step at the next start. A step that fails because it could not get a lock within its
-own `lock_timeout` (SQLSTATE 55P03) is retried, after a pause, up to STEP_LOCK_ATTEMPTS
-times: a step can ask for an exclusive lock briefly, sparing the writers queued behind it a
-long wait, and simply try again.
+first step at the next start. A file in a transaction, or a step, that fails because it
+could not get a lock within the session's (or its own) `lock_timeout` (SQLSTATE 55P03) is
+retried, after a pause, up to STEP_LOCK_ATTEMPTS times: it asks for a lock briefly, sparing
+the writers queued behind it a long wait, and simply tries again.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,7 +38,7 @@ from common.versions import check_postgres
 
 log = logging.getLogger("processor.migrations")
 
-LOCK_WAIT_S = 120.0  # for the migration lock; and for the table locks of one file
+LOCK_WAIT_S = 120.0  # for the migration lock
 # Short: every writer that asks for the table after the migration waits behind its request (a
 # shard's batch, for as long as this at most); the file is tried again, with backoff, instead.
 MIGRATION_LOCK_TIMEOUT = "500ms"
@@ -47,7 +48,7 @@ SCHEMA_POLL_S = 1.0
 CONNECT_TIMEOUT_S = 10
 NO_TRANSACTION = "-- processor: no-transaction"
 STEP = "-- processor: step"
-STEP_LOCK_ATTEMPTS = 60  # a step refused its lock this often in a row fails the migration
+STEP_LOCK_ATTEMPTS = 60  # a file or step refused its lock this often in a row fails the migration
 _FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 
 _CREATE_LEDGER = """
@@ -319,41 +320,31 @@ _RECORD = "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %
 
 
 def _apply_one(conn: psycopg.Connection, migration: Migration, between=lambda: None) -> None:  # type: ignore[no-untyped-def]
-    """Apply one file; a lock not granted within the lock_timeout is asked for again (`between`, the
-    supervisor's signal check, runs before each new try), for at most LOCK_WAIT_S. The session
-    lost (the server restarted, the connection broke) is raised as it is: an outage, after which
-    the caller starts over."""
+    """Apply one file; a lock not granted within the lock_timeout is asked for again (`_asking`).
+    The session lost (the server restarted, the connection broke) is raised as it is: an
+    outage, after which the caller starts over."""
     started = time.monotonic()
     record = (migration.version, migration.name, migration.checksum)
-    backoff = Backoff(base_s=0.2, cap_s=5.0)
-    while True:
-        try:
-            if migration.in_transaction:
-                with conn.transaction():
-                    conn.execute(migration.sql.encode())
-                    conn.execute(_RECORD, record)
-            else:
-                steps = migration.steps
-                for number, step in enumerate(steps, 1):
-                    _run_step(conn, migration, number, len(steps), step, between)
-                conn.execute(_RECORD, record)
-            break
-        except psycopg.errors.LockNotAvailable as exc:
-            if not migration.in_transaction or time.monotonic() - started >= LOCK_WAIT_S:
-                raise _failed(migration, exc) from exc
-            between()
-            if backoff.failures == 0:
-                log.warning("migration waiting for a lock another session holds; trying again",
-                            extra={"version": migration.version, "migration": migration.name, "error": one_line(exc)})
-            time.sleep(backoff.next_delay())
-        except psycopg.errors.Error as exc:
-            if _session_lost(conn, exc):
-                raise
-            raise _failed(migration, exc) from exc
-    log.info(
-        "migration applied",
-        extra={"version": migration.version, "migration": migration.name, "seconds": round(time.monotonic() - started, 3)},
-    )
+    where = {"version": migration.version, "migration": migration.name}
+
+    def whole_file() -> None:
+        with conn.transaction():
+            conn.execute(migration.sql.encode())
+            conn.execute(_RECORD, record)
+
+    try:
+        if migration.in_transaction:
+            _asking(whole_file, "migration waiting for a lock another session holds; trying again", where, between)
+        else:
+            steps = migration.steps
+            for number, step in enumerate(steps, 1):
+                _run_step(conn, step, {**where, "step": number, "steps": len(steps)}, between)
+            conn.execute(_RECORD, record)
+    except psycopg.errors.Error as exc:
+        if _session_lost(conn, exc):
+            raise
+        raise _failed(migration, exc) from exc
+    log.info("migration applied", extra={**where, "seconds": round(time.monotonic() - started, 3)})
 
 
 def _session_lost(conn: psycopg.Connection, exc: psycopg.Error) -> bool:
@@ -376,24 +367,26 @@ def _failed(migration: Migration, exc: psycopg.Error) -> MigrationError:
     )
 
 
-def _run_step(
-    conn: psycopg.Connection, migration: Migration, number: int, steps: int, sql: str, between=lambda: None  # type: ignore[no-untyped-def]
-) -> None:
+def _run_step(conn: psycopg.Connection, sql: str, where: dict[str, object], between=lambda: None) -> None:  # type: ignore[no-untyped-def]
     """One step of a no-transaction file, sent as it is; a lock it could not get is asked for again."""
+    started = time.monotonic()
+    _asking(lambda: conn.execute(sql.encode()), "migration step could not get its lock in time; trying again", where, between)
+    log.info("migration step done", extra={**where, "seconds": round(time.monotonic() - started, 3)})
+
+
+def _asking(attempt: Callable[[], object], message: str, where: dict[str, object], between: Callable[[], None]) -> None:
+    """Run `attempt` (a whole file in a transaction, or one step) until it is not refused a lock
+    within the session's lock_timeout, STEP_LOCK_ATTEMPTS tries at most; before each new try,
+    `between` (the supervisor's signal check) and a pause."""
     backoff = Backoff(base_s=0.2, cap_s=5.0)
-    where = {"version": migration.version, "migration": migration.name, "step": number, "steps": steps}
     while True:
-        started = time.monotonic()
         try:
-            conn.execute(sql.encode())
+            attempt()
+            return
         except psycopg.errors.LockNotAvailable as exc:
             if backoff.failures + 1 >= STEP_LOCK_ATTEMPTS:
                 raise
             between()
             delay = backoff.next_delay()
-            log.warning("migration step could not get its lock in time; trying again",
-                        extra={**where, "error": str(exc).strip(), "retry_in_s": round(delay, 2)})
+            log.warning(message, extra={**where, "error": one_line(exc), "retry_in_s": round(delay, 2)})
             time.sleep(delay)
-            continue
-        log.info("migration step done", extra={**where, "seconds": round(time.monotonic() - started, 3)})
-        return

@@ -103,17 +103,18 @@ def test_a_bug_in_a_command_exits_70_with_one_line(capsys: pytest.CaptureFixture
 
 def test_a_postgres_that_stops_answering_mid_command_is_an_outage(monkeypatch: pytest.MonkeyPatch) -> None:
     """A server frozen after the command connected (SIGSTOP, or a network that drops packets): libpq
-    waited for ever. Now each answer is waited for ANSWER_TIMEOUT_S, then one line, exit 1."""
+    waited for ever. Now each answer is waited for AnswerBounded.answer_timeout_s, then one line, exit 1."""
     import signal
     import time
 
     import ops.errors
+    from common.postgres import AnswerBounded
     from scripts.toolkit.processes import children, signal_all
     from scripts.toolkit.services import ThrowawayPostgres, missing_binaries
 
     if advice := missing_binaries():
         pytest.skip("; ".join(advice))
-    monkeypatch.setattr(ops.errors, "ANSWER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(AnswerBounded, "answer_timeout_s", 1.0)
     with ThrowawayPostgres() as server:
         postmaster = int((server.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
         with pytest.raises(ProcessorError) as failed, ops.errors.postgres(server.url) as conn:

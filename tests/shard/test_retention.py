@@ -240,7 +240,7 @@ def test_a_batch_with_late_fixes_on_both_sides_of_the_floor_replays_those_above_
     assert any(r.getMessage().startswith("late fix reaches history that retention dropped") for r in caplog.records)
 
 
-def test_a_visit_that_ended_at_the_first_kept_fix_does_not_stop_the_replay(
+def test_a_late_fix_after_a_visit_that_ended_at_the_first_kept_fix_is_replayed_exactly(
     redis_client, database_url, stream_key, settings: Settings
 ) -> None:
     """A visit entered in dropped history and left at the first kept fix is closed there: a late fix
