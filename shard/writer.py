@@ -163,7 +163,14 @@ class PositionWriter:
                     log.debug("cached state changed under the batch; writing it again", extra={"device_id": str(exc)})
         except Exception as exc:
             if classify(exc) is Outcome.OUTAGE:
-                await conn.close()  # the next attempt starts from a fresh connection
+                # The next attempt starts from a fresh connection; so does every later batch: an
+                # idle connection was most likely cut by the same outage, and taking it after the
+                # server is back would fail a batch (and log a second outage) for nothing.
+                await conn.close()
+                idle, self._idle = self._idle, []
+                for other in idle:
+                    self._open.discard(other)
+                    await other.close()
             raise
         finally:
             if conn.closed:
