@@ -122,9 +122,6 @@ class GeofenceIndex:
     def __init__(self, geofences: Iterable[Geofence], revision: int = 0) -> None:
         self.revision = revision
         self.by_id = {g.id: g for g in geofences}
-        # The ids as a Postgres array literal, written once: psycopg would dump a list of
-        # 10,000 ids element by element (~10 ms) for every statement that names them.
-        self.ids_array = id_array(self.by_id)
         entries: list[BaseGeometry] = []
         owners: list[Geofence] = []
         for geofence in self.by_id.values():

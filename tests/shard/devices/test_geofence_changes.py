@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import psycopg
+import pytest
 
 from common.keys import DEVICE_LOCK_CLASS
 from shard.devices import DeviceStates
@@ -74,6 +75,7 @@ def test_a_shard_with_an_older_index_uses_the_geofence_imported_before_its_batch
     assert_same_result(stored, timeline_replay(track, [(None, [C])]))
 
 
+@pytest.mark.usefixtures("visit_deletion")
 def test_deactivation_and_reactivation_take_effect_at_the_next_batch_whatever_its_shard_holds(database_url: str) -> None:
     """Both shards hold C; it is deactivated, then reactivated, between batches written by stale shards.
 
@@ -176,6 +178,7 @@ def test_a_fix_records_the_revision_its_batch_derived_with_even_one_loaded_after
     assert names(stored_result(database_url)[0]) == [("d1", "C", 0, None, 1)]
 
 
+@pytest.mark.usefixtures("visit_deletion")
 def test_a_late_fix_replays_history_with_the_geofences_each_fix_was_derived_with(database_url: str) -> None:
     """Two shards interleave a device's batches, so one writes a fix older than the device's newest
     after the geofences changed. Its replay spans the history before the change (BIG's visit is open

@@ -147,6 +147,7 @@ def test_a_visit_stores_any_valid_speed_as_its_real(migrated: str, speed: float)
     assert max_speed == last_speed == as_float4
 
 
+@pytest.mark.usefixtures("visit_deletion")
 def test_late_fixes_are_replayed_to_what_an_in_order_pass_gives(migrated: str) -> None:
     """Fixes older than the device's newest (one inside B, one before all) rewrite visits and odometer."""
     on_time = [point("d1", s, lon, lat) for s, lon, lat in ((10, -0.5, 0.5), (20, 0.25, 0.5), (30, 0.3, 0.6), (50, 0.4, 0.5), (60, -0.2, 0.4))]
@@ -166,6 +167,7 @@ def test_late_fixes_are_replayed_to_what_an_in_order_pass_gives(migrated: str) -
     assert_same_result(stored_result(migrated), (rows, odometers))
 
 
+@pytest.mark.usefixtures("visit_deletion")
 def test_a_fleet_split_between_two_shards_equals_a_serial_replay(database_url: str) -> None:
     """Round-robin, late uploads and resent fixes, batches alternating between two shards' caches."""
     apply_migrations(database_url)
@@ -267,6 +269,7 @@ def test_bump_state_version_under_the_device_lock(migrated: str) -> None:
     assert (version(migrated, "d1"), version(migrated, "ghost")) == (2, None)
 
 
+@pytest.mark.usefixtures("visit_deletion")
 def test_late_devices_of_one_batch_replay_through_one_prefetch(migrated: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Devices outside every visit take the batch's one prefetch; one inside a visit, and one whose late
     fix precedes all its history, take the step-by-step path: all end as an in-order pass gives."""
