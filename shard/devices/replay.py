@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from shard.devices.track import DeviceState, TrackFix, Visit, adopt_replay, advance
-from shard.geo import GeofenceIndex, haversine_m, id_array
+from shard.geo import GeofenceIndex, haversine_m, id_ranges, multirange
 from shard.geofences import GeofenceSource
 
 log = logging.getLogger("processor.writer")
@@ -107,14 +107,14 @@ WHERE NOT EXISTS (
     WHERE tr.device_id = l.device_id AND tr.entered_at <= prev.ts AND (tr.exited_at IS NULL OR tr.exited_at > prev.ts))
 ORDER BY l.device_id, f.ts
 """
-# Up to this many ids are sent with the delete; more are narrowed first (`_delete_visits`).
-_IDS_SENT_WHOLE = 64
+# Up to this many runs of ids are sent with the delete; more are narrowed first (`_delete_visits`).
+_RUNS_SENT_WHOLE = 64
 _VISITED_BETWEEN = """
 SELECT DISTINCT geofence_id FROM timing_records WHERE device_id = %s AND entered_at > %s AND entered_at < %s
 """
 _DELETE_VISITS = """
 DELETE FROM timing_records
-WHERE device_id = %s AND geofence_id = ANY(%s::bigint[]) AND entered_at > %s AND entered_at < %s
+WHERE device_id = %s AND geofence_id <@ %s::int8multirange AND entered_at > %s AND entered_at < %s
 """
 
 
@@ -213,36 +213,39 @@ async def replay_late(
                 break
         after = chunk[-1][0].ts
     upper = stop.ts if stop is not None else datetime.max.replace(tzinfo=newest_new.tzinfo)
-    replayed = _replayed_geofences(used)
+    replayed, runs = _replayed_geofences(used)
     if replayed:  # visits of no other geofence can have been entered in the stretch
-        await _delete_visits(cur, state.device_id, replayed, lower, upper)
+        await _delete_visits(cur, state.device_id, replayed, runs, lower, upper)
     adopt_replay(state, replay, old_distance, to_newest=stop is None, replayed=replayed)
     return list(visits.values())
 
 
-def _replayed_geofences(used: dict[int, GeofenceIndex]) -> Collection[int]:
-    """The ids of the geofences a replay evaluated: usually one index's own keys, as a union built
-    per replay cost O(geofences) each time (a third of a shard's time with 10,000 of them)."""
+def _replayed_geofences(used: dict[int, GeofenceIndex]) -> tuple[Collection[int], list[tuple[int, int]]]:
+    """The ids of the geofences a replay evaluated, and their runs (`id_ranges`): usually one
+    index's own, made once, as a union built per replay cost O(geofences) each time (a third of a
+    shard's time with 10,000 of them)."""
     if len(used) == 1:
         (only,) = used.values()
-        return only.by_id.keys()
-    return {geofence_id for used_index in used.values() for geofence_id in used_index.by_id}
+        return only.by_id.keys(), only.id_ranges
+    union = {geofence_id for used_index in used.values() for geofence_id in used_index.by_id}
+    return union, id_ranges(union)
 
 
 async def _delete_visits(
-    cur: psycopg.AsyncCursor, device_id: str, replayed: Collection[int], lower: datetime, upper: datetime
+    cur: psycopg.AsyncCursor, device_id: str, replayed: Collection[int], runs: list[tuple[int, int]],
+    lower: datetime, upper: datetime,
 ) -> None:
-    """Delete the device's visits of `replayed` geofences entered between `lower` and `upper`.
+    """Delete the device's visits of `replayed` geofences (in `runs`) entered between `lower` and `upper`.
 
-    A large set is first narrowed to the geofences the stretch has visits of (a few): Postgres
-    parses an array of 10,000 ids in milliseconds, for every replayed device.
+    Ids in many runs (geofences deactivated here and there) are first narrowed to those the
+    stretch has visits of (a few): each run costs Postgres parsing, for every replayed device.
     """
-    if len(replayed) > _IDS_SENT_WHOLE:
+    if len(runs) > _RUNS_SENT_WHOLE:
         await cur.execute(_VISITED_BETWEEN, (device_id, lower, upper))
-        replayed = [geofence_id for (geofence_id,) in await cur.fetchall() if geofence_id in replayed]
-        if not replayed:
+        runs = id_ranges(geofence_id for (geofence_id,) in await cur.fetchall() if geofence_id in replayed)
+        if not runs:
             return
-    await cur.execute(_DELETE_VISITS, (device_id, id_array(sorted(replayed)), lower, upper))
+    await cur.execute(_DELETE_VISITS, (device_id, multirange(runs), lower, upper))
 
 
 async def _evaluated(

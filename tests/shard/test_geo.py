@@ -7,8 +7,10 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from shard.geo import EARTH_RADIUS_M, Geofence, GeofenceIndex, GeometryError, haversine_m, parse_geofence
+from shard.geo import EARTH_RADIUS_M, Geofence, GeofenceIndex, GeometryError, haversine_m, id_ranges, parse_geofence
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ONE_MS = timedelta(milliseconds=1)
@@ -240,3 +242,10 @@ def test_a_crossing_is_found_to_the_microsecond_whatever_the_fix_interval(interv
     found = index.crossing_at(1, (t0, 0.5, 1.5), (t0 + interval, 0.5, 3.0))
     exact = t0 + interval / 3
     assert found is not None and abs(found - exact) <= timedelta(microseconds=1)
+
+
+@given(st.sets(st.integers(min_value=1, max_value=200), max_size=60))
+def test_id_ranges_are_the_fewest_runs_holding_exactly_the_ids(ids: set[int]) -> None:
+    runs = id_ranges(ids)
+    assert [i for first, last in runs for i in range(first, last + 1)] == sorted(ids)
+    assert all(runs[k][1] + 1 < runs[k + 1][0] for k in range(len(runs) - 1))  # none could be merged

@@ -9,7 +9,7 @@ from shard.devices import replay
 
 @pytest.fixture(params=["ids sent whole", "ids narrowed first"])
 def visit_deletion(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """As many geofences as a large fleet has (0: every replay narrows its ids first), or as few as these tests use."""
+    """Ids in more runs than any set of these tests (0: every replay narrows them first), or as these tests have them."""
     if request.param == "ids narrowed first":
-        monkeypatch.setattr(replay, "_IDS_SENT_WHOLE", 0)
+        monkeypatch.setattr(replay, "_RUNS_SENT_WHOLE", 0)
     return request.param

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from shard.devices.replay import _delete_visits
+from shard.geo import id_ranges
 from supervisor.migrations import apply_migrations
 from tests.e2e.fleet import insert_geofences
 from tests.shard.devices.test_states import square
@@ -20,7 +21,8 @@ T0 = datetime(2026, 3, 1, 8, tzinfo=timezone.utc)
 @pytest.mark.usefixtures("visit_deletion")
 def test_only_the_evaluated_geofences_visits_inside_the_stretch_are_deleted(database_url: str) -> None:
     apply_migrations(database_url)
-    insert_geofences(database_url, [square(name, 0, 1) for name in ("EVALUATED", "NOT_EVALUATED")])
+    # Ids 1, 2, 3: the evaluated ones are two runs, with the other between them.
+    insert_geofences(database_url, [square(name, 0, 1) for name in ("EVALUATED", "NOT_EVALUATED", "ALSO_EVALUATED")])
     with psycopg.connect(database_url) as conn:
         ids = dict(conn.execute("SELECT name, id FROM geofences").fetchall())
         for name in ids:
@@ -32,7 +34,8 @@ def test_only_the_evaluated_geofences_visits_inside_the_stretch_are_deleted(data
 
     async def delete() -> None:
         async with await psycopg.AsyncConnection.connect(database_url) as conn, conn.cursor() as cur:
-            await _delete_visits(cur, "d1", {ids["EVALUATED"]}, T0 + timedelta(seconds=10), T0 + timedelta(seconds=40))
+            replayed = {ids["EVALUATED"], ids["ALSO_EVALUATED"]}
+            await _delete_visits(cur, "d1", replayed, id_ranges(replayed), T0 + timedelta(seconds=10), T0 + timedelta(seconds=40))
 
     asyncio.run(delete())
     with psycopg.connect(database_url) as conn:
@@ -40,5 +43,5 @@ def test_only_the_evaluated_geofences_visits_inside_the_stretch_are_deleted(data
             "SELECT t.device_id, g.name, extract(epoch FROM t.entered_at - %s)::int FROM timing_records t"
             " JOIN geofences g ON g.id = t.geofence_id ORDER BY 1, 2, 3", (T0,)
         ).fetchall()
-    assert kept == [("d1", "EVALUATED", 10), ("d1", "EVALUATED", 40)] + [("d1", "NOT_EVALUATED", s) for s in (10, 20, 30, 40)] + [
-        ("d2", "EVALUATED", 20), ("d2", "NOT_EVALUATED", 20)]
+    assert kept == [("d1", "ALSO_EVALUATED", 10), ("d1", "ALSO_EVALUATED", 40), ("d1", "EVALUATED", 10), ("d1", "EVALUATED", 40)] + [
+        ("d1", "NOT_EVALUATED", s) for s in (10, 20, 30, 40)] + [("d2", name, 20) for name in ("ALSO_EVALUATED", "EVALUATED", "NOT_EVALUATED")]
