@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import psycopg
 
@@ -107,14 +108,23 @@ WHERE NOT EXISTS (
     WHERE tr.device_id = l.device_id AND tr.entered_at <= prev.ts AND (tr.exited_at IS NULL OR tr.exited_at > prev.ts))
 ORDER BY l.device_id, f.ts
 """
-# Up to this many runs of ids are sent with the delete; more are narrowed first (`_delete_visits`).
+# Up to this many runs of ids are sent with the delete; more are narrowed first (`delete_replayed_visits`).
 _RUNS_SENT_WHOLE = 64
+# Both name the devices twice: `= ANY` lets the planner use the index on timing_records'
+# device_id whatever it guesses of the unnest, which pairs each device with its bounds.
 _VISITED_BETWEEN = """
-SELECT DISTINCT geofence_id FROM timing_records WHERE device_id = %s AND entered_at > %s AND entered_at < %s
+SELECT DISTINCT tr.device_id, tr.geofence_id
+FROM timing_records tr
+JOIN unnest(%(devices)s::text[], %(lower)s::timestamptz[], %(upper)s::timestamptz[]) AS d(device_id, lower, upper)
+  ON tr.device_id = d.device_id COLLATE "C" AND tr.entered_at > d.lower AND tr.entered_at < d.upper
+WHERE tr.device_id = ANY(%(devices)s::text[])
 """
 _DELETE_VISITS = """
-DELETE FROM timing_records
-WHERE device_id = %s AND geofence_id <@ %s::int8multirange AND entered_at > %s AND entered_at < %s
+DELETE FROM timing_records tr
+USING unnest(%(devices)s::text[], %(ids)s::int8multirange[], %(lower)s::timestamptz[], %(upper)s::timestamptz[])
+  AS d(device_id, ids, lower, upper)
+WHERE tr.device_id = ANY(%(devices)s::text[]) AND tr.device_id = d.device_id COLLATE "C"
+  AND tr.geofence_id <@ d.ids AND tr.entered_at > d.lower AND tr.entered_at < d.upper
 """
 
 
@@ -143,10 +153,13 @@ async def replay_late(
     new_ts: set[datetime],
     index: GeofenceIndex,
     source: GeofenceSource,
+    deletions: list[VisitDeletion],
     prefetched: Prefetched | None = None,
     recorded: datetime | None = None,
 ) -> list[Visit]:
-    """Bring `state` (and timing_records) to what an in-order replay gives; returns visits to upsert.
+    """Bring `state` to what an in-order replay gives; returns visits to upsert, and adds to
+    `deletions` the stored visits they replace (for `delete_replayed_visits`, after every late
+    device of the batch: each replay reads only its own device's visits).
 
     `new_ts` are the times of the device's fixes this batch stored (already in
     `positions`, inside the caller's transaction, under the device's lock), derived with
@@ -215,7 +228,7 @@ async def replay_late(
     upper = stop.ts if stop is not None else datetime.max.replace(tzinfo=newest_new.tzinfo)
     replayed, runs = _replayed_geofences(used)
     if replayed:  # visits of no other geofence can have been entered in the stretch
-        await _delete_visits(cur, state.device_id, replayed, runs, lower, upper)
+        deletions.append(VisitDeletion(state.device_id, replayed, runs, lower, upper))
     adopt_replay(state, replay, old_distance, to_newest=stop is None, replayed=replayed)
     return list(visits.values())
 
@@ -231,21 +244,41 @@ def _replayed_geofences(used: dict[int, GeofenceIndex]) -> tuple[Collection[int]
     return union, id_ranges(union)
 
 
-async def _delete_visits(
-    cur: psycopg.AsyncCursor, device_id: str, replayed: Collection[int], runs: list[tuple[int, int]],
-    lower: datetime, upper: datetime,
-) -> None:
-    """Delete the device's visits of `replayed` geofences (in `runs`) entered between `lower` and `upper`.
+class VisitDeletion(NamedTuple):
+    """A replayed device's stored visits of `replayed` geofences (in `runs`) entered between `lower` and `upper`."""
+
+    device_id: str
+    replayed: Collection[int]
+    runs: list[tuple[int, int]]
+    lower: datetime
+    upper: datetime
+
+
+async def delete_replayed_visits(cur: psycopg.AsyncCursor, deletions: list[VisitDeletion]) -> None:
+    """Delete the visits the batch's replays rebuilt, every device's in one statement.
 
     Ids in many runs (geofences deactivated here and there) are first narrowed to those the
     stretch has visits of (a few): each run costs Postgres parsing, for every replayed device.
     """
-    if len(runs) > _RUNS_SENT_WHOLE:
-        await cur.execute(_VISITED_BETWEEN, (device_id, lower, upper))
-        runs = id_ranges(geofence_id for (geofence_id,) in await cur.fetchall() if geofence_id in replayed)
-        if not runs:
-            return
-    await cur.execute(_DELETE_VISITS, (device_id, multirange(runs), lower, upper))
+    wide = [d for d in deletions if len(d.runs) > _RUNS_SENT_WHOLE]
+    if wide:
+        await cur.execute(_VISITED_BETWEEN, _bounds(wide))
+        visited: dict[str, list[int]] = {}
+        for device_id, geofence_id in await cur.fetchall():
+            visited.setdefault(device_id, []).append(geofence_id)
+        narrowed = {d.device_id: id_ranges(g for g in visited.get(d.device_id, ()) if g in d.replayed) for d in wide}
+        deletions = [d._replace(runs=narrowed.get(d.device_id, d.runs)) for d in deletions]
+        deletions = [d for d in deletions if d.runs]
+    if deletions:
+        await cur.execute(_DELETE_VISITS, {**_bounds(deletions), "ids": [multirange(d.runs) for d in deletions]})
+
+
+def _bounds(deletions: list[VisitDeletion]) -> dict[str, list]:
+    return {
+        "devices": [d.device_id for d in deletions],
+        "lower": [d.lower for d in deletions],
+        "upper": [d.upper for d in deletions],
+    }
 
 
 async def _evaluated(

@@ -37,7 +37,7 @@ import psycopg
 from shard.decode import Fix
 from shard.devices.cache import DeviceCache
 from shard.devices.live import derive, older_than_state
-from shard.devices.replay import prefetch_replays, recorded_floor, replay_late
+from shard.devices.replay import VisitDeletion, delete_replayed_visits, prefetch_replays, recorded_floor, replay_late
 from shard.devices.store import insert_positions_returning, store_derived
 from shard.devices.track import DeviceState
 from shard.geofences import GeofenceSource
@@ -132,10 +132,12 @@ class DeviceBatch:
         if derived.late:
             prefetched = await prefetch_replays(cur, derived.late)
             recorded = await recorded_floor(cur)
+            deletions: list[VisitDeletion] = []
             for device_id, new_ts in derived.late.items():
                 state = self._states[device_id]
-                visits = await replay_late(cur, state, new_ts, index, geofences, prefetched.get(device_id), recorded)
+                visits = await replay_late(cur, state, new_ts, index, geofences, deletions, prefetched.get(device_id), recorded)
                 derived.add_visits(device_id, visits)
+            await delete_replayed_visits(cur, deletions)
         # The revision derived with: `index`'s, which may be newer than the one the load read, if the
         # set had to be loaded (in another snapshot) and changed meanwhile.
         await store_derived(cur, derived, positions_inserted=inserted is not None, revision=index.revision)

@@ -1,4 +1,4 @@
-"""Replays delete the visits they rebuild by one of two paths (replay._delete_visits): both are tested."""
+"""Replays delete the visits they rebuild by one of two paths (replay.delete_replayed_visits): both are tested."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A replay deletes exactly the visits it rebuilds: of the geofences it evaluated, entered strictly
-inside its stretch, whichever path `_delete_visits` takes."""
+inside its stretch, whichever path `delete_replayed_visits` takes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from shard.devices.replay import _delete_visits
+from shard.devices.replay import VisitDeletion, delete_replayed_visits
 from shard.geo import id_ranges
 from supervisor.migrations import apply_migrations
 from tests.e2e.fleet import insert_geofences
@@ -35,7 +35,11 @@ def test_only_the_evaluated_geofences_visits_inside_the_stretch_are_deleted(data
     async def delete() -> None:
         async with await psycopg.AsyncConnection.connect(database_url) as conn, conn.cursor() as cur:
             replayed = {ids["EVALUATED"], ids["ALSO_EVALUATED"]}
-            await _delete_visits(cur, "d1", replayed, id_ranges(replayed), T0 + timedelta(seconds=10), T0 + timedelta(seconds=40))
+            await delete_replayed_visits(cur, [
+                VisitDeletion("d1", replayed, id_ranges(replayed), T0 + timedelta(seconds=10), T0 + timedelta(seconds=40)),
+                VisitDeletion("d2", {ids["EVALUATED"]}, id_ranges({ids["EVALUATED"]}), T0, T0 + timedelta(seconds=21)),
+                VisitDeletion("d3", replayed, id_ranges(replayed), T0, T0 + timedelta(seconds=99)),  # has none
+            ])
 
     asyncio.run(delete())
     with psycopg.connect(database_url) as conn:
@@ -44,4 +48,4 @@ def test_only_the_evaluated_geofences_visits_inside_the_stretch_are_deleted(data
             " JOIN geofences g ON g.id = t.geofence_id ORDER BY 1, 2, 3", (T0,)
         ).fetchall()
     assert kept == [("d1", "ALSO_EVALUATED", 10), ("d1", "ALSO_EVALUATED", 40), ("d1", "EVALUATED", 10), ("d1", "EVALUATED", 40)] + [
-        ("d1", "NOT_EVALUATED", s) for s in (10, 20, 30, 40)] + [("d2", name, 20) for name in ("ALSO_EVALUATED", "EVALUATED", "NOT_EVALUATED")]
+        ("d1", "NOT_EVALUATED", s) for s in (10, 20, 30, 40)] + [("d2", name, 20) for name in ("ALSO_EVALUATED", "NOT_EVALUATED")]
