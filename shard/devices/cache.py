@@ -137,4 +137,11 @@ def _time(text: str) -> datetime:
 
 
 def _describe(state: DeviceState) -> dict[str, object]:
-    return orjson.loads(orjson.dumps(state, default=lambda v: v.__dict__ if hasattr(v, "__dict__") else str(v)))
+    # Open visits are keyed by geofence id: JSON keys are strings, and without OPT_NON_STR_KEYS
+    # one open visit made the whole dump's state unavailable.
+    return orjson.loads(orjson.dumps(state, option=orjson.OPT_NON_STR_KEYS, default=_plain))
+
+
+def _plain(value: object) -> object:
+    """What orjson leaves to us: the last fix (a NamedTuple) by its field names."""
+    return value._asdict() if isinstance(value, TrackFix) else str(value)

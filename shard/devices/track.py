@@ -16,7 +16,7 @@ from typing import NamedTuple
 from shard.geo import GeofenceIndex, haversine_m
 
 
-@dataclass
+@dataclass(slots=True)
 class Visit:
     """One row of timing_records, identified by (device_id, geofence_id, entered_at)."""
 
@@ -39,7 +39,7 @@ class TrackFix(NamedTuple):
     speed: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceState:
     """Derived state after the device's newest processed fix; `version` is its row version."""
 
