@@ -2,8 +2,9 @@
 
 One decision, made here and nowhere else. Callers catch broadly and ask `classify`:
 
-- OUTAGE: a server is unreachable, restarting, read-only or full, or `positions` has no
-  partition for a row yet (partition maintenance is behind). Pause with backoff and retry;
+- OUTAGE: a server is unreachable, restarting, read-only or full, refusing new transactions
+  (its wraparound stop), or `positions` has no partition for a row yet (partition maintenance
+  is behind). Pause with backoff and retry;
   dead-letter nothing.
 - REFUSED: credentials, a missing privilege, a missing table, an unsupported server, a
   server at REDIS_URL that does not speak Redis' protocol, or a
@@ -100,6 +101,11 @@ POSTGRES_UNTRUSTED_MESSAGES = ("certificate verify failed", "does not match host
 # One row's content exceeds what Postgres can hold or process (an over-long value, a
 # document nested too deep): the row is at fault, not the server.
 POSTGRES_ROW_SQLSTATES = frozenset({"54000", "54001"})
+# ... except the same 54000 raised while the server assigns a transaction or MultiXact id: it
+# refuses every write until a VACUUM prevents wraparound, whatever the row. Known by the function
+# that raised it (sent in every language), or by the words.
+POSTGRES_ID_ASSIGNERS = frozenset({"GetNewTransactionId", "GetNewMultiXactId"})
+POSTGRES_WRAPAROUND_MESSAGE = "to avoid wraparound data loss"
 # PL/pgSQL's own errors (RAISE EXCEPTION, ASSERT, ...): our statements call none of it, so they
 # come from a trigger or function of the operator's refusing a row, as a CHECK constraint would.
 POSTGRES_PLPGSQL_CLASS = "P0"
@@ -171,7 +177,7 @@ def _classify_postgres(exc: psycopg.Error) -> Outcome:
     if sqlstate is None and isinstance(exc, psycopg.OperationalError):
         if any(text in str(exc) for text in POSTGRES_REFUSED_MESSAGES):
             return Outcome.REFUSED
-    if missing_partition(exc):
+    if missing_partition(exc) or wraparound_stop(exc):
         return Outcome.OUTAGE
     if sqlstate in POSTGRES_ROW_SQLSTATES or isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
         return Outcome.ROW_REJECTED
@@ -180,6 +186,14 @@ def _classify_postgres(exc: psycopg.Error) -> Outcome:
     if isinstance(exc, OUTAGE_TYPES):
         return Outcome.OUTAGE
     return Outcome.BUG
+
+
+def wraparound_stop(exc: psycopg.Error) -> bool:
+    """True when the server refuses new transaction ids (its wraparound stop limit): an outage
+    of the whole database until an operator's VACUUM, not a fault of any row."""
+    return exc.sqlstate == "54000" and (
+        exc.diag.source_function in POSTGRES_ID_ASSIGNERS or POSTGRES_WRAPAROUND_MESSAGE in str(exc)
+    )
 
 
 def missing_partition(exc: BaseException) -> bool:

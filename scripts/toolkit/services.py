@@ -360,6 +360,13 @@ class ThrowawayPostgres(_Throwaway):
                        lambda: f"postgres on port {self.port} not accepting connections; log tail:\n{_tail(log)}")
         return self
 
+    def run_tool(self, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run one of the server's programs (pg_resetwal, ...) as the user the cluster belongs to."""
+        self._tools = self._tools or _pg_tools()
+        if self._tools is None:
+            raise RuntimeError("; ".join(missing_binaries()))
+        return self._run(str(Path(self._tools[1]).with_name(name)), *args, timeout=timeout)
+
     def stop(self, mode: str = "fast") -> None:
         """pg_ctl stop (smart|fast|immediate), falling back to kill(); port and data are kept for start()."""
         if not self.running or self._tools is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from types import SimpleNamespace
 
 import psycopg
 import psycopg.errors
@@ -62,6 +63,11 @@ CASES = [
     (pg(psycopg.errors.LockNotAvailable), O.OUTAGE),
     (pg(psycopg.errors.QueryCanceled), O.OUTAGE),
     (pg(psycopg.errors.DiskFull), O.OUTAGE),
+    # The wraparound stop limit: every write refused, in any language (the raising function tells).
+    (pg(psycopg.errors.ProgramLimitExceeded,
+        'database is not accepting commands to avoid wraparound data loss in database "processor"'), O.OUTAGE),
+    (pg(psycopg.errors.ProgramLimitExceeded, 'database is not accepting commands that generate new MultiXactIds '
+        'to avoid wraparound data loss in database "processor"'), O.OUTAGE),
     (pg(psycopg.errors.ReadOnlySqlTransaction), O.OUTAGE),
     (pg(psycopg.errors.IdleInTransactionSessionTimeout), O.OUTAGE),
     (pg(psycopg.InterfaceError, "the connection is closed"), O.OUTAGE),
@@ -91,6 +97,7 @@ CASES = [
     (pg(psycopg.errors.UntranslatableCharacter), O.ROW_REJECTED),
     (pg(psycopg.errors.InvalidTextRepresentation), O.ROW_REJECTED),
     (pg(psycopg.errors.ProgramLimitExceeded), O.ROW_REJECTED),
+    (pg(psycopg.errors.ProgramLimitExceeded, "index row size 3000 exceeds btree version 4 maximum 2704"), O.ROW_REJECTED),
     (pg(psycopg.errors.StatementTooComplex, "stack depth limit exceeded"), O.ROW_REJECTED),
     # Postgres: our SQL is wrong
     (pg(psycopg.errors.SyntaxError), O.BUG),
@@ -148,3 +155,16 @@ def test_a_pipelines_acl_refusal_reads_as_redis_said_it() -> None:
         """Command # 1 (XACK s g 1-0) of pipeline caused error: ("this user has no permissions to run the 'xack' command",)""")
     assert acl_refusal(annotated, "redis://u:pw@h:6379/0") == (
         "Redis user u may not run XACK: this user has no permissions to run the 'xack' command (OPERATIONS.md, Redis ACL user)")
+
+
+class _LocalizedWraparound(psycopg.errors.ProgramLimitExceeded):
+    """The wraparound stop as a server with lc_messages=de_DE sends it: only the raising function is in English."""
+
+    @property
+    def diag(self) -> SimpleNamespace:  # type: ignore[override]
+        return SimpleNamespace(source_function="GetNewTransactionId")
+
+
+def test_the_wraparound_stop_is_an_outage_in_any_language() -> None:
+    stop = _LocalizedWraparound("Datenbank nimmt keine Befehle an, um Datenverlust durch Wraparound zu vermeiden")
+    assert classify(stop) is O.OUTAGE
