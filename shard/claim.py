@@ -23,6 +23,7 @@ from common.faults import unless_gone
 from common.keys import liveness_key, lost_key
 from common.redis_client import text
 from common.timing import LIVENESS_TTL_S
+from shard.read_size import ReadSize
 from shard.stream import ConsumerStream, Entry
 
 log = logging.getLogger("processor.claim")
@@ -103,7 +104,7 @@ class Claimer:
         self.settings = settings
         self.stream = stream
         self.redis = stream.redis
-        self.page = settings.batch_size
+        self.page = ReadSize(settings.batch_size)
         self.gone = 0  # claimed ids whose entries had been deleted or trimmed (counted lost)
         self.on_lost = on_lost
         self.lost_key = lost_key(stream.stream, stream.group)
@@ -168,7 +169,7 @@ class Claimer:
         """One consumer's pending entries idle at least `min_idle_ms`, claimed page by page."""
         while True:
             pending = await unless_gone(self.redis.xpending_range(
-                self.stream.stream, self.stream.group, "-", "+", self.page, consumername=consumer, idle=min_idle_ms
+                self.stream.stream, self.stream.group, "-", "+", self.page.count, consumername=consumer, idle=min_idle_ms
             ), [])
             if not pending:
                 return
@@ -179,6 +180,7 @@ class Claimer:
                 return
             entries, gone = reply
             entries = [(entry_id, fields) for entry_id, fields in entries]
+            self.page.saw(entries)
             self._count_gone(gone)
             if entries:  # an empty page still made progress: those ids left the consumer's list
                 yield entries
@@ -189,12 +191,13 @@ class Claimer:
         threshold = self.settings.claim_threshold_ms if min_idle_ms is None else min_idle_ms
         while True:
             keys = [self.stream.stream, self.lost_key]
-            args = [self.stream.group, self.stream.consumer, threshold, cursor, self.page]
+            args = [self.stream.group, self.stream.consumer, threshold, cursor, self.page.count]
             reply = await unless_gone(self._autoclaim(keys=keys, args=args), None)
             if reply is None:
                 return
             cursor, entries, deleted = reply
             entries = [(entry_id, fields) for entry_id, fields in entries]
+            self.page.saw(entries)
             # XCLAIM dropped the deleted ones from the pending list; nothing is left to store.
             self._count_gone(deleted)
             if entries:

@@ -12,6 +12,7 @@ from common.retry import retry
 from common.timing import LIVENESS_CHECK_S
 from shard.claim import Claimer
 from shard.pipeline import Pipeline
+from shard.read_size import ReadSize
 from shard.stream import ConsumerStream, Entry
 
 log = logging.getLogger("processor.shard")
@@ -24,7 +25,7 @@ class StreamReader:
     """Reads for one consumer: its own pending entries first (left by a previous life), then new ones."""
 
     def __init__(self, settings: Settings, stream: ConsumerStream, pipeline: Pipeline) -> None:
-        self.batch_size = settings.batch_size
+        self.size = ReadSize(settings.batch_size)
         self.stream = stream
         self.pipeline = pipeline
         self.reach = pipeline.report.reach
@@ -42,7 +43,7 @@ class StreamReader:
         after = OWN_PENDING
         while not self.stopping:
             outages = self.reach.outages["redis"]
-            self.read_task = asyncio.create_task(retry("redis", self.reach, self.stream.read, after, self.batch_size))
+            self.read_task = asyncio.create_task(retry("redis", self.reach, self.stream.read, after, self.size.count))
             try:
                 entries = await self.read_task
             except asyncio.CancelledError:
@@ -51,6 +52,7 @@ class StreamReader:
                 raise
             finally:
                 self.read_task = None
+            self.size.saw(entries)
             if self.reach.outages["redis"] != outages and after == NEW_ENTRIES:
                 # A read whose reply was lost still delivered its entries to us: they sit in our
                 # pending list, and nobody else would look at them before CLAIM_THRESHOLD_MS.
