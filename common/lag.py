@@ -10,8 +10,11 @@ from typing import Any
 
 import redis
 
-# Counting undelivered entries when Redis cannot report the lag: page size, and how many
-# entries we read at most before settling for a lower bound (each page carries the fields).
+from common.stream_pages import Pages
+
+# Counting undelivered entries when Redis cannot report the lag: the most entries a page asks for
+# (fewer while entries are large: common/stream_pages.py), and how many we read at most before
+# settling for a lower bound.
 LAG_COUNT_PAGE = 1_000
 LAG_COUNT_LIMIT = 200_000
 
@@ -46,18 +49,15 @@ def group_lag(
         return _checked(client, stream, last_delivered, int(group["lag"]), page_size)
     length = int(client.xlen(stream))
     after, upto = 0, 0
-    forward_from, backward_from = f"({last_delivered}", last_delivered
+    forward = Pages(client, stream, f"({last_delivered}", most=page_size)
+    backward = Pages(client, stream, last_delivered, reverse=True, most=page_size)
     while after + upto < limit:
-        page = client.xrange(stream, min=forward_from, max="+", count=page_size)
-        after += len(page)
-        if len(page) < page_size:
+        after += len(forward.next())
+        if forward.done:
             return Lag(after, True, "counted")
-        forward_from = f"({_entry_id(page[-1][0])}"
-        page = client.xrevrange(stream, max=backward_from, min="-", count=page_size)
-        upto += len(page)
-        if len(page) < page_size:
+        upto += len(backward.next())
+        if backward.done:
             return Lag(max(length - upto, 0), True, "counted")
-        backward_from = f"({_entry_id(page[-1][0])}"
     return Lag(after, False, "counted")
 
 
@@ -67,14 +67,17 @@ def _checked(client: redis.Redis, stream: str, last_delivered: str, reported: in
     Redis 7.0 reports `entries-added - entries-read` even after a trim (MAXLEN, MINID) removed
     entries no consumer had read: those stay in its lag for ever, though nothing is left to
     deliver. It never understates, so a small lag is checked by reading what lies after
-    last-delivered-id (one page), and a larger one is capped by what the stream holds.
+    last-delivered-id (up to a page's worth), and a larger one is capped by what the stream holds.
     """
     if reported == 0:
         return Lag(0, True, "redis")
-    page = min(reported, page_size)
-    after = client.xrange(stream, min=f"({last_delivered}", max="+", count=page)
-    if len(after) < page:
-        return Lag(len(after), True, "redis")
+    wanted = min(reported, page_size)
+    pages = Pages(client, stream, f"({last_delivered}", most=wanted)
+    seen = 0
+    while seen < wanted:
+        seen += len(pages.next(at_most=wanted - seen))
+        if pages.done:
+            return Lag(seen, True, "redis")
     return Lag(min(reported, int(client.xlen(stream))), True, "redis")
 
 

@@ -15,6 +15,7 @@ import redis
 from common.config import Settings
 from common.errors import ExitCode, ProcessorError
 from common.lag import Lag, group_lag
+from common.stream_pages import PAGE_BUDGET_BYTES, entries_bytes
 from common.letters import split_letter
 from ops.cli import build_parser
 from ops.dlq_letters import UnknownLetters, format_letter, format_letter_page, list_letters, show_letter
@@ -487,3 +488,22 @@ def test_output_that_cannot_be_written_is_exit_1_in_one_line(redis_env: dict[str
     closed = subprocess.run(f"{sys.executable} -m ops lag >&-", shell=True, env=env, stderr=subprocess.PIPE, text=True,
                             timeout=60)
     assert closed.returncode == 1 and "standard output is closed" in closed.stderr
+
+
+def test_lag_is_counted_in_pages_of_bounded_size(redis_client: redis.Redis, stream_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting reads entries with their fields: pages are sized by bytes, not 1,000 entries of up to 1 MiB."""
+    redis_client.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
+    ids = [redis_client.xadd(stream_key, {"data": b"x" * 900_000}) for _ in range(40)]
+    pages: list[int] = []
+    for name in ("xrange", "xrevrange"):
+        read = getattr(redis_client, name)
+        monkeypatch.setattr(redis_client, name, lambda *a, _read=read, **k: pages.append(entries_bytes(p := _read(*a, **k))) or p)
+    try:
+        (group,) = redis_client.xinfo_groups(stream_key)
+        assert group_lag(redis_client, stream_key, group) == Lag(40, True, "redis")
+        redis_client.xdel(stream_key, ids[20])  # Redis can no longer tell the lag: counted
+        (group,) = redis_client.xinfo_groups(stream_key)
+        assert group_lag(redis_client, stream_key, group) == Lag(39, True, "counted")
+        assert pages and max(pages) <= PAGE_BUDGET_BYTES + 900_000
+    finally:
+        redis_client.delete(stream_key)

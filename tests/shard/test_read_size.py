@@ -1,9 +1,10 @@
-"""shard.read_size: reads sized by the bytes of the entries before them."""
+"""shard.read_size and common.stream_pages: reads sized by the bytes of the entries before them."""
 
 from __future__ import annotations
 
 from shard.decode import MAX_ENTRY_BYTES
-from shard.read_size import READ_BUDGET_BYTES, ReadSize
+from common.stream_pages import FIRST_PAGE, PAGE_BUDGET_BYTES as READ_BUDGET_BYTES, entries_bytes
+from shard.read_size import ReadSize
 
 
 def entries(count: int, size: int) -> list:
@@ -11,7 +12,7 @@ def entries(count: int, size: int) -> list:
 
 
 def test_the_first_read_asks_for_what_the_budget_holds_at_the_entry_limit() -> None:
-    assert ReadSize(500).count == READ_BUDGET_BYTES // MAX_ENTRY_BYTES
+    assert ReadSize(500).count == FIRST_PAGE == READ_BUDGET_BYTES // MAX_ENTRY_BYTES
     assert ReadSize(3).count == 3
 
 
@@ -31,3 +32,10 @@ def test_a_read_never_asks_for_none() -> None:
     size = ReadSize(500)
     size.saw(entries(1, 4 * READ_BUDGET_BYTES))
     assert size.count == 1
+
+
+def test_entries_are_weighed_whichever_form_the_client_gives_their_fields() -> None:
+    flat = [(b"1-1", [b"data", b"12345", b"pad", b"xx"])]
+    mapping = [(b"1-1", {b"data": b"12345", b"pad": b"xx"})]
+    assert entries_bytes(flat) == entries_bytes(mapping) == 14
+    assert entries_bytes([(b"1-2", None)]) == 0
