@@ -33,20 +33,23 @@ def sized_count(entries: Sequence[tuple[Any, Any]], most: int, budget: int = PAG
 
 
 class Pages:
-    """One direction of a stream, read page by page from `start` (an id as XRANGE takes it)."""
+    """One direction of a stream, read page by page from `start` to `end` (ids as XRANGE takes them)."""
 
-    def __init__(self, client: redis.Redis, stream: str, start: str, *, reverse: bool = False, most: int = 1_000) -> None:
+    def __init__(
+        self, client: redis.Redis, stream: str, start: str, *, end: str | None = None, reverse: bool = False, most: int = 1_000
+    ) -> None:
         self.client, self.stream, self.reverse, self.most = client, stream, reverse, most
         self.start = start
+        self.end = end if end is not None else "-" if reverse else "+"
         self.count = min(most, FIRST_PAGE)
         self.done = False  # the last page was shorter than asked for: nothing lies beyond it
 
     def next(self, at_most: int | None = None) -> list[tuple[bytes, Any]]:
         asked = self.count if at_most is None else max(1, min(self.count, at_most))
         if self.reverse:
-            page = self.client.xrevrange(self.stream, max=self.start, min="-", count=asked)
+            page = self.client.xrevrange(self.stream, max=self.start, min=self.end, count=asked)
         else:
-            page = self.client.xrange(self.stream, min=self.start, max="+", count=asked)
+            page = self.client.xrange(self.stream, min=self.start, max=self.end, count=asked)
         self.done = len(page) < asked
         if page:
             last = page[-1][0]

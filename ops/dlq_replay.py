@@ -35,6 +35,7 @@ from common.config import Settings
 from common.errors import ProcessorError
 from common.letters import SCRIPT_MAX_VALUES, split_letter
 from common.redis_client import text
+from common.stream_pages import Pages
 from ops.dlq_letters import UnknownLetters, checked_ids
 from ops.errors import redis_client
 from ops.terminal import count
@@ -169,9 +170,9 @@ def replay_all(settings: Settings) -> ReplayResult:
         if not last:
             return result
         end = text(last[0][0])
-        start = "-"
+        pages = Pages(client, settings.dlq_key, "-", end=end, most=REPLAY_PAGE)  # fewer while letters are large
         while True:
-            page = client.xrange(settings.dlq_key, min=start, max=end, count=REPLAY_PAGE)
+            page = pages.next()
             if not page:
                 return result
             ids = [text(entry_id) for entry_id, _ in page]
@@ -187,7 +188,6 @@ def replay_all(settings: Settings) -> ReplayResult:
             result.add(_run_script(client, settings, small, "each")[1])
             if ids[-1] == end:  # Redis refuses an interval starting after the largest id there is
                 return result
-            start = f"({ids[-1]}"
 
 
 def _read(client: redis.Redis, dlq: str, ids: Sequence[str]) -> list[list[tuple[bytes, list[bytes]]]]:
