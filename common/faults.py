@@ -161,8 +161,12 @@ def _classify_redis(exc: redis.exceptions.RedisError) -> Outcome:
         message = redis_reply(str(exc))
         if message.startswith((*REDIS_REFUSED, *REDIS_SCRIPT_DENIED, REDIS_MULTI_DENIED)):
             return Outcome.REFUSED
-        # redis-py takes the reply's first word off for these two and says it with the class.
-        if isinstance(exc, (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError)) or message.startswith(REDIS_NOT_NOW):
+        # redis-py takes the reply's first word off for these and says it with the class. A script
+        # missing from the cache (SCRIPT FLUSH, a restart, a failover) between redis-py's check
+        # and a pipeline's EVALSHA is not for long: the retried pipeline loads it again.
+        if isinstance(exc, (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError, redis.exceptions.NoScriptError)):
+            return Outcome.OUTAGE
+        if message.startswith((*REDIS_NOT_NOW, "NOSCRIPT")):
             return Outcome.OUTAGE
         return Outcome.BUG
     if isinstance(exc, OUTAGE_TYPES):

@@ -30,6 +30,9 @@ CASES = [
     (rx.ReadOnlyError("You can't write against a read only replica."), O.OUTAGE),
     (rx.ResponseError("READONLY You can't write against a read only replica."), O.OUTAGE),
     (rx.ResponseError("LOADING Redis is loading the dataset in memory"), O.OUTAGE),
+    # SCRIPT FLUSH between redis-py's SCRIPT EXISTS and a pipeline's EVALSHA
+    (rx.NoScriptError("Command # 2 (EVALSHA 83f03cf1 4 s s:dlq) of pipeline caused error: ('No matching script. Please use EVAL.',)"), O.OUTAGE),
+    (rx.ResponseError("NOSCRIPT No matching script. Please use EVAL."), O.OUTAGE),
     (rx.ResponseError("BUSY Redis is busy running a script."), O.OUTAGE),
     (rx.ResponseError("MASTERDOWN Link with MASTER is down"), O.OUTAGE),
     (rx.ResponseError("TRYAGAIN Multiple keys request during rehashing"), O.OUTAGE),
@@ -48,7 +51,6 @@ CASES = [
     # Redis: anything else is a bug of ours
     (rx.ResponseError("ERR syntax error"), O.BUG),
     (rx.DataError("Invalid input of type: 'dict'"), O.BUG),
-    (rx.NoScriptError("NOSCRIPT No matching script"), O.BUG),
     # Postgres: outages
     (pg(psycopg.OperationalError, "connection failed: Connection refused"), O.OUTAGE),
     (pg(psycopg.errors.AdminShutdown), O.OUTAGE),
