@@ -34,20 +34,24 @@ WRITTEN, NOT_PENDING, LETTERED_BEFORE = 1, 0, 2  # what a letter's writing came 
 
 # A group that is gone (the stream deleted, or Redis restarted without its data) holds nothing
 # pending: NOGROUP reads as "not pending", and any other error is the script's reply.
-# KEYS: stream, DLQ, failures, lettered. ARGV: group, entry id, the letter's fields…
+# Poison that is not pending any more, yet has no letter and is still in the stream, gets its
+# letter all the same (ARGV[3] '1': poison, which nobody can ever store): its consumer was
+# deleted from the group (XGROUP DELCONSUMER), which drops pending entries without a trace.
+# A row Postgres rejected ('0') may have been stored since by a consumer that claimed it.
+# KEYS: stream, DLQ, failures, lettered. ARGV: group, entry id, poison, the letter's fields…
 _DEAD_LETTER = """
 local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if type(pending) == 'table' and pending.err then
   if string.sub(pending.err, 1, 7) ~= 'NOGROUP' then return pending end
   pending = {}
 end
-if #pending == 0 then
+local noted = ARGV[2] .. ' ' .. ARGV[1]
+local lettered = redis.call('ZSCORE', KEYS[4], noted)
+if #pending == 0 and (ARGV[3] ~= '1' or lettered or #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) == 0) then
   redis.call('HDEL', KEYS[3], ARGV[2])
   return 0
 end
-local noted = ARGV[2] .. ' ' .. ARGV[1]
-local lettered = redis.call('ZSCORE', KEYS[4], noted)
-if not lettered then redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3)) end
+if not lettered then redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4)) end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[2])
 if lettered then return 2 end
@@ -63,6 +67,11 @@ class DeadLetter:
     error: str
     error_kind: str  # "decode", "validate" or "write"
     failures: int
+
+    @property
+    def poison(self) -> bool:
+        """The entry itself is at fault: nobody can ever store it (a "write" letter's row could be)."""
+        return self.error_kind != "write"
 
 
 class DeadLetters:
@@ -82,8 +91,9 @@ class DeadLetters:
         added = (letter.error, letter.error_kind, letter.entry_id, self.stream, letter.failures, self.consumer, failed_at)
         return letter_fields(added, letter.fields)
 
-    def split(self, letters: Sequence[DeadLetter]) -> tuple[list[list[bytes | str | int]], list[tuple[bytes, list[bytes | str | int]]]]:
-        """Each letter's fields: (small ones for the script, large ones with their entry id)."""
+    def split(self, letters: Sequence[DeadLetter]) -> tuple[list[list[bytes | str | int]], list[tuple[bytes, bool, list[bytes | str | int]]]]:
+        """Each letter's fields: small ones for the script ([entry id, poison flag, fields…]), and
+        large ones as (entry id, poison, fields)."""
         if not letters:
             return [], []
         failed_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -91,28 +101,32 @@ class DeadLetters:
         for letter in letters:
             fields = self.fields(letter, failed_at)
             if len(fields) <= SCRIPT_MAX_VALUES:
-                small.append([letter.entry_id, *fields])
+                small.append([letter.entry_id, "1" if letter.poison else "0", *fields])
             else:
-                large.append((letter.entry_id, fields))
+                large.append((letter.entry_id, letter.poison, fields))
         return small, large
 
     async def queue(self, pipe: redis.asyncio.client.Pipeline, small: list[list[bytes | str | int]]) -> None:
         """Queue the script calls of the small letters on `pipe` (one reply each: 1 written, 0 not pending)."""
-        for entry_id, *fields in small:
-            await self._script(keys=[self.stream, self.dlq, self.failures, self.lettered], args=[self.group, entry_id, *fields], client=pipe)
+        for entry_id, poison, *fields in small:
+            await self._script(
+                keys=[self.stream, self.dlq, self.failures, self.lettered], args=[self.group, entry_id, poison, *fields], client=pipe
+            )
 
-    async def write_large(self, entry_id: bytes, fields: list[bytes | str | int]) -> int:
+    async def write_large(self, entry_id: bytes, poison: bool, fields: list[bytes | str | int]) -> int:
         """One letter too large for the script; returns what the script would (WRITTEN, ...)."""
         noted = entry_id + b" " + self.group.encode()
         async with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(self.dlq, self.lettered)
-                    if not await self._pending(pipe, entry_id):
+                    lettered = await pipe.zscore(self.lettered, noted) is not None
+                    if not await self._pending(pipe, entry_id) and (
+                        not poison or lettered or not await pipe.xrange(self.stream, min=entry_id, max=entry_id)
+                    ):
                         await pipe.unwatch()
                         await self.client.hdel(self.failures, entry_id)
                         return NOT_PENDING
-                    lettered = await pipe.zscore(self.lettered, noted) is not None
                     kind = await pipe.type(self.dlq)
                     if kind not in (b"stream", b"none"):
                         raise ResponseError(f"WRONGTYPE DLQ_KEY {self.dlq} holds a {kind.decode()}, not a stream")

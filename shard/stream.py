@@ -101,8 +101,8 @@ class ConsumerStream:
         written = {letter[0] for letter, done in zip(small, outcomes) if done == WRITTEN}  # type: ignore[misc]
         if written:
             on_written(len(written))
-        for entry_id, fields in large:
-            if await self.letters.write_large(entry_id, fields) == WRITTEN:
+        for entry_id, poison, fields in large:
+            if await self.letters.write_large(entry_id, poison, fields) == WRITTEN:
                 written.add(entry_id)
                 on_written(1)
         return written

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import redis
+import redis.asyncio.client
 import redis.exceptions
 
 from common.config import Settings
@@ -30,9 +31,9 @@ def pending_entry(client: redis.Redis, stream: str, fields: list[bytes]) -> byte
     return entry_id
 
 
-def settle(settings: Settings, letters: list[DeadLetter]) -> int:
+def settle(settings: Settings, letters: list[DeadLetter], consumer: str = "t-0") -> int:
     async def go() -> int:
-        stream = ConsumerStream(settings, "t-0")
+        stream = ConsumerStream(settings, consumer)
         try:
             return len(await stream.settle([], letters))
         finally:
@@ -101,29 +102,66 @@ def test_a_large_letter_into_a_dlq_of_the_wrong_type_loses_nothing(raw_client: r
     assert raw_client.xpending(stream_key, "processor")["pending"] == 1
 
 
-def test_an_entry_acknowledged_elsewhere_gets_no_letter(raw_client: redis.Redis, stream_key: str, settings: Settings) -> None:
-    """Of two consumers holding the same poison entry, only the one that finds it pending writes."""
-    entry_id = pending_entry(raw_client, stream_key, [b"data", b"x"])
-    raw_client.xack(stream_key, "processor", entry_id)
-    assert settle(settings, [DeadLetter(entry_id, [b"data", b"x"], "not JSON", "decode", 5)]) == 0
-    assert raw_client.xlen(f"{stream_key}:dlq") == 0
-
-
-@pytest.mark.parametrize("gone", ["stream", "group"])
-@pytest.mark.parametrize("size", ["script", "watch"])
-def test_an_entry_whose_stream_or_group_is_gone_gets_no_letter(
-    raw_client: redis.Redis, stream_key: str, settings: Settings, gone: str, size: str
+def test_of_two_consumers_holding_the_same_poison_only_one_writes_its_letter(
+    raw_client: redis.Redis, stream_key: str, settings: Settings
 ) -> None:
-    """Deleted while its batch was in flight (or Redis restarted without its data): nothing is
-    pending in a group that is gone, so no letter, and no NOGROUP error (a shard panic)."""
+    """The claimer wrote the letter; the consumer it claimed from finds it lettered and writes none."""
+    entry_id = pending_entry(raw_client, stream_key, [b"data", b"x"])
+    raw_client.xclaim(stream_key, "processor", "t-1", 0, [entry_id])
+    letter = DeadLetter(entry_id, [b"data", b"x"], "not JSON", "decode", 5)
+    assert settle(settings, [letter], consumer="t-1") == 1
+    assert settle(settings, [letter]) == 0
+    assert raw_client.xlen(f"{stream_key}:dlq") == 1
+
+
+@pytest.mark.parametrize("size", ["script", "watch"])
+def test_poison_of_a_consumer_deleted_from_the_group_still_gets_its_letter(
+    raw_client: redis.Redis, stream_key: str, settings: Settings, size: str
+) -> None:
+    """XGROUP DELCONSUMER drops the consumer's pending entries: the poison among them is in the
+    stream still, has no letter, and nobody else will ever see it, so its letter is written."""
     fields = [b"data", b"x"] if size == "script" else [b"data", b"x"] + [b"f%d" % i for i in range(2 * SCRIPT_MAX_VALUES)]
     entry_id = pending_entry(raw_client, stream_key, fields)
-    if gone == "stream":
-        raw_client.delete(stream_key)
-    else:
-        raw_client.xgroup_destroy(stream_key, "processor")
+    raw_client.xgroup_delconsumer(stream_key, "processor", "t-0")
+    assert settle(settings, [DeadLetter(entry_id, fields, "not JSON", "decode", 5)]) == 1
+    assert raw_client.xlen(f"{stream_key}:dlq") == 1
+
+
+def test_a_rejected_row_no_longer_pending_gets_no_letter(raw_client: redis.Redis, stream_key: str, settings: Settings) -> None:
+    """A row Postgres rejected may have been stored since by a consumer that claimed it and ACKed."""
+    entry_id = pending_entry(raw_client, stream_key, [b"data", b"{}"])
+    raw_client.xack(stream_key, "processor", entry_id)
+    assert settle(settings, [DeadLetter(entry_id, [b"data", b"{}"], "CheckViolation: ...", "write", 5)]) == 0
+    assert raw_client.xlen(f"{stream_key}:dlq") == 0
+
+
+@pytest.mark.parametrize("size", ["script", "watch"])
+def test_an_entry_whose_stream_is_gone_gets_no_letter(raw_client: redis.Redis, stream_key: str, settings: Settings, size: str) -> None:
+    """Deleted while its batch was in flight (or Redis restarted without its data): the entry is
+    gone, so no letter, and no NOGROUP error (a shard panic)."""
+    fields = [b"data", b"x"] if size == "script" else [b"data", b"x"] + [b"f%d" % i for i in range(2 * SCRIPT_MAX_VALUES)]
+    entry_id = pending_entry(raw_client, stream_key, fields)
+    raw_client.delete(stream_key)
     assert settle(settings, [DeadLetter(entry_id, fields, "not JSON", "decode", 5)]) == 0
     assert raw_client.xlen(f"{stream_key}:dlq") == 0
+
+
+@pytest.mark.parametrize("size", ["script", "watch"])
+def test_poison_whose_group_is_gone_gets_one_letter_however_often_it_is_read(
+    raw_client: redis.Redis, stream_key: str, settings: Settings, size: str
+) -> None:
+    """The group destroyed under a batch in flight: the poison still in the stream gets its letter
+    (no NOGROUP error), and read again by the group created anew, no second one."""
+    fields = [b"data", b"x"] if size == "script" else [b"data", b"x"] + [b"f%d" % i for i in range(2 * SCRIPT_MAX_VALUES)]
+    entry_id = pending_entry(raw_client, stream_key, fields)
+    raw_client.xgroup_destroy(stream_key, "processor")
+    letter = DeadLetter(entry_id, fields, "not JSON", "decode", 5)
+    assert settle(settings, [letter]) == 1
+    raw_client.xgroup_create(stream_key, "processor", id="0")
+    raw_client.xreadgroup("processor", "t-0", {stream_key: ">"})
+    assert settle(settings, [letter]) == 0
+    assert raw_client.xlen(f"{stream_key}:dlq") == 1
+    assert raw_client.xpending(stream_key, "processor")["pending"] == 0
 
 
 @pytest.mark.parametrize("size", ["small", "large"])
@@ -172,3 +210,25 @@ def test_letters_are_counted_as_they_are_written(raw_client: redis.Redis, stream
 
     assert asyncio.run(go()) == set(ids)
     assert told == [(1, 1), (1, 2), (1, 3), (1, 4)], "each report right after its letter"
+
+
+def test_a_script_flushed_under_a_pipeline_is_an_outage_and_the_retry_writes_the_letter(
+    raw_client: redis.Redis, stream_key: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SCRIPT FLUSH between redis-py's check of a pipeline's scripts and its EVALSHA: the settle
+    fails as an outage (retried), not as a bug (a shard panic), and the retry writes the letter."""
+    entry_id = pending_entry(raw_client, stream_key, [b"data", b"x"])
+    letter = DeadLetter(entry_id, [b"data", b"x"], "not JSON", "decode", 5)
+    checked = redis.asyncio.client.Pipeline.load_scripts
+
+    async def checked_then_flushed(pipe: redis.asyncio.client.Pipeline) -> None:
+        await checked(pipe)
+        raw_client.script_flush()
+
+    monkeypatch.setattr(redis.asyncio.client.Pipeline, "load_scripts", checked_then_flushed)
+    with pytest.raises(redis.exceptions.NoScriptError) as caught:
+        settle(settings, [letter])
+    assert classify(caught.value) is Outcome.OUTAGE
+    monkeypatch.setattr(redis.asyncio.client.Pipeline, "load_scripts", checked)
+    assert settle(settings, [letter]) == 1
+    assert raw_client.xlen(f"{stream_key}:dlq") == 1
