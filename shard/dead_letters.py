@@ -85,7 +85,6 @@ class DeadLetters:
         self.failures = failures
         self.lettered = lettered_key(stream)
         self.consumer = consumer
-        self._script = client.register_script(_DEAD_LETTER)
 
     def fields(self, letter: DeadLetter, failed_at: str) -> list[bytes | str | int]:
         added = (letter.error, letter.error_kind, letter.entry_id, self.stream, letter.failures, self.consumer, failed_at)
@@ -107,11 +106,15 @@ class DeadLetters:
         return small, large
 
     async def queue(self, pipe: redis.asyncio.client.Pipeline, small: list[list[bytes | str | int]]) -> None:
-        """Queue the script calls of the small letters on `pipe` (one reply each: 1 written, 0 not pending)."""
+        """Queue the script calls of the small letters on `pipe` (one reply each: 1 written, 0 not pending).
+
+        As EVAL with the script's text, not EVALSHA: a script flushed from Redis' cache between
+        redis-py's check of a pipeline's scripts and its run failed the pipeline after some of its
+        letters were written, and the retry could not count those (they were lettered by then).
+        """
+        keys = [self.stream, self.dlq, self.failures, self.lettered]
         for entry_id, poison, *fields in small:
-            await self._script(
-                keys=[self.stream, self.dlq, self.failures, self.lettered], args=[self.group, entry_id, poison, *fields], client=pipe
-            )
+            pipe.eval(_DEAD_LETTER, len(keys), *keys, self.group, entry_id, poison, *fields)
 
     async def write_large(self, entry_id: bytes, poison: bool, fields: list[bytes | str | int]) -> int:
         """One letter too large for the script; returns what the script would (WRITTEN, ...)."""
