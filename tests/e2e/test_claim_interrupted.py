@@ -19,7 +19,7 @@ from tests.e2e.processes import wait_for
 from tests.e2e.verify import stored_count
 
 pytestmark = pytest.mark.e2e
-ENTRIES = 20_000  # in batches of 20: a claim of them all takes long enough to be interrupted, even on a loaded machine
+ENTRIES = 40_000  # in batches of 20: a claim of them all takes long enough to be interrupted, even on a loaded machine
 STOP_BOUND_S = 30.0  # the command's drain of what it holds, with room for a slow machine
 
 
@@ -27,7 +27,7 @@ STOP_BOUND_S = 30.0  # the command's drain of what it holds, with room for a slo
 def test_an_interrupted_claim_ends_promptly_and_loses_nothing(
     redis_url, runtime_database_url, database_url, stream_key, tmp_path, signum
 ):
-    """20,000 entries pending on a dead consumer; the claim is interrupted once rows arrive. It exits
+    """40,000 entries pending on a dead consumer; the claim is interrupted once rows arrive. It exits
     within STOP_BOUND_S (its liveness duty, cancelled inside a Redis command, used to swallow the
     cancellation and hang it for good), and entries not pending any more all have their rows."""
     env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": runtime_database_url,
@@ -43,6 +43,7 @@ def test_an_interrupted_claim_ends_promptly_and_loses_nothing(
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_for(lambda: stored_count(database_url) > 0 or claim.poll() is not None, 60, what="the first rows")
+            assert claim.poll() is None, f"the claim ended (exit {claim.returncode}) before any row was seen: {claim.communicate()}"
             sent = time.monotonic()
             claim.send_signal(signum)
             _, stderr = claim.communicate(timeout=STOP_BOUND_S)
