@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -11,9 +12,22 @@ import pytest
 import redis
 from psycopg import sql
 
+from common import early_signals
 from common.config import Settings
 from scripts.toolkit.roles import as_user, create_runtime_login, drop_login
 from tests.services import provide_postgres, provide_redis, with_database
+
+
+@pytest.fixture(autouse=True)
+def stop_signals_restored() -> Iterator[None]:
+    """A test that runs process code in the test's own process (a command's end sets the stop
+    signals to SIG_IGN) must not leave them so: every process a later test starts would inherit
+    the ignored SIGINT, and a test that interrupts one saw it run to the end."""
+    before = {signum: signal.getsignal(signum) for signum in early_signals.STOP_SIGNALS}
+    yield
+    for signum, handler in before.items():
+        if handler is not None and signal.getsignal(signum) != handler:
+            signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")

@@ -39,8 +39,10 @@ def test_an_interrupted_claim_ends_promptly_and_loses_nothing(
         client.xgroup_create(stream_key, "processor", id="0", mkstream=True)
         produce(client, stream_key, list(Fleet(500, seed=7).fixes(ENTRIES)))
         client.xreadgroup("processor", "ghost", {stream_key: ">"}, count=ENTRIES)
+        # SIGINT as a terminal's Ctrl-C finds it, whatever this process inherited (an ignored one is inherited).
         claim = subprocess.Popen([sys.executable, "-m", "ops", "claim", "--from", "ghost", "--min-idle-ms", "0"],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             wait_for(lambda: stored_count(database_url) > 0 or claim.poll() is not None, 60, what="the first rows")
             assert claim.poll() is None, f"the claim ended (exit {claim.returncode}) before any row was seen: {claim.communicate()}"
