@@ -1,8 +1,11 @@
-"""Reading a stream page by page in bounded memory.
+"""Reading a stream in bounded memory: each read sized by the bytes of the one before.
 
 Redis caps a read by entries only (XRANGE, XREADGROUP, XCLAIM), and each entry comes with its
-fields: up to the 1 MiB entry limit. A page of 1,000 entries may hold a gigabyte. So a reader
-sizes each page from the entries of the page before (`sized_count`), and starts small.
+fields: up to the 1 MiB entry limit. A batch of 500 held 500 MiB, and a page of 1,000 a
+gigabyte. So every reader asks for as many entries as PAGE_BUDGET_BYTES holds at the size of
+the entries its last read returned (`ReadSize`), and first for as many as it holds at the
+limit. A stream that turns from small entries to large ones can still fill one read; the read
+after it is small again.
 """
 
 from __future__ import annotations
@@ -26,10 +29,17 @@ def entries_bytes(entries: Sequence[tuple[Any, Any]]) -> int:
     )
 
 
-def sized_count(entries: Sequence[tuple[Any, Any]], most: int, budget: int = PAGE_BUDGET_BYTES) -> int:
-    """How many entries the next read may ask for: as many as `budget` holds at the size of
-    `entries`, between 1 and `most`."""
-    return max(1, min(most, budget * len(entries) // max(entries_bytes(entries), 1)))
+class ReadSize:
+    """How many entries the next read asks for: at most `limit`, fewer while entries are large."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = min(limit, FIRST_PAGE)
+
+    def saw(self, entries: Sequence[tuple[Any, Any]]) -> None:
+        """Size the next read from what this one returned (nothing: as before)."""
+        if entries:
+            self.count = max(1, min(self.limit, PAGE_BUDGET_BYTES * len(entries) // max(entries_bytes(entries), 1)))
 
 
 class Pages:
@@ -38,14 +48,14 @@ class Pages:
     def __init__(
         self, client: redis.Redis, stream: str, start: str, *, end: str | None = None, reverse: bool = False, most: int = 1_000
     ) -> None:
-        self.client, self.stream, self.reverse, self.most = client, stream, reverse, most
+        self.client, self.stream, self.reverse = client, stream, reverse
         self.start = start
         self.end = end if end is not None else "-" if reverse else "+"
-        self.count = min(most, FIRST_PAGE)
+        self.size = ReadSize(most)
         self.done = False  # the last page was shorter than asked for: nothing lies beyond it
 
     def next(self, at_most: int | None = None) -> list[tuple[bytes, Any]]:
-        asked = self.count if at_most is None else max(1, min(self.count, at_most))
+        asked = self.size.count if at_most is None else max(1, min(self.size.count, at_most))
         if self.reverse:
             page = self.client.xrevrange(self.stream, max=self.start, min=self.end, count=asked)
         else:
@@ -54,5 +64,5 @@ class Pages:
         if page:
             last = page[-1][0]
             self.start = "(" + (last.decode("ascii") if isinstance(last, bytes) else last)
-            self.count = sized_count(page, self.most)
+            self.size.saw(page)
         return page

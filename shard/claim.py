@@ -22,8 +22,8 @@ from common.config import Settings
 from common.faults import unless_gone
 from common.keys import liveness_key, lost_key
 from common.redis_client import text
+from common.stream_pages import ReadSize
 from common.timing import LIVENESS_TTL_S
-from shard.read_size import ReadSize
 from shard.stream import ConsumerStream, Entry
 
 log = logging.getLogger("processor.claim")

@@ -9,10 +9,10 @@ import time
 from common.config import Settings
 from common.faults import Outcome, classify
 from common.retry import retry
+from common.stream_pages import ReadSize
 from common.timing import LIVENESS_CHECK_S
 from shard.claim import Claimer
 from shard.pipeline import Pipeline
-from shard.read_size import ReadSize
 from shard.stream import ConsumerStream, Entry
 
 log = logging.getLogger("processor.shard")

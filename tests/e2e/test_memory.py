@@ -1,5 +1,5 @@
 """A shard's memory stays bounded by what it reads at once, whatever the size of the entries (SPEC §2
-limits each entry; reads are sized by bytes: shard/read_size.py)."""
+limits each entry; reads are sized by bytes: common/stream_pages.py)."""
 
 from __future__ import annotations
 

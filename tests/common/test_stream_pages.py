@@ -1,10 +1,9 @@
-"""shard.read_size and common.stream_pages: reads sized by the bytes of the entries before them."""
+"""common.stream_pages: reads sized by the bytes of the entries before them."""
 
 from __future__ import annotations
 
+from common.stream_pages import FIRST_PAGE, PAGE_BUDGET_BYTES as READ_BUDGET_BYTES, ReadSize, entries_bytes
 from shard.decode import MAX_ENTRY_BYTES
-from common.stream_pages import FIRST_PAGE, PAGE_BUDGET_BYTES as READ_BUDGET_BYTES, entries_bytes
-from shard.read_size import ReadSize
 
 
 def entries(count: int, size: int) -> list:
