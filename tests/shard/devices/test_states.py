@@ -167,7 +167,7 @@ def test_late_fixes_are_replayed_to_what_an_in_order_pass_gives(migrated: str) -
     assert_same_result(stored_result(migrated), (rows, odometers))
 
 
-@pytest.mark.usefixtures("visit_deletion")
+@pytest.mark.usefixtures("visit_deletion", "device_lookup")
 def test_a_fleet_split_between_two_shards_equals_a_serial_replay(database_url: str) -> None:
     """Round-robin, late uploads and resent fixes, batches alternating between two shards' caches."""
     apply_migrations(database_url)
@@ -189,6 +189,7 @@ def test_a_fleet_split_between_two_shards_equals_a_serial_replay(database_url: s
     assert any(a.late for a in applied) and all(a.reloaded for a in applied[1:])  # the other shard moved them
 
 
+@pytest.mark.usefixtures("device_lookup")
 def test_a_stale_cached_state_is_not_used(migrated: str) -> None:
     """Shard B moves the device on; shard A's cached copy is then stale and reloaded, not continued."""
     zigzag = [point("d1", s * 10, -0.6 + s * 0.3, lat=0.2 + 0.6 * (s % 2)) for s in range(6)]
