@@ -33,6 +33,15 @@ class Batch:
     horizon: datetime | None = None  # the horizon they were judged by
     started: float = field(default_factory=time.monotonic)
 
+    def absorb(self, later: Batch) -> None:
+        """Take in the entries of a batch read after this one, while this one waits to be written
+        (shard/intake.py)."""
+        self.ids.extend(later.ids)
+        self.fixes.update(later.fixes)
+        self.fields.update(later.fields)
+        self.dead.extend(later.dead)
+        self.gone.extend(later.gone)
+
     def expire(self, horizon: datetime) -> None:
         """Fixes dated before `horizon` leave the batch: acknowledged, never stored, no derived state."""
         self.horizon = horizon

@@ -1,8 +1,10 @@
 """The shard's pipeline: entries in (read or claimed) → decode → write → settle.
 
-Entries enter through `submit`, from the stream reader, the claimer, or `processor claim`.
+Entries enter through `submit`, from the stream reader, the claimer, or `processor claim`,
+and wait for their turn in the intake (shard/intake.py).
 Each batch is written in one transaction. Two are written at once, each on its own
-connection, so that Postgres works on one while this process prepares the other; the
+connection, so that Postgres works on one while this process prepares the other (once the
+waiting batch holds a quarter of BATCH_SIZE: a trickle is written one batch at a time); the
 later asks for its device locks only once the earlier holds them (`LockTurn`), so a
 device's fixes still apply in the order they were read. A batch's ACK (with its dead
 letters) goes out once it has committed, in batch order. Once a batch has committed, its
@@ -14,7 +16,7 @@ which the idempotent writes make harmless.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -25,6 +27,7 @@ from common.retry import retry
 from shard.batch import Batch, decode_batch
 from shard.devices import LockTurn
 from shard.failures import FailureCounts, new_attempt
+from shard.intake import Intake
 from shard.reporting import Report
 from shard.stream import ConsumerStream, Entry
 from shard.writer import PositionWriter
@@ -47,7 +50,7 @@ class Pipeline:
         self.writer = writer
         self.report = report
         self.crash_point = crash_point  # test-only fault injection; None in production
-        self.queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)  # read-ahead of one batch
+        self.intake = Intake(settings.batch_size)
         self.settle_task: asyncio.Task[None] | None = None
         self.last_write: asyncio.Task[None] | None = None  # the latest batch's; every earlier one has ended
         self.last_granted: asyncio.Event | None = None  # the latest batch's locks are held (or given up)
@@ -67,18 +70,22 @@ class Pipeline:
         if not entries or not self.accepting:
             return 0
         self.report.taken([entry_id for entry_id, _ in entries], claimed)
-        await self.queue.put(decode_batch(entries, self.max_failures, self.max_future_s))
+        await self.intake.put(decode_batch(entries, self.max_failures, self.max_future_s))
         return len(entries)
 
     async def end_input(self) -> None:
         """No more entries: `run` returns once what is queued is settled."""
         self.accepting = False
-        await self.queue.put(None)
+        await self.intake.end()
 
     async def run(self) -> None:
         """Write every submitted batch until `end_input`; then wait for the last ACKs."""
         try:
-            while (batch := await self.queue.get()) is not None:
+            while True:
+                await self.next_turn()
+                await self.intake.top_up()
+                if (batch := await self.intake.take()) is None:
+                    break
                 await self.process(batch)
             if self.last_write is not None:
                 await self.last_write
@@ -88,11 +95,26 @@ class Pipeline:
             raise
         await self.flush()
 
+    async def next_turn(self) -> None:
+        """Until the waiting batch may be written: at once if it holds a quarter of BATCH_SIZE
+        (a backlog keeps two transactions going), else once the write under way has ended."""
+        eager = max(1, self.intake.batch_size // 4)
+        while (writing := self.last_write) is not None and not writing.done():
+            waiting = self.intake.waiting
+            if (waiting is not None and len(waiting.ids) >= eager) or self.intake.end_is_next():
+                return
+            changed = asyncio.ensure_future(self.intake.wait_for_change())
+            try:
+                await asyncio.wait({writing, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+
     async def process(self, batch: Batch) -> None:
         """Start writing the batch (its settling follows on its own once it has committed);
         return once the batch before it has committed and settled, so two are written at once."""
         if self.crash_point is not None:
             self.crash_point()
+        batch.started = time.monotonic()  # processor_batch_seconds: from here to its ACK
         turn = LockTurn(self.last_granted)
         self.last_granted = turn.granted
         earlier, writing = self.last_write, None
@@ -174,8 +196,7 @@ class Pipeline:
         """A failed write or settle (a refusal: exit 78, say) ends `run` even when no batch
         follows, which raises its error; otherwise it would surface only with the next entry."""
         if not task.cancelled() and task.exception() is not None:
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(None)
+            self.intake.end_now()
 
     async def flush(self) -> None:
         """Wait for the ACKs of the batches written so far."""

@@ -36,41 +36,52 @@ class StreamReader:
     def stop(self) -> None:
         """Stop reading; a blocking read is interrupted (nothing it would return is in flight yet)."""
         self.stopping = True
+        self.pipeline.intake.close_reader()
         if self.read_task is not None:
             self.read_task.cancel()
 
     async def run(self) -> None:
         after = OWN_PENDING
+        intake = self.pipeline.intake
         while not self.stopping:
-            outages = self.reach.outages["redis"]
-            self.read_task = asyncio.create_task(retry("redis", self.reach, self.stream.read, after, self.size.count))
+            room, may_block = await intake.room()
+            if self.stopping:
+                break
             try:
-                entries = await self.read_task
+                after = await self._read_and_submit(after, min(self.size.count, room), may_block)
             except asyncio.CancelledError:
                 if self.stopping:
                     break
                 raise
             finally:
-                self.read_task = None
-            self.size.saw(entries)
-            if self.reach.outages["redis"] != outages and after == NEW_ENTRIES:
-                # A read whose reply was lost still delivered its entries to us: they sit in our
-                # pending list, and nobody else would look at them before CLAIM_THRESHOLD_MS.
-                log.info("re-reading own pending entries after a Redis outage", extra={"consumer": self.stream.consumer})
-                after = OWN_PENDING
-                await self.pipeline.submit(entries)
-                continue
-            if after != NEW_ENTRIES:
-                if not entries:
-                    if not self.own_pending_done.is_set():
-                        log.info("own pending entries finished", extra={"consumer": self.stream.consumer})
-                    self.own_pending_done.set()
-                    after = NEW_ENTRIES
-                    continue
-                after = entries[-1][0]  # past the whole page, including entries already in flight
-                entries = [entry for entry in entries if entry[0] not in self.pipeline.in_flight]
-            await self.pipeline.submit(entries)
+                intake.read_ended()
         await self.pipeline.end_input()
+
+    async def _read_and_submit(self, after: str | bytes, count: int, may_block: bool) -> str | bytes:
+        """One read, its entries submitted; returns where the next read starts."""
+        outages = self.reach.outages["redis"]
+        self.read_task = asyncio.create_task(retry("redis", self.reach, self.stream.read, after, count, may_block))
+        try:
+            entries = await self.read_task
+        finally:
+            self.read_task = None
+        self.size.saw(entries)
+        if self.reach.outages["redis"] != outages and after == NEW_ENTRIES:
+            # A read whose reply was lost still delivered its entries to us: they sit in our
+            # pending list, and nobody else would look at them before CLAIM_THRESHOLD_MS.
+            log.info("re-reading own pending entries after a Redis outage", extra={"consumer": self.stream.consumer})
+            await self.pipeline.submit(entries)
+            return OWN_PENDING
+        if after != NEW_ENTRIES:
+            if not entries:
+                if not self.own_pending_done.is_set():
+                    log.info("own pending entries finished", extra={"consumer": self.stream.consumer})
+                self.own_pending_done.set()
+                return NEW_ENTRIES
+            after = entries[-1][0]  # past the whole page, including entries already in flight
+            entries = [entry for entry in entries if entry[0] not in self.pipeline.in_flight]
+        await self.pipeline.submit(entries)
+        return after
 
 
 async def claim_until_stopped(settings: Settings, claimer: Claimer, pipeline: Pipeline, reader: StreamReader) -> None:

@@ -57,9 +57,10 @@ class ConsumerStream:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def read(self, after: bytes | str, count: int) -> list[Entry]:
-        """Own pending entries after `after` (an id), or new ones when `after` is '>'."""
-        block = READ_BLOCK_MS if after in (">", b">") else None
+    async def read(self, after: bytes | str, count: int, may_block: bool = True) -> list[Entry]:
+        """Own pending entries after `after` (an id), or new ones when `after` is '>' (waiting
+        up to READ_BLOCK_MS for the first, if `may_block`)."""
+        block = READ_BLOCK_MS if may_block and after in (">", b">") else None
         try:
             reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: after}, count=count, block=block)
         except ResponseError as exc:

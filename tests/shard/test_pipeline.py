@@ -81,7 +81,7 @@ def test_a_failed_write_ends_the_pipeline_though_only_batches_without_fixes_foll
     redis_client, database_url, stream_key, settings: Settings
 ):
     """The write of the one batch with a fix is refused (the runtime role lost INSERT on
-    positions) while the batch after it waits in the full read-ahead queue, so the failed
+    positions) while the batch after it waits in the full intake, so the failed
     write's wake-up finds no room; the batches that follow hold only poison, so no later
     write would fail in its stead. `run` still ends with the refusal, and the fix stays
     pending rather than being acknowledged."""
@@ -104,8 +104,8 @@ def test_a_failed_write_ends_the_pipeline_though_only_batches_without_fixes_foll
         running = asyncio.create_task(shard.pipeline.run())
         for batch in ([entries[0]], [entries[1]], [entries[2]]):
             await shard.pipeline.submit(batch)
-        # The third submit returned, so the second batch is taken and the third fills the queue.
-        assert shard.pipeline.queue.full() and not running.done()
+        # The third submit returned: the second batch waits in the full intake, the third joined it.
+        assert shard.pipeline.intake.queue.full() and not running.done()
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("REVOKE INSERT ON positions FROM processor_runtime")
         release.set()
@@ -136,3 +136,83 @@ def test_io_numbers_are_stored_exactly_as_sent(redis_client, database_url, strea
         exact = conn.execute("SELECT %s::jsonb::text", (io.decode(),)).fetchone()[0]  # what Postgres makes of the text sent
     assert "89014103211118510720" in exact and "0.12345678901234567890123" in exact
     assert stored == [(exact,), (exact,)]
+
+
+def held_writes(shard: Shard) -> tuple[list[int], asyncio.Event]:
+    """The writer's batches wait for the event before they are written; returns their sizes as they start."""
+    writer = shard.pipeline.writer
+    write_now = writer.write_isolating
+    sizes: list[int] = []
+    release = asyncio.Event()
+
+    async def held_write(fixes, turn=None):  # type: ignore[no-untyped-def]
+        sizes.append(len(fixes))
+        await release.wait()
+        return await write_now(fixes, turn)
+
+    writer.write_isolating = held_write  # type: ignore[method-assign]
+    return sizes, release
+
+
+async def until(condition, seconds: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+def test_a_trickle_arriving_during_a_write_is_written_as_one_batch_after_it(
+    redis_client, database_url, stream_key, settings: Settings
+):
+    """Thirty entries submitted one at a time while a batch is being written wait as one batch,
+    written in one transaction once the first has ended: not one transaction each, nor two at once."""
+    apply_migrations(database_url)
+    entries = read_as(redis_client, stream_key, "t-0", [{b"data": fix("d1", 1_000 * (n + 1))} for n in range(31)])
+    shard = Shard(settings, 0, StatusBoard(1), consumer="t-0")
+    sizes, release = held_writes(shard)
+
+    async def go() -> None:
+        running = asyncio.create_task(shard.pipeline.run())
+        await shard.pipeline.submit(entries[:1])
+        await until(lambda: sizes == [1])
+        for entry in entries[1:]:
+            await asyncio.wait_for(shard.pipeline.submit([entry]), 5)  # never held up by the write
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert sizes == [1]  # the second waits for the first to end
+        release.set()
+        await shard.pipeline.end_input()
+        await asyncio.wait_for(running, 30)
+        await shard.close()
+
+    asyncio.run(go())
+    assert sizes == [1, 30]
+    assert (shard.report.batches, shard.report.processed) == (2, 31)
+    assert redis_client.xpending(stream_key, "processor")["pending"] == 0
+
+
+def test_a_backlog_keeps_two_batches_being_written(redis_client, database_url, stream_key, settings: Settings):
+    """Batches of a quarter of BATCH_SIZE or more do not wait for the one before them to commit."""
+    apply_migrations(database_url)
+    size = settings.batch_size // 4
+    fields = [{b"data": fix(f"d{n % 7}", 1_000 * (n + 1))} for n in range(2 * size)]
+    redis_client.xgroup_create(stream_key, "processor", id="0", mkstream=True)
+    for item in fields:
+        redis_client.xadd(stream_key, item)
+    entries = redis_client.xreadgroup("processor", "t-0", {stream_key: ">"}, count=len(fields))[0][1]
+    shard = Shard(settings, 0, StatusBoard(1), consumer="t-0")
+    sizes, release = held_writes(shard)
+
+    async def go() -> None:
+        running = asyncio.create_task(shard.pipeline.run())
+        await shard.pipeline.submit(entries[:size])
+        await until(lambda: sizes == [size])
+        await asyncio.wait_for(shard.pipeline.submit(entries[size:]), 5)
+        await until(lambda: sizes == [size, size])  # while the first is still held
+        release.set()
+        await shard.pipeline.end_input()
+        await asyncio.wait_for(running, 30)
+        await shard.close()
+
+    asyncio.run(go())
+    assert shard.report.processed == 2 * size
