@@ -32,6 +32,7 @@ class Batch:
     expired: dict[bytes, Fix] = field(default_factory=dict)  # older than the retention horizon: not stored
     horizon: datetime | None = None  # the horizon they were judged by
     started: float = field(default_factory=time.monotonic)
+    size_bytes: int = 0  # of the entries' fields, as read (shard/intake.py bounds a waiting batch by it)
 
     def absorb(self, later: Batch) -> None:
         """Take in the entries of a batch read after this one, while this one waits to be written
@@ -41,6 +42,7 @@ class Batch:
         self.fields.update(later.fields)
         self.dead.extend(later.dead)
         self.gone.extend(later.gone)
+        self.size_bytes += later.size_bytes
 
     def expire(self, horizon: datetime) -> None:
         """Fixes dated before `horizon` leave the batch: acknowledged, never stored, no derived state."""

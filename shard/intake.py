@@ -6,8 +6,10 @@ for a handful of entries each, and spend most of the shard's and Postgres' CPU o
 transaction costs whatever its size (round trips, statements, the commit's flush). So the
 batch that waits is topped up just before it is taken: the reader stops reading while a
 batch waits, until the pipeline asks it for one more read, which does not block and brings
-what arrived meanwhile (up to BATCH_SIZE). Entries not yet read stay in the stream, where
-any idle consumer may read them.
+what arrived meanwhile (up to BATCH_SIZE, and up to what one read may hold: a waiting batch
+grows by claimed pages too, and must not hold more of the stream than one read would,
+common/stream_pages.py). Entries not yet read stay in the stream, where any idle consumer
+may read them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from common.stream_pages import PAGE_BUDGET_BYTES
 from shard.batch import Batch
 
 TOP_UP_WAIT_S = 0.25  # at most, for the reader's top-up read (it retries through a Redis outage)
@@ -27,19 +30,29 @@ class Intake:
         self.batch_size = batch_size
         self.queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
         self.waiting: Batch | None = None  # the batch in the queue, until `take` returns it
-        self.changed = asyncio.Event()  # the waiting batch grew or was taken, or a top-up is asked for
+        # Told of every change: the waiting batch grew or was taken, a top-up is asked for, the
+        # reader closes. One future per wait (not an Event that each waiter clears: one waiter's
+        # clear could erase a change another had not yet seen).
+        self._watchers: list[asyncio.Future[None]] = []
         self.top_up_asked = False
         self.reader_parked = False
         self.reader_closing = False
         self.topped_up = asyncio.Event()
 
     def _changed(self) -> None:
-        self.changed.set()
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
 
     async def put(self, batch: Batch) -> None:
         """Queue a batch; it joins the waiting one instead where that has room for it."""
         waiting = self.waiting
-        if waiting is not None and len(waiting.ids) + len(batch.ids) <= self.batch_size:
+        if (
+            waiting is not None
+            and len(waiting.ids) + len(batch.ids) <= self.batch_size
+            and waiting.size_bytes + batch.size_bytes <= PAGE_BUDGET_BYTES
+        ):
             waiting.absorb(batch)
         else:
             await self.queue.put(batch)
@@ -65,9 +78,11 @@ class Intake:
         self._changed()
         return batch
 
-    async def wait_for_change(self) -> None:
-        self.changed.clear()
-        await self.changed.wait()
+    def next_change(self) -> asyncio.Future[None]:
+        """Resolved by the next change after this call (cancel it when no longer waited for)."""
+        watcher: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._watchers.append(watcher)
+        return watcher
 
     async def room(self) -> tuple[int, bool]:
         """For the reader: how many entries its next read may bring, and whether that read may
@@ -79,9 +94,11 @@ class Intake:
             if self.top_up_asked and len(waiting.ids) < self.batch_size:
                 return self.batch_size - len(waiting.ids), False
             self.reader_parked = True
+            change = self.next_change()
             try:
-                await self.wait_for_change()
+                await change
             finally:
+                change.cancel()
                 self.reader_parked = False
         return 0, False
 

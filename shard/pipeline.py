@@ -24,6 +24,7 @@ from common.config import Settings
 from common.contract import retention_horizon
 from common.keys import failures_key
 from common.retry import retry
+from common.stream_pages import entries_bytes
 from shard.batch import Batch, decode_batch
 from shard.devices import LockTurn
 from shard.failures import FailureCounts, new_attempt
@@ -70,7 +71,9 @@ class Pipeline:
         if not entries or not self.accepting:
             return 0
         self.report.taken([entry_id for entry_id, _ in entries], claimed)
-        await self.intake.put(decode_batch(entries, self.max_failures, self.max_future_s))
+        batch = decode_batch(entries, self.max_failures, self.max_future_s)
+        batch.size_bytes = entries_bytes(entries)
+        await self.intake.put(batch)
         return len(entries)
 
     async def end_input(self) -> None:
@@ -103,7 +106,7 @@ class Pipeline:
             waiting = self.intake.waiting
             if (waiting is not None and len(waiting.ids) >= eager) or self.intake.end_is_next():
                 return
-            changed = asyncio.ensure_future(self.intake.wait_for_change())
+            changed = self.intake.next_change()
             try:
                 await asyncio.wait({writing, changed}, return_when=asyncio.FIRST_COMPLETED)
             finally:

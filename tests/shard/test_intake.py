@@ -6,12 +6,13 @@ import asyncio
 
 import pytest
 
+from common.stream_pages import PAGE_BUDGET_BYTES
 from shard.batch import Batch
 from shard.intake import Intake
 
 
-def batch(*ids: bytes) -> Batch:
-    return Batch(list(ids))
+def batch(*ids: bytes, size_bytes: int = 0) -> Batch:
+    return Batch(list(ids), size_bytes=size_bytes)
 
 
 async def settled(task: asyncio.Task) -> bool:  # type: ignore[type-arg]
@@ -32,6 +33,23 @@ def test_a_later_batch_joins_the_waiting_one_while_there_is_room() -> None:
         await putting
         second = await intake.take()
         assert second is not None and second.ids == [b"4-0"]
+
+    asyncio.run(go())
+
+
+def test_a_waiting_batch_holds_no_more_of_the_stream_than_one_read_may() -> None:
+    """Claimed pages of large entries join it only while their bytes fit the read budget."""
+
+    async def go() -> None:
+        intake = Intake(batch_size=500)
+        half = PAGE_BUDGET_BYTES // 2
+        await intake.put(batch(b"1-0", size_bytes=half))
+        await intake.put(batch(b"2-0", size_bytes=half))  # fits exactly
+        putting = asyncio.create_task(intake.put(batch(b"3-0", size_bytes=1)))
+        assert not await settled(putting)
+        first = await intake.take()
+        assert first is not None and (first.ids, first.size_bytes) == ([b"1-0", b"2-0"], PAGE_BUDGET_BYTES)
+        await putting
 
     asyncio.run(go())
 
