@@ -32,12 +32,15 @@ class StreamReader:
         self.own_pending_done = asyncio.Event()
         self.stopping = False
         self.read_task: asyncio.Task[list[Entry]] | None = None
+        self.read_cut = False  # the stop cancelled a read under way
 
     def stop(self) -> None:
-        """Stop reading; a blocking read is interrupted (nothing it would return is in flight yet)."""
+        """Stop reading; a read under way is cut short (what it would return is not in flight yet,
+        and is looked for again before the reader ends: `_submit_cut_read`)."""
         self.stopping = True
         self.pipeline.intake.close_reader()
         if self.read_task is not None:
+            self.read_cut = True
             self.read_task.cancel()
 
     async def run(self) -> None:
@@ -48,17 +51,22 @@ class StreamReader:
             if self.stopping:
                 break
             try:
-                after = await self._read_and_submit(after, min(self.size.count, room), may_block)
+                entries, outage = await self._read(after, min(self.size.count, room), may_block)
             except asyncio.CancelledError:
+                intake.read_ended()
                 if self.stopping:
                     break
                 raise
+            try:
+                after = await self._submit(after, entries, outage)
             finally:
                 intake.read_ended()
+        if self.read_cut:
+            await self._submit_cut_read()
         await self.pipeline.end_input()
 
-    async def _read_and_submit(self, after: str | bytes, count: int, may_block: bool) -> str | bytes:
-        """One read, its entries submitted; returns where the next read starts."""
+    async def _read(self, after: str | bytes, count: int, may_block: bool) -> tuple[list[Entry], bool]:
+        """One read; also whether an outage came between (its lost reply may have delivered entries)."""
         outages = self.reach.outages["redis"]
         self.read_task = asyncio.create_task(retry("redis", self.reach, self.stream.read, after, count, may_block))
         try:
@@ -66,7 +74,11 @@ class StreamReader:
         finally:
             self.read_task = None
         self.size.saw(entries)
-        if self.reach.outages["redis"] != outages and after == NEW_ENTRIES:
+        return entries, self.reach.outages["redis"] != outages
+
+    async def _submit(self, after: str | bytes, entries: list[Entry], outage: bool) -> str | bytes:
+        """Submit what a read returned; returns where the next read starts."""
+        if outage and after == NEW_ENTRIES:
             # A read whose reply was lost still delivered its entries to us: they sit in our
             # pending list, and nobody else would look at them before CLAIM_THRESHOLD_MS.
             log.info("re-reading own pending entries after a Redis outage", extra={"consumer": self.stream.consumer})
@@ -82,6 +94,18 @@ class StreamReader:
             entries = [entry for entry in entries if entry[0] not in self.pipeline.in_flight]
         await self.pipeline.submit(entries)
         return after
+
+    async def _submit_cut_read(self) -> None:
+        """The read the stop cut short may have been answered already: its entries are then
+        pending on this consumer, and nobody would look at them before CLAIM_THRESHOLD_MS (or
+        this consumer's next life). Our pending entries not in flight are written with the rest."""
+        after: str | bytes = OWN_PENDING
+        found = 0
+        while entries := await retry("redis", self.reach, self.stream.read, after, self.size.count, False):
+            after = entries[-1][0]
+            found += await self.pipeline.submit([entry for entry in entries if entry[0] not in self.pipeline.in_flight])
+        if found:
+            log.info("entries of a read cut short by the stop are written too", extra={"consumer": self.stream.consumer, "entries": found})
 
 
 async def claim_until_stopped(settings: Settings, claimer: Claimer, pipeline: Pipeline, reader: StreamReader) -> None:
