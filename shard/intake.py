@@ -37,6 +37,7 @@ class Intake:
         self.top_up_asked = False
         self.reader_parked = False
         self.reader_closing = False
+        self.pulling = False  # the pipeline asks for the next read (a trickle), rather than reading ahead
         self.topped_up = asyncio.Event()
 
     def _changed(self) -> None:
@@ -89,10 +90,11 @@ class Intake:
         block waiting for them. While a batch waits, it waits too, until it is asked for a top-up."""
         while not self.reader_closing:
             waiting = self.waiting
-            if waiting is None:
+            held = len(waiting.ids) if waiting is not None else 0
+            if self.top_up_asked and held < self.batch_size:
+                return self.batch_size - held, False
+            if waiting is None and not self.pulling:
                 return self.batch_size, True
-            if self.top_up_asked and len(waiting.ids) < self.batch_size:
-                return self.batch_size - len(waiting.ids), False
             self.reader_parked = True
             change = self.next_change()
             try:
@@ -113,10 +115,18 @@ class Intake:
         self.reader_closing = True
         self._changed()
 
+    def pull(self, on: bool) -> None:
+        """Whether the reader waits to be asked (`top_up`) even for the first entries of a batch:
+        while a trickle's batch is written, rather than read one entry at once and wait."""
+        if self.pulling != on:
+            self.pulling = on
+            self._changed()
+
     async def top_up(self) -> None:
-        """Before the waiting batch is taken: one more read, if the reader is idle and there is room."""
+        """Before the waiting batch (if any) is taken: one more read, if the reader is idle and
+        there is room."""
         waiting = self.waiting
-        if waiting is None or len(waiting.ids) >= self.batch_size or not self.reader_parked:
+        if (waiting is not None and len(waiting.ids) >= self.batch_size) or not self.reader_parked:
             return
         self.topped_up.clear()
         self.top_up_asked = True

@@ -24,7 +24,7 @@ from common.config import Settings
 from common.contract import retention_horizon
 from common.keys import failures_key
 from common.retry import retry
-from common.stream_pages import entries_bytes
+from common.stream_pages import PAGE_BUDGET_BYTES, entries_bytes
 from shard.batch import Batch, decode_batch
 from shard.devices import LockTurn
 from shard.failures import FailureCounts, new_attempt
@@ -52,6 +52,7 @@ class Pipeline:
         self.report = report
         self.crash_point = crash_point  # test-only fault injection; None in production
         self.intake = Intake(settings.batch_size)
+        self.eager = max(1, settings.batch_size // 4)  # a waiting batch this large is written beside another
         self.settle_task: asyncio.Task[None] | None = None
         self.last_write: asyncio.Task[None] | None = None  # the latest batch's; every earlier one has ended
         self.last_granted: asyncio.Event | None = None  # the latest batch's locks are held (or given up)
@@ -87,8 +88,11 @@ class Pipeline:
             while True:
                 await self.next_turn()
                 await self.intake.top_up()
+                if self.intake.queue.empty():
+                    self.intake.pull(False)  # nothing came: the reader waits for the next entry itself
                 if (batch := await self.intake.take()) is None:
                     break
+                self.intake.pull(self.trickle(batch))
                 await self.process(batch)
             if self.last_write is not None:
                 await self.last_write
@@ -98,13 +102,16 @@ class Pipeline:
             raise
         await self.flush()
 
+    def trickle(self, batch: Batch) -> bool:
+        """A batch this small is written alone: the next is read once it has committed."""
+        return len(batch.ids) < self.eager and batch.size_bytes < PAGE_BUDGET_BYTES // 4
+
     async def next_turn(self) -> None:
         """Until the waiting batch may be written: at once if it holds a quarter of BATCH_SIZE
         (a backlog keeps two transactions going), else once the write under way has ended."""
-        eager = max(1, self.intake.batch_size // 4)
         while (writing := self.last_write) is not None and not writing.done():
             waiting = self.intake.waiting
-            if (waiting is not None and len(waiting.ids) >= eager) or self.intake.end_is_next():
+            if (waiting is not None and len(waiting.ids) >= self.eager) or self.intake.end_is_next():
                 return
             changed = self.intake.next_change()
             try:

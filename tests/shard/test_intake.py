@@ -127,3 +127,22 @@ def test_a_top_up_waits_no_longer_than_its_bound(monkeypatch: pytest.MonkeyPatch
         assert not intake.top_up_asked
 
     asyncio.run(go())
+
+
+def test_while_pulling_the_reader_waits_to_be_asked_even_for_a_first_entry() -> None:
+    """A trickle's batch is being written: the next is read when asked (one read, not one at
+    once for the first entry and a top-up for the rest); nothing read, the reader reads on its own."""
+
+    async def go() -> None:
+        intake = Intake(batch_size=10)
+        intake.pull(True)
+        room = asyncio.create_task(intake.room())
+        assert not await settled(room) and intake.reader_parked
+        topping = asyncio.create_task(intake.top_up())
+        assert await room == (10, False)
+        intake.read_ended()  # found nothing
+        await topping
+        intake.pull(False)
+        assert await intake.room() == (10, True)
+
+    asyncio.run(go())
