@@ -58,33 +58,27 @@ def run_shard(settings: Settings, feed: Callable[[Shard], object]) -> Shard:
     return shard
 
 
-def test_a_backlog_is_written_to_its_last_entry(redis_client, database_url, stream_key, settings: Settings) -> None:
+async def backlog(client: redis.Redis, stream: str) -> None:
+    add_fixes(client, stream, 0, 3_000)
+
+
+async def trickle(client: redis.Redis, stream: str) -> None:
+    for step in range(600):
+        add_fixes(client, stream, step * 5, 5)
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.parametrize("arrival", [backlog, trickle])
+def test_every_entry_is_written_to_the_last(redis_client, database_url, stream_key, settings: Settings, arrival) -> None:  # type: ignore[no-untyped-def]
     apply_migrations(database_url)
     redis_client.xgroup_create(stream_key, "processor", id="0", mkstream=True)
-    add_fixes(redis_client, stream_key, 0, 3_000)
 
     async def feed(shard: Shard) -> None:
+        await arrival(redis_client, stream_key)
         await until(lambda: shard.report.processed == 3_000, 60)
 
     shard = run_shard(settings, feed)
     assert shard.report.processed == 3_000
-    assert redis_client.xpending(stream_key, "processor")["pending"] == 0
-
-
-def test_a_trickle_is_written_as_it_comes(
-    redis_client, database_url, stream_key, settings: Settings
-) -> None:
-    apply_migrations(database_url)
-    redis_client.xgroup_create(stream_key, "processor", id="0", mkstream=True)
-
-    async def feed(shard: Shard) -> None:
-        for step in range(100):
-            add_fixes(redis_client, stream_key, step * 5, 5)
-            await asyncio.sleep(0.005)
-        await until(lambda: shard.report.processed == 500, 30)
-
-    shard = run_shard(settings, feed)
-    assert shard.report.processed == 500
     assert redis_client.xpending(stream_key, "processor")["pending"] == 0
 
 
