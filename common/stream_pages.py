@@ -36,10 +36,12 @@ class ReadSize:
         self.limit = limit
         self.count = min(limit, FIRST_PAGE)
 
-    def saw(self, entries: Sequence[tuple[Any, Any]]) -> None:
-        """Size the next read from what this one returned (nothing: as before)."""
+    def saw(self, entries: Sequence[tuple[Any, Any]]) -> int:
+        """Size the next read from what this one returned (nothing: as before); returns its bytes."""
+        size = entries_bytes(entries)
         if entries:
-            self.count = max(1, min(self.limit, PAGE_BUDGET_BYTES * len(entries) // max(entries_bytes(entries), 1)))
+            self.count = max(1, min(self.limit, PAGE_BUDGET_BYTES * len(entries) // max(size, 1)))
+        return size
 
 
 class Pages:

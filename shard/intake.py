@@ -8,8 +8,9 @@ batch that waits is topped up just before it is taken: the reader stops reading 
 batch waits, until the pipeline asks it for one more read, which does not block and brings
 what arrived meanwhile (up to BATCH_SIZE, and up to what one read may hold: a waiting batch
 grows by claimed pages too, and must not hold more of the stream than one read would,
-common/stream_pages.py). Entries not yet read stay in the stream, where any idle consumer
-may read them.
+common/stream_pages.py). While a small batch is written alone, the reader does not read at
+all until asked (`pull`): one read per batch. Entries not yet read stay in the stream, where
+any idle consumer may read them.
 """
 
 from __future__ import annotations

@@ -62,8 +62,9 @@ class Pipeline:
     def in_flight(self) -> set[bytes]:
         return self.report.in_flight
 
-    async def submit(self, entries: list[Entry], claimed: bool = False) -> int:
-        """Queue entries for writing (waits while a batch is already waiting); returns how many.
+    async def submit(self, entries: list[Entry], claimed: bool = False, size_bytes: int | None = None) -> int:
+        """Queue entries for writing (they join the waiting batch where it has room, else wait
+        for it to be taken); returns how many. `size_bytes`: their fields' bytes, if known.
 
         After `end_input` nothing more is taken: such entries stay pending on this consumer.
         """
@@ -73,7 +74,8 @@ class Pipeline:
             return 0
         self.report.taken([entry_id for entry_id, _ in entries], claimed)
         batch = decode_batch(entries, self.max_failures, self.max_future_s)
-        batch.size_bytes = entries_bytes(entries)
+        # The reader passes the size its ReadSize measured; a filtered page's is measured here.
+        batch.size_bytes = entries_bytes(entries) if size_bytes is None else size_bytes
         await self.intake.put(batch)
         return len(entries)
 

@@ -36,7 +36,7 @@ class StreamReader:
 
     def stop(self) -> None:
         """Stop reading; a read under way is cut short (what it would return is not in flight yet,
-        and is looked for again before the reader ends: `_submit_cut_read`)."""
+        and is looked for again before the reader ends: `run`)."""
         self.stopping = True
         self.pipeline.intake.close_reader()
         if self.read_task is not None:
@@ -51,38 +51,44 @@ class StreamReader:
             if self.stopping:
                 break
             try:
-                entries, outage = await self._read(after, min(self.size.count, room), may_block)
+                read = await self._read(after, min(self.size.count, room), may_block)
             except asyncio.CancelledError:
                 intake.read_ended()
                 if self.stopping:
                     break
                 raise
             try:
-                after = await self._submit(after, entries, outage)
+                after = await self._submit(after, *read)
             finally:
                 intake.read_ended()
         if self.read_cut:
-            await self._submit_cut_read()
+            # The read the stop cut short may have been answered already: its entries are then
+            # pending on this consumer, and nobody would look at them before CLAIM_THRESHOLD_MS
+            # (or this consumer's next life). So our own pending entries are read once more, as
+            # at start-up, and those not in flight are written with the rest.
+            after = OWN_PENDING
+            while after != NEW_ENTRIES:
+                after = await self._submit(after, *await self._read(after, self.size.count, may_block=False))
         await self.pipeline.end_input()
 
-    async def _read(self, after: str | bytes, count: int, may_block: bool) -> tuple[list[Entry], bool]:
-        """One read; also whether an outage came between (its lost reply may have delivered entries)."""
+    async def _read(self, after: str | bytes, count: int, may_block: bool) -> tuple[list[Entry], int, bool]:
+        """One read, with its bytes, and whether an outage came between (its lost reply may have
+        delivered entries)."""
         outages = self.reach.outages["redis"]
         self.read_task = asyncio.create_task(retry("redis", self.reach, self.stream.read, after, count, may_block))
         try:
             entries = await self.read_task
         finally:
             self.read_task = None
-        self.size.saw(entries)
-        return entries, self.reach.outages["redis"] != outages
+        return entries, self.size.saw(entries), self.reach.outages["redis"] != outages
 
-    async def _submit(self, after: str | bytes, entries: list[Entry], outage: bool) -> str | bytes:
+    async def _submit(self, after: str | bytes, entries: list[Entry], size_bytes: int, outage: bool) -> str | bytes:
         """Submit what a read returned; returns where the next read starts."""
         if outage and after == NEW_ENTRIES:
             # A read whose reply was lost still delivered its entries to us: they sit in our
             # pending list, and nobody else would look at them before CLAIM_THRESHOLD_MS.
             log.info("re-reading own pending entries after a Redis outage", extra={"consumer": self.stream.consumer})
-            await self.pipeline.submit(entries)
+            await self.pipeline.submit(entries, size_bytes=size_bytes)
             return OWN_PENDING
         if after != NEW_ENTRIES:
             if not entries:
@@ -92,20 +98,10 @@ class StreamReader:
                 return NEW_ENTRIES
             after = entries[-1][0]  # past the whole page, including entries already in flight
             entries = [entry for entry in entries if entry[0] not in self.pipeline.in_flight]
-        await self.pipeline.submit(entries)
+            await self.pipeline.submit(entries)  # fewer than were read: measured again
+            return after
+        await self.pipeline.submit(entries, size_bytes=size_bytes)
         return after
-
-    async def _submit_cut_read(self) -> None:
-        """The read the stop cut short may have been answered already: its entries are then
-        pending on this consumer, and nobody would look at them before CLAIM_THRESHOLD_MS (or
-        this consumer's next life). Our pending entries not in flight are written with the rest."""
-        after: str | bytes = OWN_PENDING
-        found = 0
-        while entries := await retry("redis", self.reach, self.stream.read, after, self.size.count, False):
-            after = entries[-1][0]
-            found += await self.pipeline.submit([entry for entry in entries if entry[0] not in self.pipeline.in_flight])
-        if found:
-            log.info("entries of a read cut short by the stop are written too", extra={"consumer": self.stream.consumer, "entries": found})
 
 
 async def claim_until_stopped(settings: Settings, claimer: Claimer, pipeline: Pipeline, reader: StreamReader) -> None:
