@@ -29,6 +29,27 @@ def wait_for(condition: Callable[[], T], timeout_s: float = 30.0, interval_s: fl
         time.sleep(interval_s)
 
 
+def stop_holding(pids: list[int], holding: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
+    """SIGSTOP the processes at a moment they hold pending entries (`holding()`), polled with a deadline.
+
+    A shard writing a trickle's batch alone has no read outstanding (shard/intake.py), so one
+    stopped right after an ACK may hold nothing, ever: it is let go on (SIGCONT) and stopped again.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(holding, min(1.0, max(0.05, deadline - time.monotonic())), what=what)
+            return
+        except AssertionError:
+            if time.monotonic() >= deadline:
+                raise
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.05)
+
+
 class ProcessorProcess:
     """`processor <args>` in its own session, logging JSON lines to a file."""
 

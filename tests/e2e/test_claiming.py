@@ -10,7 +10,7 @@ import time
 import pytest
 
 from scripts.toolkit.writer import steady
-from tests.e2e.processes import wait_for
+from tests.e2e.processes import stop_holding, wait_for
 from tests.e2e.verify import assert_exact, stored_count, wait_settled
 
 pytestmark = pytest.mark.e2e
@@ -35,9 +35,8 @@ def test_survivor_finishes_the_work_of_a_killed_instance(
     producer.start()
     wait_for(lambda: stored_count(database_url) > 2_000, what="the first rows")
     # Stop alpha's shards mid-batch so that it dies holding entries, then kill the instance.
-    for pid in alpha.shard_pids():
-        os.kill(pid, signal.SIGSTOP)
-    wait_for(lambda: dead_consumers_pending(redis_client, stream_key, "alpha") > 0, what="alpha holding entries")
+    stop_holding(alpha.shard_pids(), lambda: dead_consumers_pending(redis_client, stream_key, "alpha") > 0,
+                 what="alpha holding entries")
     os.killpg(alpha.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     producer.join()

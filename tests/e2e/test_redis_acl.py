@@ -24,7 +24,7 @@ from scripts.toolkit.services import ThrowawayRedis, free_port
 from scripts.toolkit.writer import backlog, produce, steady
 from supervisor.migrations import apply_migrations
 from tests.e2e.acl import acl_rule, create_user, denials, user_url
-from tests.e2e.processes import wait_for
+from tests.e2e.processes import stop_holding, wait_for
 from tests.e2e.verify import assert_exact, entries_by_outcome, stored_count, wait_settled
 from tests.e2e.verify import settled as all_settled
 from tests.files import collection, feature, geojson_file
@@ -135,9 +135,8 @@ def test_the_pipeline_and_every_operator_command_run_as_the_acl_user(
         wait_for(lambda: stored_count(database_url) > 300, what="the first rows")
         # Shard 1 stopped holding entries: shard 0 claims them past CLAIM_THRESHOLD_MS; then it is killed.
         [victim] = [pid for pid in processor.shard_pids() if proc_title(pid).startswith("processor: shard 1 ")]
-        os.kill(victim, signal.SIGSTOP)
         stopped = f"{env['INSTANCE_ID']}-1"
-        wait_for(lambda: consumers(admin, stream).get(stopped, 0) > 0, what="shard 1 holding entries")
+        stop_holding([victim], lambda: consumers(admin, stream).get(stopped, 0) > 0, what="shard 1 holding entries")
         wait_for(lambda: consumers(admin, stream).get(stopped, 0) == 0, 20, what="shard 1's entries claimed")
         os.kill(victim, signal.SIGKILL)
     finally:
