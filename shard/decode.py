@@ -159,7 +159,11 @@ def _not_after(fix: Fix, not_after: datetime | None) -> Fix:
 #   - integers beyond int64 (orjson reads those beyond uint64 as floats, msgspec as ints);
 #   - an `io` that is not one flat object within MAX_IO_MEMBERS (flat, it is within the
 #     depth limit too);
-#   - a NUL anywhere (JSON can only carry it escaped, as \u0000).
+#   - a NUL anywhere (JSON can only carry it escaped, as \u0000);
+#   - a run of 16 digits or an exponent of 3 anywhere (`_may_round`): a number float64 may round
+#     or overflow. msgspec leaves an `io` it replaces by a later, repeated `io` unparsed, so
+#     `"io":2e308,"io":{…}` passed, which orjson refuses; and a kept `io` with such a number is
+#     stored as its text, which only the slow path decides.
 def _number_in(low: float, high: float) -> Any:
     """A JSON number within [low, high]; integers stay int (so that -0 is 0, as orjson reads it)."""
     meta = msgspec.Meta
@@ -200,7 +204,7 @@ _new_fix = tuple.__new__  # Fix(...) runs a Python-level __new__; the same tuple
 
 def _decode_fast(raw: bytes) -> Fix:
     """The entry's Fix, or one of _UNUSUAL when the slow path must judge it."""
-    if type(raw) is not bytes or b"\\u0000" in raw:
+    if type(raw) is not bytes or b"\\u0000" in raw or _may_round(raw):
         raise _Unusual
     data = _read_data(raw)
     device_id = data.device_id
@@ -210,7 +214,7 @@ def _decode_fast(raw: bytes) -> Fix:
     when = EPOCH + timedelta(0, 0, 0, ts) if type(ts) is int else timestamp(ts)
     alt, speed, heading = data.alt, data.speed, data.heading
     io_text = data.io
-    attributes = _stored_io(_read_io(io_text), bytes(io_text))
+    attributes = _read_io(io_text)  # no number in it that a float64 rounds (checked above)
     return _new_fix(
         Fix,
         (

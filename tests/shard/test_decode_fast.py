@@ -193,6 +193,7 @@ def test_every_member_with_every_edge_value() -> None:
 @examples(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @example(b'{"device_id":"d","ts":1,"lat":1,"lon":1,"io":{"a":1,"b":2,"a":3}}', None)
 @example(b'{"device_id":"d","ts":1,"lat":1,"lon":1,"io":{"a":1},"io":{"b":2}}', None)
+@example(b'{"device_id":"d","ts":1,"lat":1,"lon":1,"io":20000e304,"io":{"b":2}}', None)  # orjson refuses the first
 @example(b'{"device_id":"d","ts":1,"lat":1,"lon":1,"alt":100000000000000000000000000000}', None)
 @example(b'{"device_id":"d","ts":1,"lat":1,"lon":1,"io":{"a":100000000000000000000000000000}}', None)
 @example(b'{"device_id":"d","ts":1,"lat":-0,"lon":-0.0,"io":{"a":-0,"b":-0.0}}', None)
